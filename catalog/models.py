@@ -1,0 +1,112 @@
+"""SQLAlchemy 2.0 schema of the SKU catalog.
+
+Tables:
+
+* ``skus`` — one row per SKU (id chosen by the store, display name, creation time, UTC).
+* ``reference_images`` — the reference image(s) of an SKU: content hash (SHA-256 of the file
+  bytes), the stored copy's name (derived from the hash, never from user input), size in bytes
+  and pixels.
+* ``encoders`` — encoder identities (backend, model, weights hash, dimension, preprocessing).
+* ``embeddings`` — one row per vector: the reference it was made from, the view number
+  (0 = the reference itself, 1..K-1 = augmentations), the encoder that made it and the float32
+  vector bytes.  The row id is the vector's id in the FAISS index.
+* ``catalog_state`` — a single row: the current encoder, the augmentation count K, the distance
+  threshold, and a ``generation`` counter bumped by every change, so readers in other threads
+  and processes notice changes with one cheap query.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+SKU_ID_MAX = 128
+NAME_MAX = 512
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SKU(Base):
+    __tablename__ = "skus"
+
+    id: Mapped[str] = mapped_column(String(SKU_ID_MAX), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(NAME_MAX))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    references: Mapped[list["ReferenceImage"]] = relationship(
+        back_populates="sku", cascade="all, delete-orphan", passive_deletes=True, order_by="ReferenceImage.id"
+    )
+
+
+class ReferenceImage(Base):
+    __tablename__ = "reference_images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sku_id: Mapped[str] = mapped_column(ForeignKey("skus.id", ondelete="CASCADE"), index=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    filename: Mapped[str] = mapped_column(String(100))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sku: Mapped[SKU] = relationship(back_populates="references")
+    embeddings: Mapped[list["Embedding"]] = relationship(
+        back_populates="reference", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class EncoderRow(Base):
+    __tablename__ = "encoders"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    backend: Mapped[str] = mapped_column(String(20))
+    model: Mapped[str] = mapped_column(String(200))
+    weights: Mapped[str] = mapped_column(String(200))
+    dim: Mapped[int] = mapped_column(Integer)
+    preprocess: Mapped[str] = mapped_column(Text)
+    spec: Mapped[str] = mapped_column(String(300))
+    weights_path: Mapped[str | None] = mapped_column(Text)
+    options: Mapped[str] = mapped_column(Text, default="{}")
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Embedding(Base):
+    __tablename__ = "embeddings"
+    __table_args__ = (UniqueConstraint("reference_id", "encoder_id", "view"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    reference_id: Mapped[int] = mapped_column(ForeignKey("reference_images.id", ondelete="CASCADE"), index=True)
+    encoder_id: Mapped[int] = mapped_column(ForeignKey("encoders.id"), index=True)
+    view: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    reference: Mapped[ReferenceImage] = relationship(back_populates="embeddings")
+
+
+class CatalogState(Base):
+    __tablename__ = "catalog_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    encoder_id: Mapped[int] = mapped_column(ForeignKey("encoders.id"))
+    augmentations: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    threshold: Mapped[float] = mapped_column(Float)
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    segmenter: Mapped[str | None] = mapped_column(String(100))
+    segmenter_checkpoint: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,77 @@
+"""Reference augmentation: one reference image per SKU -> K views -> K vectors.
+
+RetailKLIP (§4.2, zero-shot evaluation protocol) builds the 1-NN gallery from one reference
+image per class plus augmented copies of it, so that the single packshot covers some of the
+pose, scale and lighting variation of in-store photos.  The views here, all from
+``torchvision.transforms.v2``:
+
+* view 0 is the reference itself (K = 1 means "no augmentation");
+* views 1..K-1: random crop of 35-100 % of the area (in-store photos show products close up
+  and partly), horizontal flip, rotation up to ±20 degrees, colour jitter (brightness,
+  contrast, saturation 0.3, hue 0.03: shop lighting), Gaussian blur with probability 0.3
+  (phone motion and focus).
+
+Deterministic: the same (image, K, seed) gives the same views on any machine (each view draws
+from its own seeded generator; torchvision's transforms read torch's global RNG, which is forked
+and restored around each view, under a lock so concurrent callers do not interleave).
+
+The default K = 16 was chosen by measurement (docs/augmentation.md): on GroceryStore val photos
+with the MobileNetV2 encoder, top-1 rises steeply up to K = 16 and only marginally beyond, while
+catalog size and add time grow linearly with K.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+DEFAULT_AUGMENTATIONS = 16
+
+_lock = threading.Lock()
+
+
+def _pipeline(size: tuple[int, int], fill) -> v2.Compose:
+    w, h = size
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop((h, w), scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomRotation(20, fill=fill),
+            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.5, 2.0))], p=0.3),
+        ]
+    )
+
+
+def augment_reference(image: Image.Image, k: int = DEFAULT_AUGMENTATIONS, seed: int = 0) -> list[Image.Image]:
+    """Make K views of a reference image (view 0 is the image itself).
+
+    Args:
+        image: PIL image of mode ``RGB`` or ``RGBA`` (as from :func:`retailklip.images.load_image`).
+        k: number of views, >= 1.
+        seed: RNG seed; the same (image, k, seed) gives identical views.
+
+    Returns:
+        A list of K PIL images of the same size and mode as ``image``.
+
+    Raises:
+        ValueError: ``k < 1`` or an image mode other than RGB / RGBA.
+    """
+    if k < 1:
+        raise ValueError(f"the number of augmented views K must be >= 1, got {k}")
+    if image.mode not in ("RGB", "RGBA"):
+        raise ValueError(f"augment_reference expects an RGB or RGBA image, got mode {image.mode}")
+    # Rotation exposes corners: transparent for RGBA images (composited later like any
+    # transparent area), white for RGB (the usual packshot background).
+    fill = [0, 0, 0, 0] if image.mode == "RGBA" else [255, 255, 255]
+    pipeline = _pipeline(image.size, fill)
+    views = [image]
+    with _lock:
+        for i in range(1, k):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed * 100_003 + i)
+                views.append(pipeline(image))
+    return views

@@ -1,0 +1,113 @@
+"""Image encoders: ``create_encoder("open_clip:ViT-L-14/laion2b_s32b_b82k")`` or ``create_encoder("timm:mobilenetv2_100", weights=...)``.
+
+An encoder SPEC names a backend and a model, in the style of timm's ``create_model``:
+
+* ``open_clip:MODEL/TAG`` — an open_clip architecture and pretrained tag, e.g. the default
+  ``open_clip:ViT-L-14/laion2b_s32b_b82k`` (RetailKLIP §4: ViT-L/14 trained on LAION-2B);
+  ``open_clip:MODEL`` with ``weights=FILE`` for a local checkpoint (e.g. a finetuned one).
+* ``timm:MODEL`` — a timm model's pooled features; ``weights=FILE`` for local weights, otherwise
+  timm's pretrained weights from the hub.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import RetailKlipError
+from ..images import DEFAULT_BACKGROUND
+from .base import PRECISIONS, Encoder, EncoderIdentity
+
+DEFAULT_ENCODER_SPEC = "open_clip:ViT-L-14/laion2b_s32b_b82k"
+BACKENDS = ("open_clip", "timm")
+
+__all__ = ["BACKENDS", "DEFAULT_ENCODER_SPEC", "Encoder", "EncoderIdentity", "EncoderSpec", "PRECISIONS", "create_encoder"]
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A parsed encoder SPEC (see module docstring).
+
+    Attributes:
+        backend: ``"open_clip"`` or ``"timm"``.
+        model: the backend's model name.
+        tag: open_clip pretrained tag, or None.
+    """
+
+    backend: str
+    model: str
+    tag: str | None = None
+
+    @classmethod
+    def parse(cls, spec: "str | EncoderSpec") -> "EncoderSpec":
+        """Parse ``BACKEND:MODEL[/TAG]``.
+
+        Raises:
+            RetailKlipError: malformed spec or unknown backend.
+        """
+        if isinstance(spec, EncoderSpec):
+            return spec
+        backend, sep, rest = str(spec).partition(":")
+        if not sep or not rest or backend not in BACKENDS:
+            raise RetailKlipError(
+                f"bad encoder spec {spec!r}: expected open_clip:MODEL/TAG, open_clip:MODEL or timm:MODEL"
+            )
+        model, _, tag = rest.partition("/")
+        if not model:
+            raise RetailKlipError(f"bad encoder spec {spec!r}: no model name")
+        if tag and backend != "open_clip":
+            raise RetailKlipError(f"bad encoder spec {spec!r}: only open_clip specs take a /TAG")
+        return cls(backend, model, tag or None)
+
+    def __str__(self) -> str:
+        return f"{self.backend}:{self.model}" + (f"/{self.tag}" if self.tag else "")
+
+
+def create_encoder(
+    spec: "str | EncoderSpec" = DEFAULT_ENCODER_SPEC,
+    *,
+    weights: str | os.PathLike | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
+    batch_size: int = 32,
+    background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+    random_init: bool = False,
+    seed: int = 0,
+    **options,
+) -> Encoder:
+    """Create an image encoder from a SPEC.
+
+    Args:
+        spec: ``open_clip:MODEL/TAG``, ``open_clip:MODEL`` or ``timm:MODEL`` (see module docstring).
+        weights: local weights file (safetensors or PyTorch state dict); overrides the tag.
+        device: torch device, e.g. ``"cpu"`` or ``"cuda"``.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        batch_size: images per forward pass.
+        background: RGB colour that transparent pixels are composited onto.
+        random_init: random weights when no weights file is given (tests, benchmarks).
+        seed: seed of ``random_init``.
+        **options: backend options: open_clip ``resize_mode``, ``model_overrides``,
+            ``cache_dir``; timm ``interpolation``, ``crop_pct``, ``crop_mode``.
+
+    Returns:
+        An :class:`Encoder` producing float32 (N, D) L2-normalised embeddings.
+
+    Raises:
+        RetailKlipError: bad spec or options; WeightsError / WeightsUnavailableError for weights.
+    """
+    s = EncoderSpec.parse(spec)
+    common = dict(device=device, precision=precision, batch_size=batch_size, background=tuple(background))
+    try:
+        if s.backend == "open_clip":
+            from .open_clip_backend import create_open_clip_encoder
+
+            return create_open_clip_encoder(
+                s.model, s.tag, weights=weights, random_init=random_init, seed=seed, **options, **common
+            )
+        from .timm_backend import create_timm_encoder
+
+        return create_timm_encoder(s.model, weights=weights, random_init=random_init, seed=seed, **options, **common)
+    except TypeError as e:
+        if "unexpected keyword" in str(e):
+            raise RetailKlipError(f"encoder {s}: {e}") from None
+        raise

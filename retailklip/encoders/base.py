@@ -1,0 +1,172 @@
+"""The image encoder: images -> L2-normalised embeddings.
+
+An :class:`Encoder` wraps a backbone (``model``: a ``torch.nn.Module`` mapping a float batch of
+shape (N, 3, H, W) to features of shape (N, D)) and its preprocessing (``preprocess``: a PIL
+``RGB`` image -> float tensor (3, H, W)).  Backends (OpenCLIP, timm) only build those two things;
+batching, precision, EXIF/mode handling, transparency compositing and normalisation live here, so
+every backend behaves the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import EncoderMismatchError
+from ..images import DEFAULT_BACKGROUND, ImageSource, load_image, to_rgb
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EncoderIdentity:
+    """What made a vector; stored with every vector, compared before any search.
+
+    Attributes:
+        backend: ``"open_clip"`` or ``"timm"``.
+        model: the backend's model name, e.g. ``"ViT-L-14"`` or ``"mobilenetv2_100"``.
+        weights: ``"sha256:<hex>"`` of a local weights file, ``"tag:<pretrained tag>"`` for a
+            backend's named pretrained weights, or ``"random:<seed>"`` for random init (tests).
+        dim: embedding dimension D.
+        preprocess: canonical JSON of the preprocessing settings (size, resize mode, mean, std,
+            interpolation, background), so vectors made with different preprocessing never mix.
+    """
+
+    backend: str
+    model: str
+    weights: str
+    dim: int
+    preprocess: str
+
+    @property
+    def key(self) -> str:
+        """A short stable string for this identity: ``backend:model@weights[:12]/d=D/p=<hash>``."""
+        phash = hashlib.sha256(self.preprocess.encode()).hexdigest()[:8]
+        weights = self.weights if len(self.weights) <= 40 else self.weights[:19]
+        return f"{self.backend}:{self.model}@{weights}/d={self.dim}/p={phash}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def check_same(self, other: "EncoderIdentity") -> None:
+        """Raise :class:`EncoderMismatchError` unless ``other`` is the same identity."""
+        if self != other:
+            raise EncoderMismatchError(
+                f"encoder mismatch: vectors were made by {other.key} but the encoder is {self.key}; "
+                f"rebuild the catalog with one encoder"
+            )
+
+
+class Encoder:
+    """Embeds images into float32, L2-normalised vectors of shape (N, D).
+
+    Args:
+        model: module mapping (N, 3, H, W) float -> (N, D) features; put in eval mode here.
+        preprocess: PIL ``RGB`` image -> float tensor (3, H, W).
+        identity: the :class:`EncoderIdentity` of this model + weights + preprocessing.
+        device: torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast for the forward pass; outputs
+            are always float32).
+        batch_size: images per forward pass in :meth:`embed`.
+        background: RGB colour that transparent pixels (e.g. outside a segment's mask) are
+            composited onto before preprocessing.
+
+    Thread safety: :meth:`embed` may be called from several threads at once (inference only,
+    no mutable state).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        identity: EncoderIdentity,
+        *,
+        device: str = "cpu",
+        precision: str = "fp32",
+        batch_size: int = 32,
+        background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.preprocess = preprocess
+        self.identity = identity
+        self.precision = precision
+        self.batch_size = batch_size
+        self.background = tuple(background)
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension D."""
+        return self.identity.dim
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=PRECISIONS[self.precision])
+
+    def prepare(self, image: ImageSource) -> torch.Tensor:
+        """Decode (EXIF, mode), composite transparency and preprocess one image -> (3, H, W) float32."""
+        im = load_image(image)
+        return self.preprocess(to_rgb(im, self.background))
+
+    @torch.inference_mode()
+    def embed_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """Forward a preprocessed batch (N, 3, H, W) -> L2-normalised float32 (N, D) on the CPU."""
+        with self._autocast():
+            feats = self.model(batch.to(self.device, non_blocking=True))
+        return torch.nn.functional.normalize(feats.float(), dim=-1).cpu()
+
+    def embed(self, images: Sequence[ImageSource], *, progress: bool = False) -> np.ndarray:
+        """Embed images.
+
+        Args:
+            images: paths, bytes, PIL images (any mode; RGBA is composited onto ``background``)
+                or uint8 numpy arrays.
+            progress: show a tqdm progress bar over batches.
+
+        Returns:
+            float32 array of shape (N, D), each row of unit L2 norm.
+
+        Raises:
+            InvalidImageError: an image cannot be decoded (nothing is returned for the batch).
+        """
+        if len(images) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        out = []
+        starts = range(0, len(images), self.batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="embedding", unit="batch")
+        for s in starts:
+            batch = torch.stack([self.prepare(im) for im in images[s : s + self.batch_size]])
+            out.append(self.embed_tensor(batch).numpy())
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def __repr__(self) -> str:
+        return f"Encoder({self.identity.key}, device={self.device}, precision={self.precision})"
+
+
+def preprocess_description(**settings) -> str:
+    """Canonical JSON of preprocessing settings (sorted keys, tuples as lists)."""
+    return json.dumps(settings, sort_keys=True, default=list)
+
+
+def infer_dim(model: torch.nn.Module, size: tuple[int, int]) -> int:
+    """Embedding dimension D of ``model`` by one forward pass on zeros of shape (1, 3, *size)."""
+    with torch.inference_mode():
+        return int(model(torch.zeros(1, 3, *size)).shape[-1])

@@ -1,0 +1,111 @@
+"""timm image-encoder backend: any timm model as a pooled-feature encoder (the edge-CPU option).
+
+The classifier is removed (``reset_classifier(0)``), so the model returns its globally pooled
+features, e.g. (N, 1280) for ``mobilenetv2_100``.  Preprocessing is timm's evaluation transform
+(``timm.data.create_transform``) from the model's resolved data config, with optional overrides
+(``interpolation``, ``crop_pct``, ``crop_mode``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from ..errors import RetailKlipError, WeightsError, WeightsUnavailableError
+from ..weights import file_sha256, load_state_dict
+from .base import Encoder, EncoderIdentity, infer_dim, preprocess_description
+from .open_clip_backend import _load_strict
+
+logger = logging.getLogger(__name__)
+
+
+def create_timm_encoder(
+    model_name: str,
+    *,
+    weights: str | os.PathLike | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    interpolation: str | None = None,
+    crop_pct: float | None = None,
+    crop_mode: str | None = None,
+    **encoder_kwargs,
+) -> Encoder:
+    """Build an :class:`Encoder` from a timm model.
+
+    Weights source, in this order: ``weights`` (a local safetensors / PyTorch state dict, either
+    with the classifier, as timm's checkpoints are, or without, as ``finetune`` writes), then
+    ``random_init``, else timm's own pretrained weights for ``model_name`` (``MODEL.TAG`` names a
+    tag) from the hub.
+
+    Args:
+        model_name: a timm model name, e.g. ``"mobilenetv2_100"`` (see ``timm.list_models()``).
+        weights: local weights file.
+        random_init: random weights (tests and benchmarks).
+        seed: RNG seed for ``random_init``.
+        interpolation, crop_pct, crop_mode: overrides of the model's data config.
+        **encoder_kwargs: ``device``, ``precision``, ``batch_size``, ``background`` for :class:`Encoder`.
+
+    Raises:
+        RetailKlipError: unknown model name.
+        WeightsUnavailableError: hub weights cannot be downloaded.
+        WeightsError: the weights file is missing, unsafe or does not fit the architecture.
+    """
+    import timm
+    from timm.data import create_transform, resolve_model_data_config
+
+    arch = model_name.split(".", 1)[0]
+    if not timm.is_model(arch):
+        raise RetailKlipError(f"unknown timm model {model_name!r} (see timm.list_models())")
+    if weights is not None:
+        sd = load_state_dict(weights)
+        model = _create(timm, model_name, seed)
+        head = set(model.state_dict()) - set(sd)
+        if head and head <= _classifier_keys(model):
+            model.reset_classifier(0)  # headless checkpoint (e.g. from finetune)
+            _load_strict(model, sd, weights, f"timm:{model_name} (without classifier)")
+        else:
+            _load_strict(model, sd, weights, f"timm:{model_name}")
+            model.reset_classifier(0)
+        weights_id = "sha256:" + file_sha256(weights)
+    elif random_init:
+        model = _create(timm, model_name, seed)
+        model.reset_classifier(0)
+        weights_id = f"random:{seed}"
+    else:
+        try:
+            model = timm.create_model(model_name, pretrained=True, num_classes=0)
+        except Exception as e:  # noqa: BLE001 - hub errors come in many types
+            raise WeightsUnavailableError(
+                f"cannot load pretrained weights for timm:{model_name} (no network or hub cache?: "
+                f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); pass a local file with --weights FILE"
+            ) from None
+        weights_id = f"tag:{getattr(model, 'pretrained_cfg', {}).get('tag') or 'default'}"
+    model.eval()
+    cfg = resolve_model_data_config(model)
+    for k, v in (("interpolation", interpolation), ("crop_pct", crop_pct), ("crop_mode", crop_mode)):
+        if v is not None:
+            cfg[k] = v
+    preprocess = create_transform(**cfg, is_training=False)
+    dim = infer_dim(model, tuple(cfg["input_size"][1:]))
+    identity = EncoderIdentity(
+        backend="timm",
+        model=model_name,
+        weights=weights_id,
+        dim=dim,
+        preprocess=preprocess_description(library="timm", background=encoder_kwargs.get("background"), **cfg),
+    )
+    return Encoder(model, preprocess, identity, **encoder_kwargs)
+
+
+def _create(timm, model_name: str, seed: int) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return timm.create_model(model_name, pretrained=False)
+
+
+def _classifier_keys(model: torch.nn.Module) -> set[str]:
+    name = model.default_cfg.get("classifier", "classifier") if hasattr(model, "default_cfg") else "classifier"
+    names = name if isinstance(name, (list, tuple)) else [name]
+    return {k for k in model.state_dict() if any(k.startswith(n + ".") for n in names)}

@@ -1,0 +1,218 @@
+"""Safe image decoding: every image enters retailklip through :func:`load_image`.
+
+Decoding rules (what a store photo or a packshot may be):
+
+* EXIF orientation is applied (``PIL.ImageOps.exif_transpose``), so a phone photo taken upright
+  is upright.
+* Output is 8-bit ``RGB``, or ``RGBA`` when the file carries transparency (an alpha channel or a
+  palette with a transparent index).  CMYK, YCbCr, LAB, greyscale, 1-bit and palette images are
+  converted; 16-bit greyscale is rescaled to 8 bit (not clipped, as a plain ``convert("RGB")``
+  would do).
+* Refused with :class:`~retailklip.errors.InvalidImageError`: missing paths, directories, 0-byte
+  files, files larger than ``max_bytes``, anything PIL cannot decode (text renamed ``.jpg``,
+  truncated JPEGs), images with more than ``max_pixels`` pixels (decompression bombs: checked
+  from the header, before any pixel is decoded) and multi-frame images (animated GIF, multi-page
+  TIFF), whose meaning as one product photo is ambiguous.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InvalidImageError
+
+ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
+
+#: Largest accepted image, in pixels (width x height).  64 MP covers every phone camera; a
+#: 30000 x 30000 PNG (900 MP, a classic decompression bomb) is refused from its header.
+DEFAULT_MAX_PIXELS = 64_000_000
+#: Largest accepted file, in bytes.
+DEFAULT_MAX_BYTES = 100 * 1024 * 1024
+
+#: Background that transparent pixels are composited onto before an encoder sees them
+#: (RGB, 0-255).  Neutral grey is the mean colour of nothing in particular; see docs/architecture.md.
+DEFAULT_BACKGROUND = (128, 128, 128)
+
+
+def read_image_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """Read an image file's bytes after checking it is a readable, non-empty regular file.
+
+    Args:
+        path: file path. Symbolic links are followed; what they point to must be a regular file.
+        max_bytes: size limit in bytes.
+
+    Returns:
+        The file content.
+
+    Raises:
+        InvalidImageError: missing path, directory or other non-regular file, 0-byte file,
+            file over ``max_bytes``, or unreadable file.
+    """
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise InvalidImageError(f"{path}: no such file") from None
+    except OSError as e:
+        raise InvalidImageError(f"{path}: cannot read: {e.strerror or e}") from None
+    if p.is_dir():
+        raise InvalidImageError(f"{path}: is a directory, not an image file")
+    if not p.is_file():
+        raise InvalidImageError(f"{path}: not a regular file")
+    if st.st_size == 0:
+        raise InvalidImageError(f"{path}: empty file (0 bytes)")
+    if st.st_size > max_bytes:
+        raise InvalidImageError(f"{path}: file of {st.st_size} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        with open(p, "rb") as f:
+            return f.read(max_bytes + 1)
+    except OSError as e:
+        raise InvalidImageError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def load_image(
+    source: ImageSource,
+    *,
+    name: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Image.Image:
+    """Decode an image safely into an upright 8-bit ``RGB`` or ``RGBA`` PIL image.
+
+    Args:
+        source: a path, the encoded bytes, a binary file object, a PIL image, or a numpy
+            ``uint8`` array of shape (H, W, 3) RGB or (H, W, 4) RGBA or (H, W) greyscale.
+        name: how to call the image in error messages (default: the path, or ``"<image>"``).
+        max_pixels: pixel-count limit (width x height) against decompression bombs.
+        max_bytes: file-size limit in bytes for paths.
+
+    Returns:
+        A fully decoded PIL image of mode ``"RGB"`` or ``"RGBA"``, EXIF orientation applied.
+
+    Raises:
+        InvalidImageError: the source is not one decodable, single-frame image within the limits.
+    """
+    label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "<image>")
+    if isinstance(source, np.ndarray):
+        return _from_array(source, label, max_pixels)
+    if isinstance(source, Image.Image):
+        im = source
+        _check_pixels(im, label, max_pixels)
+        if getattr(im, "n_frames", 1) > 1:
+            raise InvalidImageError(f"{label}: has {im.n_frames} frames; give a single still image")
+        return _normalise(ImageOps.exif_transpose(im), label)
+    if isinstance(source, (str, os.PathLike)):
+        data = read_image_bytes(source, max_bytes)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif hasattr(source, "read"):
+        data = source.read(max_bytes + 1)
+    else:
+        raise InvalidImageError(f"{label}: unsupported image source type {type(source).__name__}")
+    if len(data) == 0:
+        raise InvalidImageError(f"{label}: empty file (0 bytes)")
+    if len(data) > max_bytes:
+        raise InvalidImageError(f"{label}: more than the {max_bytes}-byte limit")
+    return decode_image_bytes(data, label, max_pixels=max_pixels)
+
+
+def decode_image_bytes(data: bytes, label: str = "<image>", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode encoded image bytes; see :func:`load_image` for the rules and errors."""
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit is stricter than PIL's warning threshold; turn PIL's bomb
+            # warning into an error so it can never be silently ignored.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            _check_pixels(im, label, max_pixels)
+            n_frames = getattr(im, "n_frames", 1)
+            if n_frames > 1:
+                raise InvalidImageError(f"{label}: has {n_frames} frames (animation or multi-page); give a single still image")
+            im.load()
+    except InvalidImageError:
+        raise
+    except UnidentifiedImageError:
+        raise InvalidImageError(f"{label}: not a recognised image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InvalidImageError(f"{label}: too many pixels, refused as a decompression bomb ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as e:
+        raise InvalidImageError(f"{label}: corrupt or truncated image ({e})") from None
+    return _normalise(ImageOps.exif_transpose(im), label)
+
+
+def _check_pixels(im: Image.Image, label: str, max_pixels: int) -> None:
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise InvalidImageError(f"{label}: has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise InvalidImageError(
+            f"{label}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} (decompression bomb guard)"
+        )
+
+
+def _has_transparency(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info) or (
+        im.mode in ("L", "RGB") and "transparency" in im.info
+    )
+
+
+def _normalise(im: Image.Image, label: str) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB or RGBA (see module docstring)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im)
+        if im.mode == "F":
+            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+            scale = 255.0 / (hi - lo) if hi > lo else 0.0
+            arr8 = ((arr - lo) * scale).clip(0, 255).astype(np.uint8)
+        else:  # 16-bit samples (PNG 16-bit greyscale decodes as I;16 or I)
+            arr8 = (arr.astype(np.uint32).clip(0, 65535) // 257).astype(np.uint8)
+        return Image.fromarray(arr8, "L").convert("RGB")
+    transparent = _has_transparency(im)
+    target = "RGBA" if transparent else "RGB"
+    if im.mode == target:
+        return im
+    try:
+        return im.convert(target)
+    except (OSError, ValueError) as e:
+        raise InvalidImageError(f"{label}: cannot convert image mode {im.mode} to {target} ({e})") from None
+
+
+def _from_array(arr: np.ndarray, label: str, max_pixels: int) -> Image.Image:
+    if arr.dtype != np.uint8:
+        raise InvalidImageError(f"{label}: numpy image must be uint8, got {arr.dtype}")
+    if arr.ndim == 2:
+        im = Image.fromarray(arr, "L").convert("RGB")
+    elif arr.ndim == 3 and arr.shape[2] in (3, 4):
+        im = Image.fromarray(np.ascontiguousarray(arr), "RGB" if arr.shape[2] == 3 else "RGBA")
+    else:
+        raise InvalidImageError(f"{label}: numpy image must have shape (H, W), (H, W, 3) or (H, W, 4), got {arr.shape}")
+    _check_pixels(im, label, max_pixels)
+    return im
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = DEFAULT_BACKGROUND) -> Image.Image:
+    """Composite an ``RGBA`` image (e.g. a segment crop, alpha 0 outside its mask) onto a flat
+    background; ``RGB`` images are returned unchanged.
+
+    Args:
+        image: PIL image of mode ``RGB`` or ``RGBA`` (as returned by :func:`load_image`).
+        background: RGB colour, 0-255, that fully transparent pixels become.
+
+    Returns:
+        A PIL ``RGB`` image of the same size.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode != "RGBA":
+        image = image.convert("RGBA")
+    canvas = Image.new("RGB", image.size, background)
+    canvas.paste(image, mask=image.getchannel("A"))
+    return canvas

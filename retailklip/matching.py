@@ -1,0 +1,101 @@
+"""SKU-level 1-NN matching with a distance threshold (the open-set cutoff).
+
+The index holds several vectors per SKU (K augmented views of each reference image), so the
+nearest *SKU* is the SKU of the nearest vector, and the runner-up is the nearest vector of a
+*different* SKU.  A query whose nearest SKU is farther than the threshold is "unknown": this
+replaces a softmax classification head and its confidence cutoff (0.78 in the system this
+replaces), and needs no retraining when SKUs are added (RetailKLIP §3, 1-NN zero-shot
+recognition).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .index import VectorIndex
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A neighbouring SKU and its cosine distance (in [0, 2]) to the query."""
+
+    sku: str
+    distance: float
+
+
+@dataclass(frozen=True)
+class Match:
+    """The result of matching one embedding.
+
+    Attributes:
+        nearest: the 1-NN SKU and its cosine distance.
+        runner_up: the nearest *other* SKU, or None when the index holds a single SKU.
+        known: ``nearest.distance <= threshold``.
+    """
+
+    nearest: Neighbour
+    runner_up: Neighbour | None
+    known: bool
+
+
+class SKUMatcher:
+    """1-NN search over a :class:`VectorIndex` whose vector ids map to SKUs.
+
+    Args:
+        index: the vector index.
+        sku_of: vector id -> SKU id, for every id in the index.
+    """
+
+    def __init__(self, index: VectorIndex, sku_of: dict[int, str]) -> None:
+        self.index = index
+        self.sku_of = sku_of
+
+    def match(self, queries: np.ndarray, threshold: float, k: int = 32) -> list[Match]:
+        """Match embeddings against the index.
+
+        Args:
+            queries: float32 (M, D), unit norm.
+            threshold: cosine distance in [0, 2]; nearest SKUs farther than this are unknown.
+            k: initial neighbours per query; doubled until a second SKU appears or the whole
+                index was searched.
+
+        Returns:
+            M :class:`Match` objects.
+
+        Raises:
+            ValueError: empty index or wrong query shape.
+        """
+        n = self.index.ntotal
+        if n == 0:
+            raise ValueError("cannot match against an empty index")
+        out: list[Match | None] = [None] * len(queries)
+        todo = np.arange(len(queries))
+        k = max(2, min(k, n))
+        while len(todo):
+            dist, ids = self.index.search(queries[todo], k)
+            again = []
+            for row, q in enumerate(todo):
+                m = self._first_two(dist[row], ids[row], threshold)
+                if m is None and k < n:
+                    again.append(q)
+                else:
+                    out[q] = m if m is not None else self._single(dist[row], ids[row], threshold)
+            todo = np.array(again, dtype=np.int64)
+            k = min(2 * k, n)
+        return out  # type: ignore[return-value]
+
+    def _first_two(self, dist: Sequence[float], ids: Sequence[int], threshold: float) -> Match | None:
+        first = self.sku_of[int(ids[0])]
+        for d, i in zip(dist[1:], ids[1:]):
+            if i < 0:
+                break
+            sku = self.sku_of[int(i)]
+            if sku != first:
+                return Match(Neighbour(first, float(dist[0])), Neighbour(sku, float(d)), float(dist[0]) <= threshold)
+        return None
+
+    def _single(self, dist: Sequence[float], ids: Sequence[int], threshold: float) -> Match:
+        return Match(Neighbour(self.sku_of[int(ids[0])], float(dist[0])), None, float(dist[0]) <= threshold)

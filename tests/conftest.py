@@ -1,0 +1,100 @@
+"""Shared fixtures.  Real data and weights are read from ``../shared`` beside the repository;
+their absence is an error (not a skip), so a run without them cannot pass silently."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+
+# No hub is reachable here: make download attempts fail at once instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("RETAILKLIP_SHARED", REPO.parent / "shared"))
+GROCERY = SHARED / "data" / "grocery-store" / "dataset"
+MOBILENET = SHARED / "models" / "mobilenetv2_100.imagenet.safetensors"
+MOBILENET_SPEC = "timm:mobilenetv2_100"
+# How the shared MobileNetV2 weights were checked (see ../shared/models/README.md).
+MOBILENET_OPTIONS = {"interpolation": "bilinear"}
+
+#: A tiny open_clip ViT (random init) for fast tests of the open_clip code path.
+TINY_CLIP_SPEC = "open_clip:ViT-B-32"
+TINY_CLIP_OPTIONS = {
+    "model_overrides": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+    }
+}
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"test data missing: {path} (expected ../shared beside the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def grocery() -> Path:
+    return _require(GROCERY)
+
+
+@pytest.fixture(scope="session")
+def mobilenet_weights() -> Path:
+    return _require(MOBILENET)
+
+
+@pytest.fixture(scope="session")
+def iconic(grocery) -> list[tuple[int, str, Path]]:
+    """(class id, class name, iconic image path) for the 81 GroceryStore classes."""
+    with open(grocery / "classes.csv", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    return [(int(r[1]), r[0], grocery / r[4].lstrip("/")) for r in rows]
+
+
+@pytest.fixture(scope="session")
+def val_photos(grocery) -> list[tuple[Path, int]]:
+    """(photo path, class id) of the 296 GroceryStore val photos."""
+    out = []
+    for line in (grocery / "val.txt").read_text().splitlines():
+        path, fine, _coarse = (x.strip() for x in line.split(","))
+        out.append((grocery / path, int(fine)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def mobilenet_encoder(mobilenet_weights):
+    from retailklip import create_encoder
+
+    return create_encoder(MOBILENET_SPEC, weights=mobilenet_weights, **MOBILENET_OPTIONS)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_encoder():
+    from retailklip import create_encoder
+
+    return create_encoder(TINY_CLIP_SPEC, random_init=True, **TINY_CLIP_OPTIONS)
+
+
+@pytest.fixture()
+def mobilenet_catalog(tmp_path, mobilenet_weights):
+    """An empty catalog with the real MobileNetV2 encoder and K = 4 views."""
+    from catalog import Catalog
+
+    return Catalog.init(
+        tmp_path / "cat", encoder=MOBILENET_SPEC, weights=mobilenet_weights, augmentations=4,
+        encoder_options=MOBILENET_OPTIONS,
+    )
+
+
+@pytest.fixture()
+def tiny_catalog(tmp_path):
+    """An empty catalog with the tiny random open_clip encoder and K = 2 views."""
+    from catalog import Catalog
+
+    return Catalog.init(
+        tmp_path / "tiny", encoder=TINY_CLIP_SPEC, augmentations=2, random_init=True, encoder_options=TINY_CLIP_OPTIONS,
+    )

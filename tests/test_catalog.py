@@ -1,0 +1,154 @@
+import csv
+import os
+
+import pytest
+from sqlalchemy import func, select
+
+from catalog import Catalog
+from catalog.models import SKU, Embedding, ReferenceImage
+from imagekinds import write_bad_files
+from retailklip.errors import (
+    CatalogError,
+    DuplicateSKUError,
+    InvalidImageError,
+    InvalidSKUError,
+    UnknownSKUError,
+)
+
+
+def snapshot(cat: Catalog):
+    """Everything a failed write must leave unchanged: row counts, stored files, generation."""
+    with cat._sessions() as s:
+        counts = tuple(s.scalar(select(func.count()).select_from(t)) for t in (SKU, ReferenceImage, Embedding))
+    files = sorted(str(p.relative_to(cat.root)) for p in (cat.root / "images").rglob("*") if p.is_file())
+    return counts, files, cat.generation
+
+
+def test_add_list_remove(tiny_catalog, iconic):
+    cat = tiny_catalog
+    info = cat.add(iconic[0][2], sku="golden", name="Golden Delicious")
+    assert (info.sku, info.name, info.references, info.vectors) == ("golden", "Golden Delicious", 1, 2)
+    cat.add(iconic[1][2])  # default id: the file name without extension
+    assert [s.sku for s in cat.list_skus()] == ["Granny-Smith_Iconic", "golden"]
+    stored = cat.reference_path("golden")[0]
+    assert stored.read_bytes() == iconic[0][2].read_bytes()
+    assert stored.name.startswith(__import__("hashlib").sha256(stored.read_bytes()).hexdigest())
+    g = cat.generation
+    cat.remove("golden")
+    assert cat.generation == g + 1 and not stored.exists()
+    assert [s.sku for s in cat.list_skus()] == ["Granny-Smith_Iconic"]
+    with pytest.raises(UnknownSKUError, match="nope"):
+        cat.remove("nope")
+
+
+def test_append_reference(tiny_catalog, iconic):
+    cat = tiny_catalog
+    cat.add(iconic[0][2], sku="apple")
+    info = cat.add(iconic[1][2], sku="apple", append=True)
+    assert info.references == 2 and info.vectors == 4
+    with pytest.raises(UnknownSKUError):
+        cat.add(iconic[2][2], sku="pear", append=True)
+
+
+def test_duplicates_and_bad_ids_write_nothing(tiny_catalog, iconic):
+    cat = tiny_catalog
+    cat.add(iconic[0][2], sku="golden")
+    before = snapshot(cat)
+    with pytest.raises(DuplicateSKUError, match="already exists"):
+        cat.add(iconic[1][2], sku="golden")
+    with pytest.raises(DuplicateSKUError, match="already a reference image of SKU 'golden'"):
+        cat.add(iconic[0][2], sku="other")
+    for bad in ["", "a/b", "..", ".", "x\x00y", "tab\there", "x" * 129, " padded"]:
+        with pytest.raises(InvalidSKUError):
+            cat.add(iconic[1][2], sku=bad)
+    with pytest.raises(InvalidSKUError):
+        cat.add(iconic[1][2], sku="ok", name="bad\x00name")
+    assert snapshot(cat) == before
+
+
+def test_bad_images_write_nothing(tiny_catalog, iconic, tmp_path):
+    cat = tiny_catalog
+    cat.add(iconic[0][2], sku="golden")
+    before = snapshot(cat)
+    for kind, path in write_bad_files(iconic[0][2], tmp_path / "bad").items():
+        with pytest.raises(InvalidImageError):
+            cat.add(path, sku=f"sku-{kind}")
+    assert snapshot(cat) == before
+
+
+def test_unicode_ids_and_names(tiny_catalog, iconic):
+    cat = tiny_catalog
+    cat.add(iconic[0][2], sku="äpple-🍎", name="Äpple Golden 金")
+    assert cat.get("äpple-🍎").name == "Äpple Golden 金"
+
+
+def _write_csv(path, rows, header=("image", "sku", "name")):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def test_import_csv_all_or_nothing(tiny_catalog, iconic, tmp_path):
+    cat = tiny_catalog
+    rows = [(os.path.relpath(p, tmp_path), f"sku{c}", name) for c, name, p in iconic[:4]]
+    _write_csv(tmp_path / "ok.csv", rows)
+    assert cat.import_csv(tmp_path / "ok.csv", progress=False) == 4
+    assert len(cat) == 4
+    before = snapshot(cat)
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    _write_csv(tmp_path / "bad.csv", [(os.path.relpath(iconic[5][2], tmp_path), "new1", "n"), ("broken.jpg", "new2", "n")])
+    with pytest.raises(InvalidImageError, match=r"bad.csv:3"):
+        cat.import_csv(tmp_path / "bad.csv", progress=False)
+    _write_csv(tmp_path / "cols.csv", [("a.jpg", "n")], header=("picture", "name"))
+    with pytest.raises(CatalogError, match="missing column"):
+        cat.import_csv(tmp_path / "cols.csv", progress=False)
+    _write_csv(tmp_path / "dup.csv", [(os.path.relpath(iconic[5][2], tmp_path), "x", ""), (os.path.relpath(iconic[6][2], tmp_path), "x", "")])
+    with pytest.raises(DuplicateSKUError, match="repeated"):
+        cat.import_csv(tmp_path / "dup.csv", progress=False)
+    _write_csv(tmp_path / "exists.csv", [(os.path.relpath(iconic[5][2], tmp_path), "sku0", "")])
+    with pytest.raises(DuplicateSKUError):
+        cat.import_csv(tmp_path / "exists.csv", progress=False)
+    _write_csv(tmp_path / "empty.csv", [])
+    with pytest.raises(CatalogError, match="no rows"):
+        cat.import_csv(tmp_path / "empty.csv", progress=False)
+    assert snapshot(cat) == before
+
+
+def test_open_errors_and_reinit(tmp_path, tiny_catalog):
+    with pytest.raises(CatalogError, match="no catalog at"):
+        Catalog.open(tmp_path / "missing")
+    with pytest.raises(CatalogError, match="already holds a catalog"):
+        Catalog.init(tiny_catalog.root, encoder="timm:mobilenetv2_100", random_init=True)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "catalog.db").write_bytes(b"garbage" * 100)
+    with pytest.raises(CatalogError):
+        Catalog.open(tmp_path / "junk")
+    with pytest.raises(CatalogError, match="augmentations"):
+        Catalog.init(tmp_path / "k0", encoder="timm:mobilenetv2_100", random_init=True, augmentations=0)
+    assert not (tmp_path / "k0").exists()
+
+
+def test_missing_weights_creates_nothing(tmp_path):
+    from retailklip.errors import WeightsError
+
+    with pytest.raises(WeightsError, match="--weights"):
+        Catalog.init(tmp_path / "c", encoder="timm:mobilenetv2_100", weights=tmp_path / "nope.safetensors")
+    assert not (tmp_path / "c").exists()
+
+
+def test_encoder_weights_changed_is_detected(tmp_path, tiny_clip_encoder, iconic):
+    from safetensors.torch import save_file
+
+    from conftest import TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
+    from retailklip.errors import EncoderMismatchError
+
+    w = tmp_path / "w.safetensors"
+    sd = {k: v.contiguous().clone() for k, v in tiny_clip_encoder.model.state_dict().items()}
+    save_file(sd, str(w))
+    Catalog.init(tmp_path / "c", encoder=TINY_CLIP_SPEC, weights=w, augmentations=1, encoder_options=TINY_CLIP_OPTIONS)
+    k = next(iter(sd))
+    sd[k] = sd[k] + 1.0
+    save_file(sd, str(w))  # the weights file changed under the catalog
+    with pytest.raises(EncoderMismatchError, match="mismatch"):
+        Catalog.open(tmp_path / "c").add(iconic[0][2])
