@@ -84,6 +84,7 @@ class EncoderRow(Base):
     spec: Mapped[str] = mapped_column(String(300))
     weights_path: Mapped[str | None] = mapped_column(Text)
     options: Mapped[str] = mapped_column(Text, default="{}")
+    center: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32 (dim,) feature-centering vector
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

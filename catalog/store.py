@@ -188,6 +188,7 @@ class Catalog:
         encoder_options: dict | None = None,
         random_init: bool = False,
         device: str = "cpu",
+        center_photos: Sequence[str | os.PathLike] | None = None,
     ) -> "Catalog":
         """Create a catalog in directory ``root`` with the given encoder.
 
@@ -205,6 +206,9 @@ class Catalog:
             encoder_options: backend options passed to :func:`retailklip.create_encoder`.
             random_init: random encoder weights (tests only).
             device: torch device for the encoder.
+            center_photos: unlabeled in-store photos whose mean feature becomes the encoder's
+                centering vector (SimpleShot CL2N; see :class:`retailklip.encoders.Encoder`).
+                A few hundred photos of the store suffice; no labels are needed.
 
         Raises:
             CatalogError: the directory already holds a catalog, or bad K / threshold.
@@ -220,6 +224,11 @@ class Catalog:
         options = dict(encoder_options or {})
         weights_path = str(Path(weights).expanduser().resolve()) if weights else None
         enc = create_encoder(encoder, weights=weights_path, random_init=random_init, device=device, **options)
+        if center_photos is not None:
+            photos = list(center_photos)
+            if not photos:
+                raise CatalogError("no photos to compute the feature centre from")
+            enc = enc.with_center(enc.mean_feature(photos, progress=len(photos) > 64))
         root.mkdir(parents=True, exist_ok=True)
         (root / IMAGES_DIR).mkdir(exist_ok=True)
         os.chmod(root, 0o750)
@@ -231,7 +240,7 @@ class Catalog:
         with self._sessions.begin() as s:
             if s.get(CatalogState, 1) is not None:
                 raise CatalogError(f"the database {engine.url!r} already holds a catalog")
-            row = _encoder_row(s, enc.identity, str(encoder), weights_path, options, random_init)
+            row = _encoder_row(s, enc, str(encoder), weights_path, options)
             s.add(CatalogState(id=1, encoder_id=row.id, augmentations=augmentations, seed=seed, threshold=threshold))
         self._encoder = enc
         logger.info("initialised catalog %s with encoder %s", root, enc.identity.key)
@@ -314,7 +323,8 @@ class Catalog:
         """The identity of the catalog's encoder (as stored)."""
         with self._sessions() as s:
             row = s.get(EncoderRow, self._state(s).encoder_id)
-            return EncoderIdentity(row.backend, row.model, row.weights, row.dim, row.preprocess)
+            center = "none" if row.center is None else "sha256:" + hashlib.sha256(row.center).hexdigest()
+            return EncoderIdentity(row.backend, row.model, row.weights, row.dim, row.preprocess, center)
 
     def encoder(self) -> Encoder:
         """The catalog's encoder, built on first use and checked against the stored identity.
@@ -329,7 +339,8 @@ class Catalog:
                 with self._sessions() as s:
                     row = s.get(EncoderRow, self._state(s).encoder_id)
                     spec, path, opts, rnd = row.spec, row.weights_path, json.loads(row.options), row.weights.startswith("random:")
-                enc = create_encoder(spec, weights=path, random_init=rnd, device=self._device, **opts)
+                    center = None if row.center is None else np.frombuffer(row.center, np.float32)
+                enc = create_encoder(spec, weights=path, random_init=rnd, device=self._device, center=center, **opts)
                 self.encoder_identity().check_same(enc.identity)
                 self._encoder = enc
             return self._encoder
@@ -587,12 +598,14 @@ class Catalog:
         self.engine.dispose()
 
 
-def _encoder_row(s: Session, ident: EncoderIdentity, spec: str, weights_path, options: dict, random_init: bool) -> EncoderRow:
+def _encoder_row(s: Session, enc: Encoder, spec: str, weights_path, options: dict) -> EncoderRow:
+    ident = enc.identity
     row = s.scalar(select(EncoderRow).where(EncoderRow.key == ident.key))
     if row is None:
         row = EncoderRow(
             key=ident.key, backend=ident.backend, model=ident.model, weights=ident.weights, dim=ident.dim,
             preprocess=ident.preprocess, spec=spec, weights_path=weights_path, options=json.dumps(options, sort_keys=True),
+            center=None if enc.center is None else enc.center.numpy().tobytes(),
         )
         s.add(row)
         s.flush()

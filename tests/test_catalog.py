@@ -1,6 +1,7 @@
 import csv
 import os
 
+import numpy as np
 import pytest
 from sqlalchemy import func, select
 
@@ -152,3 +153,19 @@ def test_encoder_weights_changed_is_detected(tmp_path, tiny_clip_encoder, iconic
     save_file(sd, str(w))  # the weights file changed under the catalog
     with pytest.raises(EncoderMismatchError, match="mismatch"):
         Catalog.open(tmp_path / "c").add(iconic[0][2])
+
+
+def test_center_photos_are_stored_with_the_encoder(tmp_path, mobilenet_weights, val_photos, iconic):
+    from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC
+
+    photos = [p for p, _ in val_photos[::60]]
+    cat = Catalog.init(tmp_path / "c", encoder=MOBILENET_SPEC, weights=mobilenet_weights, augmentations=1,
+                       encoder_options=MOBILENET_OPTIONS, center_photos=photos)
+    ident = cat.encoder_identity()
+    assert ident.center.startswith("sha256:")
+    again = Catalog.open(cat.root)
+    enc = again.encoder()  # rebuilt from the stored spec + centre: same identity, no mismatch
+    assert enc.identity == ident
+    np.testing.assert_allclose(enc.center.numpy(), enc.mean_feature(photos), rtol=1e-5, atol=1e-6)
+    with pytest.raises(CatalogError, match="no photos"):
+        Catalog.init(tmp_path / "d", encoder=MOBILENET_SPEC, weights=mobilenet_weights, center_photos=[])

@@ -135,3 +135,20 @@ def test_rgba_crop_is_composited(mobilenet_encoder):
     rgba = Image.new("RGBA", (64, 64), (255, 0, 0, 0))
     grey = Image.new("RGB", (64, 64), mobilenet_encoder.background)
     np.testing.assert_allclose(mobilenet_encoder.embed([rgba]), mobilenet_encoder.embed([grey]), atol=1e-6)
+
+
+def test_centering_changes_identity_and_embeddings(mobilenet_encoder, val_photos):
+    photos = [p for p, _ in val_photos[::40]]
+    mean = mobilenet_encoder.mean_feature(photos)
+    assert mean.shape == (1280,) and mean.dtype == np.float32 and (mean > 0).any()
+    centred = mobilenet_encoder.with_center(mean)
+    assert centred.model is mobilenet_encoder.model
+    assert centred.identity.center.startswith("sha256:") and mobilenet_encoder.identity.center == "none"
+    assert centred.identity.key != mobilenet_encoder.identity.key
+    v, c = mobilenet_encoder.embed(photos), centred.embed(photos)
+    np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, atol=1e-5)
+    # Non-negative CNN features share a large common component: centring spreads them apart.
+    off = ~np.eye(len(photos), dtype=bool)
+    assert (c @ c.T)[off].mean() < (v @ v.T)[off].mean() - 0.2
+    with pytest.raises(ValueError, match="shape"):
+        mobilenet_encoder.with_center(mean[:10])

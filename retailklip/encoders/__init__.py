@@ -73,6 +73,7 @@ def create_encoder(
     background: tuple[int, int, int] = DEFAULT_BACKGROUND,
     random_init: bool = False,
     seed: int = 0,
+    center=None,
     **options,
 ) -> Encoder:
     """Create an image encoder from a SPEC.
@@ -86,6 +87,7 @@ def create_encoder(
         background: RGB colour that transparent pixels are composited onto.
         random_init: random weights when no weights file is given (tests, benchmarks).
         seed: seed of ``random_init``.
+        center: optional float32 (D,) feature-centering vector (see :class:`Encoder`).
         **options: backend options: open_clip ``resize_mode``, ``model_overrides``,
             ``cache_dir``; timm ``interpolation``, ``crop_pct``, ``crop_mode``.
 
@@ -96,7 +98,7 @@ def create_encoder(
         RetailKlipError: bad spec or options; WeightsError / WeightsUnavailableError for weights.
     """
     s = EncoderSpec.parse(spec)
-    common = dict(device=device, precision=precision, batch_size=batch_size, background=tuple(background))
+    common = dict(device=device, precision=precision, batch_size=batch_size, background=tuple(background), center=center)
     try:
         if s.backend == "open_clip":
             from .open_clip_backend import create_open_clip_encoder

@@ -14,7 +14,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -40,6 +40,8 @@ class EncoderIdentity:
         dim: embedding dimension D.
         preprocess: canonical JSON of the preprocessing settings (size, resize mode, mean, std,
             interpolation, background), so vectors made with different preprocessing never mix.
+        center: ``"none"``, or ``"sha256:<hex>"`` of the float32 feature-centering vector
+            subtracted before normalisation (see :class:`Encoder`).
     """
 
     backend: str
@@ -47,13 +49,15 @@ class EncoderIdentity:
     weights: str
     dim: int
     preprocess: str
+    center: str = "none"
 
     @property
     def key(self) -> str:
         """A short stable string for this identity: ``backend:model@weights[:12]/d=D/p=<hash>``."""
         phash = hashlib.sha256(self.preprocess.encode()).hexdigest()[:8]
         weights = self.weights if len(self.weights) <= 40 else self.weights[:19]
-        return f"{self.backend}:{self.model}@{weights}/d={self.dim}/p={phash}"
+        center = "" if self.center == "none" else f"/c={self.center[7:15]}"
+        return f"{self.backend}:{self.model}@{weights}/d={self.dim}/p={phash}{center}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,6 +84,11 @@ class Encoder:
         batch_size: images per forward pass in :meth:`embed`.
         background: RGB colour that transparent pixels (e.g. outside a segment's mask) are
             composited onto before preprocessing.
+        center: optional float32 (D,) vector subtracted from the features before L2
+            normalisation ("CL2N" feature transform of SimpleShot, Wang et al. 2019, §3.1): the
+            mean feature of unlabeled in-store photos (:meth:`mean_feature`).  It removes the
+            component that all photos of the store share, which otherwise dominates the cosine
+            similarity of non-negative CNN features.  Part of the identity.
 
     Thread safety: :meth:`embed` may be called from several threads at once (inference only,
     no mutable state).
@@ -95,6 +104,7 @@ class Encoder:
         precision: str = "fp32",
         batch_size: int = 32,
         background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+        center: np.ndarray | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -103,10 +113,17 @@ class Encoder:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.preprocess = preprocess
-        self.identity = identity
         self.precision = precision
         self.batch_size = batch_size
         self.background = tuple(background)
+        self.center: torch.Tensor | None = None
+        if center is not None:
+            c = np.ascontiguousarray(center, dtype=np.float32)
+            if c.shape != (identity.dim,):
+                raise ValueError(f"center must have shape ({identity.dim},), got {c.shape}")
+            self.center = torch.from_numpy(c)
+            identity = replace(identity, center="sha256:" + hashlib.sha256(c.tobytes()).hexdigest())
+        self.identity = identity
 
     @property
     def dim(self) -> int:
@@ -124,11 +141,49 @@ class Encoder:
         return self.preprocess(to_rgb(im, self.background))
 
     @torch.inference_mode()
-    def embed_tensor(self, batch: torch.Tensor) -> torch.Tensor:
-        """Forward a preprocessed batch (N, 3, H, W) -> L2-normalised float32 (N, D) on the CPU."""
+    def features(self, batch: torch.Tensor) -> torch.Tensor:
+        """Forward a preprocessed batch (N, 3, H, W) -> raw float32 features (N, D) on the CPU."""
         with self._autocast():
             feats = self.model(batch.to(self.device, non_blocking=True))
-        return torch.nn.functional.normalize(feats.float(), dim=-1).cpu()
+        return feats.float().cpu()
+
+    def embed_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """Forward a preprocessed batch (N, 3, H, W) -> L2-normalised float32 (N, D) on the CPU
+        (centred first when the encoder has a ``center``)."""
+        feats = self.features(batch)
+        if self.center is not None:
+            feats = feats - self.center
+        return torch.nn.functional.normalize(feats, dim=-1)
+
+    def mean_feature(self, images: Sequence[ImageSource], *, progress: bool = False) -> np.ndarray:
+        """Mean raw feature (D,) float32 of images, e.g. unlabeled in-store photos, to use as ``center``.
+
+        Raises:
+            ValueError: no images.  InvalidImageError: an image cannot be decoded.
+        """
+        if len(images) == 0:
+            raise ValueError("mean_feature needs at least one image")
+        total = torch.zeros(self.dim, dtype=torch.float64)
+        for batch in self._batches(images, progress, "centering"):
+            total += self.features(batch).double().sum(0)
+        return (total / len(images)).float().numpy()
+
+    def with_center(self, center: np.ndarray | None) -> "Encoder":
+        """A copy of this encoder (sharing the model) with another centering vector (D,) or none."""
+        ident = replace(self.identity, center="none")
+        return Encoder(
+            self.model, self.preprocess, ident, device=str(self.device), precision=self.precision,
+            batch_size=self.batch_size, background=self.background, center=center,
+        )
+
+    def _batches(self, images: Sequence[ImageSource], progress: bool, desc: str):
+        starts = range(0, len(images), self.batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc=desc, unit="batch")
+        for s in starts:
+            yield torch.stack([self.prepare(im) for im in images[s : s + self.batch_size]])
 
     def embed(self, images: Sequence[ImageSource], *, progress: bool = False) -> np.ndarray:
         """Embed images.
@@ -146,15 +201,7 @@ class Encoder:
         """
         if len(images) == 0:
             return np.zeros((0, self.dim), np.float32)
-        out = []
-        starts = range(0, len(images), self.batch_size)
-        if progress:
-            from tqdm import tqdm
-
-            starts = tqdm(starts, desc="embedding", unit="batch")
-        for s in starts:
-            batch = torch.stack([self.prepare(im) for im in images[s : s + self.batch_size]])
-            out.append(self.embed_tensor(batch).numpy())
+        out = [self.embed_tensor(b).numpy() for b in self._batches(images, progress, "embedding")]
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def __repr__(self) -> str:
