@@ -3,8 +3,9 @@ reference image per SKU), then recognise the in-store val photos and report top-
 
     python3 examples/grocery_store.py --data ../shared/data/grocery-store --out /tmp/grocery-catalog
 
-It uses the ``catalog`` CLI exactly as a store would: ``catalog init``, ``catalog import`` (a CSV
-``image,sku,name`` written from the dataset's classes.csv) and ``catalog recognize --json``.
+It uses the ``catalog`` CLI exactly as a store would: ``catalog init`` (features centred on every
+6th *train* photo, used unlabeled), ``catalog import`` (a CSV ``image,sku,name`` written from the
+dataset's classes.csv) and ``catalog recognize --json``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", type=Path, default=Path("../shared/models/mobilenetv2_100.imagenet.safetensors"))
     p.add_argument("--augmentations", type=int, default=None)
     p.add_argument("--split", default="val", choices=["val", "train"])
+    p.add_argument("--center-stride", type=int, default=6,
+                   help="centre features on every N-th unlabeled train photo (0: no centering)")
     args = p.parse_args(argv)
     dataset = args.data / "dataset"
     out = args.out or Path(tempfile.mkdtemp(prefix="grocery-catalog-"))
@@ -46,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     init = cli + ["init", "--encoder", args.encoder, "--weights", str(args.weights), "--encoder-option", "interpolation=bilinear"]
     if args.augmentations:
         init += ["--augmentations", str(args.augmentations)]
+    if args.center_stride:
+        train = [ln.split(",")[0].strip() for ln in (dataset / "train.txt").read_text().splitlines()]
+        center_list = out.parent / (out.name + "-center.txt")
+        center_list.write_text("".join(f"{(dataset / t).resolve()}\n" for t in train[:: args.center_stride]))
+        init += ["--center-photos", str(center_list)]
     subprocess.run(init, check=True)
     import_csv = out.parent / (out.name + "-import.csv")
     write_import_csv(dataset, import_csv)

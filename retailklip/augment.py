@@ -15,9 +15,13 @@ Deterministic: the same (image, K, seed) gives the same views on any machine (ea
 from its own seeded generator; torchvision's transforms read torch's global RNG, which is forked
 and restored around each view, under a lock so concurrent callers do not interleave).
 
-The default K = 16 was chosen by measurement (docs/augmentation.md): on GroceryStore val photos
-with the MobileNetV2 encoder, top-1 rises steeply up to K = 16 and only marginally beyond, while
-catalog size and add time grow linearly with K.
+The default K = 1 (no augmented views) was chosen by measurement (docs/augmentation.md): on the
+296 GroceryStore val photos with the ImageNet MobileNetV2 encoder, every recipe tried
+(geometric, photometric, both, zoom-out, background replacement, tiled "facings") at K = 4-16
+*lowered* 1-NN top-1 by 0.7-7 points against the packshot alone, with or without feature
+centering.  Augmented views of the wrong SKUs become near neighbours of in-store photos more
+often than they help the right SKU.  Re-measure with ``catalog eval --augmentations K`` for a
+finetuned encoder (trained with ArcFace on augmented data, RetailKLIP §4.1) before raising K.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-DEFAULT_AUGMENTATIONS = 16
+DEFAULT_AUGMENTATIONS = 1
 
 _lock = threading.Lock()
 
