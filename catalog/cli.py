@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="augmentation seed (default: 0)")
     s.add_argument("--encoder-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, repeatable: timm interpolation=bilinear, crop_pct=1.0; open_clip resize_mode=longest")
+    s.add_argument("--center-photos", type=Path, default=None, metavar="DIR|LIST",
+                   help="unlabeled in-store photos (a directory, searched recursively, or a file listing paths) whose mean "
+                        "feature is subtracted from every embedding (SimpleShot CL2N centering; see docs/augmentation.md)")
     s.add_argument("--segment", default=None, metavar="NAME", help="default segmenter for recognize (e.g. efficientvit-sam-l0)")
     s.add_argument("--checkpoint", default=None, metavar="FILE", help="checkpoint of the default segmenter")
     s.add_argument("--random-init", action="store_true", help=argparse.SUPPRESS)  # tests only
@@ -96,6 +99,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--segment", default=None, metavar="NAME", help="segmenter (default: the catalog's, else whole image)")
     s.add_argument("--checkpoint", default=None, metavar="FILE", help="segmenter checkpoint file")
     s.add_argument("--save-segments", type=Path, default=None, metavar="DIR", help="save each segment's RGBA crop as [image]_segment_[x].png")
+    s.add_argument("--overlay", type=Path, default=None, metavar="FILE",
+                   help="write a picture of the recognitions (.png/.jpg/.webp); several images: FILE_0.png, FILE_1.png, ... in input order")
+
+    s = sub.add_parser("calibrate", help="choose the distance threshold from labelled photos (CSV image,sku)")
+    s.add_argument("csv", type=Path, metavar="PHOTOS_CSV",
+                   help="CSV with columns image,sku (paths relative to the CSV); an sku not in the catalog = should be unknown")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--target-precision", type=float, default=None, metavar="P",
+                   help="largest threshold whose known precision on the photos is >= P (0 < P <= 1)")
+    g.add_argument("--match-softmax-cutoff", type=float, default=None, metavar="C",
+                   help="reject at least as many unknown photos as a softmax head with confidence cutoff C (the old system: 0.78)")
+    s.add_argument("--dry-run", "--no-store", dest="dry_run", action="store_true", help="report only; keep the stored threshold")
+    s.add_argument("--json", action="store_true", help="print JSON")
+
+    from retailklip.datasets import LAYOUTS
+
+    s = sub.add_parser("eval", help="RetailKLIP zero-shot protocol: one reference per class + K augmentations, 1-NN top-1")
+    s.add_argument("root", type=Path, metavar="DATASET_DIR")
+    s.add_argument("--layout", required=True, choices=list(LAYOUTS), help="dataset directory layout (see docs/evaluation.md)")
+    s.add_argument("--split", default=None, help="query split (default: val for grocery-store, else test)")
+    s.add_argument("--encoder", default=None, metavar="SPEC", help="encoder to evaluate (default: the catalog's)")
+    s.add_argument("--weights", type=Path, default=None, metavar="FILE", help="local weights of --encoder")
+    s.add_argument("--encoder-option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="backend option of --encoder, repeatable")
+    s.add_argument("--augmentations", type=int, default=None, metavar="K",
+                   help=f"views per reference (default: the catalog's K; with --encoder {DEFAULT_AUGMENTATIONS})")
+    s.add_argument("--seed", type=int, default=None, help="augmentation seed (default: the catalog's; with --encoder 0)")
+    s.add_argument("--max-classes", type=int, default=None, metavar="N", help="only the first N classes (quick runs)")
+    s.add_argument("--max-per-class", type=int, default=None, metavar="N", help="at most N query images per class")
+    s.add_argument("--json", action="store_true", help="print JSON (with per-class counts)")
     return p
 
 
@@ -103,11 +135,36 @@ def _catalog_dir(args) -> Path:
     return args.catalog if args.catalog is not None else default_catalog_dir()
 
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def image_list(path: Path) -> list[Path]:
+    """Image files under a directory (recursive, sorted), or the paths listed one per line in a
+    text file (relative to the file; a CSV's ``image`` column).
+
+    Raises:
+        RetailKlipError: missing path or no images found.
+    """
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    elif path.is_file():
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if lines and lines[0].split(",")[0] == "image":
+            lines = [ln.split(",")[0] for ln in lines[1:]]
+        files = [path.parent / ln for ln in lines]
+    else:
+        raise RetailKlipError(f"{path}: no such file or directory")
+    if not files:
+        raise RetailKlipError(f"{path}: no images found")
+    return files
+
+
 def cmd_init(args) -> int:
     cat = Catalog.init(
         _catalog_dir(args), encoder=args.encoder, weights=args.weights, augmentations=args.augmentations,
         threshold=args.threshold, seed=args.seed, db_url=args.db_url, encoder_options=dict(args.encoder_option),
         random_init=args.random_init, device=args.device,
+        center_photos=image_list(args.center_photos) if args.center_photos else None,
     )
     if args.segment:
         cat.set_segmenter(args.segment, args.checkpoint)
@@ -170,8 +227,13 @@ def cmd_recognize(args) -> int:
     )
     if args.save_segments is not None and rec.segmenter is None:
         raise RetailKlipError("--save-segments needs a segmenter (--segment NAME)")
+    overlays = None
+    if args.overlay is not None:
+        from retailklip.overlay import check_overlay_path, overlay_paths
+
+        overlays = overlay_paths(check_overlay_path(args.overlay), len(args.images))
     results, failed = [], 0
-    for path in args.images:
+    for n, path in enumerate(args.images):
         try:
             im = load_image(path)
             if args.save_segments is not None:
@@ -181,11 +243,17 @@ def cmd_recognize(args) -> int:
                 save_segment_crops(segments, args.save_segments, image_name=path.stem)
             else:
                 recs = rec.recognize(im)
+            if overlays is not None:
+                from retailklip.overlay import save_overlay
+
+                save_overlay(im, recs, overlays[n])
         except RetailKlipError as e:
             print(f"catalog: error: {e}", file=sys.stderr)
             failed += 1
             continue
         results.append({"image": str(path), "recognitions": [r.to_dict() for r in recs]})
+        if overlays is not None:
+            results[-1]["overlay"] = str(overlays[n])
         if not args.json:
             for r in recs:
                 label = r.sku if r.known else f"unknown (nearest {r.nearest_sku})"
@@ -196,9 +264,77 @@ def cmd_recognize(args) -> int:
     return 1 if failed else 0
 
 
+def _fraction(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def cmd_calibrate(args) -> int:
+    from retailklip.calibration import calibrate_catalog
+    from retailklip.datasets import read_photos_csv
+
+    cat = Catalog.open(_catalog_dir(args), db_url=args.db_url, device=args.device)
+    photos = read_photos_csv(args.csv)
+    previous = cat.threshold
+    report = calibrate_catalog(
+        cat, photos, progress=sys.stderr.isatty() or args.verbose > 0,
+        target_precision=args.target_precision, match_softmax_cutoff=args.match_softmax_cutoff,
+    )
+    if not args.dry_run:
+        cat.set_threshold(report.threshold)
+    out = dict(report.to_dict(), previous_threshold=previous, stored=not args.dry_run, generation=cat.generation)
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    nn, sm = report.nearest_neighbour, report.softmax
+    why = (f"known precision >= {report.target:g}" if report.mode == "target-precision"
+           else f"unknown rejection >= {report.target:.3f}, the softmax head's at cutoff {report.softmax_cutoff:g}")
+    where = "stored in the catalog" if not args.dry_run else "not stored (--dry-run)"
+    print(f"threshold {report.threshold:.4f} ({why}); {where}, previous {previous:.4f}")
+    print(f"photos: {report.photos} ({nn.known_photos} of catalog SKUs, {nn.unknown_photos} unknown); catalog: {report.skus} SKUs")
+    print(f"{'':20}{'1-NN + threshold':>18}{f'softmax >= {report.softmax_cutoff:g}':>18}")
+    for label, key in [("known accuracy", "known_accuracy"), ("known precision", "known_precision"),
+                       ("unknown rejection", "unknown_rejection"), ("known rejection", "known_rejection"),
+                       ("closed-set top-1", "closed_set_top1"), ("AUROC", "auroc")]:
+        print(f"{label:20}{_fraction(getattr(nn, key)):>18}{_fraction(getattr(sm, key)):>18}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from retailklip.augment import DEFAULT_AUGMENTATIONS as K_DEFAULT
+    from retailklip.datasets import load_dataset
+    from retailklip.encoders import create_encoder
+    from retailklip.evaluation import evaluate_zero_shot
+
+    ds = load_dataset(args.layout, args.root, args.split)
+    if args.max_classes is not None or args.max_per_class is not None:
+        if (args.max_classes or 1) < 1 or (args.max_per_class or 1) < 1:
+            raise RetailKlipError("--max-classes and --max-per-class must be >= 1")
+        ds = ds.limited(args.max_classes, args.max_per_class)
+    if args.encoder is not None:
+        encoder = create_encoder(args.encoder, weights=args.weights, device=args.device, **dict(args.encoder_option))
+        k, seed = K_DEFAULT, 0
+    else:
+        if args.weights is not None or args.encoder_option:
+            raise RetailKlipError("--weights and --encoder-option go with --encoder")
+        cat = Catalog.open(_catalog_dir(args), db_url=args.db_url, device=args.device)
+        st = cat.settings()
+        encoder, k, seed = cat.encoder(), st["augmentations"], st["seed"]
+    k = args.augmentations if args.augmentations is not None else k
+    seed = args.seed if args.seed is not None else seed
+    if k < 1:
+        raise RetailKlipError(f"--augmentations must be >= 1, got {k}")
+    result = evaluate_zero_shot(ds, encoder, k=k, seed=seed, progress=sys.stderr.isatty() or args.verbose > 0)
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False, indent=1))
+    else:
+        print(f"{result.dataset} {result.split}: {result.classes} classes, {result.queries} images, K={k}, encoder {result.encoder}")
+        print(f"top-1 {result.top1:.4f}  per-class average {result.per_class_average:.4f}  ({result.seconds:.0f} s)")
+    return 0
+
+
 COMMANDS = {
     "init": cmd_init, "add": cmd_add, "import": cmd_import, "list": cmd_list, "remove": cmd_remove,
-    "info": cmd_info, "recognize": cmd_recognize,
+    "info": cmd_info, "recognize": cmd_recognize, "calibrate": cmd_calibrate, "eval": cmd_eval,
 }
 
 

@@ -118,7 +118,7 @@ class Encoder:
         self.background = tuple(background)
         self.center: torch.Tensor | None = None
         if center is not None:
-            c = np.ascontiguousarray(center, dtype=np.float32)
+            c = np.array(center, dtype=np.float32)  # a private, writable copy
             if c.shape != (identity.dim,):
                 raise ValueError(f"center must have shape ({identity.dim},), got {c.shape}")
             self.center = torch.from_numpy(c)

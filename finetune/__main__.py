@@ -1,0 +1,7 @@
+"""``python -m finetune``: see :mod:`finetune.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,310 @@
+"""Training and evaluation data: labelled images from a CSV or a folder per class.
+
+Two layouts are read (RetailKLIP §4.1: a labelled product dataset, usually long-tailed):
+
+* a CSV with a header and columns ``image,label[,role]``; ``image`` paths are relative to the
+  CSV's folder (absolute paths are used as they are); ``label`` is any non-empty string;
+* a folder with one sub-folder per class (``ROOT/<label>/<image>``, not recursive).
+
+For zero-shot evaluation (RetailKLIP §4.2) the classes are held out from training.  Each class
+has one ``reference`` image (the packshot that goes into the gallery with its augmentations)
+and any number of ``query`` images.  With a ``role`` column every row must say ``reference``
+or ``query``; without it (or in a folder) the first image of each label, in file order
+(folders: sorted by name), is its reference.
+
+Bad images never stop a run: :func:`check_images` decodes every image once, in threads, with
+the same safe decoder as the catalog (:func:`retailklip.images.load_image`); the bad ones are
+reported (first few by name, all in ``skipped_images.csv``) and dropped, with a count.  Should a
+file go bad later, :class:`ImageDataset` skips it at load time as well.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retailklip.errors import InvalidImageError
+from retailklip.images import DEFAULT_BACKGROUND, load_image, to_rgb
+
+from .errors import FinetuneError
+
+logger = logging.getLogger(__name__)
+
+#: File name endings read from a folder-per-class dataset (lower case).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+ROLES = ("reference", "query")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image.
+
+    Attributes:
+        path: image file.
+        label: class name (non-empty string).
+        role: ``"reference"``, ``"query"`` or None (not given).
+    """
+
+    path: Path
+    label: str
+    role: str | None = None
+
+
+def read_samples(source: str | os.PathLike) -> list[Sample]:
+    """Read labelled images from a CSV file or a folder with one sub-folder per class.
+
+    Args:
+        source: a ``.csv`` file (columns ``image,label[,role]``) or a directory.
+
+    Returns:
+        The samples in file order (folders: labels and files sorted by name).
+
+    Raises:
+        FinetuneError: the source does not exist, the CSV is malformed (missing columns, empty
+            label, unknown role) or holds no rows, or the folder holds no images.
+    """
+    p = Path(source).expanduser()
+    if not p.exists():
+        raise FinetuneError(f"{p}: no such file or directory (give a CSV image,label[,role] or a folder per class)")
+    return read_folder(p) if p.is_dir() else read_csv(p)
+
+
+def read_csv(path: str | os.PathLike) -> list[Sample]:
+    """Read a CSV with a header ``image,label[,role]`` (other columns are ignored).
+
+    Raises:
+        FinetuneError: unreadable file, missing ``image``/``label`` columns, an empty image or
+            label cell, a role other than ``reference``/``query``, or no rows.
+    """
+    p = Path(path)
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = [c.strip() for c in (reader.fieldnames or [])]
+            reader.fieldnames = fields
+            if "image" not in fields or "label" not in fields:
+                raise FinetuneError(f"{p}: needs a header with columns image,label[,role]; found {','.join(fields) or 'none'}")
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise FinetuneError(f"{p}: cannot read CSV ({e})") from None
+    has_role = "role" in fields and any((r.get("role") or "").strip() for r in rows)
+    out = []
+    for line, row in enumerate(rows, start=2):
+        image, label = (row.get("image") or "").strip(), (row.get("label") or "").strip()
+        if not image or not label:
+            raise FinetuneError(f"{p}:{line}: empty {'image' if not image else 'label'} cell")
+        role = None
+        if has_role:
+            role = (row.get("role") or "").strip().lower()
+            if role not in ROLES:
+                raise FinetuneError(f"{p}:{line}: role must be 'reference' or 'query', got {role!r}")
+        out.append(Sample(p.parent / image, label, role))
+    if not out:
+        raise FinetuneError(f"{p}: no rows (the dataset is empty)")
+    return out
+
+
+def read_folder(root: str | os.PathLike) -> list[Sample]:
+    """Read ``ROOT/<label>/<image>`` (files with an :data:`IMAGE_EXTENSIONS` ending).
+
+    Raises:
+        FinetuneError: no image in any sub-folder.
+    """
+    root = Path(root)
+    out = []
+    for d in sorted(x for x in root.iterdir() if x.is_dir() and not x.name.startswith(".")):
+        files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))
+        out.extend(Sample(f, d.name) for f in files)
+    if not out:
+        raise FinetuneError(f"{root}: no images found in ROOT/<label>/<image> sub-folders (the dataset is empty)")
+    return out
+
+
+def check_images(samples: Sequence[Sample], workers: int = 4) -> tuple[list[Sample], list[tuple[Path, str]]]:
+    """Decode every image once with :func:`~retailklip.images.load_image` and drop the bad ones.
+
+    Args:
+        samples: samples to check.
+        workers: decoding threads (PIL releases the GIL while decoding).
+
+    Returns:
+        ``(good, bad)``: the decodable samples in their order, and ``(path, reason)`` for each
+        missing, empty, corrupt or over-limit image.
+    """
+
+    def ok(s: Sample) -> str | None:
+        try:
+            load_image(s.path)
+            return None
+        except InvalidImageError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        reasons = list(pool.map(ok, samples))
+    good = [s for s, r in zip(samples, reasons) if r is None]
+    bad = [(s.path, r) for s, r in zip(samples, reasons) if r is not None]
+    for path, reason in bad[:5]:
+        logger.warning("skipping image: %s", reason)
+    if len(bad) > 5:
+        logger.warning("... and %d more bad images (see skipped_images.csv)", len(bad) - 5)
+    return good, bad
+
+
+@dataclass
+class LabeledData:
+    """Training samples with integer targets.
+
+    Attributes:
+        samples: the samples.
+        classes: sorted class names; target ``i`` is ``classes[i]``.
+        targets: int64 array (N,) of class indices.
+    """
+
+    samples: list[Sample]
+    classes: list[str]
+    targets: np.ndarray
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[Sample], what: str = "training data") -> "LabeledData":
+        """Index the labels of ``samples``.
+
+        Raises:
+            FinetuneError: no sample, or a single class (ArcFace needs at least two classes).
+        """
+        if not samples:
+            raise FinetuneError(f"{what}: no usable image (the dataset is empty or every image is bad)")
+        classes = sorted({s.label for s in samples})
+        if len(classes) < 2:
+            raise FinetuneError(f"{what}: only one class ({classes[0]!r}); metric learning needs at least two classes")
+        index = {c: i for i, c in enumerate(classes)}
+        return cls(list(samples), classes, np.array([index[s.label] for s in samples], dtype=np.int64))
+
+    def class_counts(self) -> np.ndarray:
+        """Images per class, int64 (C,)."""
+        return np.bincount(self.targets, minlength=len(self.classes))
+
+
+@dataclass
+class EvalSplit:
+    """Held-out classes for zero-shot evaluation.
+
+    Attributes:
+        references: one sample per class, in sorted label order: the gallery images.
+        queries: the samples to recognise; their labels are all among the references'.
+    """
+
+    references: list[Sample]
+    queries: list[Sample]
+
+    @property
+    def classes(self) -> list[str]:
+        return [s.label for s in self.references]
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[Sample], what: str = "evaluation data") -> "EvalSplit":
+        """Split samples into one reference per label and queries (see module docstring).
+
+        Classes whose reference is missing (e.g. a bad image) are dropped with their queries,
+        with a warning.
+
+        Raises:
+            FinetuneError: a label with two references, fewer than two classes, or no query.
+        """
+        refs: dict[str, Sample] = {}
+        queries: list[Sample] = []
+        explicit = any(s.role is not None for s in samples)
+        for s in samples:
+            first = s.label not in refs
+            if (s.role == "reference") if explicit else first:
+                if not first:
+                    raise FinetuneError(f"{what}: label {s.label!r} has more than one reference image ({refs[s.label].path}, {s.path})")
+                refs[s.label] = s
+            else:
+                queries.append(s)
+        orphans = sorted({q.label for q in queries} - set(refs))
+        if orphans:
+            logger.warning("%s: %d label(s) have queries but no (usable) reference and are left out, e.g. %r",
+                           what, len(orphans), orphans[0])
+            queries = [q for q in queries if q.label in refs]
+        if len(refs) < 2:
+            raise FinetuneError(f"{what}: {len(refs)} class(es) with a reference image; zero-shot evaluation needs at least two")
+        if not queries:
+            raise FinetuneError(f"{what}: no query image (give more than one image per label, or role=query rows)")
+        return cls([refs[k] for k in sorted(refs)], queries)
+
+
+def check_disjoint(train_classes: Sequence[str], eval_classes: Sequence[str]) -> None:
+    """Zero-shot evaluation needs classes that were never trained on.
+
+    Raises:
+        FinetuneError: a label occurs in both sets (names the first few).
+    """
+    both = sorted(set(train_classes) & set(eval_classes))
+    if both:
+        raise FinetuneError(
+            f"{len(both)} evaluation class(es) are also training classes (e.g. {', '.join(map(repr, both[:3]))}); "
+            f"zero-shot evaluation needs held-out classes"
+        )
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Labelled images -> ``(tensor (3, H, W) float32, target int)``, or None for a bad image.
+
+    Images are decoded with :func:`~retailklip.images.load_image` and transparent pixels
+    composited onto ``background`` (as the catalog's encoder does), then ``transform`` (a
+    random training transform) is applied.  Use :func:`collate_skipping_bad` with it.
+
+    Args:
+        samples: the samples.
+        targets: int64 (N,) class indices.
+        transform: PIL ``RGB`` image -> float tensor (3, H, W).
+        background: RGB colour for transparent pixels.
+    """
+
+    def __init__(self, samples: Sequence[Sample], targets: np.ndarray, transform: Callable,
+                 background: tuple[int, int, int] = DEFAULT_BACKGROUND) -> None:
+        self.samples = list(samples)
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.transform = transform
+        self.background = tuple(background)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        try:
+            im = load_image(self.samples[i].path)
+        except InvalidImageError as e:
+            logger.warning("skipping image at load time: %s", e)
+            return None
+        return self.transform(to_rgb(im, self.background)), int(self.targets[i])
+
+
+def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Collate ``(tensor, target)`` pairs, dropping None (bad images).
+
+    Returns:
+        ``(images (B, 3, H, W) float32, targets (B,) int64, skipped)``; B may be 0.
+    """
+    good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.int64), skipped
+    return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good], dtype=torch.int64), skipped
+
+
+def write_skipped(path: str | os.PathLike, bad: Sequence[tuple[Path, str, str]]) -> None:
+    """Write ``set,image,reason`` rows for skipped images to a CSV file."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["set", "image", "reason"])
+        for which, p, reason in bad:
+            w.writerow([which, str(p), reason])

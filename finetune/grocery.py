@@ -1,0 +1,184 @@
+"""GroceryStore split for zero-shot finetuning: ``python -m finetune.grocery --data DIR --out DIR``.
+
+The GroceryStore dataset (Klasson et al., WACV 2019) has 81 fine classes in 42 coarse classes
+(e.g. the apples Granny-Smith and Pink-Lady in coarse class Apple), in-store photos
+(``train.txt`` / ``val.txt``: ``path, fine_id, coarse_id``) and one iconic packshot per fine
+class (``classes.csv``).  The split is **by coarse class**: coarse classes with an odd id
+(default; ``--held-out-parity``) train, the others are held out, so no fine class of a trained
+coarse class is ever evaluated (no Granny-Smith in training when Pink-Lady is evaluated).
+
+Written to ``--out``:
+
+* ``train.csv`` (``image,label``): the in-store ``train.txt`` photos of the training classes
+  (``--train-iconic`` adds their packshots);
+* ``eval.csv`` (``image,label,role``): for each held-out class its iconic image as
+  ``reference`` (packshot -> in-store, as a store's catalog would be built) and its in-store
+  ``val.txt`` photos as ``query`` (``--train-queries N`` adds up to N ``train.txt`` photos per
+  class; they are never trained on either);
+* ``split.json``: the coarse and fine classes on each side, and the finetune command.
+
+Labels are the fine class names.  Image paths are relative to the CSVs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from .errors import FinetuneError
+
+MOBILENET_WEIGHTS = "../shared/models/mobilenetv2_100.imagenet.safetensors"
+
+
+def read_grocery(root: str | os.PathLike) -> tuple[Path, list[dict], dict[str, list[tuple[str, int]]]]:
+    """Read GroceryStore's ``classes.csv`` and image lists.
+
+    Args:
+        root: the dataset checkout (containing ``dataset/``) or its ``dataset`` folder.
+
+    Returns:
+        ``(dataset dir, classes, lists)``: classes are dicts ``name, fine, coarse, coarse_name,
+        iconic`` (iconic: path relative to the dataset dir); lists maps ``"train"``/``"val"`` to
+        ``(relative path, fine id)`` pairs.
+
+    Raises:
+        FinetuneError: the files are missing or malformed.
+    """
+    root = Path(root)
+    ds = root / "dataset" if (root / "dataset" / "classes.csv").is_file() else root
+    if not (ds / "classes.csv").is_file():
+        raise FinetuneError(f"{root}: not a GroceryStore checkout (no dataset/classes.csv)")
+    try:
+        with open(ds / "classes.csv", newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        classes = [{"name": r[0], "fine": int(r[1]), "coarse_name": r[2], "coarse": int(r[3]), "iconic": r[4].lstrip("/")}
+                   for r in rows if r]
+        lists = {}
+        for split in ("train", "val"):
+            pairs = []
+            for line in (ds / f"{split}.txt").read_text().splitlines():
+                if line.strip():
+                    path, fine, _coarse = (x.strip() for x in line.split(","))
+                    pairs.append((path, int(fine)))
+            lists[split] = pairs
+    except (OSError, ValueError, IndexError) as e:
+        raise FinetuneError(f"{ds}: malformed GroceryStore files ({e})") from None
+    return ds, classes, lists
+
+
+def write_split(root: str | os.PathLike, out: str | os.PathLike, *, held_out_parity: int = 0, train_queries: int = 0,
+                train_iconic: bool = False) -> dict:
+    """Write ``train.csv``, ``eval.csv`` and ``split.json`` (see module docstring).
+
+    Args:
+        root: GroceryStore checkout.
+        out: output directory (created).
+        held_out_parity: coarse ids with ``id % 2 == held_out_parity`` are held out.
+        train_queries: also use up to this many ``train.txt`` photos per held-out class as queries.
+        train_iconic: add the training classes' iconic images to ``train.csv``.
+
+    Returns:
+        The split description written to ``split.json``.
+
+    Raises:
+        FinetuneError: bad dataset or arguments.
+    """
+    if held_out_parity not in (0, 1) or train_queries < 0:
+        raise FinetuneError("--held-out-parity must be 0 or 1 and --train-queries >= 0")
+    ds, classes, lists = read_grocery(root)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    by_fine = {c["fine"]: c for c in classes}
+    held = {c["fine"] for c in classes if c["coarse"] % 2 == held_out_parity}
+
+    def rel(p: str) -> str:
+        return os.path.relpath(ds / p, out)
+
+    with open(out / "train.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label"])
+        for path, fine in lists["train"]:
+            if fine not in held:
+                w.writerow([rel(path), by_fine[fine]["name"]])
+        if train_iconic:
+            for c in classes:
+                if c["fine"] not in held:
+                    w.writerow([rel(c["iconic"]), c["name"]])
+    queries: dict[int, list[str]] = defaultdict(list)
+    for path, fine in lists["val"]:
+        if fine in held:
+            queries[fine].append(path)
+    if train_queries:
+        extra: dict[int, int] = defaultdict(int)
+        for path, fine in lists["train"]:
+            if fine in held and extra[fine] < train_queries:
+                queries[fine].append(path)
+                extra[fine] += 1
+    with open(out / "eval.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label", "role"])
+        for fine in sorted(held):
+            c = by_fine[fine]
+            w.writerow([rel(c["iconic"]), c["name"], "reference"])
+            for path in queries[fine]:
+                w.writerow([rel(path), c["name"], "query"])
+    side = lambda pred: {  # noqa: E731
+        "coarse": sorted({c["coarse_name"] for c in classes if pred(c["fine"])}),
+        "fine": sorted(c["name"] for c in classes if pred(c["fine"])),
+    }
+    desc = {
+        "dataset": str(ds.resolve()),
+        "rule": f"coarse class id % 2 == {held_out_parity} held out",
+        "train": {**side(lambda f: f not in held), "images": sum(1 for _, f in lists["train"] if f not in held)},
+        "held_out": {**side(lambda f: f in held), "queries": sum(len(v) for v in queries.values()),
+                     "classes_with_queries": sum(1 for v in queries.values() if v)},
+        "train_queries_per_class": train_queries,
+        "train_iconic": train_iconic,
+    }
+    trained_coarse, held_coarse = set(desc["train"]["coarse"]), set(desc["held_out"]["coarse"])
+    assert not trained_coarse & held_coarse, "a coarse class on both sides"
+    (out / "split.json").write_text(json.dumps(desc, indent=1) + "\n")
+    return desc
+
+
+def documented_command(out: str | os.PathLike, run_dir: str | os.PathLike, weights: str = MOBILENET_WEIGHTS) -> str:
+    """The CPU finetuning command of docs/finetune.md for these CSVs."""
+    out = Path(out)
+    args = ["python", "-m", "finetune", "--data", str(out / "train.csv"), "--eval-data", str(out / "eval.csv"),
+            "--encoder", "timm:mobilenetv2_100", "--weights", weights, "--encoder-option", "interpolation=bilinear",
+            "--epochs", "3", "--depth", "12", "--batch-size", "16", "--freeze-bn", "on", "--freeze-blocks", "3",
+            "--lr", "1e-3", "--augmentations", "8", "--out", str(run_dir)]
+    return shlex.join(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m finetune.grocery", description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="../shared/data/grocery-store", help="GroceryStore checkout")
+    p.add_argument("--out", required=True, help="directory for train.csv, eval.csv, split.json")
+    p.add_argument("--held-out-parity", type=int, default=0, choices=(0, 1), help="hold out coarse ids with id %% 2 == this")
+    p.add_argument("--train-queries", type=int, default=0, metavar="N", help="also query with up to N train photos per held-out class")
+    p.add_argument("--train-iconic", action="store_true", help="add the training classes' iconic images to train.csv")
+    args = p.parse_args(argv)
+    try:
+        desc = write_split(args.data, args.out, held_out_parity=args.held_out_parity, train_queries=args.train_queries,
+                           train_iconic=args.train_iconic)
+    except FinetuneError as e:
+        print(f"finetune.grocery: error: {e}", file=sys.stderr)
+        return 1
+    t, h = desc["train"], desc["held_out"]
+    print(f"train: {len(t['fine'])} classes in {len(t['coarse'])} coarse classes, {t['images']} photos -> {args.out}/train.csv")
+    print(f"held out: {len(h['fine'])} classes in {len(h['coarse'])} coarse classes, {h['queries']} query photos "
+          f"({h['classes_with_queries']} classes with queries) -> {args.out}/eval.csv")
+    print("finetune (CPU, minutes):")
+    print("  " + documented_command(args.out, Path(args.out) / "run"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

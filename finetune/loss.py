@@ -1,0 +1,83 @@
+"""The metric-learning loss: ArcFace (RetailKLIP §4.1, Deng et al. 2019) from pytorch-metric-learning.
+
+ArcFace keeps one learnable unit "proxy" per class, the columns of ``W`` (shape (D, C), D =
+encoder output dimension), and trains the encoder so that an embedding's angle to its own
+class's proxy, plus an additive angular ``margin``, is smaller than its angles to the other
+proxies; the cosine logits are multiplied by ``scale`` before the softmax cross-entropy.  The
+proxies are only a training device: the catalog matches embeddings to augmented reference
+images, never to ``W``.  ``W`` starts random and has to move much faster than the pretrained
+encoder, so it gets its own learning rate (see :mod:`finetune.optim`).
+"""
+
+from __future__ import annotations
+
+import torch
+from pytorch_metric_learning.losses import ArcFaceLoss
+
+from .errors import FinetuneError
+
+#: pytorch-metric-learning's defaults: 28.6 degrees (= 0.5 rad, the ArcFace paper's m) and s = 64.
+DEFAULT_MARGIN_DEGREES = 28.6
+DEFAULT_SCALE = 64.0
+
+
+def create_arcface(num_classes: int, embedding_size: int, *, margin: float = DEFAULT_MARGIN_DEGREES,
+                   scale: float = DEFAULT_SCALE) -> ArcFaceLoss:
+    """Build pytorch-metric-learning's ``ArcFaceLoss``.
+
+    Call it as ``loss(embeddings, targets)`` with float32 embeddings (N, D) (they are
+    L2-normalised inside; pass float32, because the loss casts ``W`` to the embeddings' dtype)
+    and int64 targets (N,) in ``[0, num_classes)``; it returns a scalar float32 tensor.
+
+    Args:
+        num_classes: C, training classes (>= 2).
+        embedding_size: D, the encoder's output dimension.
+        margin: additive angular margin in **degrees** (PML's unit), in [0, 90).
+        scale: logit scale s > 0.
+
+    Raises:
+        FinetuneError: out-of-range arguments.
+    """
+    if num_classes < 2:
+        raise FinetuneError(f"ArcFace needs at least 2 classes, got {num_classes}")
+    if embedding_size < 1:
+        raise FinetuneError(f"embedding size must be >= 1, got {embedding_size}")
+    if not 0.0 <= margin < 90.0:
+        raise FinetuneError(f"--margin is an angle in degrees in [0, 90), got {margin}")
+    if not scale > 0:
+        raise FinetuneError(f"--scale must be > 0, got {scale}")
+    return ArcFaceLoss(num_classes=num_classes, embedding_size=embedding_size, margin=margin, scale=scale)
+
+
+@torch.no_grad()
+def imprint_class_weights(loss: ArcFaceLoss, embeddings: torch.Tensor, targets: torch.Tensor) -> int:
+    """Set each class's proxy (column of ``W``) to the mean direction of its embeddings (the
+    normalised mean of the L2-normalised embeddings).
+
+    "Weight imprinting" (Qi et al. 2018): starting ArcFace from class means rather than random
+    directions avoids the first steps' large, random gradients into a pretrained encoder.
+    Classes without an embedding keep their random column.
+
+    Args:
+        loss: the ArcFace loss whose ``W`` (D, C) is overwritten in place.
+        embeddings: float (N, D) embeddings of training images (any norm).
+        targets: int64 (N,) class indices.
+
+    Returns:
+        The number of classes imprinted.
+
+    Raises:
+        FinetuneError: shape mismatch.
+    """
+    W = loss.W
+    if embeddings.ndim != 2 or embeddings.shape[1] != W.shape[0] or embeddings.shape[0] != targets.shape[0]:
+        raise FinetuneError(f"imprinting: embeddings {tuple(embeddings.shape)} do not fit W {tuple(W.shape)} / targets {tuple(targets.shape)}")
+    e = torch.nn.functional.normalize(embeddings.float(), dim=1).to(W.device)
+    t = targets.to(W.device)
+    sums = torch.zeros(W.shape[1], W.shape[0], device=W.device).index_add_(0, t, e)
+    present = torch.bincount(t, minlength=W.shape[1]) > 0
+    # Keep the column norms PML's init gave W (the loss normalises W anyway).
+    norms = W.norm(dim=0, keepdim=True)
+    means = torch.nn.functional.normalize(sums, dim=1).T * norms
+    W[:, present] = means[:, present].to(W.dtype)
+    return int(present.sum())

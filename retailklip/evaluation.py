@@ -1,0 +1,160 @@
+"""The RetailKLIP zero-shot evaluation protocol.
+
+RetailKLIP (Srivastava, VISAPP 2024, "Finetuning OpenCLIP backbone using metric learning on a
+single GPU for zero-shot retail product image classification", experiments section) measures an
+encoder without training anything on the target dataset: the gallery is **one reference image
+per class plus augmented copies of it**, every test image is classified as the class of its
+**nearest gallery vector (1-NN, top-1)**, and accuracy is reported over all test images and as
+the **average of per-class accuracies**.
+
+Here the gallery is built exactly as a catalog builds it (:func:`retailklip.augment.augment_reference`
+with K views, view 0 = the reference itself, then the encoder), and searched with the product's own
+FAISS index and SKU matcher, so the number measures what ``catalog recognize`` would do with a
+catalog of those references (threshold off).  Datasets come from :mod:`retailklip.datasets`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .augment import DEFAULT_AUGMENTATIONS, augment_reference
+from .calibration import nearest_skus
+from .datasets import ZeroShotDataset
+from .encoders import Encoder
+from .images import load_image
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ZeroShotResult:
+    """Result of :func:`evaluate_zero_shot`.
+
+    Attributes:
+        dataset, split: what was evaluated.
+        classes: gallery classes; ``queries``: query images classified.
+        augmentations: views per reference K; ``seed``: augmentation seed.
+        top1: fraction of queries whose nearest gallery vector has the right class, in [0, 1].
+        per_class_average: mean over classes with >= 1 query of their top-1, in [0, 1].
+        per_class: class -> (correct, total) queries.
+        encoder: the encoder's identity key.
+        seconds: wall time of gallery + query embedding and search.
+    """
+
+    dataset: str
+    split: str
+    classes: int
+    queries: int
+    augmentations: int
+    seed: int
+    top1: float
+    per_class_average: float
+    per_class: dict[str, tuple[int, int]] = field(default_factory=dict)
+    encoder: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self, per_class: bool = True) -> dict:
+        d = {
+            "dataset": self.dataset, "split": self.split, "classes": self.classes, "queries": self.queries,
+            "augmentations": self.augmentations, "seed": self.seed, "top1": round(self.top1, 6),
+            "per_class_average": round(self.per_class_average, 6), "encoder": self.encoder,
+            "seconds": round(self.seconds, 2),
+        }
+        if per_class:
+            d["per_class"] = {c: {"correct": k, "total": n} for c, (k, n) in self.per_class.items()}
+        return d
+
+
+def top1_scores(predicted: Sequence[str], truth: Sequence[str]) -> tuple[float, float, dict[str, tuple[int, int]]]:
+    """Top-1 accuracy, per-class average accuracy and per-class (correct, total) counts.
+
+    Args:
+        predicted: M predicted class ids; ``truth``: M true class ids (M >= 1).
+
+    Raises:
+        ValueError: empty or different lengths.
+    """
+    if len(predicted) != len(truth) or not truth:
+        raise ValueError(f"need equally many predictions and labels (>= 1), got {len(predicted)} and {len(truth)}")
+    per_class: dict[str, list[int]] = {}
+    for p, t in zip(predicted, truth):
+        c = per_class.setdefault(t, [0, 0])
+        c[0] += int(p == t)
+        c[1] += 1
+    top1 = sum(c[0] for c in per_class.values()) / len(truth)
+    avg = float(np.mean([k / n for k, n in per_class.values()]))
+    return top1, avg, {c: (k, n) for c, (k, n) in per_class.items()}
+
+
+def build_gallery(
+    references: dict[str, object], encoder: Encoder, k: int = DEFAULT_AUGMENTATIONS, seed: int = 0, *, progress: bool = False
+) -> tuple[np.ndarray, list[str]]:
+    """Embed K augmented views of each class's single reference image.
+
+    Args:
+        references: class id -> reference image (path or anything :func:`load_image` reads).
+        encoder: the encoder.
+        k: views per reference (>= 1; view 0 is the reference itself).
+        seed: augmentation seed (the catalog's default is 0).
+        progress: tqdm progress bar over classes.
+
+    Returns:
+        ``(vectors, labels)``: float32 (C * K, D) unit vectors and their C * K class ids.
+
+    Raises:
+        InvalidImageError: a reference image cannot be decoded.
+    """
+    items = list(references.items())
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc="gallery", unit="class")
+    vectors, labels = [], []
+    for c, ref in items:
+        v = encoder.embed(augment_reference(load_image(ref), k, seed))
+        vectors.append(v)
+        labels += [c] * len(v)
+    return np.concatenate(vectors), labels
+
+
+def evaluate_zero_shot(
+    dataset: ZeroShotDataset,
+    encoder: Encoder,
+    *,
+    k: int = DEFAULT_AUGMENTATIONS,
+    seed: int = 0,
+    progress: bool = False,
+) -> ZeroShotResult:
+    """Run the RetailKLIP zero-shot protocol (module docstring) on a dataset.
+
+    Args:
+        dataset: references and labelled queries (:func:`retailklip.datasets.load_dataset`).
+        encoder: image encoder.
+        k: augmented views per reference, >= 1.
+        seed: augmentation seed.
+        progress: tqdm progress bars (gallery, queries).
+
+    Raises:
+        ValueError: ``k < 1`` or a dataset without queries.
+        InvalidImageError: an image cannot be decoded (the message names it).
+    """
+    if not dataset.queries:
+        raise ValueError(f"{dataset.name} {dataset.split}: no query images")
+    start = time.perf_counter()
+    gallery, labels = build_gallery(dataset.references, encoder, k, seed, progress=progress)
+    queries = encoder.embed([q.path for q in dataset.queries], progress=progress)
+    predicted, _ = nearest_skus(gallery, labels, queries)
+    truth = [q.label for q in dataset.queries]
+    top1, avg, per_class = top1_scores(predicted, truth)
+    result = ZeroShotResult(
+        dataset=dataset.name, split=dataset.split, classes=len(dataset.references), queries=len(truth),
+        augmentations=k, seed=seed, top1=top1, per_class_average=avg, per_class=per_class,
+        encoder=encoder.identity.key, seconds=time.perf_counter() - start,
+    )
+    logger.info("%s %s: top-1 %.4f, per-class average %.4f", dataset.name, dataset.split, top1, avg)
+    return result

@@ -1,0 +1,213 @@
+"""EfficientViT-SAM model: official key/shape layout, checkpoint loading and errors, preprocessing.
+
+The (key, shape) lists in ``tests/data/efficientvit_sam/`` were generated from the official
+``mit-han-lab/efficientvit`` code by ``tools/check_efficientvit_equivalence.py --write-keys``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from retailklip.errors import InvalidImageError, WeightsError
+from retailklip.segment import (
+    EFFICIENTVIT_SAM_CONFIGS,
+    SEGMENTER_NAMES,
+    EfficientViTSam,
+    EfficientViTSamPredictor,
+    UnknownSegmenterError,
+    build_efficientvit_sam,
+    create_model,
+    load_segmenter,
+    local_to_official_key,
+    official_to_local_key,
+    to_official_state_dict,
+)
+from retailklip.segment.transforms import preprocess
+
+KEYS_DIR = Path(__file__).resolve().parent / "data" / "efficientvit_sam"
+GROCERY = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery-store" / "dataset"
+VARIANTS = tuple(EFFICIENTVIT_SAM_CONFIGS)
+
+
+def _photo(rel: str) -> np.ndarray:
+    path = GROCERY / rel
+    if not path.is_file():
+        raise FileNotFoundError(f"test data missing: {path} (expected ../shared beside the repository)")
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def l0() -> EfficientViTSam:
+    torch.manual_seed(0)
+    return build_efficientvit_sam("efficientvit-sam-l0")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_state_dict_matches_official_keys_and_shapes(variant):
+    expected = json.loads((KEYS_DIR / f"{variant}.json").read_text())
+    assert expected["variant"] == variant
+    with torch.device("meta"):
+        model = build_efficientvit_sam(variant)
+    ours = [[local_to_official_key(k), list(v.shape)] for k, v in model.state_dict().items()]
+    assert len(ours) == expected["num_tensors"] == len(expected["keys"])
+    assert ours == expected["keys"]  # same keys, same shapes, same order
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_key_mapping_is_a_bijection(variant):
+    expected = json.loads((KEYS_DIR / f"{variant}.json").read_text())
+    official = [k for k, _ in expected["keys"]]
+    local = [official_to_local_key(k) for k in official]
+    assert len(set(local)) == len(local)
+    assert [local_to_official_key(k) for k in local] == official
+    # The remapped prefixes are exactly the ones documented in retailklip.segment.checkpoint.
+    assert any(k.startswith("image_encoder.backbone.stem.in_conv.") for k in local)
+    assert not any(".op_list." in k for k in local)
+
+
+def test_loads_official_layout_raw_and_wrapped(tmp_path, l0):
+    official = to_official_state_dict(l0.state_dict())
+    assert "image_encoder.backbone.stages.0.op_list.0.conv.weight" in official
+    raw = tmp_path / "efficientvit_sam_l0.pt"
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save(official, raw)
+    torch.save({"state_dict": official, "epoch": 7}, wrapped)
+    for path in (raw, wrapped):
+        model = create_model("efficientvit-sam-l0", checkpoint=path)
+        loaded = model.state_dict()
+        for k, v in l0.state_dict().items():
+            assert torch.equal(loaded[k], v), k
+        assert not model.training
+
+
+def test_num_batches_tracked_may_be_absent(tmp_path, l0):
+    sd = {k: v for k, v in to_official_state_dict(l0.state_dict()).items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "no_counters.pt"
+    torch.save(sd, path)
+    model = create_model("efficientvit-sam-l0", checkpoint=path)
+    assert torch.equal(model.state_dict()["image_encoder.norm.weight"], l0.state_dict()["image_encoder.norm.weight"])
+
+
+def test_no_checkpoint_names_file_and_flag():
+    with pytest.raises(WeightsError, match=r"efficientvit_sam_l0\.pt.*--checkpoint"):
+        load_segmenter("efficientvit-sam-l0")
+    with pytest.raises(WeightsError, match=r"sam_vit_b_01ec64\.pth.*--checkpoint"):
+        load_segmenter("sam-vit-b")
+
+
+def test_missing_checkpoint_file(tmp_path):
+    with pytest.raises(WeightsError, match=r"not found.*efficientvit_sam_xl1\.pt.*--checkpoint"):
+        load_segmenter("efficientvit-sam-xl1", checkpoint=tmp_path / "nope.pt")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("content", [b"", b"this is not a checkpoint", b"\x80\x04K\x01."])
+def test_unreadable_checkpoint(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(WeightsError, match=r"efficientvit_sam_l0\.pt.*--checkpoint"):
+        create_model("efficientvit-sam-l0", checkpoint=path)
+
+
+class _Payload:  # a pickled object weights_only loading must refuse
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": _Payload()}, path)
+    with pytest.raises(WeightsError, match="safe PyTorch state dict"):
+        create_model("efficientvit-sam-l0", checkpoint=path)
+    assert "pickled code ran" not in capsys.readouterr().out
+
+
+def test_wrong_architecture_checkpoint(tmp_path, l0):
+    sd = to_official_state_dict(l0.state_dict())
+    # An L0 file offered as L1: L1's extra blocks are missing.
+    path = tmp_path / "l0.pt"
+    torch.save(sd, path)
+    with pytest.raises(WeightsError, match=r"not a efficientvit-sam-l1 checkpoint.*missing keys.*efficientvit_sam_l1\.pt"):
+        create_model("efficientvit-sam-l1", checkpoint=path)
+    # A shape mismatch and a foreign key.
+    sd2 = dict(sd)
+    sd2["image_encoder.norm.weight"] = torch.zeros(128)
+    sd2["head.fc.weight"] = torch.zeros(3)
+    torch.save(sd2, path)
+    with pytest.raises(WeightsError, match=r"unexpected keys.*head\.fc\.weight.*shape mismatches.*image_encoder\.norm\.weight"):
+        create_model("efficientvit-sam-l0", checkpoint=path)
+    # A SAM ViT-B file is not an EfficientViT-SAM file.
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16)}, path)
+    with pytest.raises(WeightsError, match="missing keys"):
+        create_model("efficientvit-sam-l0", checkpoint=path)
+
+
+def test_names_and_argument_errors(tmp_path):
+    assert SEGMENTER_NAMES == (
+        "efficientvit-sam-l0", "efficientvit-sam-l1", "efficientvit-sam-l2", "efficientvit-sam-xl0",
+        "efficientvit-sam-xl1", "sam-vit-b", "sam-vit-l", "sam-vit-h", "whole-image",
+    )
+    with pytest.raises(UnknownSegmenterError, match="efficientvit-sam-l0.*whole-image"):
+        load_segmenter("efficientvit-sam-s9")
+    with pytest.raises(ValueError, match="not both"):
+        create_model("efficientvit-sam-l0", checkpoint=tmp_path / "x.pt", random_init=True)
+    with pytest.raises(WeightsError, match="whole-image uses no weights"):
+        load_segmenter("whole-image", checkpoint=tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="invalid device"):
+        load_segmenter("whole-image", device="toaster")
+
+
+def _official_transform(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """The official EfficientViTSam.transform, spelled with torchvision as upstream does."""
+    import torch.nn.functional as F
+    import torchvision.transforms as T
+    from torchvision.transforms.functional import resize, to_pil_image
+
+    h, w = rgb.shape[:2]
+    if max(h, w) != size:
+        scale = size / max(h, w)
+        rgb = np.array(resize(to_pil_image(rgb), (int(h * scale + 0.5), int(w * scale + 0.5))))
+    x = T.Normalize(mean=[123.675 / 255, 116.28 / 255, 103.53 / 255], std=[58.395 / 255, 57.12 / 255, 57.375 / 255])(
+        T.ToTensor()(rgb)
+    )
+    return F.pad(x, (0, size - x.shape[2], 0, size - x.shape[1]), value=0)[None]
+
+
+@pytest.mark.parametrize("rel", ["train/Fruit/Kiwi/Kiwi_013.jpg", "train/Fruit/Orange/Orange_018.jpg"])
+@pytest.mark.parametrize("size", [512, 1024])
+def test_preprocessing_is_the_official_one(rel, size):
+    rgb = _photo(rel)
+    ours = preprocess(rgb, size)
+    assert ours.shape == (1, 3, size, size) and ours.dtype == torch.float32
+    assert torch.equal(ours, _official_transform(rgb, size))
+
+
+def test_image_embeddings_shape_and_bad_input(l0):
+    rgb = _photo("train/Fruit/Kiwi/Kiwi_013.jpg")  # 348x464, portrait
+    emb = l0.image_embeddings(rgb)
+    assert emb.shape == (1, 256, 64, 64) and emb.dtype == torch.float32
+    assert torch.isfinite(emb).all()
+    # The channel LayerNorm (unit weight, zero bias at init) normalises every position.
+    assert torch.allclose(emb.mean(dim=1), torch.zeros(1, 64, 64), atol=1e-4)
+    for bad in (np.zeros((10, 10), np.uint8), np.zeros((10, 10, 3), np.float32), np.zeros((0, 5, 3), np.uint8), [1, 2]):
+        with pytest.raises(InvalidImageError):
+            l0.image_embeddings(bad)
+
+
+def test_predictor_prompts_in_original_pixels(l0):
+    rgb = _photo("train/Fruit/Orange/Orange_018.jpg")  # 464x348, landscape
+    predictor = EfficientViTSamPredictor(l0)
+    predictor.set_image(rgb)
+    assert predictor.input_size == (768, 1024) and predictor.original_size == (348, 464)
+    masks, iou, low_res = predictor.predict(point_coords=np.array([[100.0, 200.0]]), point_labels=np.array([1]))
+    assert masks.shape == (3, 348, 464) and masks.dtype == bool
+    assert iou.shape == (3,) and low_res.shape == (3, 256, 256)
+    assert torch.equal(predictor.get_image_embedding(), l0.image_embeddings(rgb))
+    with pytest.raises(TypeError, match="EfficientViTSam"):
+        EfficientViTSamPredictor(torch.nn.Linear(2, 2))
