@@ -237,10 +237,10 @@ def cmd_recognize(args) -> int:
         try:
             im = load_image(path)
             if args.save_segments is not None:
-                from retailklip.segment import save_segment_crops
+                from retailklip.segment import save_segments
 
                 recs, segments = rec.recognize_segments(im)
-                save_segment_crops(segments, args.save_segments, image_name=path.stem)
+                save_segments(segments, args.save_segments, path.name)
             else:
                 recs = rec.recognize(im)
             if overlays is not None:
@@ -347,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except RetailKlipError as e:
         print(f"catalog: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. an unwritable --save-segments / --overlay path
+        print(f"catalog: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("catalog: interrupted", file=sys.stderr)

@@ -89,3 +89,18 @@ def test_console_script_and_env_catalog(cli_catalog, iconic, tmp_path):
     assert json.loads(r.stdout)[0]["recognitions"][0]["sku"] == "pink"
     r = subprocess.run(exe + ["add", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "is a directory" in r.stderr
+
+
+def test_cli_recognize_with_segmenter_saves_segments(cli_catalog, iconic, tmp_path, capsys):
+    d = str(cli_catalog)
+    assert main(["--catalog", d, "add", str(iconic[0][2]), "--sku", "golden"]) == 0
+    out_dir = tmp_path / "crops"
+    capsys.readouterr()
+    assert main(["--catalog", d, "recognize", str(iconic[0][2]), "--segment", "whole-image",
+                 "--save-segments", str(out_dir), "--json"]) == 0
+    recs = json.loads(capsys.readouterr().out)[0]["recognitions"]
+    assert len(recs) == 1 and recs[0]["sku"] == "golden"
+    saved = sorted(p.name for p in out_dir.iterdir())
+    assert saved == [f"{iconic[0][2].stem}_segment_0.png"]
+    assert main(["--catalog", d, "recognize", str(iconic[0][2]), "--segment", "no-such-segmenter"]) == 1
+    assert "no-such-segmenter" in capsys.readouterr().err
