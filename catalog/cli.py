@@ -306,9 +306,9 @@ def cmd_eval(args) -> int:
     from retailklip.evaluation import evaluate_zero_shot
 
     ds = load_dataset(args.layout, args.root, args.split)
+    if any(v is not None and v < 1 for v in (args.max_classes, args.max_per_class)):
+        raise RetailKlipError("--max-classes and --max-per-class must be >= 1")
     if args.max_classes is not None or args.max_per_class is not None:
-        if (args.max_classes or 1) < 1 or (args.max_per_class or 1) < 1:
-            raise RetailKlipError("--max-classes and --max-per-class must be >= 1")
         ds = ds.limited(args.max_classes, args.max_per_class)
     if args.encoder is not None:
         encoder = create_encoder(args.encoder, weights=args.weights, device=args.device, **dict(args.encoder_option))

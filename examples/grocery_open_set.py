@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
-    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    f = lambda v: "-" if v is None else f"{v:.3f}"
     print(f"catalog {res['catalog_skus']} SKUs, {res['vectors']} vectors, {res['encoder']}; val photos {res['val_known']} known + {res['val_unknown']} unknown")
     for title, rep in [("match softmax 0.78", match), (f"target precision {args.target_precision}", prec),
                        ("coarse split, match softmax 0.78", c_match), (f"coarse split, target precision {args.target_precision}", c_prec)]:

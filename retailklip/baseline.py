@@ -77,7 +77,7 @@ class SoftmaxHead:
         *,
         l2: float = DEFAULT_L2,
         max_iter: int = 500,
-    ) -> "SoftmaxHead":
+    ) -> SoftmaxHead:
         """Train the head: minimise mean cross-entropy + ``l2 / 2 * ||W||^2`` (bias not
         penalised) from zero weights with full-batch L-BFGS (strong-Wolfe line search).
 

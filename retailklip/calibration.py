@@ -66,7 +66,7 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     if pos.size == 0 or neg.size == 0:
         raise ValueError("AUROC needs at least one positive and one negative score")
     scores = np.concatenate([pos, neg])
-    uniq, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
     # Average 1-based rank of each distinct value: ranks start + (count + 1) / 2.
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     avg_rank = starts + (counts + 1) / 2.0

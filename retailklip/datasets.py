@@ -84,7 +84,7 @@ class ZeroShotDataset:
         """Class ids in the dataset's order."""
         return list(self.references)
 
-    def limited(self, max_classes: int | None = None, max_per_class: int | None = None) -> "ZeroShotDataset":
+    def limited(self, max_classes: int | None = None, max_per_class: int | None = None) -> ZeroShotDataset:
         """A smaller copy: the first ``max_classes`` classes (gallery and queries) and at most
         ``max_per_class`` queries per class (first ones in file order)."""
         keep = self.classes[:max_classes] if max_classes else self.classes

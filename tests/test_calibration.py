@@ -1,0 +1,290 @@
+"""Threshold calibration, open-set metrics, the softmax-head baseline and ``catalog calibrate``."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC, TINY_CLIP_OPTIONS
+
+from catalog import Catalog
+from catalog.cli import main
+from retailklip.baseline import SoftmaxHead
+from retailklip.calibration import (
+    CalibrationError,
+    auroc,
+    calibrate,
+    calibrate_catalog,
+    open_set_metrics,
+    threshold_for_precision,
+    threshold_for_unknown_rejection,
+)
+from retailklip.datasets import LabelledImage
+from retailklip.errors import RetailKlipError
+
+
+# ---------------------------------------------------------------------------- AUROC
+def _auroc_pairs(pos, neg):
+    """Independent definition: P(pos > neg) + 0.5 P(pos == neg) over all pairs."""
+    p, n = np.asarray(pos)[:, None], np.asarray(neg)[None, :]
+    return float(((p > n) + 0.5 * (p == n)).mean())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auroc_equals_pairwise_definition_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    pos = rng.integers(0, 6, size=rng.integers(1, 40)).astype(float)  # many ties
+    neg = rng.integers(0, 6, size=rng.integers(1, 40)).astype(float) - 1
+    assert auroc(pos, neg) == pytest.approx(_auroc_pairs(pos, neg), abs=1e-12)
+
+
+def test_auroc_extremes_and_errors():
+    assert auroc([3.0, 4.0], [1.0, 2.0]) == 1.0
+    assert auroc([1.0, 2.0], [3.0, 4.0]) == 0.0
+    assert auroc([1.0, 1.0], [1.0]) == 0.5
+    with pytest.raises(ValueError):
+        auroc([], [1.0])
+
+
+# ---------------------------------------------------------------------------- threshold selection
+def _precision_at(d, correct, t):
+    acc = d <= t
+    return (correct & acc).sum() / acc.sum() if acc.any() else None
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_threshold_for_precision_is_the_largest_that_meets_the_target(seed):
+    rng = np.random.default_rng(seed)
+    m = 60
+    correct = rng.random(m) < 0.7
+    # Correct matches tend to be closer; rounding makes ties.
+    d = np.round(np.where(correct, rng.uniform(0.1, 0.6, m), rng.uniform(0.3, 0.9, m)), 2)
+    target = 0.8
+    t = threshold_for_precision(d, correct, target)
+    assert _precision_at(d, correct, t) >= target
+    # Every larger cut (accepting at least one more photo) misses the target.
+    for larger in np.unique(d[d > t]):
+        assert _precision_at(d, correct, larger) < target
+    # Midway placement: strictly between the accepted and the next distance.
+    if (d > t).any():
+        assert d[d <= t].max() < t < d[d > t].min()
+
+
+def test_threshold_for_precision_unreachable_and_bad_target():
+    d = np.array([0.1, 0.2, 0.3])
+    with pytest.raises(CalibrationError, match="best"):
+        threshold_for_precision(d, np.array([False, True, True]), 0.9)
+    with pytest.raises(CalibrationError):
+        threshold_for_precision(d, np.array([True, True, True]), 1.5)
+    # All correct: everything is accepted, the threshold is the largest distance.
+    assert threshold_for_precision(d, np.array([True, True, True]), 1.0) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_threshold_for_unknown_rejection_is_the_largest_that_rejects_enough(seed):
+    rng = np.random.default_rng(seed)
+    known = rng.random(50) < 0.5
+    known[:2] = [True, False]
+    d = np.round(np.where(known, rng.uniform(0.1, 0.6, 50), rng.uniform(0.3, 1.0, 50)), 2)
+    target = float(rng.uniform(0.2, 0.95))
+    t = threshold_for_unknown_rejection(d, known, target)
+    rejected = lambda thr: (d[~known] > thr).mean()
+    assert rejected(t) >= target - 1e-12
+    for larger in np.unique(d[d > t]):
+        assert rejected(larger) < target
+
+
+def test_threshold_for_unknown_rejection_needs_unknowns():
+    with pytest.raises(CalibrationError, match="outside the catalog"):
+        threshold_for_unknown_rejection(np.array([0.1, 0.2]), np.array([True, True]), 0.5)
+
+
+def test_open_set_metrics_by_hand():
+    truth = ["a", "a", "b", "x", "y"]
+    pred = ["a", "b", "b", "a", "b"]
+    known = np.array([True, True, True, False, False])
+    accepted = np.array([True, True, False, True, False])
+    score = np.array([0.9, 0.8, 0.3, 0.5, 0.1])
+    m = open_set_metrics(pred, truth, known, accepted, score)
+    assert (m.known_photos, m.unknown_photos, m.accepted) == (3, 2, 3)
+    assert m.known_accuracy == pytest.approx(1 / 3)  # only photo 0 is accepted and right
+    assert m.closed_set_top1 == pytest.approx(2 / 3)
+    assert m.known_precision == pytest.approx(1 / 3)  # accepted: right, wrong SKU, unknown photo
+    assert m.unknown_rejection == pytest.approx(1 / 2)
+    assert m.known_rejection == pytest.approx(1 / 3)
+    assert m.auroc == pytest.approx(_auroc_pairs(score[known], score[~known]))
+
+
+# ---------------------------------------------------------------------------- softmax head
+def _clusters(rng, centers, n, noise):
+    x = np.repeat(centers, n, axis=0) + noise * rng.standard_normal((len(centers) * n, centers.shape[1]))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_softmax_head_learns_separable_classes_and_applies_cutoff():
+    rng = np.random.default_rng(0)
+    centers = np.eye(4, 16)
+    x = _clusters(rng, centers, 8, 0.05)
+    labels = [c for c in "abcd" for _ in range(8)]
+    head = SoftmaxHead.fit(x, labels, l2=1e-2)
+    assert head.classes == list("abcd") and head.train_accuracy == 1.0
+    pred = head.predict(_clusters(rng, centers, 2, 0.05), cutoff=0.5)
+    assert pred.labels == [c for c in "abcd" for _ in range(2)]
+    assert pred.known.all() and (pred.confidence <= 1.0).all()
+    # A vector equally far from all classes has a flat softmax: unknown at the 0.78 cutoff.
+    middle = np.full((1, 16), 0.0, np.float32)
+    middle[0, :4] = 0.5
+    assert not head.predict(middle, cutoff=0.78).known[0]
+    # Deterministic (zero init, full batch).
+    again = SoftmaxHead.fit(x, labels, l2=1e-2)
+    assert np.array_equal(again.linear.weight.detach().numpy(), head.linear.weight.detach().numpy())
+    with pytest.raises(RetailKlipError, match="at least 2"):
+        SoftmaxHead.fit(x[:8], labels[:8])
+
+
+# ---------------------------------------------------------------------------- calibrate (embeddings)
+def _open_set_problem(seed=0):
+    """4 catalog SKUs (8 views each) and photos of those SKUs (close) and of 4 others (far)."""
+    rng = np.random.default_rng(seed)
+    centers = np.eye(8, 32)
+    gallery = _clusters(rng, centers[:4], 8, 0.1)
+    gallery_skus = [f"s{i}" for i in range(4) for _ in range(8)]
+    known_q = _clusters(rng, centers[:4] + 0.3 * centers[4:], 6, 0.25)
+    unknown_q = _clusters(rng, centers[4:] + 0.5 * centers[:4], 6, 0.25)
+    truth = [f"s{i}" for i in range(4) for _ in range(6)] + [f"u{i}" for i in range(4) for _ in range(6)]
+    return gallery, gallery_skus, np.concatenate([known_q, unknown_q]), truth
+
+
+def test_calibrate_target_precision_meets_target_and_reports_both_methods():
+    gallery, skus, queries, truth = _open_set_problem()
+    rep = calibrate(gallery, skus, queries, truth, target_precision=0.9)
+    nn = rep.nearest_neighbour
+    assert rep.mode == "target-precision" and 0.0 <= rep.threshold <= 2.0
+    assert nn.known_precision >= 0.9
+    assert (nn.known_photos, nn.unknown_photos) == (24, 24)
+    assert rep.softmax_cutoff == 0.78 and rep.softmax.known_photos == 24
+    assert 0.0 <= rep.softmax.auroc <= 1.0 and rep.head["train_accuracy"] == 1.0
+    d = rep.to_dict()
+    assert d["nearest_neighbour"]["known_precision"] >= 0.9 and d["softmax"]["cutoff"] == 0.78
+
+
+def test_calibrate_match_softmax_rejects_at_least_as_many_unknowns():
+    gallery, skus, queries, truth = _open_set_problem(1)
+    rep = calibrate(gallery, skus, queries, truth, match_softmax_cutoff=0.78)
+    assert rep.mode == "match-softmax" and rep.target == rep.softmax.unknown_rejection
+    assert rep.nearest_neighbour.unknown_rejection >= rep.softmax.unknown_rejection
+    with pytest.raises(CalibrationError, match="exactly one"):
+        calibrate(gallery, skus, queries, truth)
+    with pytest.raises(CalibrationError, match="outside the catalog"):
+        calibrate(gallery, skus, queries[:24], truth[:24], match_softmax_cutoff=0.78)
+    with pytest.raises(CalibrationError, match="none of the photos"):
+        calibrate(gallery, skus, queries[24:], truth[24:], target_precision=0.9)
+
+
+# ---------------------------------------------------------------------------- catalog calibrate
+@pytest.fixture(scope="module")
+def photos_csv(tmp_path_factory, iconic, val_photos):
+    """Catalog of 2 GroceryStore SKUs (tiny random encoder, K = 2) and a CSV of photos of those
+    2 classes plus 2 classes outside the catalog."""
+    names = {cid: name for cid, name, _ in iconic}
+    counts = {}
+    for _, c in val_photos:
+        counts[c] = counts.get(c, 0) + 1
+    chosen = [c for c in sorted(counts) if counts[c] >= 3][:4]  # first 2 in the catalog, last 2 unknown
+    rows = []
+    for cid in chosen:
+        rows += [(p, names[cid]) for p, c in val_photos if c == cid][:3]
+    path = tmp_path_factory.mktemp("photos") / "photos.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "sku"])
+        w.writerows([(str(p), s) for p, s in rows])
+    return path, [names[c] for c in chosen]
+
+
+@pytest.fixture(scope="module")
+def cli_tiny_catalog(tmp_path_factory, iconic, photos_csv):
+    """Shared by the CLI tests: each reads the settings it compares against first."""
+    catalog_ids = {cid for cid, name, _ in iconic if name in photos_csv[1][:2]}
+    d = tmp_path_factory.mktemp("cli") / "cat"
+    opts = json.dumps(TINY_CLIP_OPTIONS["model_overrides"])
+    assert main(["--catalog", str(d), "init", "--encoder", "open_clip:ViT-B-32", "--random-init",
+                 "--augmentations", "2", "--encoder-option", f"model_overrides={opts}"]) == 0
+    cat = Catalog.open(d)
+    for cid, name, path in iconic:
+        if cid in catalog_ids:
+            cat.add(path, sku=name)
+    return d
+
+
+def test_cli_calibrate_stores_threshold_json_and_dry_run(cli_tiny_catalog, photos_csv, capsys):
+    d, (csv_path, _) = str(cli_tiny_catalog), photos_csv
+    before = Catalog.open(d).threshold
+    capsys.readouterr()
+    assert main(["--catalog", d, "calibrate", str(csv_path), "--match-softmax-cutoff", "0.78", "--json", "--dry-run"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stored"] is False and Catalog.open(d).threshold == before
+    assert out["nearest_neighbour"]["known_photos"] == 6 and out["nearest_neighbour"]["unknown_photos"] == 6
+    assert out["nearest_neighbour"]["unknown_rejection"] >= out["softmax"]["unknown_rejection"]
+    assert main(["--catalog", d, "calibrate", str(csv_path), "--match-softmax-cutoff", "0.78", "--json"]) == 0
+    stored = json.loads(capsys.readouterr().out)
+    assert stored["stored"] is True and stored["previous_threshold"] == before
+    assert Catalog.open(d).threshold == pytest.approx(stored["threshold"], abs=1e-6)
+    assert main(["--catalog", d, "calibrate", str(csv_path), "--target-precision", "0.5", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "known precision" in text and "not stored" in text
+
+
+@pytest.mark.parametrize(
+    "content, args, message",
+    [
+        ("image,name\nx.jpg,a\n", ["--target-precision", "0.9"], "missing column"),
+        ("image,sku\n", ["--target-precision", "0.9"], "no rows"),
+        ("image,sku\nnope.jpg,a\n", ["--target-precision", "0.9"], "no such file"),
+        (None, ["--target-precision", "1.5"], "in (0, 1]"),
+        (None, ["--match-softmax-cutoff", "1.0"], "in (0, 1)"),
+    ],
+)
+def test_cli_calibrate_bad_input_one_line_error_nothing_stored(cli_tiny_catalog, photos_csv, tmp_path, capsys, content, args, message):
+    d = str(cli_tiny_catalog)
+    path = photos_csv[0]
+    if content is not None:
+        path = tmp_path / "bad.csv"
+        path.write_text(content)
+    before = Catalog.open(d).settings()
+    capsys.readouterr()
+    assert main(["--catalog", d, "calibrate", str(path), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("catalog: error: ") and "\n" not in err and message in err
+    assert Catalog.open(d).settings() == before
+
+
+def test_calibrate_real_encoder_reduced(tmp_path, mobilenet_weights, iconic, val_photos):
+    """Real MobileNetV2, 6 known GroceryStore classes (K = 1) and photos of 6 known + 6 unknown
+    classes: the precision target holds, the report is consistent, and 1-NN separates known from
+    unknown photos better than chance."""
+    cat = Catalog.init(tmp_path / "cat", encoder=MOBILENET_SPEC, weights=mobilenet_weights, augmentations=1,
+                       encoder_options=MOBILENET_OPTIONS)
+    by_id = {cid: (name, path) for cid, name, path in iconic}
+    with_photos = sorted({c for _, c in val_photos})
+    known_ids, unknown_ids = with_photos[0:24:4], with_photos[2:24:4]
+    cat.import_csv(_import_csv(tmp_path / "skus.csv", [by_id[c] for c in known_ids]), progress=False)
+    photos = []
+    for cid in known_ids + unknown_ids:
+        photos += [LabelledImage(p, by_id[cid][0]) for p, c in val_photos if c == cid][:2]
+    rep = calibrate_catalog(cat, photos, target_precision=0.5)
+    nn, sm = rep.nearest_neighbour, rep.softmax
+    assert rep.skus == 6 and nn.known_photos == 12 and nn.unknown_photos == 12
+    assert nn.known_precision >= 0.5
+    assert nn.closed_set_top1 > 1 / 6  # better than chance among 6 SKUs
+    assert nn.auroc > 0.5
+    assert sm.closed_set_top1 > 1 / 6
+
+
+def _import_csv(path, skus):
+    """An import CSV (image,sku) of (name, path) pairs."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "sku"])
+        w.writerows([(str(p), name) for name, p in skus])
+    return path
