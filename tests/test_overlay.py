@@ -5,11 +5,11 @@ import os
 
 import numpy as np
 import pytest
+from conftest import TINY_CLIP_OPTIONS
 from PIL import Image
 
 from catalog import Catalog
 from catalog.cli import main
-from conftest import TINY_CLIP_OPTIONS
 from retailklip import Recognition, Recognizer
 from retailklip.errors import RetailKlipError
 from retailklip.overlay import (
