@@ -14,6 +14,8 @@ tensors already on the device, so the figures are the model's, not the data load
 sizes are tried in increasing order until one runs out of memory; the largest that fits is
 reported.  As everywhere in benchmarks/, each figure is also given as a ratio to a baseline
 measured in the same run: the fp32 step at the first batch size (images/s and peak memory).
+Peak memory is CUDA's ``max_memory_allocated`` on a GPU; on the CPU it is the process's
+maximum resident set so far, which never decreases, so CPU memory ratios are only upper bounds.
 """
 
 from __future__ import annotations

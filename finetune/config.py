@@ -115,7 +115,7 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Check ranges and choices; returns self.
 
         Raises:

@@ -173,7 +173,7 @@ class LabeledData:
     targets: np.ndarray
 
     @classmethod
-    def from_samples(cls, samples: Sequence[Sample], what: str = "training data") -> "LabeledData":
+    def from_samples(cls, samples: Sequence[Sample], what: str = "training data") -> LabeledData:
         """Index the labels of ``samples``.
 
         Raises:
@@ -209,7 +209,7 @@ class EvalSplit:
         return [s.label for s in self.references]
 
     @classmethod
-    def from_samples(cls, samples: Sequence[Sample], what: str = "evaluation data") -> "EvalSplit":
+    def from_samples(cls, samples: Sequence[Sample], what: str = "evaluation data") -> EvalSplit:
         """Split samples into one reference per label and queries (see module docstring).
 
         Classes whose reference is missing (e.g. a bad image) are dropped with their queries,

@@ -79,8 +79,8 @@ def one_nn_accuracy(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np
     correct = pred == ql
     names = class_names or [str(c) for c in range(int(max(gl.max(), ql.max())) + 1)]
     per_class = {names[c]: float(correct[ql == c].mean()) for c in np.unique(ql)}
-    return ZeroShotResult(float(correct.mean()), float(np.mean(list(per_class.values()))), int(len(q)),
-                          int(len(np.unique(gl))), per_class)
+    return ZeroShotResult(float(correct.mean()), float(np.mean(list(per_class.values()))), len(q),
+                          len(np.unique(gl)), per_class)
 
 
 class ZeroShotEvaluator:

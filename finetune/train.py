@@ -129,7 +129,7 @@ class _CsvLog:
     def __init__(self, path: Path, columns: list[str], append: bool) -> None:
         self.columns = columns
         new = not (append and path.exists())
-        self.f = open(path, "a" if not new else "w", newline="")
+        self.f = open(path, "a" if not new else "w", newline="")  # noqa: SIM115 - closed by close()
         self.w = csv.DictWriter(self.f, columns, extrasaction="ignore")
         if new:
             self.w.writeheader()
@@ -172,9 +172,9 @@ class Trainer:
         self.data = data or prepare_data(cfg.data, cfg.eval_data, workers=max(2, self.workers))
         seed_everything(cfg.seed)
 
-        eval_precision = "fp32" if self.precision == "fp32" or self.device.type == "cpu" else self.precision
+        # The zero-shot evaluation runs in float32, as a catalog does by default.
         self.encoder = build_encoder(cfg.encoder, weights=cfg.weights, random_init=cfg.random_init, seed=cfg.seed,
-                                     device=str(self.device), eval_precision=eval_precision,
+                                     device=str(self.device), eval_precision="fp32",
                                      batch_size=cfg.eval_batch_size, options=cfg.encoder_options)
         self.spec = EncoderSpec.parse(cfg.encoder)
         self.freeze_bn = resolve_freeze_bn(cfg.freeze_bn, self.encoder.model, cfg.batch_size)

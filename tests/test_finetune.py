@@ -6,16 +6,16 @@ Training loops (tiny OpenCLIP ViT, real MobileNetV2), resume and the CLI are in 
 from __future__ import annotations
 
 import csv
-import logging
+import itertools
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
 from PIL import Image
 
-from conftest import TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
 from finetune.data import EvalSplit, LabeledData, check_disjoint, check_images, read_samples
 from finetune.errors import FinetuneError
 from finetune.evaluate import ZeroShotEvaluator, one_nn_accuracy
@@ -25,7 +25,6 @@ from finetune.sampler import ClassBalancedSampler
 from retailklip import create_encoder
 from retailklip.augment import augment_reference
 from retailklip.images import load_image
-
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -139,7 +138,7 @@ def test_lr_groups_timm_trunk_stages_and_frozen_blocks():
     from timm.layers import freeze_batch_norm_2d
 
     model = freeze_batch_norm_2d(timm.create_model("mobilenetv2_100", pretrained=False, num_classes=0))
-    levels, num = parameter_levels(model)
+    _, num = parameter_levels(model)
     assert num == len(model.blocks) == 7
     groups = param_groups(model, lr=1e-3, decay=0.5, weight_decay=0.01, frozen_blocks=2)
     got = _lr_wd(groups)
@@ -167,6 +166,34 @@ def test_lr_groups_timm_vit_norm_is_head():
     assert levels["cls_token"].name == levels["patch_embed.proj.weight"].name == "embed"
     assert levels["blocks.2.mlp.fc1.weight"].name == "block 2"
     assert levels["norm.weight"].name == "head"
+
+
+def test_warmup_cosine_schedule_shape():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [p], "lr": 1.0}])
+    sched = warmup_cosine(opt, warmup_steps=4, total_steps=20, min_ratio=0.1)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # linear warm-up
+    assert all(a >= b for a, b in itertools.pairwise(lrs[4:]))  # then monotone cosine decay
+    assert lrs[-1] == pytest.approx(0.1) and lrs[12] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way: half-way down
+
+
+def test_onnx_export_works_or_says_what_is_missing(tmp_path):
+    from finetune.export import export_onnx
+
+    model = create_encoder(TINY_CLIP_SPEC, random_init=True, **TINY_CLIP_OPTIONS).model
+    try:
+        import onnx
+    except ImportError:
+        with pytest.raises(FinetuneError, match="pip install onnx"):
+            export_onnx(model, tmp_path / "e.onnx", (64, 64))
+        return
+    onnx.checker.check_model(onnx.load(str(export_onnx(model, tmp_path / "e.onnx", (64, 64)))))
 
 
 # ---------------------------------------------------------------- ArcFace
@@ -292,7 +319,8 @@ def test_grocery_split_by_coarse_class(grocery, tmp_path, caplog):
     from finetune.grocery import write_split
 
     desc = write_split(grocery.parent, tmp_path, held_out_parity=0, train_queries=2)
-    classes = list(csv.reader(open(grocery / "classes.csv")))[1:]
+    with open(grocery / "classes.csv", newline="") as f:
+        classes = list(csv.reader(f))[1:]
     coarse_of = {r[0]: int(r[3]) for r in classes}
     iconic = {r[0]: (grocery / r[4].lstrip("/")).resolve() for r in classes}
     train = read_samples(tmp_path / "train.csv")

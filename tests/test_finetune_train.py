@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC, TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC, TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
 from finetune.cli import main
 from finetune.config import TrainConfig
 from finetune.errors import FinetuneError
@@ -66,11 +66,10 @@ def toy(tmp_path_factory) -> dict[str, Path]:
 
 
 def _cfg(toy, out: Path, **kw) -> TrainConfig:
-    base = dict(data=str(toy["train"]), eval_data=str(toy["eval"]), out=str(out), encoder=TINY_CLIP_SPEC, random_init=True,
-                encoder_options=TINY_CLIP_OPTIONS, epochs=2, depth=3, batch_size=4, augmentations=2, workers=0,
-                progress=False, device="cpu")
-    base.update(kw)
-    return TrainConfig(**base)
+    base = {"data": str(toy["train"]), "eval_data": str(toy["eval"]), "out": str(out), "encoder": TINY_CLIP_SPEC,
+            "random_init": True, "encoder_options": TINY_CLIP_OPTIONS, "epochs": 2, "depth": 3, "batch_size": 4,
+            "augmentations": 2, "workers": 0, "progress": False, "device": "cpu"}
+    return TrainConfig(**{**base, **kw})
 
 
 def _clip_options_args() -> list[str]:
@@ -137,7 +136,8 @@ def test_cli_end_to_end_skips_bad_images_and_exports(toy, tmp_path, capsys):
     root = toy["root"]
     (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     train = tmp_path / "train.csv"
-    header, *rows = list(csv.reader(open(toy["train"])))
+    with open(toy["train"], newline="") as f:
+        header, *rows = list(csv.reader(f))
     with open(train, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
