@@ -9,17 +9,23 @@ Rows (same real photo for all):
   empty for both models, so the ratio is the model cost.
 * **EfficientViT-SAM-L0 image encoder** incl. preprocessing: the official
   ``mit-han-lab/efficientvit`` implementation (baseline, needs ``--official-repo``; the row is
-  skipped without it) vs ``retailklip.segment`` (goal: ratio <= 1.0).
+  skipped without it) vs ``retailklip.segment``, both with the same random weights (goal:
+  ratio <= 1.0).
 
-Time: the implementations of a task are built in one subprocess and timed interleaved (median
-of ``--repeats`` rounds after a warm-up; odd rounds in reverse order), so that load changes on a
-shared machine affect them alike. Memory: each implementation runs once in a fresh subprocess,
-whose peak resident memory (``ru_maxrss``) is reported.
+Subnormal floats are flushed to zero (``torch.set_flush_denormal``): random weights can produce
+them, trained ones rarely do, and they would make timings depend on the random draw.
+
+Time: the implementations of a task are built in one subprocess and timed interleaved (after a
+warm-up, ``--repeats`` / ``--amg-repeats`` rounds, odd rounds in reverse order), so that load
+changes on a shared machine affect them alike; median and minimum are reported (the minimum is
+the least disturbed run). Memory: each implementation runs once in a fresh subprocess; its peak
+resident memory (``ru_maxrss``) is reported, and the part above the RSS after importing the
+implementation's modules ("model": weights + activations).
 
 Usage::
 
     python benchmarks/bench_segment.py [--official-repo /tmp/efficientvit_official] \
-        [--image PATH] [--points-per-side 16] [--repeats 3] [--threads 2]
+        [--image PATH] [--points-per-side 16] [--repeats 7] [--amg-repeats 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -59,6 +65,11 @@ def _build(task: str, model: str, args: argparse.Namespace, rgb):
             create_model(model, random_init=True), MaskGeneratorOptions(points_per_side=args.points_per_side)
         )
         return lambda: generator.generate(rgb)
+    import torch
+
+    # Same seed, same parameter creation order and init: both encoders get identical weights
+    # (checked: the state dicts are equal after key mapping), hence identical activations.
+    torch.manual_seed(0)
     if model == "official":
         zoo, official_sam = _load_tool().import_official(args.official_repo)
         predictor = official_sam.EfficientViTSamPredictor(
@@ -83,10 +94,19 @@ def worker(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Random weights can drive activations into subnormal floats, which are many times slower
+    # on x86 and would make the timing depend on the random draw rather than on the model.
+    torch.set_flush_denormal(True)
     torch.manual_seed(0)
     rgb = np.asarray(Image.open(args.image).convert("RGB"))
     with torch.no_grad():
         if args.worker == "memory":
+            # Import the implementation's modules first, so that the model's own footprint
+            # (weights + activations) can be told apart from library imports.
+            if args.model == "official":
+                _load_tool().import_official(args.official_repo)
+            else:
+                import retailklip.segment  # noqa: F401
             rss_imports = _peak_rss_mib()
             _build(args.task, args.model, args, rgb)()
             print(json.dumps({"peak_rss_mib": _peak_rss_mib(), "rss_after_imports_mib": rss_imports}))
@@ -96,20 +116,23 @@ def worker(args: argparse.Namespace) -> None:
         for run in runs:
             run()  # warm-up
         times: dict[str, list[float]] = {m: [] for m in models}
-        for i in range(args.repeats):
+        repeats = args.amg_repeats if args.task == "amg" else args.repeats
+        for i in range(repeats):
             order = list(zip(models, runs))
             for m, run in order if i % 2 == 0 else reversed(order):
                 start = time.perf_counter()
                 run()
                 times[m].append(time.perf_counter() - start)
-    print(json.dumps({"median_s": {m: statistics.median(t) for m, t in times.items()}, "times_s": times,
+    print(json.dumps({"median_s": {m: statistics.median(t) for m, t in times.items()},
+                      "min_s": {m: min(t) for m, t in times.items()}, "times_s": times,
                       "threads": torch.get_num_threads()}))
 
 
 def _run_worker(mode: str, task: str, model: str, args: argparse.Namespace) -> dict:
     cmd = [
         sys.executable, __file__, "--worker", mode, "--task", task, "--model", model, "--image", str(args.image),
-        "--points-per-side", str(args.points_per_side), "--repeats", str(args.repeats), "--threads", str(args.threads),
+        "--points-per-side", str(args.points_per_side), "--repeats", str(args.repeats),
+        "--amg-repeats", str(args.amg_repeats), "--threads", str(args.threads),
     ]
     if args.official_repo:
         cmd += ["--official-repo", str(args.official_repo)]
@@ -126,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--official-repo", type=Path, help="extracted mit-han-lab/efficientvit; enables the encoder row")
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
     parser.add_argument("--points-per-side", type=int, default=16, help="AMG point grid side (SAM default: 32)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median reported)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed encoder runs per implementation after a warm-up")
+    parser.add_argument("--amg-repeats", type=int, default=3, help="timed AMG runs per implementation after a warm-up")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--worker", choices=("time", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--task", choices=("amg", "encoder"), help=argparse.SUPPRESS)
@@ -161,21 +185,29 @@ def main(argv: list[str] | None = None) -> int:
         task = runs[0][0]
         timing = _run_worker("time", task, ",".join(model for _, model, _ in runs), args)
         threads = timing["threads"]
-        base_t = base_m = None
+        base = None
         for _, model, label in runs:
-            t = timing["median_s"][model]
-            m = _run_worker("memory", task, model, args)["peak_rss_mib"]
-            base_t, base_m = base_t or t, base_m or m
-            rows.append((title, label, t, t / base_t, m, m / base_m))
+            memory = _run_worker("memory", task, model, args)
+            r = {
+                "median": timing["median_s"][model],
+                "min": timing["min_s"][model],
+                "peak": memory["peak_rss_mib"],
+                "model_mem": memory["peak_rss_mib"] - memory["rss_after_imports_mib"],
+            }
+            base = base or r
+            rows.append((title, label, r, {k: r[k] / base[k] for k in r}))
             title = ""
 
-    print(f"\nImage {args.image.name} ({w}x{h}), CPU, torch threads {threads}; time: median of {args.repeats} "
-          "interleaved runs after 1 warm-up (implementations of a task in one process); "
-          "peak RSS: one run per implementation in its own process.\n")
-    print("| task | implementation | median time (s) | time ratio | peak RSS (MiB) | peak RSS ratio |")
-    print("|---|---|---|---|---|---|")
-    for title, label, t, t_ratio, m, m_ratio in rows:
-        print(f"| {title} | {label} | {t:.3f} | {t_ratio:.2f} | {m:.0f} | {m_ratio:.2f} |")
+    print(f"\nImage {args.image.name} ({w}x{h}), CPU, torch threads {threads}. Time: {args.amg_repeats} (AMG) / "
+          f"{args.repeats} (encoder) interleaved runs after 1 warm-up, implementations of a task in one process. "
+          "Memory: one run per implementation in its own process; 'model' = peak RSS minus RSS after importing "
+          "the implementation's modules. Ratios are against the first row of each task.\n")
+    print("| task | implementation | median time (s) | median ratio | min time (s) | min ratio "
+          "| peak RSS (MiB) | ratio | model memory (MiB) | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for title, label, r, q in rows:
+        print(f"| {title} | {label} | {r['median']:.2f} | {q['median']:.2f} | {r['min']:.2f} | {q['min']:.2f} "
+              f"| {r['peak']:.0f} | {q['peak']:.2f} | {r['model_mem']:.0f} | {q['model_mem']:.2f} |")
     return 0
 
 

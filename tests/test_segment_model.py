@@ -14,12 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from retailklip.errors import InvalidImageError, WeightsError
+from retailklip.errors import InvalidImageError, RetailKlipError, WeightsError
 from retailklip.segment import (
     EFFICIENTVIT_SAM_CONFIGS,
     SEGMENTER_NAMES,
     EfficientViTSam,
     EfficientViTSamPredictor,
+    SegmenterOptionError,
     UnknownSegmenterError,
     build_efficientvit_sam,
     create_model,
@@ -155,12 +156,16 @@ def test_names_and_argument_errors(tmp_path):
     )
     with pytest.raises(UnknownSegmenterError, match="efficientvit-sam-l0.*whole-image"):
         load_segmenter("efficientvit-sam-s9")
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(SegmenterOptionError, match="not both"):
         create_model("efficientvit-sam-l0", checkpoint=tmp_path / "x.pt", random_init=True)
     with pytest.raises(WeightsError, match="whole-image uses no weights"):
         load_segmenter("whole-image", checkpoint=tmp_path / "x.pt")
-    with pytest.raises(ValueError, match="invalid device"):
+    with pytest.raises(SegmenterOptionError, match="invalid device"):
         load_segmenter("whole-image", device="toaster")
+    if not torch.cuda.is_available():
+        with pytest.raises(SegmenterOptionError, match="CUDA is not available.*--device cpu"):
+            load_segmenter("efficientvit-sam-l0", random_init=True, device="cuda")
+    assert issubclass(SegmenterOptionError, RetailKlipError) and issubclass(UnknownSegmenterError, RetailKlipError)
 
 
 def _official_transform(rgb: np.ndarray, size: int) -> torch.Tensor:

@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 
 from retailklip.segment import (
+    MaskGeneratorOptions,
     PostprocessOptions,
+    SegmenterOptionError,
     crop_segment,
     make_segment,
     mask_to_bbox,
@@ -109,8 +111,11 @@ def test_input_validation():
         {"min_area_fraction": 0.5, "max_area_fraction": 0.4},
         {"containment_threshold": 0.0},
     ):
-        with pytest.raises(ValueError):
+        with pytest.raises(SegmenterOptionError):
             PostprocessOptions(**kwargs)
+    for kwargs in ({"points_per_side": 0}, {"pred_iou_thresh": 1.5}, {"crop_n_layers": -1}):
+        with pytest.raises(SegmenterOptionError):
+            MaskGeneratorOptions(**kwargs)
 
 
 # ---------------------------------------------------------------- segment parsing

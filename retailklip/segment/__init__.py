@@ -15,11 +15,12 @@ EfficientViT-SAM checkpoints, the post-processing rules and the benchmarks.
 
 from .automatic import EfficientViTSamAutomaticMaskGenerator, MaskGeneratorOptions, build_mask_generator
 from .checkpoint import local_to_official_key, official_to_local_key, to_official_state_dict
+from .errors import SegmenterOptionError, UnknownSegmenterError
 from .modeling import EFFICIENTVIT_SAM_CONFIGS, EfficientViTSam, build_efficientvit_sam
 from .parsing import Segment, crop_segment, make_segment, mask_to_bbox, save_segments, segment_filename
 from .postprocess import PostprocessOptions, select_masks
 from .predictor import EfficientViTSamPredictor
-from .registry import SEGMENTER_NAMES, SEGMENTER_SPECS, SegmenterSpec, UnknownSegmenterError, create_model
+from .registry import SEGMENTER_NAMES, SEGMENTER_SPECS, SegmenterSpec, create_model
 from .segmenter import SamSegmenter, Segmenter, WholeImageSegmenter, load_segmenter
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "SamSegmenter",
     "Segment",
     "Segmenter",
+    "SegmenterOptionError",
     "SegmenterSpec",
     "UnknownSegmenterError",
     "WholeImageSegmenter",

@@ -17,6 +17,7 @@ from typing import Any
 from segment_anything import SamAutomaticMaskGenerator
 from torch import nn
 
+from .errors import SegmenterOptionError
 from .modeling.efficientvit_sam import EfficientViTSam
 from .predictor import EfficientViTSamPredictor
 
@@ -41,6 +42,9 @@ class MaskGeneratorOptions:
         crop_n_points_downscale_factor: grid side in crop layer i is divided by this**i (1).
         min_mask_region_area: if > 0, fill holes and remove islands smaller than this many
             pixels (needs ``opencv-python``); 0 disables (default).
+
+    Raises:
+        SegmenterOptionError: a value out of range.
     """
 
     points_per_side: int = 32
@@ -57,15 +61,15 @@ class MaskGeneratorOptions:
 
     def __post_init__(self) -> None:
         if self.points_per_side < 1 or self.points_per_batch < 1:
-            raise ValueError(
+            raise SegmenterOptionError(
                 f"points_per_side and points_per_batch must be >= 1, got {self.points_per_side}, {self.points_per_batch}"
             )
         for field in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh", "crop_overlap_ratio"):
             value = getattr(self, field)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{field} must be in [0, 1], got {value}")
+                raise SegmenterOptionError(f"{field} must be in [0, 1], got {value}")
         if self.crop_n_layers < 0 or self.crop_n_points_downscale_factor < 1 or self.min_mask_region_area < 0:
-            raise ValueError(
+            raise SegmenterOptionError(
                 "crop_n_layers and min_mask_region_area must be >= 0 and crop_n_points_downscale_factor >= 1"
             )
 

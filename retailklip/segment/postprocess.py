@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import SegmenterOptionError
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,6 +45,9 @@ class PostprocessOptions:
             values > 1 disable the rule.
         fallback_whole_image: when no mask survives, return the whole image as one segment
             instead of none (default False: an empty result is reported as such).
+
+    Raises:
+        SegmenterOptionError: a value out of range.
     """
 
     min_area_fraction: float = 0.002
@@ -52,15 +57,15 @@ class PostprocessOptions:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_area_fraction <= 1.0:
-            raise ValueError(f"min_area_fraction must be in [0, 1], got {self.min_area_fraction}")
+            raise SegmenterOptionError(f"min_area_fraction must be in [0, 1], got {self.min_area_fraction}")
         if not 0.0 < self.max_area_fraction <= 1.0:
-            raise ValueError(f"max_area_fraction must be in (0, 1], got {self.max_area_fraction}")
+            raise SegmenterOptionError(f"max_area_fraction must be in (0, 1], got {self.max_area_fraction}")
         if self.min_area_fraction > self.max_area_fraction:
-            raise ValueError(
+            raise SegmenterOptionError(
                 f"min_area_fraction {self.min_area_fraction} exceeds max_area_fraction {self.max_area_fraction}"
             )
         if not self.containment_threshold > 0.0:
-            raise ValueError(f"containment_threshold must be > 0, got {self.containment_threshold}")
+            raise SegmenterOptionError(f"containment_threshold must be > 0, got {self.containment_threshold}")
 
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:

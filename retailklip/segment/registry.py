@@ -15,15 +15,12 @@ import torch
 from segment_anything import sam_model_registry
 from torch import nn
 
-from ..errors import RetailKlipError, WeightsError
+from ..errors import WeightsError
 from .checkpoint import load_state_dict_checked, official_to_local_key, read_state_dict
+from .errors import SegmenterOptionError, UnknownSegmenterError
 from .modeling.efficientvit_sam import EFFICIENTVIT_SAM_CONFIGS, build_efficientvit_sam
 
 logger = logging.getLogger(__name__)
-
-
-class UnknownSegmenterError(RetailKlipError, ValueError):
-    """A segmenter name that is not in :data:`SEGMENTER_NAMES` was given."""
 
 
 @dataclass(frozen=True)
@@ -82,16 +79,16 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """Parse ``device`` and check that it is usable.
 
     Raises:
-        ValueError: unparsable device, or CUDA/MPS requested but unavailable.
+        SegmenterOptionError: unparsable device, or CUDA/MPS requested but unavailable.
     """
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"invalid device {device!r} ({e}); use e.g. 'cpu' or 'cuda'") from None
+        raise SegmenterOptionError(f"invalid device {device!r} ({e}); use e.g. 'cpu' or 'cuda'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+        raise SegmenterOptionError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device!r} requested but MPS is not available here; use --device cpu")
+        raise SegmenterOptionError(f"device {device!r} requested but MPS is not available here; use --device cpu")
     return dev
 
 
@@ -130,14 +127,14 @@ def create_model(
         UnknownSegmenterError: unknown name, or ``whole-image`` (which has no model).
         WeightsError: no checkpoint (and no ``random_init``), or a missing, unreadable, unsafe
             or wrong-architecture checkpoint; the message names the expected file and ``--checkpoint``.
-        ValueError: both ``checkpoint`` and ``random_init`` given, or an unusable device.
+        SegmenterOptionError: both ``checkpoint`` and ``random_init`` given, or an unusable device.
     """
     spec = get_spec(name)
     if spec.family == "whole-image":
         raise UnknownSegmenterError(f"segmenter {name} has no model; use load_segmenter({name!r})")
     dev = resolve_device(device)
     if checkpoint is not None and random_init:
-        raise ValueError(f"{name}: give either a checkpoint or random_init=True, not both")
+        raise SegmenterOptionError(f"{name}: give either a checkpoint or random_init=True, not both")
     if checkpoint is None and not random_init:
         raise WeightsError(missing_checkpoint_message(spec))
     state_dict = None

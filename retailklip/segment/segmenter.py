@@ -232,7 +232,7 @@ def load_segmenter(
         UnknownSegmenterError: unknown name.
         WeightsError: missing/wrong checkpoint (message names the expected file and ``--checkpoint``),
             or a checkpoint given to ``whole-image``.
-        ValueError: ``checkpoint`` together with ``random_init``, or an unusable device.
+        SegmenterOptionError: ``checkpoint`` together with ``random_init``, or an unusable device.
     """
     spec = get_spec(name)
     if spec.family == "whole-image":
