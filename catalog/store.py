@@ -40,7 +40,6 @@ from retailklip.encoders import DEFAULT_ENCODER_SPEC, Encoder, EncoderIdentity, 
 from retailklip.errors import (
     CatalogError,
     DuplicateSKUError,
-    InvalidImageError,
     InvalidSKUError,
     RetailKlipError,
     UnknownSKUError,

@@ -19,6 +19,7 @@ import sys
 from retailklip.augment import DEFAULT_AUGMENTATIONS
 from retailklip.encoders import DEFAULT_ENCODER_SPEC
 from retailklip.errors import RetailKlipError
+from retailklip.weights import parse_key_value
 
 from .config import TrainConfig
 from .export import EXPORT_FORMATS
@@ -29,13 +30,10 @@ logger = logging.getLogger("finetune")
 
 
 def _option(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+        return parse_key_value(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _int_list(text: str) -> list[int]:

@@ -8,7 +8,9 @@ arbitrary objects (a checkpoint "carrying code").  Nothing here downloads.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -98,3 +100,65 @@ def _looks_like_safetensors(head: bytes, p: Path) -> bool:
     with open(p, "rb") as f:
         f.seek(8)
         return f.read(1) == b"{"
+
+
+def parse_key_value(text: str) -> tuple[str, object]:
+    """Parse a ``KEY=VALUE`` command-line option; VALUE is JSON when it parses, else a string.
+
+    Raises:
+        ValueError: no ``=`` or an empty key (argparse reports it as a usage error).
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def state_dict_mismatch(
+    own: Mapping[str, torch.Tensor],
+    given: Mapping[str, torch.Tensor],
+    *,
+    optional: Callable[[str], bool] = lambda key: False,
+) -> str | None:
+    """Describe how ``given`` fails to fit a module's state dict ``own``, or None if it fits.
+
+    Args:
+        own: the module's ``state_dict()``.
+        given: tensors to load.
+        optional: keys of ``own`` that may be absent from ``given`` (e.g. BatchNorm
+            ``num_batches_tracked`` counters).
+
+    Returns:
+        ``"N missing keys (e.g. ...); N unexpected keys (e.g. ...); N shape mismatches (e.g. ...)"``
+        (only the parts that apply), or None.
+    """
+    missing = [k for k in own if k not in given and not optional(k)]
+    unexpected = [k for k in given if k not in own]
+    mismatched = [
+        f"{k}: file {tuple(given[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in given and tuple(given[k].shape) != tuple(own[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches (e.g. {'; '.join(mismatched[:2])})")
+    return "; ".join(problems) or None
+
+
+def load_state_dict_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path, what: str) -> None:
+    """Load ``state_dict`` into ``module`` after checking it fits exactly.
+
+    Raises:
+        WeightsError: ``weights file PATH does not fit WHAT: <mismatch>``.
+    """
+    problem = state_dict_mismatch(module.state_dict(), state_dict)
+    if problem:
+        raise WeightsError(f"weights file {path} does not fit {what}: {problem}")
+    module.load_state_dict(state_dict, strict=True)

@@ -15,7 +15,7 @@ import os
 import torch
 
 from ..errors import RetailKlipError, WeightsError, WeightsUnavailableError
-from ..weights import file_sha256, load_state_dict
+from ..weights import file_sha256, load_state_dict, load_state_dict_strict
 from .base import Encoder, EncoderIdentity, infer_dim, preprocess_description
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def create_open_clip_encoder(
         sd = load_state_dict(weights)
         if any(k.startswith("visual.") for k in sd):
             sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
-        _load_strict(model.visual, sd, weights, f"open_clip:{model_name}")
+        load_state_dict_strict(model.visual, sd, weights, f"open_clip:{model_name}")
         weights_id = "sha256:" + file_sha256(weights)
     elif pretrained:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
@@ -125,21 +125,3 @@ def _create(model_name: str, pretrained: str | None, overrides: dict, seed: int)
             return open_clip.create_model(model_name, pretrained=pretrained, **overrides)
         finally:
             logging.getLogger().disabled = was
-
-
-def _load_strict(module: torch.nn.Module, sd: dict, path, what: str) -> None:
-    own = module.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} of wrong shape (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)})")
-        raise WeightsError(f"weights file {path} does not fit {what}: " + ", ".join(parts))
-    module.load_state_dict(sd, strict=True)

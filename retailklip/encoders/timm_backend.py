@@ -13,10 +13,9 @@ import os
 
 import torch
 
-from ..errors import RetailKlipError, WeightsError, WeightsUnavailableError
-from ..weights import file_sha256, load_state_dict
+from ..errors import RetailKlipError, WeightsUnavailableError
+from ..weights import file_sha256, load_state_dict, load_state_dict_strict
 from .base import Encoder, EncoderIdentity, infer_dim, preprocess_description
-from .open_clip_backend import _load_strict
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +63,9 @@ def create_timm_encoder(
         head = set(model.state_dict()) - set(sd)
         if head and head <= _classifier_keys(model):
             model.reset_classifier(0)  # headless checkpoint (e.g. from finetune)
-            _load_strict(model, sd, weights, f"timm:{model_name} (without classifier)")
+            load_state_dict_strict(model, sd, weights, f"timm:{model_name} (without classifier)")
         else:
-            _load_strict(model, sd, weights, f"timm:{model_name}")
+            load_state_dict_strict(model, sd, weights, f"timm:{model_name}")
             model.reset_classifier(0)
         weights_id = "sha256:" + file_sha256(weights)
     elif random_init:

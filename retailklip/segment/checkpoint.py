@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import WeightsError
+from ..weights import state_dict_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -170,25 +171,9 @@ def load_state_dict_checked(
     """
     mapped = {(key_map(k) if key_map else k): v for k, v in state_dict.items()}
     own = model.state_dict()
-    missing = [k for k in own if k not in mapped and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in mapped if k not in own]
-    mismatched = [
-        f"{k}: file {tuple(mapped[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in mapped and tuple(mapped[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        if mismatched:
-            problems.append(f"{len(mismatched)} shape mismatches (e.g. {'; '.join(mismatched[:2])})")
-        raise WeightsError(
-            f"{name}: {source} is not a {name} checkpoint: {'; '.join(problems)}; "
-            f"{_no_checkpoint_hint(expected_file)}"
-        )
+    problem = state_dict_mismatch(own, mapped, optional=lambda k: k.endswith("num_batches_tracked"))
+    if problem:
+        raise WeightsError(f"{name}: {source} is not a {name} checkpoint: {problem}; {_no_checkpoint_hint(expected_file)}")
     for k, v in own.items():
         if k not in mapped:  # only num_batches_tracked reaches here
             mapped[k] = v
