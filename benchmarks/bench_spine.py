@@ -50,10 +50,11 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=256)
     p.add_argument("--images", type=int, default=64)
     args = p.parse_args()
-    from catalog import Catalog
     from PIL import Image
+
+    from catalog import Catalog
     from retailklip import create_encoder
-    from retailklip.augment import DEFAULT_AUGMENTATIONS, augment_reference
+    from retailklip.augment import augment_reference
     from retailklip.images import load_image
     from retailklip.index import VectorIndex
     from retailklip.matching import SKUMatcher

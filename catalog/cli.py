@@ -1,7 +1,9 @@
 """The ``catalog`` command: manage an SKU catalog and recognise products in photos.
 
 Exit codes: 0 success; 1 a clear error (bad image, unknown SKU, missing weights, ...), printed
-as one line ``catalog: error: ...`` on stderr; 2 bad command-line usage.
+as one line ``catalog: error: ...`` on stderr; 2 bad command-line usage; for ``rebuild`` and
+``rollback`` also 3 another rebuild is running and 4 the new index failed validation (the
+previous version keeps serving in every failure case).
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("import", help="bulk-add SKUs from a CSV with columns image,sku,name")
     s.add_argument("csv", type=Path)
 
+    sub.add_parser("upgrade", help="migrate the catalog's database to the schema this retailklip needs")
+
     s = sub.add_parser("list", help="list the SKUs")
     s.add_argument("--json", action="store_true", help="print JSON")
 
@@ -98,6 +102,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save-segments", type=Path, default=None, metavar="DIR", help="save each segment's RGBA crop as [image]_segment_[x].png")
     s.add_argument("--overlay", type=Path, default=None, metavar="FILE",
                    help="write a picture of the recognitions (.png/.jpg/.webp); several images: FILE_0.png, FILE_1.png, ... in input order")
+    s.add_argument("--points-per-side", type=int, default=None, metavar="N",
+                   help="segmenter point grid N x N (default 32; 16 is ~4x faster on the CPU)")
+    s.add_argument("--segment-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="automatic mask generation parameter, repeatable, e.g. pred_iou_thresh=0.8 (see docs/segmentation.md)")
+
+    s = sub.add_parser("rebuild", help="re-embed every SKU, build a new index version, validate it and switch to it atomically")
+    s.add_argument("--encoder", default=None, metavar="SPEC", help="new encoder (default: the catalog's), e.g. after a finetune")
+    s.add_argument("--weights", type=Path, default=None, metavar="FILE", help="local weights of the encoder (e.g. finetune output)")
+    s.add_argument("--encoder-option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="backend option, repeatable")
+    s.add_argument("--center-photos", type=Path, default=None, metavar="DIR|LIST",
+                   help="unlabeled in-store photos for the new encoder's feature centre (SimpleShot CL2N)")
+    s.add_argument("--index-type", default="auto", metavar="TYPE",
+                   help="auto (by vector count and memory budget), or a FAISS index_factory string: Flat, HNSW32, IVF1024,PQ64, ...")
+    s.add_argument("--memory-budget", type=_bytes, default=None, metavar="SIZE", help="memory the index may use with --index-type auto, e.g. 4G")
+    s.add_argument("--target-recall", type=float, default=0.99, metavar="R", help="recall@1 approximate indexes are tuned to (default 0.99)")
+    s.add_argument("--keep", type=int, default=3, metavar="N", help="index versions to keep, the active one included (default 3)")
+    s.add_argument("--ray", default=None, metavar="ADDRESS", help="embed with Ray Data on a cluster: auto, local, HOST:PORT or ray://HOST:PORT")
+    s.add_argument("--ray-workers", type=int, default=None, metavar="N", help="Ray actors (default: one per CPU slot)")
+    s.add_argument("--batch", type=int, default=64, metavar="N", help="reference images per database commit while embedding (default 64)")
+    s.add_argument("--json", action="store_true", help="print the new version as JSON")
+    s.add_argument("--random-init", action="store_true", help=argparse.SUPPRESS)  # tests only
+
+    s = sub.add_parser("check", help="find drift between database, image store and index files; --repair fixes it")
+    s.add_argument("--repair", action="store_true", help="fix what can be fixed (see docs/reliability.md)")
+    s.add_argument("--images-from", type=Path, action="append", default=[], metavar="DIR",
+                   help="where to look for missing or corrupt reference images, matched by content hash (repeatable)")
+    s.add_argument("--quick", action="store_true", help="check that stored images exist without hashing them")
+    s.add_argument("--json", action="store_true", help="print JSON")
+
+    s = sub.add_parser("versions", help="list the index versions")
+    s.add_argument("--json", action="store_true", help="print JSON")
+
+    s = sub.add_parser("rollback", help="make an earlier index version active again")
+    s.add_argument("version", type=int, nargs="?", default=None, help="version id (default: the one before the active version)")
 
     s = sub.add_parser("calibrate", help="choose the distance threshold from labelled photos (CSV image,sku)")
     s.add_argument("csv", type=Path, metavar="PHOTOS_CSV",
@@ -126,6 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-per-class", type=int, default=None, metavar="N", help="at most N query images per class")
     s.add_argument("--json", action="store_true", help="print JSON (with per-class counts)")
     return p
+
+
+def _bytes(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B")
+    unit = t[-1] if t and t[-1] in units else ""
+    try:
+        value = float(t[: len(t) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 4G)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be > 0, got {text!r}")
+    return int(value * units[unit])
 
 
 def _catalog_dir(args) -> Path:
@@ -196,6 +247,12 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_upgrade(args) -> int:
+    before, after = Catalog.upgrade(_catalog_dir(args), db_url=args.db_url)
+    print(f"catalog schema is at {after}" + ("" if before == after else f" (upgraded from {before})"))
+    return 0
+
+
 def cmd_remove(args) -> int:
     cat = Catalog.open(_catalog_dir(args), db_url=args.db_url)
     cat.remove(args.sku)
@@ -218,9 +275,21 @@ def cmd_recognize(args) -> int:
     from retailklip.images import load_image
     from retailklip.recognizer import Recognizer
 
+    seg_options = dict(args.segment_option)
+    if args.points_per_side is not None:
+        seg_options["points_per_side"] = args.points_per_side
+    if seg_options:
+        from dataclasses import fields
+
+        from retailklip.segment import MaskGeneratorOptions
+
+        known = {f.name for f in fields(MaskGeneratorOptions)}
+        bad = sorted(set(seg_options) - known)
+        if bad:
+            raise RetailKlipError(f"unknown segmenter option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
     rec = Recognizer.open(
         _catalog_dir(args), db_url=args.db_url, device=args.device, threshold=args.threshold,
-        segmenter=args.segment, checkpoint=args.checkpoint,
+        segmenter=args.segment, checkpoint=args.checkpoint, segmenter_options=seg_options or None,
     )
     if args.save_segments is not None and rec.segmenter is None:
         raise RetailKlipError("--save-segments needs a segmenter (--segment NAME)")
@@ -329,9 +398,64 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_rebuild(args) -> int:
+    cat = Catalog.open(_catalog_dir(args), db_url=args.db_url, device=args.device)
+    info = cat.rebuild(
+        encoder=args.encoder, weights=args.weights, encoder_options=dict(args.encoder_option) or None,
+        random_init=args.random_init, center_photos=image_list(args.center_photos) if args.center_photos else None,
+        index_type=args.index_type, memory_budget=args.memory_budget, target_recall=args.target_recall, keep=args.keep,
+        ray=args.ray, ray_workers=args.ray_workers, progress=sys.stderr.isatty(), batch=args.batch,
+    )
+    if args.json:
+        print(json.dumps(info.to_dict(), indent=1))
+    else:
+        print(f"rebuild: version {info.id} active: {info.factory}, {info.vectors} vectors, dim {info.dim}, "
+              f"recall@1 {_fraction(info.recall_at_1)}, encoder {info.encoder_key}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .check import check
+
+    cat = Catalog.open(_catalog_dir(args), db_url=args.db_url, device=args.device)
+    report = check(cat, repair=args.repair, images_from=args.images_from, verify_images=not args.quick,
+                   progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        for f in report.findings:
+            fixed = f", repaired {f.repaired}" if args.repair else ("" if f.repairable else " (not repairable here)")
+            print(f"{f.kind}: {f.count}{fixed}; e.g. {'; '.join(f.examples[:3])}")
+        state = "ok" if report.ok else ("drift left unrepaired" if args.repair else "drift found (run with --repair)")
+        print(f"check: {state}: {report.references} reference images, {report.vectors} vectors, "
+              f"{len(report.findings)} finding kind(s), {report.seconds:.1f} s")
+    return 0 if report.ok else 1
+
+
+def cmd_versions(args) -> int:
+    cat = Catalog.open(_catalog_dir(args), db_url=args.db_url)
+    versions = cat.versions()
+    if args.json:
+        print(json.dumps([v.to_dict() for v in versions], indent=1))
+        return 0
+    print(f"{'':2}{'id':>5}  {'created (UTC)':16}  {'status':8}  {'index':14}  {'vectors':>9}  {'recall@1':>8}  encoder")
+    for v in versions:
+        print(f"{'*' if v.active else ' ':2}{v.id:>5}  {v.created:%Y-%m-%d %H:%M}  {v.status:8}  {v.factory:14}  "
+              f"{v.vectors:>9}  {_fraction(v.recall_at_1):>8}  {v.encoder_key}")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    cat = Catalog.open(_catalog_dir(args), db_url=args.db_url, device=args.device)
+    info = cat.rollback(args.version, progress=sys.stderr.isatty())
+    print(f"rollback: version {info.id} active: {info.factory}, {info.vectors} vectors, encoder {info.encoder_key}")
+    return 0
+
+
 COMMANDS = {
     "init": cmd_init, "add": cmd_add, "import": cmd_import, "list": cmd_list, "remove": cmd_remove,
     "info": cmd_info, "recognize": cmd_recognize, "calibrate": cmd_calibrate, "eval": cmd_eval,
+    "rebuild": cmd_rebuild, "upgrade": cmd_upgrade, "versions": cmd_versions, "rollback": cmd_rollback, "check": cmd_check,
 }
 
 
@@ -344,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except RetailKlipError as e:
         print(f"catalog: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
+        return int(getattr(e, "exit_code", 1))
     except OSError as e:  # e.g. an unwritable --save-segments / --overlay path
         print(f"catalog: error: {e}", file=sys.stderr)
         return 1

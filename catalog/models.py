@@ -10,9 +10,14 @@ Tables:
 * ``embeddings`` — one row per vector: the reference it was made from, the view number
   (0 = the reference itself, 1..K-1 = augmentations), the encoder that made it and the float32
   vector bytes.  The row id is the vector's id in the FAISS index.
-* ``catalog_state`` — a single row: the current encoder, the augmentation count K, the distance
-  threshold, and a ``generation`` counter bumped by every change, so readers in other threads
-  and processes notice changes with one cheap query.
+* ``index_versions`` — one row per built FAISS index (``catalog rebuild``): the encoder whose
+  vectors it holds, the ``index_factory`` string, vector count, dimension, K, recall@1 against
+  exact search, status (``building`` / ``ready`` / ``failed`` / ``retired``), the directory
+  holding its files (``indexes/v000007``), the index file's SHA-256 and the catalog generation
+  whose membership it snapshots.
+* ``catalog_state`` — a single row: the current (active) encoder and index version, the
+  augmentation count K, the distance threshold, and a ``generation`` counter bumped by every
+  change, so readers in other threads and processes notice changes with one cheap query.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ class SKU(Base):
     id: Mapped[str] = mapped_column(String(SKU_ID_MAX), primary_key=True)
     name: Mapped[str | None] = mapped_column(String(NAME_MAX))
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    references: Mapped[list["ReferenceImage"]] = relationship(
+    references: Mapped[list[ReferenceImage]] = relationship(
         back_populates="sku", cascade="all, delete-orphan", passive_deletes=True, order_by="ReferenceImage.id"
     )
 
@@ -66,7 +71,7 @@ class ReferenceImage(Base):
     height: Mapped[int] = mapped_column(Integer)
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     sku: Mapped[SKU] = relationship(back_populates="references")
-    embeddings: Mapped[list["Embedding"]] = relationship(
+    embeddings: Mapped[list[Embedding]] = relationship(
         back_populates="reference", cascade="all, delete-orphan", passive_deletes=True
     )
 
@@ -90,7 +95,9 @@ class EncoderRow(Base):
 
 class Embedding(Base):
     __tablename__ = "embeddings"
-    __table_args__ = (UniqueConstraint("reference_id", "encoder_id", "view"),)
+    # Row ids are FAISS ids inside index snapshots: they must never be reused after a delete
+    # (SQLite reuses the largest rowid without AUTOINCREMENT; PostgreSQL sequences never do).
+    __table_args__ = (UniqueConstraint("reference_id", "encoder_id", "view"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     reference_id: Mapped[int] = mapped_column(ForeignKey("reference_images.id", ondelete="CASCADE"), index=True)
@@ -98,6 +105,24 @@ class Embedding(Base):
     view: Mapped[int] = mapped_column(Integer)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
     reference: Mapped[ReferenceImage] = relationship(back_populates="embeddings")
+
+
+class IndexVersion(Base):
+    __tablename__ = "index_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    encoder_id: Mapped[int] = mapped_column(ForeignKey("encoders.id"), index=True)
+    factory: Mapped[str] = mapped_column(String(200))
+    vectors: Mapped[int] = mapped_column(Integer, default=0)
+    dim: Mapped[int] = mapped_column(Integer)
+    augmentations: Mapped[int] = mapped_column(Integer)
+    recall_at_1: Mapped[float | None] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(20), index=True)  # building | ready | failed | retired
+    path: Mapped[str] = mapped_column(String(200))
+    index_sha256: Mapped[str | None] = mapped_column(String(64))
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    note: Mapped[str | None] = mapped_column(Text)
 
 
 class CatalogState(Base):
@@ -111,3 +136,4 @@ class CatalogState(Base):
     generation: Mapped[int] = mapped_column(Integer, default=0)
     segmenter: Mapped[str | None] = mapped_column(String(100))
     segmenter_checkpoint: Mapped[str | None] = mapped_column(Text)
+    active_version_id: Mapped[int | None] = mapped_column(ForeignKey("index_versions.id"))

@@ -6,12 +6,23 @@ Layout of a catalog directory::
     DIR/catalog.db            SQLite database (default; any SQLAlchemy URL can be configured)
     DIR/catalog.json          {"db_url": ...} when the database is not the default SQLite file
     DIR/images/ab/<sha256>.<ext>   stored copies of reference images, named by content hash
+    DIR/indexes/v000007/           versioned FAISS index snapshots (see catalog.index_store)
 
 Every write is all-or-nothing: inputs are decoded, validated and embedded *before* anything is
 written; the image file is written atomically (temporary file + rename) and the database rows
 (SKU, reference image, embeddings, generation bump) in one transaction.  If the transaction
 fails, a newly stored file is removed again; a crash in between leaves at most an unreferenced
 file in the image store, which nothing reads.
+
+Writers serialise on the single ``catalog_state`` row: every write transaction starts with
+``UPDATE catalog_state SET generation = generation + 1`` (a row lock on PostgreSQL, the write lock
+on SQLite), so the change counter never loses an update, and an ``add`` whose vectors were made by
+an encoder that a concurrent ``catalog rebuild`` has just replaced notices it and re-embeds.
+
+Index versions: the vectors in the database are the source of truth.  ``catalog rebuild`` (see
+:mod:`catalog.rebuild`) writes an index *snapshot* into a versioned directory and switches the
+active version in one transaction; recognizers load the active snapshot and apply the SKUs added
+or removed since from the database, so ``add`` / ``remove`` never wait for a rebuild.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import create_engine, delete, event, func, select
+from sqlalchemy import create_engine, delete, event, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -44,9 +55,21 @@ from retailklip.errors import (
     RetailKlipError,
     UnknownSKUError,
 )
+from retailklip.faults import crash_point
 from retailklip.images import decode_image_bytes, read_image_bytes
+from retailklip.index import VectorIndex
 
-from .models import NAME_MAX, SKU, SKU_ID_MAX, Base, CatalogState, Embedding, EncoderRow, ReferenceImage
+from . import index_store, schema
+from .models import (
+    NAME_MAX,
+    SKU,
+    SKU_ID_MAX,
+    CatalogState,
+    Embedding,
+    EncoderRow,
+    IndexVersion,
+    ReferenceImage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +149,29 @@ class SKUInfo:
 
 
 @dataclass(frozen=True)
+class StateSnapshot:
+    """What a reader needs to know to be current, read in one query (see :meth:`Catalog.snapshot`).
+
+    Attributes:
+        generation: the change counter.
+        encoder_id: ``encoders`` row id of the active encoder.
+        version_id: ``index_versions`` row id of the active index version (None: none built).
+        threshold: cosine-distance threshold in [0, 2].
+        augmentations: views per reference image K.
+    """
+
+    generation: int
+    encoder_id: int
+    version_id: int | None
+    threshold: float
+    augmentations: int
+
+
+class _EncoderChanged(Exception):
+    """The active encoder changed between embedding and writing (a rebuild swapped it)."""
+
+
+@dataclass(frozen=True)
 class _Prepared:
     """A validated, embedded reference image, ready to be written."""
 
@@ -137,6 +183,7 @@ class _Prepared:
     width: int
     height: int
     vectors: np.ndarray  # (K, D) float32
+    encoder_id: int  # the encoder that made ``vectors``
 
 
 class Catalog:
@@ -152,7 +199,7 @@ class Catalog:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._device = device
-        self._encoder: Encoder | None = None
+        self._encoders: dict[int, Encoder] = {}
         self._encoder_lock = threading.Lock()
 
     # ------------------------------------------------------------------ opening
@@ -163,7 +210,7 @@ class Catalog:
         if engine.dialect.name == "sqlite":
 
             @event.listens_for(engine, "connect")
-            def _pragmas(dbapi_conn, _record):  # noqa: ANN001
+            def _pragmas(dbapi_conn, _record):
                 cur = dbapi_conn.cursor()
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=FULL")
@@ -188,7 +235,7 @@ class Catalog:
         random_init: bool = False,
         device: str = "cpu",
         center_photos: Sequence[str | os.PathLike] | None = None,
-    ) -> "Catalog":
+    ) -> Catalog:
         """Create a catalog in directory ``root`` with the given encoder.
 
         The encoder is built once here, so a wrong spec, a missing weights file or missing
@@ -213,7 +260,7 @@ class Catalog:
             CatalogError: the directory already holds a catalog, or bad K / threshold.
             RetailKlipError / WeightsError: the encoder cannot be built.
         """
-        root = Path(root).expanduser()
+        root = Path(root).expanduser().resolve()
         if augmentations < 1:
             raise CatalogError(f"--augmentations must be >= 1, got {augmentations}")
         if not 0.0 <= threshold <= 2.0:
@@ -228,36 +275,54 @@ class Catalog:
             if not photos:
                 raise CatalogError("no photos to compute the feature centre from")
             enc = enc.with_center(enc.mean_feature(photos, progress=len(photos) > 64))
+        engine = cls._engine(root, db_url)
+        if db_url and schema.is_initialised(engine):
+            engine.dispose()
+            raise CatalogError(f"the database {engine.url!r} already holds a catalog")
         root.mkdir(parents=True, exist_ok=True)
         (root / IMAGES_DIR).mkdir(exist_ok=True)
         os.chmod(root, 0o750)
         if db_url:
             (root / CONFIG_FILE).write_text(json.dumps({"db_url": db_url}))
-        engine = cls._engine(root, db_url)
-        Base.metadata.create_all(engine)
+        schema.upgrade(engine)
         self = cls(root, engine, device=device)
         with self._sessions.begin() as s:
             if s.get(CatalogState, 1) is not None:
                 raise CatalogError(f"the database {engine.url!r} already holds a catalog")
             row = _encoder_row(s, enc, str(encoder), weights_path, options)
             s.add(CatalogState(id=1, encoder_id=row.id, augmentations=augmentations, seed=seed, threshold=threshold))
-        self._encoder = enc
+            s.flush()
+            # Version 1: the empty exact index; SKUs added later are applied from the database
+            # until the first `catalog rebuild` snapshots them.
+            v = IndexVersion(
+                encoder_id=row.id, factory="Flat", vectors=0, dim=enc.dim, augmentations=augmentations,
+                recall_at_1=1.0, status="ready", path="", generation=0, note="init",
+            )
+            s.add(v)
+            s.flush()
+            v.path = index_store.version_relpath(v.id)
+            v.index_sha256 = index_store.write_version(
+                root, v.id, VectorIndex(enc.dim), {"encoder_key": enc.identity.key, "factory": "Flat", "recall_at_1": 1.0}
+            )
+            s.get(CatalogState, 1).active_version_id = v.id
+        self._encoders[row.id] = enc
         logger.info("initialised catalog %s with encoder %s", root, enc.identity.key)
         return self
 
     @classmethod
-    def open(cls, root: str | os.PathLike, *, db_url: str | None = None, device: str = "cpu") -> "Catalog":
+    def open(cls, root: str | os.PathLike, *, db_url: str | None = None, device: str = "cpu") -> Catalog:
         """Open an existing catalog directory.
 
         Raises:
             CatalogError: no catalog there (with the command that creates one).
         """
-        root = Path(root).expanduser()
+        root = Path(root).expanduser().resolve()
         if db_url is None and (root / CONFIG_FILE).exists():
             db_url = json.loads((root / CONFIG_FILE).read_text()).get("db_url")
         if db_url is None and not (root / DB_FILE).exists():
             raise CatalogError(f"no catalog at {root}; create one with `catalog --catalog {root} init`")
         engine = cls._engine(root, db_url)
+        schema.ensure_current(engine)
         self = cls(root, engine, device=device)
         try:
             with self._sessions() as s:
@@ -268,6 +333,29 @@ class Catalog:
             raise CatalogError(f"{root}: the catalog database is not initialised")
         return self
 
+    @classmethod
+    def upgrade(cls, root: str | os.PathLike, *, db_url: str | None = None) -> tuple[str | None, str]:
+        """Migrate a catalog's database to the schema this retailklip needs (``catalog upgrade``).
+
+        Returns:
+            ``(before, after)`` schema revisions (equal when there was nothing to do).
+
+        Raises:
+            CatalogError: no catalog there, or its schema is newer than this retailklip.
+        """
+        root = Path(root).expanduser().resolve()
+        if db_url is None and (root / CONFIG_FILE).exists():
+            db_url = json.loads((root / CONFIG_FILE).read_text()).get("db_url")
+        if db_url is None and not (root / DB_FILE).exists():
+            raise CatalogError(f"no catalog at {root}; create one with `catalog --catalog {root} init`")
+        engine = cls._engine(root, db_url)
+        try:
+            if not schema.is_initialised(engine):
+                raise CatalogError(f"{root}: the catalog database is not initialised")
+            return schema.upgrade(engine)
+        finally:
+            engine.dispose()
+
     # ------------------------------------------------------------------ state
     def _state(self, s: Session) -> CatalogState:
         return s.get(CatalogState, 1)
@@ -277,6 +365,30 @@ class Catalog:
         """Change counter: bumped by every add/remove/settings change (one cheap query)."""
         with self.engine.connect() as c:
             return int(c.execute(select(CatalogState.generation).where(CatalogState.id == 1)).scalar_one())
+
+    def snapshot(self) -> StateSnapshot:
+        """Generation, active encoder and index version, threshold and K in one query."""
+        with self.engine.connect() as c:
+            r = c.execute(
+                select(
+                    CatalogState.generation, CatalogState.encoder_id, CatalogState.active_version_id,
+                    CatalogState.threshold, CatalogState.augmentations,
+                ).where(CatalogState.id == 1)
+            ).one()
+        return StateSnapshot(int(r[0]), int(r[1]), None if r[2] is None else int(r[2]), float(r[3]), int(r[4]))
+
+    @staticmethod
+    def _lock_state(s: Session) -> tuple[int, int]:
+        """Start a write: bump the generation as the transaction's first statement, which takes
+        the writers' lock (SQLite's write lock, PostgreSQL's row lock on ``catalog_state``) and
+        never loses an increment.  Returns ``(new generation, active encoder id)``."""
+        r = s.execute(
+            update(CatalogState)
+            .where(CatalogState.id == 1)
+            .values(generation=CatalogState.generation + 1)
+            .returning(CatalogState.generation, CatalogState.encoder_id)
+        ).one()
+        return int(r[0]), int(r[1])
 
     def settings(self) -> dict:
         """Catalog settings: encoder identity and spec, K, seed, threshold, segmenter, generation."""
@@ -294,6 +406,7 @@ class Catalog:
                 "segmenter": st.segmenter,
                 "segmenter_checkpoint": st.segmenter_checkpoint,
                 "generation": st.generation,
+                "index_version": st.active_version_id,
             }
 
     @property
@@ -307,9 +420,8 @@ class Catalog:
         if not 0.0 <= threshold <= 2.0:
             raise CatalogError(f"threshold is a cosine distance in [0, 2], got {threshold}")
         with self._sessions.begin() as s:
-            st = self._state(s)
-            st.threshold = float(threshold)
-            st.generation += 1
+            self._lock_state(s)
+            s.execute(update(CatalogState).where(CatalogState.id == 1).values(threshold=float(threshold)))
 
     def set_segmenter(self, name: str | None, checkpoint: str | None = None) -> None:
         """Remember a default segmenter (name and checkpoint path) for ``recognize``."""
@@ -318,34 +430,62 @@ class Catalog:
             st.segmenter = name
             st.segmenter_checkpoint = str(Path(checkpoint).resolve()) if checkpoint else None
 
-    def encoder_identity(self) -> EncoderIdentity:
-        """The identity of the catalog's encoder (as stored)."""
+    def encoder_identity(self, encoder_id: int | None = None) -> EncoderIdentity:
+        """The identity of the catalog's active encoder (or of ``encoder_id``), as stored."""
         with self._sessions() as s:
-            row = s.get(EncoderRow, self._state(s).encoder_id)
+            row = s.get(EncoderRow, encoder_id if encoder_id is not None else self._state(s).encoder_id)
+            if row is None:
+                raise CatalogError(f"no encoder with id {encoder_id}")
             center = "none" if row.center is None else "sha256:" + hashlib.sha256(row.center).hexdigest()
             return EncoderIdentity(row.backend, row.model, row.weights, row.dim, row.preprocess, center)
 
+    def encoder_kwargs(self, encoder_id: int | None = None) -> dict:
+        """Keyword arguments of :func:`retailklip.encoders.create_encoder` that rebuild the active
+        encoder (or ``encoder_id``) in another process, e.g. a Ray worker: ``spec``, ``weights``,
+        ``random_init``, ``center`` (float32 (D,) or None) and the backend options."""
+        with self._sessions() as s:
+            row = s.get(EncoderRow, encoder_id if encoder_id is not None else self._state(s).encoder_id)
+            if row is None:
+                raise CatalogError(f"no encoder with id {encoder_id}")
+            return dict(
+                json.loads(row.options),
+                spec=row.spec,
+                weights=row.weights_path,
+                random_init=row.weights.startswith("random:"),
+                center=None if row.center is None else np.frombuffer(row.center, np.float32).copy(),
+            )
+
     def encoder(self) -> Encoder:
-        """The catalog's encoder, built on first use and checked against the stored identity.
+        """The catalog's active encoder (the one ``add`` embeds with); see :meth:`encoder_for`."""
+        return self.encoder_for(self.snapshot().encoder_id)
+
+    def encoder_for(self, encoder_id: int) -> Encoder:
+        """The encoder of ``encoders`` row ``encoder_id``, built on first use (then cached) and
+        checked against the stored identity.
 
         Raises:
             WeightsError: the weights file is gone.
             EncoderMismatchError: the weights file or preprocessing changed since the vectors
-                were made (run a rebuild).
+                were made (run ``catalog rebuild``).
         """
         with self._encoder_lock:
-            if self._encoder is None:
-                with self._sessions() as s:
-                    row = s.get(EncoderRow, self._state(s).encoder_id)
-                    spec, path, opts, rnd = row.spec, row.weights_path, json.loads(row.options), row.weights.startswith("random:")
-                    center = None if row.center is None else np.frombuffer(row.center, np.float32)
-                enc = create_encoder(spec, weights=path, random_init=rnd, device=self._device, center=center, **opts)
-                self.encoder_identity().check_same(enc.identity)
-                self._encoder = enc
-            return self._encoder
+            enc = self._encoders.get(encoder_id)
+            if enc is None:
+                kw = self.encoder_kwargs(encoder_id)
+                enc = create_encoder(kw.pop("spec"), device=self._device, **kw)
+                self.encoder_identity(encoder_id).check_same(enc.identity)
+                self._encoders[encoder_id] = enc
+            return enc
+
+    def _active_encoder(self) -> tuple[int, Encoder]:
+        enc_id = self.snapshot().encoder_id
+        return enc_id, self.encoder_for(enc_id)
 
     # ------------------------------------------------------------------ writes
-    def _prepare(self, image: str | os.PathLike, sku: str | None, name: str | None, encoder: Encoder, k: int, seed: int) -> _Prepared:
+    def _prepare(
+        self, image: str | os.PathLike, sku: str | None, name: str | None, encoder: Encoder, k: int, seed: int,
+        encoder_id: int,
+    ) -> _Prepared:
         path = Path(image)
         sku = validate_sku_id(sku if sku is not None else path.stem)
         name = validate_name(name)
@@ -353,7 +493,7 @@ class Catalog:
         im = decode_image_bytes(data, str(path))
         fmt = _detect_format(data)
         vectors = encoder.embed(augment_reference(im, k, seed))
-        return _Prepared(sku, name, data, hashlib.sha256(data).hexdigest(), fmt, im.width, im.height, vectors)
+        return _Prepared(sku, name, data, hashlib.sha256(data).hexdigest(), fmt, im.width, im.height, vectors, encoder_id)
 
     def add(self, image: str | os.PathLike, sku: str | None = None, name: str | None = None, *, append: bool = False) -> SKUInfo:
         """Add an SKU from one reference image (or, with ``append``, another reference image to
@@ -376,8 +516,16 @@ class Catalog:
         st = self.settings()
         sku_id = validate_sku_id(sku if sku is not None else Path(image).stem)
         self._check_can_add([(sku_id, None)], append)
-        prepared = self._prepare(image, sku_id, name, self.encoder(), st["augmentations"], st["seed"])
-        self._write([prepared], append=append)
+        for _attempt in range(3):
+            enc_id, enc = self._active_encoder()
+            prepared = self._prepare(image, sku_id, name, enc, st["augmentations"], st["seed"], enc_id)
+            try:
+                self._write([prepared], append=append)
+                break
+            except _EncoderChanged:
+                logger.info("the active encoder changed during add (a rebuild finished); embedding again")
+        else:
+            raise CatalogError("the active encoder kept changing during add; try again")
         return self.get(prepared.sku)
 
     def import_csv(self, csv_path: str | os.PathLike, *, progress: bool = True) -> int:
@@ -422,19 +570,27 @@ class Catalog:
             raise DuplicateSKUError(f"{path}: SKU id(s) repeated in the CSV: {', '.join(dupes[:5])}")
         self._check_can_add([(i, None) for i in ids], append=False)
         st = self.settings()
-        enc = self.encoder()
-        prepared = []
-        it: Iterable = enumerate(entries, start=2)
-        if progress:
-            from tqdm import tqdm
+        for _attempt in range(3):
+            enc_id, enc = self._active_encoder()
+            prepared = []
+            it: Iterable = enumerate(entries, start=2)
+            if progress:
+                from tqdm import tqdm
 
-            it = tqdm(list(it), desc="importing", unit="SKU")
-        for n, (sku, name, img) in it:
+                it = tqdm(list(it), desc="importing", unit="SKU")
+            for n, (sku, name, img) in it:
+                try:
+                    prepared.append(self._prepare(img, sku, name, enc, st["augmentations"], st["seed"], enc_id))
+                except RetailKlipError as e:
+                    raise type(e)(f"{path}:{n}: {e}") from None
+                crash_point("import.row")
             try:
-                prepared.append(self._prepare(img, sku, name, enc, st["augmentations"], st["seed"]))
-            except RetailKlipError as e:
-                raise type(e)(f"{path}:{n}: {e}") from None
-        self._write(prepared, append=False)
+                self._write(prepared, append=False)
+                break
+            except _EncoderChanged:
+                logger.info("the active encoder changed during import (a rebuild finished); embedding again")
+        else:
+            raise CatalogError("the active encoder kept changing during import; try again")
         return len(prepared)
 
     def _check_can_add(self, items: Sequence[tuple[str, None]], append: bool) -> None:
@@ -458,8 +614,13 @@ class Catalog:
                 if not dest.exists():
                     _atomic_write(dest, p.data)
                     created.append(dest)
+                else:  # a leftover of an interrupted add: fresh mtime so `catalog check` keeps it
+                    os.utime(dest)
+            crash_point("add.after_file")
             with self._sessions.begin() as s:
-                st = self._state(s)
+                _gen, active_encoder = self._lock_state(s)
+                if any(p.encoder_id != active_encoder for p in prepared):
+                    raise _EncoderChanged()
                 hashes = [p.sha256 for p in prepared]
                 clash = s.execute(
                     select(ReferenceImage.sha256, ReferenceImage.sku_id).where(ReferenceImage.sha256.in_(hashes))
@@ -482,10 +643,12 @@ class Catalog:
                     s.add(ref)
                     s.flush()
                     s.add_all(
-                        Embedding(reference_id=ref.id, encoder_id=st.encoder_id, view=v, vector=vec.tobytes())
+                        Embedding(reference_id=ref.id, encoder_id=active_encoder, view=v, vector=vec.tobytes())
                         for v, vec in enumerate(p.vectors)
                     )
-                st.generation += 1
+                s.flush()
+                crash_point("add.before_commit")
+            crash_point("add.after_commit")
         except IntegrityError as e:
             _unlink_all(created)
             raise DuplicateSKUError(f"SKU already exists or the image is already stored ({str(e.orig).splitlines()[0]})") from None
@@ -501,13 +664,13 @@ class Catalog:
             UnknownSKUError: no such SKU.
         """
         with self._sessions.begin() as s:
+            self._lock_state(s)
             row = s.get(SKU, sku)
             if row is None:
                 raise UnknownSKUError(f"unknown SKU {sku!r}")
             files = [r.filename for r in row.references]
             s.execute(delete(Embedding).where(Embedding.reference_id.in_([r.id for r in row.references])))
             s.delete(row)
-            self._state(s).generation += 1
             s.flush()
             still_used = set(s.scalars(select(ReferenceImage.filename).where(ReferenceImage.filename.in_(files))))
         for f in files:
@@ -553,14 +716,15 @@ class Catalog:
         with self._sessions() as s:
             return int(s.scalar(select(func.count(SKU.id))))
 
-    def embedding_table(self) -> tuple[np.ndarray, list[str]]:
-        """Ids of all vectors made by the catalog's encoder and the SKU of each.
+    def embedding_table(self, encoder_id: int | None = None) -> tuple[np.ndarray, list[str]]:
+        """Ids of all vectors made by the catalog's active encoder (or ``encoder_id``) and the SKU
+        of each.
 
         Returns:
-            ``(ids, skus)``: int64 (N,) embedding row ids and the SKU id of each row.
+            ``(ids, skus)``: int64 (N,) embedding row ids (ascending) and the SKU id of each row.
         """
         with self._sessions() as s:
-            enc_id = self._state(s).encoder_id
+            enc_id = self._state(s).encoder_id if encoder_id is None else encoder_id
             rows = s.execute(
                 select(Embedding.id, ReferenceImage.sku_id)
                 .join(ReferenceImage, Embedding.reference_id == ReferenceImage.id)
@@ -577,8 +741,48 @@ class Catalog:
             for c in range(0, len(ids), chunk):
                 part = [int(i) for i in ids[c : c + chunk]]
                 for i, blob in s.execute(select(Embedding.id, Embedding.vector).where(Embedding.id.in_(part))):
+                    if len(blob) != 4 * dim:
+                        raise CatalogError(
+                            f"vector {i} in the database has {len(blob)} bytes, not {4 * dim}; run `catalog check --repair`"
+                        )
                     out[pos[i]] = np.frombuffer(blob, np.float32)
         return out
+
+    # ------------------------------------------------------------------ index versions
+    def load_index(self, version_id: int | None, *, verify: bool = False) -> VectorIndex:
+        """The index snapshot of an index version (see :mod:`catalog.index_store`).
+
+        Raises:
+            IndexFileError: the version's files are missing or do not match its record.
+            CatalogError: no such version.
+        """
+        if version_id is None:
+            raise CatalogError("the catalog has no active index version; run `catalog rebuild`")
+        with self._sessions() as s:
+            v = s.get(IndexVersion, version_id)
+            if v is None:
+                raise CatalogError(f"no index version {version_id}")
+            path, sha = v.path, v.index_sha256
+        return index_store.read_version(self.root, path, expected_sha256=sha, verify=verify)
+
+    def versions(self) -> list:
+        """All index versions, newest first (:class:`catalog.rebuild.VersionInfo`)."""
+        from .rebuild import list_versions
+
+        return list_versions(self)
+
+    def rebuild(self, **kwargs):
+        """Re-embed and build a new index version, then switch to it atomically; see
+        :func:`catalog.rebuild.rebuild` for the arguments."""
+        from .rebuild import rebuild
+
+        return rebuild(self, **kwargs)
+
+    def rollback(self, version: int | None = None, **kwargs):
+        """Make an earlier index version active again; see :func:`catalog.rebuild.rollback`."""
+        from .rebuild import rollback
+
+        return rollback(self, version, **kwargs)
 
     def names(self) -> dict[str, str | None]:
         """SKU id -> display name."""
@@ -616,8 +820,9 @@ def _image_relpath(sha256: str, ext: str) -> str:
 
 
 def _detect_format(data: bytes) -> str:
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:

@@ -26,16 +26,12 @@ finetuned encoder (trained with ArcFace on augmented data, RetailKLIP §4.1) bef
 
 from __future__ import annotations
 
-import threading
-
-import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from .rng import seeded
+
 DEFAULT_AUGMENTATIONS = 1
-
-_lock = threading.Lock()
-
 
 def _pipeline(size: tuple[int, int], fill) -> v2.Compose:
     w, h = size
@@ -73,9 +69,7 @@ def augment_reference(image: Image.Image, k: int = DEFAULT_AUGMENTATIONS, seed: 
     fill = [0, 0, 0, 0] if image.mode == "RGBA" else [255, 255, 255]
     pipeline = _pipeline(image.size, fill)
     views = [image]
-    with _lock:
-        for i in range(1, k):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed * 100_003 + i)
-                views.append(pipeline(image))
+    for i in range(1, k):
+        with seeded(seed * 100_003 + i):
+            views.append(pipeline(image))
     return views

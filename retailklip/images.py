@@ -37,8 +37,12 @@ DEFAULT_MAX_PIXELS = 64_000_000
 #: Largest accepted file, in bytes.
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 
-#: Background that transparent pixels are composited onto before an encoder sees them
-#: (RGB, 0-255).  Neutral grey is the mean colour of nothing in particular; see docs/architecture.md.
+#: Background that transparent pixels (outside a segment's mask) are composited onto before an
+#: encoder sees them (RGB, 0-255).  Grey 128 was kept by measurement against black, white, the
+#: ImageNet mean, the segment's mean colour and noise (benchmarks/bench_composite.py, real
+#: GroceryStore images, ImageNet MobileNetV2): with the catalog's whole-packshot references it
+#: was best or tied in every setting; see docs/segmentation.md, "Compositing transparency".
+#: Per encoder: ``create_encoder(..., background=(r, g, b))`` (part of the encoder identity).
 DEFAULT_BACKGROUND = (128, 128, 128)
 
 
@@ -202,9 +206,13 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = DEFAULT_BACKGR
     """Composite an ``RGBA`` image (e.g. a segment crop, alpha 0 outside its mask) onto a flat
     background; ``RGB`` images are returned unchanged.
 
+    Fully transparent pixels become exactly ``background``, opaque ones keep their colour, partly
+    transparent ones are blended (``alpha * colour + (1 - alpha) * background``).
+
     Args:
         image: PIL image of mode ``RGB`` or ``RGBA`` (as returned by :func:`load_image`).
-        background: RGB colour, 0-255, that fully transparent pixels become.
+        background: RGB colour, 0-255, that fully transparent pixels become (default
+            :data:`DEFAULT_BACKGROUND`, grey 128, the measured choice).
 
     Returns:
         A PIL ``RGB`` image of the same size.

@@ -56,6 +56,9 @@ class SKUMatcher:
     def match(self, queries: np.ndarray, threshold: float, k: int = 32) -> list[Match]:
         """Match embeddings against the index.
 
+        Vectors whose id is not in ``sku_of`` are skipped: an index snapshot may still hold
+        vectors of SKUs removed since it was built (index types such as HNSW cannot delete).
+
         Args:
             queries: float32 (M, D), unit norm.
             threshold: cosine distance in [0, 2]; nearest SKUs farther than this are unknown.
@@ -66,10 +69,10 @@ class SKUMatcher:
             M :class:`Match` objects.
 
         Raises:
-            ValueError: empty index or wrong query shape.
+            ValueError: no live vector in the index, or wrong query shape.
         """
         n = self.index.ntotal
-        if n == 0:
+        if n == 0 or not self.sku_of:
             raise ValueError("cannot match against an empty index")
         out: list[Match | None] = [None] * len(queries)
         todo = np.arange(len(queries))
@@ -78,24 +81,31 @@ class SKUMatcher:
             dist, ids = self.index.search(queries[todo], k)
             again = []
             for row, q in enumerate(todo):
-                m = self._first_two(dist[row], ids[row], threshold)
-                if m is None and k < n:
+                m = self._match_row(dist[row], ids[row], threshold, complete=k >= n)
+                if m is None:
                     again.append(q)
                 else:
-                    out[q] = m if m is not None else self._single(dist[row], ids[row], threshold)
+                    out[q] = m
             todo = np.array(again, dtype=np.int64)
             k = min(2 * k, n)
         return out  # type: ignore[return-value]
 
-    def _first_two(self, dist: Sequence[float], ids: Sequence[int], threshold: float) -> Match | None:
-        first = self.sku_of[int(ids[0])]
-        for d, i in zip(dist[1:], ids[1:]):
+    def _match_row(self, dist: Sequence[float], ids: Sequence[int], threshold: float, complete: bool) -> Match | None:
+        """The nearest SKU and the nearest other SKU among one query's neighbours; None when
+        more neighbours are needed to find a runner-up (or any live vector)."""
+        first: Neighbour | None = None
+        for d, i in zip(dist, ids):
             if i < 0:
                 break
-            sku = self.sku_of[int(i)]
-            if sku != first:
-                return Match(Neighbour(first, float(dist[0])), Neighbour(sku, float(d)), float(dist[0]) <= threshold)
-        return None
-
-    def _single(self, dist: Sequence[float], ids: Sequence[int], threshold: float) -> Match:
-        return Match(Neighbour(self.sku_of[int(ids[0])], float(dist[0])), None, float(dist[0]) <= threshold)
+            sku = self.sku_of.get(int(i))
+            if sku is None:
+                continue
+            if first is None:
+                first = Neighbour(sku, float(d))
+            elif sku != first.sku:
+                return Match(first, Neighbour(sku, float(d)), first.distance <= threshold)
+        if not complete:
+            return None
+        if first is None:
+            raise ValueError("no live vector in the index")
+        return Match(first, None, first.distance <= threshold)

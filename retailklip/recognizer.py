@@ -8,9 +8,12 @@ threads::
     for r in rec.recognize("tray.jpg"):
         print(r.sku or "unknown", r.distance, r.bbox)
 
-Changes to the catalog (``catalog add`` / ``remove`` from any process) are picked up on the next
-call: each call reads the catalog's generation counter (one small query) and, when it changed,
-applies the difference to the in-memory FAISS index (new vectors added, removed ones dropped).
+Changes to the catalog are picked up on the next call: each call reads the catalog's state (one
+small query: generation, active encoder, active index version, threshold).  When ``catalog add``
+/ ``remove`` changed it, the difference is applied to the in-memory FAISS index (new vectors
+added, removed ones dropped).  When ``catalog rebuild`` / ``rollback`` switched the active
+version, the new version's index snapshot is loaded *beside* the old one and swapped in at once,
+together with its encoder: a search sees one catalog version, never a mix.
 """
 
 from __future__ import annotations
@@ -18,15 +21,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from PIL import Image
 
-from .errors import EmptyCatalogError
+from .errors import EmptyCatalogError, RetailKlipError
 from .images import ImageSource, load_image
-from .index import DEFAULT_FACTORY, VectorIndex
+from .index import VectorIndex
 from .matching import Neighbour, SKUMatcher
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -95,6 +98,21 @@ class Recognition:
         }
 
 
+@dataclass(frozen=True)
+class _View:
+    """One catalog version as the recognizer serves it (replaced as a whole, never mutated
+    except by :meth:`Recognizer.refresh` under the recognizer's lock)."""
+
+    generation: int
+    encoder_id: int
+    version_id: int | None
+    encoder: Any
+    matcher: SKUMatcher
+    present: np.ndarray  # int64 ids in the index (including vectors of removed SKUs it cannot delete)
+    names: dict
+    threshold: float
+
+
 class Recognizer:
     """Recognises SKUs in images against a catalog (see module docstring).
 
@@ -104,7 +122,9 @@ class Recognizer:
         segmenter: object with ``segment(image) -> list[Segment]`` (see
             :func:`retailklip.segment.load_segmenter`); default: the catalog's remembered
             segmenter, else the whole image is one segment.
-        index_factory: FAISS factory string of the in-memory index (default exact ``"Flat"``).
+
+    The index is the catalog's active index version (``catalog versions``) plus the SKUs added
+    since it was built; its type (exact Flat, HNSW, IVF-PQ) is chosen by ``catalog rebuild``.
 
     Thread safety: :meth:`recognize` may be called from many threads at once; catalog changes
     are applied under a lock, and each search sees one complete catalog version.
@@ -112,22 +132,17 @@ class Recognizer:
 
     def __init__(
         self,
-        catalog: "Catalog",
+        catalog: Catalog,
         *,
         threshold: float | None = None,
         segmenter: SegmenterLike | None = None,
-        index_factory: str = DEFAULT_FACTORY,
     ) -> None:
         self.catalog = catalog
         self._threshold = threshold
         self.segmenter = segmenter
-        self.index_factory = index_factory
-        self._lock = threading.RLock()
-        self._generation: int | None = None
-        self._identity_key: str | None = None
-        self._matcher: SKUMatcher | None = None
-        self._names: dict[str, str | None] = {}
-        self._catalog_threshold = 0.0
+        self._lock = threading.Lock()  # guards searches and in-place index updates
+        self._refresh_lock = threading.Lock()  # one refresher at a time
+        self._view: _View | None = None
 
     @classmethod
     def open(
@@ -139,13 +154,17 @@ class Recognizer:
         threshold: float | None = None,
         segmenter: SegmenterLike | str | None = None,
         checkpoint: str | None = None,
-    ) -> "Recognizer":
+        segmenter_options: dict | None = None,
+    ) -> Recognizer:
         """Open the catalog in ``catalog_dir`` and build a recognizer on it.
 
         Args:
             segmenter: a segmenter object, or a segmenter name for
                 :func:`retailklip.segment.load_segmenter` (with ``checkpoint``); default: the
                 catalog's remembered segmenter, if any.
+            segmenter_options: automatic mask generation parameters for a named segmenter
+                (fields of :class:`retailklip.segment.MaskGeneratorOptions`, e.g.
+                ``{"points_per_side": 16}``).
 
         Raises:
             CatalogError: no catalog there.
@@ -158,45 +177,112 @@ class Recognizer:
             if st["segmenter"]:
                 segmenter, checkpoint = st["segmenter"], checkpoint or st["segmenter_checkpoint"]
         if isinstance(segmenter, str):
-            from .segment import load_segmenter
+            from .segment import MaskGeneratorOptions, load_segmenter
 
-            segmenter = load_segmenter(segmenter, checkpoint=checkpoint, device=device)
+            options = MaskGeneratorOptions(**segmenter_options) if segmenter_options else None
+            segmenter = load_segmenter(segmenter, checkpoint=checkpoint, device=device, generator_options=options)
+        elif segmenter_options:
+            raise RetailKlipError("segmenter options need a named segmenter (--segment NAME)")
         return cls(cat, threshold=threshold, segmenter=segmenter)
 
     # ------------------------------------------------------------------ index sync
     def refresh(self) -> None:
-        """Bring the in-memory index up to date with the catalog (cheap when nothing changed)."""
-        gen = self.catalog.generation
-        if gen == self._generation:
-            return
-        with self._lock:
-            gen = self.catalog.generation
-            if gen == self._generation:
-                return
-            ident = self.catalog.encoder_identity()
-            ids, skus = self.catalog.embedding_table()
-            if self._matcher is None or ident.key != self._identity_key:
-                index = VectorIndex(ident.dim, self.index_factory)
-                current = np.zeros(0, np.int64)
+        """Bring the in-memory index up to date with the catalog (one small query when nothing
+        changed)."""
+        self._current()
+
+    def _current(self) -> _View:
+        snap = self.catalog.snapshot()
+        view = self._view
+        if view is not None and view.generation == snap.generation:
+            return view
+        with self._refresh_lock:
+            view = self._view
+            snap = self.catalog.snapshot()
+            if view is not None and view.generation == snap.generation:
+                return view
+            if view is None or (view.encoder_id, view.version_id) != (snap.encoder_id, snap.version_id):
+                new = self._load(snap)  # built beside the old view, swapped in below
+                with self._lock:
+                    self._view = new
             else:
-                index = self._matcher.index
-                current = index.ids()
-            new = np.setdiff1d(ids, current, assume_unique=True)
-            gone = np.setdiff1d(current, ids, assume_unique=True)
+                self._apply_changes(view, snap)
+            return self._view
+
+    def _load(self, snap) -> _View:
+        """A fresh view: the active version's index snapshot plus changes made since."""
+        encoder = self.catalog.encoder_for(snap.encoder_id)
+        try:
+            if snap.version_id is None:  # a catalog from before index versions: all from the database
+                index = VectorIndex(encoder.dim)
+            else:
+                index = self.catalog.load_index(snap.version_id)
+        except RetailKlipError as e:
+            # The database holds every vector: keep recognising (exactly, from the database)
+            # while the index files are repaired.
+            logger.error("%s; serving from the database's vectors instead", e)
+            index = VectorIndex(encoder.dim)
+        ids, skus = self.catalog.embedding_table(snap.encoder_id)
+        present = index.ids()
+        removable = _sorted_diff(present, ids)
+        if len(removable):
+            present = self._remove(index, present, removable)
+        new = _sorted_diff(ids, present)
+        if len(new):
+            index.add(new, self.catalog.vectors(new, index.dim))
+            present = np.union1d(present, new)
+        logger.debug("loaded index version %s (%d vectors, +%d since the snapshot)", snap.version_id, index.ntotal, len(new))
+        return _View(
+            snap.generation, snap.encoder_id, snap.version_id, encoder, SKUMatcher(index, dict(zip(ids.tolist(), skus))),
+            present, self.catalog.names(), snap.threshold,
+        )
+
+    def _apply_changes(self, view: _View, snap) -> None:
+        """Apply SKUs added / removed since ``view`` (same encoder and index version)."""
+        ids, skus = self.catalog.embedding_table(snap.encoder_id)
+        new = _sorted_diff(ids, view.present)
+        vectors = self.catalog.vectors(new, view.matcher.index.dim) if len(new) else None
+        gone = _sorted_diff(view.present, ids)
+        names = self.catalog.names()
+        with self._lock:
+            index = view.matcher.index
+            present = view.present
+            if len(gone):
+                present = self._remove(index, present, gone)
+            if vectors is not None:
+                index.add(new, vectors)
+                present = np.union1d(present, new)
+            self._view = replace(
+                view, generation=snap.generation, matcher=SKUMatcher(index, dict(zip(ids.tolist(), skus))),
+                present=present, names=names, threshold=snap.threshold,
+            )
+        logger.debug("index synced to generation %d: +%d -%d vectors", snap.generation, len(new), len(gone))
+
+    @staticmethod
+    def _remove(index: VectorIndex, present: np.ndarray, gone: np.ndarray) -> np.ndarray:
+        """Remove vectors if the index type can; otherwise they stay as tombstones that the
+        matcher skips (their ids are no longer mapped to an SKU)."""
+        if index.supports_remove:
             index.remove(gone)
-            if len(new):
-                index.add(new, self.catalog.vectors(new, ident.dim))
-            self._matcher = SKUMatcher(index, dict(zip(ids.tolist(), skus)))
-            self._names = self.catalog.names()
-            self._catalog_threshold = self.catalog.threshold
-            self._identity_key = ident.key
-            self._generation = gen
-            logger.debug("index synced to generation %d: +%d -%d vectors, %d total", gen, len(new), len(gone), index.ntotal)
+            return _sorted_diff(present, gone)
+        return present
+
+    @property
+    def matcher(self) -> SKUMatcher:
+        """The current :class:`SKUMatcher` (index + vector id -> SKU map), brought up to date."""
+        return self._current().matcher
+
+    @property
+    def version(self) -> int | None:
+        """The catalog index version being served (see ``catalog versions``)."""
+        return self._current().version_id
 
     @property
     def threshold(self) -> float:
         """The cosine-distance threshold in use."""
-        return self._threshold if self._threshold is not None else self._catalog_threshold
+        if self._threshold is not None:
+            return self._threshold
+        return self._current().threshold
 
     # ------------------------------------------------------------------ recognition
     def recognize(self, image: ImageSource) -> list[Recognition]:
@@ -221,24 +307,36 @@ class Recognizer:
         """Like :meth:`recognize`, also returning the segments (with their RGBA crops), e.g. to
         save them; with no segmenter the segment list is empty."""
         im = load_image(image)
-        encoder = self.catalog.encoder()
-        self.refresh()
-        if self._matcher is None or self._matcher.index.ntotal == 0:
+        view = self._current()
+        if not view.matcher.sku_of:
             raise EmptyCatalogError("the catalog holds no SKU; add one with `catalog add IMAGE`")
         if self.segmenter is None:
-            queries = encoder.embed([im])
-            return self._recognitions(queries, [(0, 0, im.width, im.height)], [None], [1.0]), []
-        segments = self.segmenter.segment(im)
-        if not segments:
-            return [], []
-        queries = encoder.embed([s.crop for s in segments])
-        boxes = [tuple(int(v) for v in s.bbox) for s in segments]
-        return self._recognitions(queries, boxes, [s.mask for s in segments], [float(s.score) for s in segments]), segments
+            crops, boxes, masks, scores, segments = [im], [(0, 0, im.width, im.height)], [None], [1.0], []
+        else:
+            segments = self.segmenter.segment(im)
+            if not segments:
+                return [], []
+            crops = [s.crop for s in segments]
+            boxes = [tuple(int(v) for v in s.bbox) for s in segments]
+            masks, scores = [s.mask for s in segments], [float(s.score) for s in segments]
+        for _attempt in range(3):
+            queries = view.encoder.embed(crops)
+            with self._lock:  # one consistent catalog version for the whole image
+                current = self._view
+                if current.encoder_id == view.encoder_id:
+                    if not current.matcher.sku_of:
+                        raise EmptyCatalogError("the catalog holds no SKU; add one with `catalog add IMAGE`")
+                    threshold = self._threshold if self._threshold is not None else current.threshold
+                    matches = current.matcher.match(queries, threshold)
+                    names = current.names
+                    break
+            view = current  # a rebuild switched encoders while we embedded: embed again
+        else:
+            raise RetailKlipError("the catalog's encoder kept changing during recognition; try again")
+        return self._recognitions(matches, names, threshold, boxes, masks, scores), segments
 
-    def _recognitions(self, queries, boxes, masks, scores) -> list[Recognition]:
-        with self._lock:  # one consistent catalog version for the whole image
-            matches = self._matcher.match(queries, self.threshold)
-            names, threshold = self._names, self.threshold
+    @staticmethod
+    def _recognitions(matches, names, threshold, boxes, masks, scores) -> list[Recognition]:
         return [
             Recognition(
                 sku=m.nearest.sku if m.known else None,
@@ -253,3 +351,8 @@ class Recognizer:
             )
             for m, b, mk, sc in zip(matches, boxes, masks, scores)
         ]
+
+
+def _sorted_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sorted int64 ids in ``a`` but not in ``b``."""
+    return np.setdiff1d(np.asarray(a, np.int64), np.asarray(b, np.int64)).astype(np.int64)

@@ -98,3 +98,47 @@ def tiny_catalog(tmp_path):
     return Catalog.init(
         tmp_path / "tiny", encoder=TINY_CLIP_SPEC, augmentations=2, random_init=True, encoder_options=TINY_CLIP_OPTIONS,
     )
+
+
+# ------------------------------------------------------------------ PostgreSQL
+#: Set by scripts/test.sh, which starts a throwaway PostgreSQL server on 127.0.0.1.
+PG_URL_ENV = "RETAILKLIP_TEST_PG_URL"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """SQLAlchemy URL of the test PostgreSQL server (a role that may CREATE DATABASE).
+
+    Unset is a failure, not a skip, so a run without PostgreSQL cannot pass silently; set
+    ``RETAILKLIP_SKIP_PG=1`` to skip the PostgreSQL tests deliberately.
+    """
+    url = os.environ.get(PG_URL_ENV)
+    if not url:
+        if os.environ.get("RETAILKLIP_SKIP_PG") == "1":
+            pytest.skip("RETAILKLIP_SKIP_PG=1: PostgreSQL tests skipped")
+        pytest.fail(
+            f"{PG_URL_ENV} is not set: run the tests with `bash scripts/test.sh`, which starts a throwaway "
+            f"PostgreSQL server (or set RETAILKLIP_SKIP_PG=1 to skip the PostgreSQL tests)",
+            pytrace=False,
+        )
+    return url
+
+
+@pytest.fixture()
+def pg_db_url(pg_url) -> str:
+    """URL of a fresh, empty PostgreSQL database for one test (dropped afterwards)."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"retailklip_t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.execute(text(f'CREATE DATABASE "{name}"'))
+        yield make_url(pg_url).set(database=name).render_as_string(hide_password=False)
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()

@@ -3,11 +3,11 @@ import os
 
 import numpy as np
 import pytest
+from imagekinds import write_bad_files
 from sqlalchemy import func, select
 
 from catalog import Catalog
 from catalog.models import SKU, Embedding, ReferenceImage
-from imagekinds import write_bad_files
 from retailklip.errors import (
     CatalogError,
     DuplicateSKUError,
@@ -139,9 +139,9 @@ def test_missing_weights_creates_nothing(tmp_path):
 
 
 def test_encoder_weights_changed_is_detected(tmp_path, tiny_clip_encoder, iconic):
+    from conftest import TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
     from safetensors.torch import save_file
 
-    from conftest import TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
     from retailklip.errors import EncoderMismatchError
 
     w = tmp_path / "w.safetensors"

@@ -4,10 +4,10 @@ import subprocess
 import sys
 
 import pytest
-
-from catalog.cli import main
 from conftest import TINY_CLIP_OPTIONS
 from imagekinds import write_bad_files
+
+from catalog.cli import main
 
 
 @pytest.fixture()

@@ -3,9 +3,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC, TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
 from safetensors.torch import save_file
 
-from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC, TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
 from retailklip import EncoderSpec, create_encoder
 from retailklip.errors import EncoderMismatchError, RetailKlipError, WeightsError, WeightsUnavailableError
 

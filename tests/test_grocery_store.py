@@ -8,9 +8,9 @@ measurements behind the catalog defaults used here.
 
 import numpy as np
 import pytest
+from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC
 
 from catalog import Catalog
-from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC
 from retailklip import Recognizer
 
 # Unlabeled in-store photos for the feature centre: every 6th train photo (disjoint from val).
@@ -36,7 +36,7 @@ def test_val_photos_top1_far_above_chance(grocery_catalog, iconic, val_photos):
     enc = grocery_catalog.encoder()
     queries = enc.embed([p for p, _ in val_photos])
     rec.refresh()
-    matches = rec._matcher.match(queries, rec.threshold)
+    matches = rec.matcher.match(queries, rec.threshold)
     pred = np.array([m.nearest.sku for m in matches])
     truth = np.array([names[c] for _, c in val_photos])
     top1 = float((pred == truth).mean())

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
+from imagekinds import write_bad_files, write_odd_valid_files
 from PIL import Image
 
-from imagekinds import write_bad_files, write_odd_valid_files
 from retailklip.errors import InvalidImageError
 from retailklip.images import load_image, to_rgb
 

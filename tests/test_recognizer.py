@@ -94,8 +94,8 @@ def test_concurrent_recognize_while_catalog_changes(tiny_catalog, iconic, val_ph
     assert not errors, errors
     assert answers and set(answers) <= {name for _, name, _ in iconic[:7]}
     rec.refresh()
-    assert set(rec._matcher.sku_of.values()) == {s.sku for s in cat.list_skus()}
-    assert rec._matcher.index.ntotal == 2 * len(cat)
+    assert set(rec.matcher.sku_of.values()) == {s.sku for s in cat.list_skus()}
+    assert rec.matcher.index.ntotal == 2 * len(cat)
 
 
 def test_segmenter_hook(tiny_catalog, iconic, val_photos):

@@ -21,7 +21,7 @@ from .base import PRECISIONS, Encoder, EncoderIdentity
 DEFAULT_ENCODER_SPEC = "open_clip:ViT-L-14/laion2b_s32b_b82k"
 BACKENDS = ("open_clip", "timm")
 
-__all__ = ["BACKENDS", "DEFAULT_ENCODER_SPEC", "Encoder", "EncoderIdentity", "EncoderSpec", "PRECISIONS", "create_encoder"]
+__all__ = ["BACKENDS", "DEFAULT_ENCODER_SPEC", "PRECISIONS", "Encoder", "EncoderIdentity", "EncoderSpec", "create_encoder"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class EncoderSpec:
     tag: str | None = None
 
     @classmethod
-    def parse(cls, spec: "str | EncoderSpec") -> "EncoderSpec":
+    def parse(cls, spec: str | EncoderSpec) -> EncoderSpec:
         """Parse ``BACKEND:MODEL[/TAG]``.
 
         Raises:
@@ -64,7 +64,7 @@ class EncoderSpec:
 
 
 def create_encoder(
-    spec: "str | EncoderSpec" = DEFAULT_ENCODER_SPEC,
+    spec: str | EncoderSpec = DEFAULT_ENCODER_SPEC,
     *,
     weights: str | os.PathLike | None = None,
     device: str = "cpu",

@@ -62,7 +62,7 @@ class EncoderIdentity:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def check_same(self, other: "EncoderIdentity") -> None:
+    def check_same(self, other: EncoderIdentity) -> None:
         """Raise :class:`EncoderMismatchError` unless ``other`` is the same identity."""
         if self != other:
             raise EncoderMismatchError(
@@ -168,7 +168,7 @@ class Encoder:
             total += self.features(batch).double().sum(0)
         return (total / len(images)).float().numpy()
 
-    def with_center(self, center: np.ndarray | None) -> "Encoder":
+    def with_center(self, center: np.ndarray | None) -> Encoder:
         """A copy of this encoder (sharing the model) with another centering vector (D,) or none."""
         ident = replace(self.identity, center="none")
         return Encoder(

@@ -15,6 +15,7 @@ import os
 import torch
 
 from ..errors import RetailKlipError, WeightsError, WeightsUnavailableError
+from ..rng import seeded
 from ..weights import file_sha256, load_state_dict, load_state_dict_strict
 from .base import Encoder, EncoderIdentity, infer_dim, preprocess_description
 
@@ -117,8 +118,7 @@ def create_open_clip_encoder(
 def _create(model_name: str, pretrained: str | None, overrides: dict, seed: int) -> torch.nn.Module:
     import open_clip
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         # open_clip logs a warning for random init; that is the point here.
         logging.getLogger().disabled, was = True, logging.getLogger().disabled
         try:

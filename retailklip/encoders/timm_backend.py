@@ -14,6 +14,7 @@ import os
 import torch
 
 from ..errors import RetailKlipError, WeightsUnavailableError
+from ..rng import seeded
 from ..weights import file_sha256, load_state_dict, load_state_dict_strict
 from .base import Encoder, EncoderIdentity, infer_dim, preprocess_description
 
@@ -99,8 +100,7 @@ def create_timm_encoder(
 
 
 def _create(timm, model_name: str, seed: int) -> torch.nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return timm.create_model(model_name, pretrained=False)
 
 

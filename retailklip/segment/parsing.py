@@ -2,9 +2,11 @@
 
 Source: seed 000 ("EfficientViT for Retail"), eq. 1: for a mask M over image I with bounding
 box B, the crop is ``C = I[B]`` with alpha ``A = 255 * M[B]``: pixels outside the mask are fully
-transparent (alpha exactly 0), pixels inside keep their colour unchanged. How transparency is
-composited before an encoder sees the crop is the encoder side's choice
-(``retailklip.images.to_rgb``).
+transparent (alpha exactly 0), pixels inside keep their colour unchanged (the RGB of the whole
+box is kept, so a caller may still ignore the alpha). How transparency is composited before an
+encoder sees the crop is the encoder side's choice (``retailklip.images.to_rgb``, onto
+``Encoder.background``, default grey 128: measured against black, white, the ImageNet mean, the
+segment's mean colour and noise, see docs/segmentation.md, "Compositing transparency").
 
 Boxes are ``(x0, y0, x1, y1)`` in pixels with **exclusive** ``x1, y1`` (PIL's ``Image.crop``
 and numpy slicing convention): the crop is ``image[y0:y1, x0:x1]``, its size is

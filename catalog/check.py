@@ -1,0 +1,345 @@
+"""``catalog check [--repair]``: find and repair drift between the database, the image store and
+the index versions.
+
+The database is the source of truth for SKUs, reference images and vectors; stored images and
+index snapshots are derived from it.  Drift can come from a crash between writing a file and
+committing a transaction, from a disk that lost or corrupted a file, or from hand edits.  Each
+finding has a kind, a count, a few examples, and whether ``--repair`` fixes it:
+
+==========================  ===============================================  =========================================
+kind                        what                                             repair
+==========================  ===============================================  =========================================
+``database``                SQLite ``integrity_check`` / ``foreign_key_check`` none (restore a backup)
+``orphan_vectors``          vectors whose reference image row is gone        delete them
+``bad_vectors``             vectors of the wrong length, non-finite or not   delete them (then re-embedded below)
+                            unit norm
+``missing_vectors``         reference images without all K vectors of the    embed them from the stored image
+                            active encoder
+``missing_images``          reference rows whose stored image file is gone   restore from ``--images-from DIR`` (found
+                                                                             by content hash); else reported
+``corrupt_images``          stored image whose SHA-256 is not its name       same as missing
+``orphan_files``            files in the image store no row refers to        delete (only if older than the grace
+                            (e.g. an add killed before its commit)           period, so a running add is never hit)
+``active_index``            the active version's index file missing,         rebuild a new version from the
+                            corrupt, or (Flat) disagreeing with the           database's vectors (no re-embedding)
+                            database's vectors
+``stale_versions``          versions left ``building`` by a killed rebuild,  mark failed, delete their files
+                            ready versions whose files are gone, version
+                            directories without a ready version, temporary
+                            directories
+==========================  ===============================================  =========================================
+
+``check`` takes the rebuild lock, so it never runs beside a rebuild.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from sqlalchemy import delete, select, text
+
+from retailklip.errors import RetailKlipError
+
+from . import index_store
+from .models import CatalogState, Embedding, IndexVersion, ReferenceImage
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .store import Catalog
+
+logger = logging.getLogger(__name__)
+
+#: Files in the image store younger than this are never called orphans (an add in progress
+#: writes its file before its transaction commits).
+ORPHAN_GRACE_S = 15 * 60
+#: Vectors compared between the active Flat snapshot and the database.
+SNAPSHOT_SAMPLE = 2000
+
+
+@dataclass
+class Finding:
+    """One kind of drift.
+
+    Attributes:
+        kind: see the module docstring's table.
+        count: how many items.
+        examples: up to 5 of them (ids, paths).
+        repaired: how many ``--repair`` fixed.
+        repairable: whether ``--repair`` can fix this kind at all (with the given options).
+    """
+
+    kind: str
+    count: int
+    examples: list[str] = field(default_factory=list)
+    repaired: int = 0
+    repairable: bool = True
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "count": self.count, "repaired": self.repaired,
+                "repairable": self.repairable, "examples": self.examples}
+
+
+@dataclass
+class CheckReport:
+    """The result of :func:`check`: ``ok`` when nothing is left unrepaired."""
+
+    findings: list[Finding]
+    references: int
+    vectors: int
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return all(f.repaired >= f.count for f in self.findings)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "references": self.references, "vectors": self.vectors,
+                "seconds": round(self.seconds, 3), "findings": [f.to_dict() for f in self.findings]}
+
+
+def _sha256(path: Path) -> str:
+    return index_store.file_sha256(path)
+
+
+def check(
+    cat: Catalog,
+    *,
+    repair: bool = False,
+    images_from: Sequence[str | os.PathLike] = (),
+    verify_images: bool = True,
+    grace_s: float = ORPHAN_GRACE_S,
+    progress: bool = False,
+) -> CheckReport:
+    """Check a catalog (module docstring) and, with ``repair``, fix what can be fixed.
+
+    Args:
+        cat: the catalog.
+        repair: fix the findings that can be fixed.
+        images_from: directories searched (recursively) for missing or corrupt reference images,
+            matched by SHA-256 content hash (e.g. the folder the packshots came from).
+        verify_images: hash every stored image (reads the whole store; False checks existence).
+        grace_s: image-store files younger than this many seconds are never orphans.
+        progress: progress bar while re-embedding.
+
+    Returns:
+        A :class:`CheckReport`.
+
+    Raises:
+        RebuildBusyError: a rebuild is running.
+    """
+    from .rebuild import _clean_stale, _embed_missing, _RebuildLock
+
+    t0 = time.perf_counter()
+    findings: list[Finding] = []
+    with _RebuildLock(cat.root):
+        snap = cat.snapshot()
+        dim = cat.encoder_identity().dim
+        k = snap.augmentations
+
+        # -- vectors
+        with cat._sessions() as s:
+            ref_ids = set(s.scalars(select(ReferenceImage.id)))
+            orphan, bad_vec = [], []
+            n_vec = 0
+            for eid, rid, enc_id, blob in s.execute(
+                select(Embedding.id, Embedding.reference_id, Embedding.encoder_id, Embedding.vector)
+            ).yield_per(10_000):
+                n_vec += 1
+                if rid not in ref_ids:
+                    orphan.append(eid)
+                    continue
+                if enc_id == snap.encoder_id:
+                    if len(blob) != 4 * dim:
+                        bad_vec.append(eid)
+                        continue
+                    v = np.frombuffer(blob, np.float32)
+                    if not np.all(np.isfinite(v)) or abs(float(v @ v) - 1.0) > 1e-3:
+                        bad_vec.append(eid)
+        for kind, ids in (("orphan_vectors", orphan), ("bad_vectors", bad_vec)):
+            if ids:
+                f = Finding(kind, len(ids), [f"vector {i}" for i in ids[:5]])
+                if repair:
+                    with cat._sessions.begin() as s:
+                        cat._lock_state(s)
+                        for c in range(0, len(ids), 10_000):
+                            s.execute(delete(Embedding).where(Embedding.id.in_(ids[c : c + 10_000])))
+                    f.repaired = len(ids)
+                findings.append(f)
+
+        # -- stored images
+        with cat._sessions() as s:
+            refs = s.execute(
+                select(ReferenceImage.id, ReferenceImage.sku_id, ReferenceImage.sha256, ReferenceImage.filename,
+                       ReferenceImage.size_bytes)
+            ).all()
+        missing, corrupt = [], []
+        for rid, sku, sha, fn, size in refs:
+            p = cat.root / fn
+            if not p.is_file():
+                missing.append((rid, sku, sha, fn, size))
+            elif verify_images and _sha256(p) != sha:
+                corrupt.append((rid, sku, sha, fn, size))
+        sources = _index_by_hash(images_from, {r[2] for r in missing + corrupt}, {r[4] for r in missing + corrupt})
+        for kind, items in (("missing_images", missing), ("corrupt_images", corrupt)):
+            if not items:
+                continue
+            f = Finding(kind, len(items), [f"SKU {sku!r}: {fn}" for _r, sku, _h, fn, _s in items[:5]],
+                        repairable=all(h in sources for _r, _k, h, _f, _s in items))
+            if repair:
+                from .store import _atomic_write
+
+                for _rid, _sku, sha, fn, _size in items:
+                    if sha in sources:
+                        _atomic_write(cat.root / fn, sources[sha].read_bytes())
+                        f.repaired += 1
+            findings.append(f)
+
+        # -- references lacking vectors of the active encoder (after the deletions above)
+        from .rebuild import _missing
+
+        lacking = _missing(cat, snap.encoder_id, k)
+        if lacking:
+            unreadable = {j.reference_id for j in lacking if not Path(j.path).is_file()}
+            f = Finding("missing_vectors", len(lacking), [f"reference {j.reference_id}" for j in lacking[:5]],
+                        repairable=not unreadable)
+            if repair and not unreadable:
+                st = cat.settings()
+                f.repaired = _embed_missing(
+                    cat, cat.encoder_for(snap.encoder_id), snap.encoder_id, k, int(st["seed"]), ray=None,
+                    ray_workers=None, progress=progress, batch=64,
+                )
+                with cat._sessions.begin() as s:
+                    cat._lock_state(s)  # recognizers pick the new vectors up
+            findings.append(f)
+
+        # -- orphan files in the image store
+        known = {fn for *_x, fn, _s in refs}
+        now = time.time()
+        orphans = []
+        images_dir = cat.root / "images"
+        if images_dir.is_dir():
+            for p in images_dir.rglob("*"):
+                if p.is_file() and str(p.relative_to(cat.root)) not in known and now - p.stat().st_mtime > grace_s:
+                    orphans.append(p)
+        if orphans:
+            f = Finding("orphan_files", len(orphans), [str(p.relative_to(cat.root)) for p in orphans[:5]])
+            if repair:
+                with cat._sessions() as s:  # re-read: an add may have committed one meanwhile
+                    known = set(s.scalars(select(ReferenceImage.filename)))
+                for p in orphans:
+                    if str(p.relative_to(cat.root)) not in known:
+                        p.unlink(missing_ok=True)
+                    f.repaired += 1
+            findings.append(f)
+
+        # -- index versions
+        stale = []
+        with cat._sessions() as s:
+            versions = list(s.scalars(select(IndexVersion)))
+            active_id = s.get(CatalogState, 1).active_version_id
+        stale += [f"version {v.id} left building" for v in versions if v.status == "building"]
+        stale += [str(p.relative_to(cat.root)) for p in index_store.stale_temp_dirs(cat.root)]
+        ready_paths = {v.path for v in versions if v.status == "ready"}
+        idx_dir = cat.root / index_store.INDEXES_DIR
+        if idx_dir.is_dir():
+            stale += [f"{index_store.INDEXES_DIR}/{p.name}" for p in idx_dir.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and f"{index_store.INDEXES_DIR}/{p.name}" not in ready_paths]
+        broken_ready = []
+        active_problem = None
+        for v in versions:
+            if v.status != "ready":
+                continue
+            try:
+                idx = cat.load_index(v.id, verify=True)
+            except RetailKlipError as e:
+                if v.id == active_id:
+                    active_problem = str(e)
+                else:
+                    broken_ready.append(v.id)
+                continue
+            if v.id == active_id and active_problem is None:
+                active_problem = _compare_snapshot(cat, idx, v.encoder_id, exclude=bad_vec + orphan)
+        stale += [f"version {i}: files missing or corrupt" for i in broken_ready]
+        if stale:
+            f = Finding("stale_versions", len(stale), stale[:5])
+            if repair:
+                _clean_stale(cat)
+                with cat._sessions.begin() as s:
+                    for v in s.scalars(select(IndexVersion).where(IndexVersion.id.in_(broken_ready))):
+                        v.status, v.note = "failed", (v.note or "") + "; files missing or corrupt (catalog check)"
+                with cat._sessions() as s:
+                    keep = set(s.scalars(select(IndexVersion.path).where(IndexVersion.status == "ready")))
+                if idx_dir.is_dir():
+                    for p in idx_dir.iterdir():
+                        if p.is_dir() and f"{index_store.INDEXES_DIR}/{p.name}" not in keep:
+                            index_store.remove_version(cat.root, f"{index_store.INDEXES_DIR}/{p.name}")
+                f.repaired = len(stale)
+            findings.append(f)
+        # -- database integrity (SQLite), after the repairs above; vectors whose reference row
+        # is gone are reported (and repaired) as orphan_vectors
+        if cat.engine.dialect.name == "sqlite":
+            with cat.engine.connect() as c:
+                bad = [r[0] for r in c.execute(text("PRAGMA integrity_check"))]
+                fks = [tuple(r) for r in c.execute(text("PRAGMA foreign_key_check"))]
+            fks = [r for r in fks if not (r[0] == "embeddings" and r[2] == "reference_images")]
+            problems = [b for b in bad if b != "ok"] + [f"foreign key: {r}" for r in fks]
+            if problems:
+                findings.insert(0, Finding("database", len(problems), problems[:5], repairable=False))
+        if active_problem:
+            findings.append(Finding("active_index", 1, [active_problem]))
+
+    # Outside the lock: a rebuild from the database's vectors (same encoder, nothing re-embedded).
+    if repair and findings and findings[-1].kind == "active_index" and not any(f.kind == "database" for f in findings):
+        info = cat.rebuild()
+        findings[-1].repaired = 1
+        logger.info("check: rebuilt the active index as version %d", info.id)
+    with cat._sessions() as s:
+        n_refs = len(list(s.scalars(select(ReferenceImage.id))))
+    return CheckReport(findings, n_refs, n_vec, time.perf_counter() - t0)
+
+
+def _compare_snapshot(cat: Catalog, idx, encoder_id: int, exclude: Sequence[int] = ()) -> str | None:
+    """For an exact (Flat) snapshot, compare a sample of its vectors with the database's."""
+    ids = idx.ids()
+    if not len(ids) or not idx.supports_remove:  # approximate types store no exact vectors
+        return None
+    table_ids, _skus = cat.embedding_table(encoder_id)
+    live = np.setdiff1d(np.intersect1d(ids, table_ids), np.asarray(exclude, np.int64))
+    if len(live) > SNAPSHOT_SAMPLE:
+        live = np.random.default_rng(0).choice(live, SNAPSHOT_SAMPLE, replace=False)
+    if not len(live):
+        return None
+    try:
+        stored = idx.reconstruct(live)
+    except RuntimeError:
+        return None
+    db = cat.vectors(live, idx.dim)
+    bad = np.flatnonzero(np.abs(stored - db).max(axis=1) > 1e-5)
+    if len(bad):
+        return f"{len(bad)} of {len(live)} sampled vectors in the active index differ from the database"
+    return None
+
+
+def _index_by_hash(dirs: Sequence[str | os.PathLike], wanted: set[str], sizes: set[int]) -> dict[str, Path]:
+    """Files under ``dirs`` whose SHA-256 is in ``wanted`` (only files of a wanted size are hashed)."""
+    found: dict[str, Path] = {}
+    if not wanted:
+        return found
+    for d in dirs:
+        for p in sorted(Path(d).rglob("*")):
+            try:
+                if not p.is_file() or p.stat().st_size not in sizes:
+                    continue
+            except OSError:
+                continue
+            h = hashlib.sha256(p.read_bytes()).hexdigest()
+            if h in wanted:
+                found.setdefault(h, p)
+    return found

@@ -1,0 +1,139 @@
+"""Versioned index directories of a catalog: write once, rename into place, never modify.
+
+Layout::
+
+    DIR/indexes/v000007/index.faiss     the FAISS index (IndexIDMap2; ids = embeddings row ids)
+    DIR/indexes/v000007/manifest.json   {"version", "encoder_key", "factory", "vectors", "dim",
+                                         "index_sha256", "created", ...}
+
+A version directory is first written as ``DIR/indexes/.v000007.tmp-<pid>`` (files fsynced), then
+renamed to its final name (atomic on POSIX) and the parent directory fsynced.  Nothing ever
+writes into a final directory again, so a reader that found a version in the database reads
+either that complete directory or (once it is retired) nothing — never a half-written file.
+Which version serves recognition is decided by the database (``catalog_state.active_version_id``),
+switched in one transaction (see :mod:`catalog.rebuild`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from retailklip.errors import CatalogError
+from retailklip.index import VectorIndex
+
+INDEXES_DIR = "indexes"
+INDEX_FILE = "index.faiss"
+MANIFEST_FILE = "manifest.json"
+
+
+class IndexFileError(CatalogError):
+    """A version's index files are missing or do not match the database record."""
+
+
+def version_relpath(version_id: int) -> str:
+    """``indexes/v000007`` for version 7 (relative to the catalog directory)."""
+    return f"{INDEXES_DIR}/v{int(version_id):06d}"
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_version(root: Path, version_id: int, index: VectorIndex, manifest: dict) -> str:
+    """Write a version directory atomically.
+
+    Args:
+        root: catalog directory.
+        version_id: the ``index_versions`` row id.
+        index: the built index.
+        manifest: extra JSON-serialisable fields (encoder key, factory, recall@1, ...).
+
+    Returns:
+        The SHA-256 (hex) of the index file.
+
+    Raises:
+        IndexFileError: the final directory already exists (a version is never rewritten; a
+            leftover of a crashed build must be removed first, see :func:`remove_version`).
+    """
+    final = root / version_relpath(version_id)
+    if final.exists():
+        raise IndexFileError(f"{final} already exists; version directories are never rewritten")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(mode=0o750)
+    try:
+        index.save(tmp / INDEX_FILE)
+        with open(tmp / INDEX_FILE, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = file_sha256(tmp / INDEX_FILE)
+        body = dict(manifest, version=int(version_id), index_sha256=digest, vectors=index.ntotal, dim=index.dim)
+        with open(tmp / MANIFEST_FILE, "w") as f:
+            json.dump(body, f, indent=1, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return digest
+
+
+def read_version(root: Path, relpath: str, *, expected_sha256: str | None = None, verify: bool = False) -> VectorIndex:
+    """Load a version's index.
+
+    Args:
+        root: catalog directory.
+        relpath: the version's directory relative to ``root`` (``index_versions.path``).
+        expected_sha256: the index file's SHA-256 from the database.
+        verify: hash the whole file and compare (``catalog check``); otherwise only the
+            manifest's recorded hash is compared with ``expected_sha256``.
+
+    Raises:
+        IndexFileError: missing directory or file, or a hash mismatch.
+    """
+    d = root / relpath
+    f = d / INDEX_FILE
+    if not f.is_file():
+        raise IndexFileError(f"index file {f} is missing; run `catalog check --repair` or `catalog rebuild`")
+    if expected_sha256 is not None:
+        try:
+            recorded = json.loads((d / MANIFEST_FILE).read_text()).get("index_sha256")
+        except (OSError, ValueError):
+            raise IndexFileError(f"{d / MANIFEST_FILE} is missing or unreadable") from None
+        actual = file_sha256(f) if verify else recorded
+        if actual != expected_sha256:
+            raise IndexFileError(f"{f} does not match the database record (sha256 {str(actual)[:12]} != {expected_sha256[:12]})")
+    try:
+        return VectorIndex.load(f)
+    except RuntimeError as e:
+        raise IndexFileError(f"{f}: not a readable FAISS index ({str(e).splitlines()[0][:200]})") from None
+
+
+def remove_version(root: Path, relpath: str) -> None:
+    """Delete a version directory (retired or failed versions only; the caller checks)."""
+    shutil.rmtree(root / relpath, ignore_errors=True)
+
+
+def stale_temp_dirs(root: Path) -> list[Path]:
+    """Leftover ``.vNNNNNN.tmp-<pid>`` directories of builds that were killed."""
+    d = root / INDEXES_DIR
+    return sorted(p for p in d.glob(".v*.tmp-*") if p.is_dir()) if d.is_dir() else []
