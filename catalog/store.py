@@ -614,6 +614,7 @@ class Catalog:
                 if not dest.exists():
                     _atomic_write(dest, p.data)
                     created.append(dest)
+                    crash_point("add.after_each_file")
                 else:  # a leftover of an interrupted add: fresh mtime so `catalog check` keeps it
                     os.utime(dest)
             crash_point("add.after_file")
@@ -672,7 +673,9 @@ class Catalog:
             s.execute(delete(Embedding).where(Embedding.reference_id.in_([r.id for r in row.references])))
             s.delete(row)
             s.flush()
+            crash_point("remove.before_commit")
             still_used = set(s.scalars(select(ReferenceImage.filename).where(ReferenceImage.filename.in_(files))))
+        crash_point("remove.after_commit")
         for f in files:
             if f not in still_used:
                 (self.root / f).unlink(missing_ok=True)
@@ -840,6 +843,7 @@ def _atomic_write(dest: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o640)
+        crash_point("add.after_tmp_file")
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

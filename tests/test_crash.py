@@ -76,7 +76,8 @@ def _expected(op: str) -> tuple[set, set]:
 @pytest.fixture(scope="module")
 def crash_run(base_catalog, sources, tmp_path_factory):
     """Run every scenario once: crash step, then (per scenario) a copy of the crashed directory,
-    recognition on the crashed state, the re-run command and recognition again."""
+    `catalog check` and recognition on the crashed state, the re-run command, recognition and
+    `catalog check` again."""
     import shutil
 
     work = tmp_path_factory.mktemp("crashrun")
@@ -108,7 +109,8 @@ def crash_run(base_catalog, sources, tmp_path_factory):
         step = [{"copytree": [str(plan[n]["dir"]), str(plan[n]["crashed"])]} for n in names[b : b + BATCH]]
         for n in names[b : b + BATCH]:
             rec = ["--catalog", str(plan[n]["dir"]), "recognize", *recognize_all, "--json", "--threshold", "2"]
-            step.append({"argvs": [rec, plan[n]["argv"], rec]})
+            chk = ["--catalog", str(plan[n]["dir"]), "check", "--json"]
+            step.append({"argvs": [chk, rec, plan[n]["argv"], rec, chk]})
         steps.append(step)
     results = run_driver(steps)
     crash_results = [r for step in results[: len(steps) // 2] for r in step]
@@ -141,22 +143,26 @@ def test_crash_leaves_catalog_consistent_and_rerun_completes(crash_run, sources,
     state = check_consistent(p["crashed"])
     skus = set(state["skus"])
     assert skus in (before_set, after_set), f"half-done {p['op']}: {sorted(skus)}"
-    # 2. Recognition works on the crashed state: every SKU's own image is recognised as itself.
-    assert after["rcs"][0] == 0, after["stderr"][0]
-    got = _recognized(after["stdout"][0], sources)
+    # 2. `catalog check` finds no drift (a leftover image file of the killed add is younger than
+    #    its grace period, so not yet an orphan), and recognition works on the crashed state:
+    #    every SKU's own image is recognised as itself.
+    assert after["rcs"][0] == 0 and json.loads(after["stdout"][0])["ok"], after["stdout"][0] + after["stderr"][0]
+    assert after["rcs"][1] == 0, after["stderr"][1]
+    got = _recognized(after["stdout"][1], sources)
     assert {s: got[s] for s in skus} == {s: s for s in skus}
     # 3. Re-running the command completes it (or says, in one line, that it was already done).
     if skus == before_set:
-        assert after["rcs"][1] == 0, after["stderr"][1]
+        assert after["rcs"][2] == 0, after["stderr"][2]
     else:
-        err = after["stderr"][1].strip()
-        assert after["rcs"][1] == 1 and err.count("\n") == 0, err
+        err = after["stderr"][2].strip()
+        assert after["rcs"][2] == 1 and err.count("\n") == 0, err
         assert err.startswith("catalog: error: ") and ("already" in err or "unknown SKU" in err), err
     final = check_consistent(p["dir"])
     assert set(final["skus"]) == after_set
-    assert after["rcs"][2] == 0, after["stderr"][2]
-    got = _recognized(after["stdout"][2], sources)
+    assert after["rcs"][3] == 0, after["stderr"][3]
+    got = _recognized(after["stdout"][3], sources)
     assert {s: got[s] for s in after_set} == {s: s for s in after_set}
+    assert after["rcs"][4] == 0 and json.loads(after["stdout"][4])["ok"], after["stdout"][4]
     # Nothing but unreferenced leftovers of the crash may remain beside the referenced files.
     assert final["references"] == len(after_set)
 
