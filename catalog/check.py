@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sqlalchemy import delete, select, text
+from sqlalchemy import delete, select, text, update
 
 from retailklip.errors import RetailKlipError
 
@@ -231,12 +231,15 @@ def check(
         if orphans:
             f = Finding("orphan_files", len(orphans), [str(p.relative_to(cat.root)) for p in orphans[:5]])
             if repair:
-                with cat._sessions() as s:  # re-read: an add may have committed one meanwhile
+                # Under the writers' lock (adds write their files only while holding it), and
+                # re-reading the references: an add may have committed one of them meanwhile.
+                with cat._sessions.begin() as s:
+                    s.execute(update(CatalogState).where(CatalogState.id == 1).values(generation=CatalogState.generation))
                     known = set(s.scalars(select(ReferenceImage.filename)))
-                for p in orphans:
-                    if str(p.relative_to(cat.root)) not in known:
-                        p.unlink(missing_ok=True)
-                    f.repaired += 1
+                    for p in orphans:
+                        if str(p.relative_to(cat.root)) not in known:
+                            p.unlink(missing_ok=True)
+                        f.repaired += 1
             findings.append(f)
 
         # -- index versions

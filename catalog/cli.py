@@ -14,6 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from retailklip.augment import DEFAULT_AUGMENTATIONS
 from retailklip.encoders import DEFAULT_ENCODER_SPEC
 from retailklip.errors import RetailKlipError
@@ -469,6 +471,10 @@ def main(argv: list[str] | None = None) -> int:
     except RetailKlipError as e:
         print(f"catalog: error: {' '.join(str(e).split())}", file=sys.stderr)
         return int(getattr(e, "exit_code", 1))
+    except SQLAlchemyError as e:  # e.g. "database is locked" after the busy timeout
+        msg = str(getattr(e, "orig", None) or e).splitlines()[0]
+        print(f"catalog: error: database error: {msg}", file=sys.stderr)
+        return 1
     except OSError as e:  # e.g. an unwritable --save-segments / --overlay path
         print(f"catalog: error: {e}", file=sys.stderr)
         return 1

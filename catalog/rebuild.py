@@ -257,17 +257,18 @@ def _embed_missing(
 
 # ---------------------------------------------------------------------------- build + validate
 def _snapshot_table(cat: Catalog, encoder_id: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(embedding ids, reference ids, views) of ``encoder_id``'s vectors (views < K) and the
-    number of reference images, read in one transaction."""
+    """(embedding ids, reference ids, views) of ``encoder_id``'s vectors (views < K) of existing
+    reference images, and the number of those references, from one query (SKUs added after it
+    are caught up before the swap)."""
     with cat._sessions() as s:
         rows = s.execute(
             select(Embedding.id, Embedding.reference_id, Embedding.view)
+            .join(ReferenceImage, ReferenceImage.id == Embedding.reference_id)
             .where(Embedding.encoder_id == encoder_id, Embedding.view < k)
             .order_by(Embedding.id)
         ).all()
-        n_refs = int(s.scalar(select(func.count(ReferenceImage.id))))
     a = np.array(rows, np.int64).reshape(-1, 3)
-    return a[:, 0], a[:, 1], a[:, 2], n_refs
+    return a[:, 0], a[:, 1], a[:, 2], len(np.unique(a[:, 1]))
 
 
 def _validate(index: VectorIndex, ids: np.ndarray, refs: np.ndarray, views: np.ndarray, vectors: np.ndarray,
@@ -277,8 +278,10 @@ def _validate(index: VectorIndex, ids: np.ndarray, refs: np.ndarray, views: np.n
         raise ValidationError(f"index dimension {index.dim} != encoder dimension {dim}")
     if index.ntotal != len(ids) or len(ids) != n_refs * k:
         raise ValidationError(f"index holds {index.ntotal} vectors; expected {n_refs} references x K={k} = {n_refs * k}")
-    if len(np.unique(refs)) != n_refs:
-        raise ValidationError(f"vectors cover {len(np.unique(refs))} references; the catalog has {n_refs}")
+    per_ref = np.unique(refs, return_counts=True)[1]
+    if len(per_ref) != n_refs or (per_ref != k).any():
+        raise ValidationError(f"vectors cover {len(per_ref)} references with {sorted(set(per_ref.tolist()))} views each; "
+                              f"expected {n_refs} references x K={k}")
     own = np.flatnonzero(views == 0)
     if len(own) > SELF_CHECK_MAX:
         own = np.sort(np.random.default_rng(seed).choice(own, SELF_CHECK_MAX, replace=False))
@@ -464,7 +467,11 @@ def rebuild(
             embedded = _embed_missing(cat, enc, enc_id, k, seed, ray=ray, ray_workers=ray_workers, progress=progress, batch=batch)
             ids, refs, views, n_refs = _snapshot_table(cat, enc_id, k)
             factory = choose_index_type(len(ids), enc.dim, memory_budget) if index_type == "auto" else index_type
-            vectors = cat.vectors(ids, enc.dim)
+            found, vectors = cat.existing_vectors(ids, enc.dim)
+            if len(found) != len(ids):  # SKUs removed since the snapshot query: leave them out
+                keep = np.isin(ids, found)
+                ids, refs, views = ids[keep], refs[keep], views[keep]
+                n_refs = len(np.unique(refs))
             t1 = time.perf_counter()
             if len(ids):
                 index, recall = build_index(ids, vectors, factory, target_recall=target_recall, seed=seed)

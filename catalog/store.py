@@ -94,6 +94,16 @@ def default_catalog_dir() -> Path:
     return Path(base) / "retailklip" / "catalog"
 
 
+def _is_utf8(text: str) -> bool:
+    """False for text holding lone surrogates (how Python passes undecodable bytes of file names
+    and arguments), which no database can store."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def validate_sku_id(sku: str) -> str:
     """Check an SKU id: 1-128 characters, no control characters (NUL included), no ``/`` or
     ``\\``, not ``.`` or ``..``, no leading/trailing whitespace.
@@ -103,6 +113,8 @@ def validate_sku_id(sku: str) -> str:
     """
     if not isinstance(sku, str) or not sku:
         raise InvalidSKUError("SKU id must be a non-empty string")
+    if not _is_utf8(sku):
+        raise InvalidSKUError(f"SKU id {sku[:40]!r} is not valid Unicode text (undecodable bytes in a file name or argument?)")
     if len(sku) > SKU_ID_MAX:
         raise InvalidSKUError(f"SKU id is {len(sku)} characters long; the limit is {SKU_ID_MAX}")
     if not _SKU_RE.match(sku) or sku in (".", "..") or sku != sku.strip():
@@ -121,6 +133,8 @@ def validate_name(name: str | None) -> str | None:
     """
     if name is None:
         return None
+    if not _is_utf8(name):
+        raise InvalidSKUError("SKU name is not valid Unicode text (undecodable bytes?)")
     if len(name) > NAME_MAX:
         raise InvalidSKUError(f"SKU name is {len(name)} characters long; the limit is {NAME_MAX}")
     if _CONTROL_RE.search(name):
@@ -554,6 +568,8 @@ class Catalog:
                 rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
         except UnicodeDecodeError:
             raise CatalogError(f"{path}: not a UTF-8 CSV file") from None
+        except csv.Error as e:
+            raise CatalogError(f"{path}: not a valid CSV file ({e})") from None
         if not rows:
             raise CatalogError(f"{path}: no rows")
         entries = []
@@ -607,55 +623,65 @@ class Catalog:
             )
 
     def _write(self, prepared: Sequence[_Prepared], *, append: bool) -> None:
+        # Image files are written, and on failure deleted again, only while this transaction
+        # holds the writers' lock (taken by _lock_state): no other writer can commit a reference
+        # to one of these files in between, so a failed writer never deletes an image that
+        # another writer's reference names (see also _delete_unreferenced).
         created: list[Path] = []
         try:
-            for p in prepared:
-                dest = self.root / _image_relpath(p.sha256, p.ext)
-                if not dest.exists():
-                    _atomic_write(dest, p.data)
-                    created.append(dest)
-                    crash_point("add.after_each_file")
-                else:  # a leftover of an interrupted add: fresh mtime so `catalog check` keeps it
-                    os.utime(dest)
-            crash_point("add.after_file")
             with self._sessions.begin() as s:
                 _gen, active_encoder = self._lock_state(s)
-                if any(p.encoder_id != active_encoder for p in prepared):
-                    raise _EncoderChanged()
-                hashes = [p.sha256 for p in prepared]
-                clash = s.execute(
-                    select(ReferenceImage.sha256, ReferenceImage.sku_id).where(ReferenceImage.sha256.in_(hashes))
-                ).first()
-                if clash:
-                    raise DuplicateSKUError(f"this image is already a reference image of SKU {clash[1]!r}")
-                for p in prepared:
-                    if append:
-                        sku_row = s.get(SKU, p.sku)
-                        if sku_row is None:
-                            raise UnknownSKUError(f"unknown SKU {p.sku!r}")
-                        if p.name:
-                            sku_row.name = p.name
-                    else:
-                        s.add(SKU(id=p.sku, name=p.name))
-                    ref = ReferenceImage(
-                        sku_id=p.sku, sha256=p.sha256, filename=_image_relpath(p.sha256, p.ext),
-                        size_bytes=len(p.data), width=p.width, height=p.height,
-                    )
-                    s.add(ref)
+                try:
+                    if any(p.encoder_id != active_encoder for p in prepared):
+                        raise _EncoderChanged()
+                    if not append:
+                        taken = s.scalars(select(SKU.id).where(SKU.id.in_([p.sku for p in prepared]))).first()
+                        if taken is not None:
+                            raise DuplicateSKUError(
+                                f"SKU {taken!r} already exists (remove it first, or use --append to add another reference image)"
+                            )
+                    hashes = [p.sha256 for p in prepared]
+                    clash = s.execute(
+                        select(ReferenceImage.sha256, ReferenceImage.sku_id).where(ReferenceImage.sha256.in_(hashes))
+                    ).first()
+                    if clash:
+                        raise DuplicateSKUError(f"this image is already a reference image of SKU {clash[1]!r}")
+                    for p in prepared:
+                        dest = self.root / _image_relpath(p.sha256, p.ext)
+                        if not dest.exists():
+                            _atomic_write(dest, p.data)
+                            created.append(dest)
+                        else:  # a leftover of an interrupted add: fresh mtime so `catalog check` keeps it
+                            os.utime(dest)
+                        crash_point("add.after_each_file")
+                    crash_point("add.after_file")
+                    for p in prepared:
+                        if append:
+                            sku_row = s.get(SKU, p.sku)
+                            if sku_row is None:
+                                raise UnknownSKUError(f"unknown SKU {p.sku!r}")
+                            if p.name:
+                                sku_row.name = p.name
+                        else:
+                            s.add(SKU(id=p.sku, name=p.name))
+                        ref = ReferenceImage(
+                            sku_id=p.sku, sha256=p.sha256, filename=_image_relpath(p.sha256, p.ext),
+                            size_bytes=len(p.data), width=p.width, height=p.height,
+                        )
+                        s.add(ref)
+                        s.flush()
+                        s.add_all(
+                            Embedding(reference_id=ref.id, encoder_id=active_encoder, view=v, vector=vec.tobytes())
+                            for v, vec in enumerate(p.vectors)
+                        )
                     s.flush()
-                    s.add_all(
-                        Embedding(reference_id=ref.id, encoder_id=active_encoder, view=v, vector=vec.tobytes())
-                        for v, vec in enumerate(p.vectors)
-                    )
-                s.flush()
+                except BaseException:
+                    _unlink_all(created)  # still under the writers' lock; the rollback follows
+                    raise
                 crash_point("add.before_commit")
             crash_point("add.after_commit")
         except IntegrityError as e:
-            _unlink_all(created)
             raise DuplicateSKUError(f"SKU already exists or the image is already stored ({str(e.orig).splitlines()[0]})") from None
-        except BaseException:
-            _unlink_all(created)
-            raise
         logger.info("added %d reference image(s): %s", len(prepared), ", ".join(p.sku for p in prepared[:5]))
 
     def remove(self, sku: str) -> None:
@@ -674,12 +700,21 @@ class Catalog:
             s.delete(row)
             s.flush()
             crash_point("remove.before_commit")
-            still_used = set(s.scalars(select(ReferenceImage.filename).where(ReferenceImage.filename.in_(files))))
         crash_point("remove.after_commit")
-        for f in files:
-            if f not in still_used:
-                (self.root / f).unlink(missing_ok=True)
+        self._delete_unreferenced(files)
         logger.info("removed SKU %s", sku)
+
+    def _delete_unreferenced(self, files: Sequence[str]) -> None:
+        """Delete the stored image files among ``files`` that no reference row names.  Runs under
+        the writers' lock (a no-op UPDATE of ``catalog_state``), like the file writes of
+        :meth:`_write`, so an ``add`` of the same image cannot commit a reference to a file
+        between the check and the unlink.  A crash before this leaves unreferenced files only."""
+        with self._sessions.begin() as s:
+            s.execute(update(CatalogState).where(CatalogState.id == 1).values(generation=CatalogState.generation))
+            used = set(s.scalars(select(ReferenceImage.filename).where(ReferenceImage.filename.in_(list(files)))))
+            for f in files:
+                if f not in used:
+                    (self.root / f).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reads
     def get(self, sku: str) -> SKUInfo:
@@ -737,8 +772,26 @@ class Catalog:
         return np.array([r[0] for r in rows], np.int64), [r[1] for r in rows]
 
     def vectors(self, ids: Sequence[int], dim: int, chunk: int = 10_000) -> np.ndarray:
-        """The float32 vectors (N, dim) of the given embedding row ids, in the given order."""
+        """The float32 vectors (N, dim) of the given embedding row ids, in the given order.
+
+        Raises:
+            UnknownSKUError: an id has no row (removed meanwhile; see :meth:`existing_vectors`).
+            CatalogError: a stored vector has the wrong length.
+        """
+        found, out = self.existing_vectors(ids, dim, chunk)
+        if len(found) != len(ids):
+            missing = sorted(set(int(i) for i in ids) - set(found.tolist()))
+            raise UnknownSKUError(f"{len(missing)} vector(s) are no longer in the catalog, e.g. id {missing[0]}")
+        return out
+
+    def existing_vectors(self, ids: Sequence[int], dim: int, chunk: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`vectors`, skipping ids whose rows are gone (an SKU removed meanwhile).
+
+        Returns:
+            ``(found_ids, vectors)``: int64 (M,) ids in the given order and float32 (M, dim).
+        """
         out = np.empty((len(ids), dim), np.float32)
+        seen = np.zeros(len(ids), bool)
         pos = {int(i): n for n, i in enumerate(ids)}
         with self._sessions() as s:
             for c in range(0, len(ids), chunk):
@@ -749,7 +802,8 @@ class Catalog:
                             f"vector {i} in the database has {len(blob)} bytes, not {4 * dim}; run `catalog check --repair`"
                         )
                     out[pos[i]] = np.frombuffer(blob, np.float32)
-        return out
+                    seen[pos[i]] = True
+        return np.asarray(ids, np.int64)[seen], out[seen]
 
     # ------------------------------------------------------------------ index versions
     def load_index(self, version_id: int | None, *, verify: bool = False) -> VectorIndex:
@@ -834,8 +888,18 @@ def _detect_format(data: bytes) -> str:
         return "img"
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(dest: Path, data: bytes) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.parent.is_dir():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(dest.parent.parent)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -845,6 +909,7 @@ def _atomic_write(dest: Path, data: bytes) -> None:
         os.chmod(tmp, 0o640)
         crash_point("add.after_tmp_file")
         os.replace(tmp, dest)
+        _fsync_dir(dest.parent)  # the rename is durable before the transaction naming it commits
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 import warnings
 from pathlib import Path
@@ -76,10 +77,18 @@ def read_image_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES
     if st.st_size > max_bytes:
         raise InvalidImageError(f"{path}: file of {st.st_size} bytes exceeds the {max_bytes}-byte limit")
     try:
-        with open(p, "rb") as f:
-            return f.read(max_bytes + 1)
+        # O_NONBLOCK: if the path was swapped for a FIFO after the checks above, open() must not
+        # wait for a writer; fstat() of the opened file decides what is read.
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise InvalidImageError(f"{path}: not a regular file")
+            data = f.read(max_bytes + 1)
     except OSError as e:
         raise InvalidImageError(f"{path}: cannot read: {e.strerror or e}") from None
+    if len(data) > max_bytes:  # it grew after the size check
+        raise InvalidImageError(f"{path}: more than the {max_bytes}-byte limit")
+    return data
 
 
 def load_image(

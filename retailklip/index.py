@@ -9,7 +9,7 @@ wrapped in ``IDMap2`` so each vector carries a 64-bit id (the catalog's embeddin
 
 Choosing and building an index type (see ``docs/index-types.md``)::
 
-    factory = choose_index_type(n, dim)              # "Flat", "HNSW32" or "IVF{nlist},PQ{m}"
+    factory = choose_index_type(n, dim)    # "Flat", "HNSW32", "IVF{nlist},SQ8" or "IVF{nlist},PQ{m}"
     index, recall = build_index(ids, vectors, factory, target_recall=0.99)
     index.save("index.faiss")                        # + "index.faiss.json" sidecar
     again = VectorIndex.load("index.faiss")          # same factory, same efSearch / nprobe
@@ -60,6 +60,9 @@ MAX_EF_SEARCH = 4096
 #: direction) puts a query at cosine distance ~0.29 from the stored vector it was drawn from.
 DEFAULT_TUNING_QUERIES = 1000
 DEFAULT_QUERY_NOISE = 1.0
+#: When the target recall is out of reach, :func:`build_index` keeps the smallest search
+#: parameter whose recall is within this of the best one measured.
+PLATEAU = 0.002
 #: Two distances closer than this count as a tie in :func:`recall_at_1`.
 TIE_TOLERANCE = 1e-5
 
@@ -78,7 +81,7 @@ def _make_inner(dim: int, factory: str) -> faiss.Index:
     if "IDMap" in factory:
         raise IndexTypeError(f"index type {factory!r}: leave out IDMap, every index is wrapped in IDMap2")
     try:
-        return faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
         msg = re.sub(r"^Error in .*? at .*?:\d+: ", "", msg)
@@ -86,6 +89,13 @@ def _make_inner(dim: int, factory: str) -> faiss.Index:
             f"invalid index type {factory!r} for dimension {dim} (a FAISS index_factory string such as "
             f"'Flat', 'HNSW32' or 'IVF1024,PQ64' is expected): {msg}"
         ) from None
+    base = _base(index)
+    if getattr(base, "do_polysemous_training", False):
+        # index_factory turns on polysemous training for PQ types: a code reordering for
+        # Hamming-distance filtering that this package never uses, and it makes training ~30x
+        # slower (150 s instead of 5 s for PQ96 on 20k x 768).
+        base.do_polysemous_training = False
+    return index
 
 
 def _base(index: faiss.Index) -> faiss.Index:
@@ -447,15 +457,18 @@ def ivf_nlist(n_vectors: int) -> int:
 def choose_index_type(n_vectors: int, dim: int, memory_budget_bytes: int | None = None) -> str:
     """Pick a FAISS factory string for ``n_vectors`` unit vectors of dimension ``dim``.
 
-    The autofaiss idea, simplified:
+    The autofaiss idea, simplified — the most accurate type whose :func:`estimate_memory`
+    fits the budget:
 
     1. ``"Flat"`` (exact) while ``n_vectors * dim <= FLAT_MAX_FLOATS`` (2**24: ~21.8k vectors
-       at dim 768, where one exact query stops taking "a few ms") and it fits the budget;
-    2. else ``"HNSW32"`` (full vectors + graph: fastest at high recall) if
-       :func:`estimate_memory` fits the budget;
-    3. else ``"IVF{nlist},PQ{m}"``: nlist from :func:`ivf_nlist` (~4·sqrt(n)), ``m`` the largest
-       divisor of ``dim`` not above ``dim // 2`` whose 8-bit codes fit the budget (bigger codes,
-       better recall).
+       at dim 768, where one exact query stops taking "a few ms");
+    2. ``"HNSW32"``: full vectors + graph, the fastest at recall@1 >= 0.99;
+    3. ``"IVF{nlist},SQ8"``: 1 byte per dimension (4x smaller than the vectors), recall@1 still
+       ~0.99 (measured, docs/index-types.md); nlist from :func:`ivf_nlist` (~4·sqrt(n));
+    4. ``"IVF{nlist},PQ{m}"``: ``m`` the largest divisor of ``dim`` not above ``dim // 4``
+       whose 8-bit codes fit (bigger codes, better recall).  PQ confuses near-duplicate vectors
+       (a SKU's K views), so its recall@1 *by vector id* is low on catalogs although the nearest
+       *SKU* is usually right — a last resort for very tight budgets.
 
     Args:
         memory_budget_bytes: memory the index may use; default :func:`default_memory_budget`
@@ -474,18 +487,15 @@ def choose_index_type(n_vectors: int, dim: int, memory_budget_bytes: int | None 
     n, d = int(n_vectors), int(dim)
     if n * d <= FLAT_MAX_FLOATS and estimate_memory("Flat", n, d) <= budget:
         return "Flat"
-    hnsw = f"HNSW{HNSW_M}"
-    if estimate_memory(hnsw, n, d) <= budget:
-        return hnsw
     nlist = ivf_nlist(n)
-    for m in sorted((m for m in range(1, max(d // 2, 1) + 1) if d % m == 0), reverse=True):
-        f = f"IVF{nlist},PQ{m}"
+    ladder = [f"HNSW{HNSW_M}", f"IVF{nlist},SQ8"]
+    ladder += [f"IVF{nlist},PQ{m}" for m in range(max(d // 4, 1), 0, -1) if d % m == 0]
+    for f in ladder:
         if estimate_memory(f, n, d) <= budget:
             return f
-    need = estimate_memory(f"IVF{nlist},PQ1", n, d)
     raise IndexTypeError(
         f"no index type fits {n} vectors of dimension {d} in {budget} bytes "
-        f"(the smallest, IVF{nlist},PQ1, needs ~{need} bytes); raise the memory budget"
+        f"(the smallest, {ladder[-1]}, needs ~{estimate_memory(ladder[-1], n, d)} bytes); raise the memory budget"
     )
 
 
@@ -604,8 +614,8 @@ def build_index(
     vector, then raises the search parameter — HNSW ``efSearch`` from 16, IVF ``nprobe`` from
     1, doubling, then a binary search down to the smallest value that reaches the target —
     until recall@1 against exact search on ``queries`` is ``>= target_recall``.  If the
-    parameter maxes out (efSearch 4096, nprobe = nlist) the smallest value with the best recall
-    is kept.  Flat is exact: recall 1.0, nothing measured.
+    parameter maxes out (efSearch 4096, nprobe = nlist) without reaching it, the smallest value
+    whose recall is within ``PLATEAU`` (0.002) of the best measured is kept.  Flat is exact: recall 1.0, nothing measured.
 
     Args:
         ids: int64 (N,) vector ids; ``vectors``: float32 (N, D) unit vectors (N >= 1).
@@ -670,9 +680,9 @@ def build_index(
             else:
                 lo = mid
         best = hi
-    else:
+    else:  # the target is out of reach: the smallest value on the recall plateau
         top_rec = max(measured.values())
-        best = min(k for k, r in measured.items() if r == top_rec)
+        best = min(k for k, r in measured.items() if r >= top_rec - PLATEAU)
     index.set_search_params(**{name: best})
     rec = measured[best]
     index.recall_at_1 = rec

@@ -229,7 +229,8 @@ class Recognizer:
             present = self._remove(index, present, removable)
         new = _sorted_diff(ids, present)
         if len(new):
-            index.add(new, self.catalog.vectors(new, index.dim))
+            new, vectors = self.catalog.existing_vectors(new, index.dim)  # skip SKUs removed meanwhile
+            index.add(new, vectors)
             present = np.union1d(present, new)
         logger.debug("loaded index version %s (%d vectors, +%d since the snapshot)", snap.version_id, index.ntotal, len(new))
         return _View(
@@ -241,7 +242,9 @@ class Recognizer:
         """Apply SKUs added / removed since ``view`` (same encoder and index version)."""
         ids, skus = self.catalog.embedding_table(snap.encoder_id)
         new = _sorted_diff(ids, view.present)
-        vectors = self.catalog.vectors(new, view.matcher.index.dim) if len(new) else None
+        vectors = None
+        if len(new):
+            new, vectors = self.catalog.existing_vectors(new, view.matcher.index.dim)  # skip SKUs removed meanwhile
         gone = _sorted_diff(view.present, ids)
         names = self.catalog.names()
         with self._lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -71,7 +72,9 @@ def load_state_dict(path: str | os.PathLike, flag: str = "--weights") -> dict[st
 
             sd = load_file(str(p), device="cpu")
         else:
-            sd = torch.load(p, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # the error below says it in one line
+                warnings.simplefilter("ignore", UserWarning)
+                sd = torch.load(p, map_location="cpu", weights_only=True)
     except WeightsError:
         raise
     except Exception as e:  # noqa: BLE001 - any decoding failure is the file's fault

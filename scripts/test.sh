@@ -64,7 +64,9 @@ trap stop_postgres EXIT
 python3 -m pip install -q -e ".[test,postgres,ray]"
 if [ -z "${RETAILKLIP_TEST_PG_URL:-}" ]; then start_postgres; fi
 set +e
-python3 -m pytest -q "$@"
+# Two pytest workers (pytest-xdist), one file per worker at a time, one torch thread each: the
+# suite is CPU-bound and CI machines have 2 cores.  RETAILKLIP_TEST_WORKERS=0 runs serially.
+python3 -m pytest -q -n "${RETAILKLIP_TEST_WORKERS:-2}" --dist loadfile --durations=15 "$@"
 rc=$?
 set -e
 exit "$rc"

@@ -12,6 +12,12 @@ import pytest
 # No hub is reachable here: make download attempts fail at once instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # scripts/test.sh runs one pytest worker per core: one torch thread each, no oversubscription.
+    import torch
+
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RETAILKLIP_SHARED", REPO.parent / "shared"))
 GROCERY = SHARED / "data" / "grocery-store" / "dataset"

@@ -77,6 +77,7 @@ def write_bad_files(src: Path, out: Path) -> dict[str, Path]:
     """Write one file per kind of undecodable input; returns kind -> path."""
     out.mkdir(parents=True, exist_ok=True)
     jpeg = src.read_bytes()
+    small_png = png_bytes(Image.open(src).convert("RGB").resize((64, 48)))
     files = {
         "truncated_jpeg": (out / "truncated.jpg", jpeg[: len(jpeg) // 2]),
         "zero_bytes": (out / "empty.jpg", b""),
@@ -87,7 +88,7 @@ def write_bad_files(src: Path, out: Path) -> dict[str, Path]:
         "jpeg_header_only": (out / "header.jpg", jpeg[:200]),
         "huge_header_jpeg": (out / "huge_header.jpg", jpeg_huge_header(jpeg)),
         "png_bad_crc": (out / "bad_crc.png", png_bad_crc(Image.open(src).convert("RGB").resize((32, 24)))),
-        "truncated_png": (out / "truncated.png", (lambda b: b[: len(b) // 2])(png_bytes(Image.open(src).convert("RGB").resize((64, 48))))),
+        "truncated_png": (out / "truncated.png", small_png[: len(small_png) // 2]),
         "png_text_bomb": (out / "text_bomb.png", png_text_bomb(Image.new("RGB", (8, 8), "red"))),
         "svg_as_png": (out / "drawing.png", b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>'),
     }

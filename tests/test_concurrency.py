@@ -157,7 +157,7 @@ def test_recognize_threads_while_writer_adds_and_removes(tmp_path, mobilenet_wei
                 cat.add(packshot[s], sku=s)
                 expected.add(s)
                 if n % 2 == 1:
-                    gone = sorted(expected)[0]
+                    gone = min(expected)
                     expected.discard(gone)
                     cat.remove(gone)
         except BaseException as e:  # noqa: BLE001

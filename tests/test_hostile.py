@@ -22,6 +22,7 @@ import os
 import pickle
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,7 +268,7 @@ UNICODE_NAME = "Äpple Golden 金 \u202eRTL\u202c 👩‍👩‍👧 tab\there"
 @pytest.mark.parametrize("kind", list(CASES))
 def test_hostile_input_refused_with_one_line_and_nothing_written(hostile, files, kind):
     argv, rc, pattern = CASES[kind]
-    r, cat, new, before, after = hostile[kind]
+    r, _cat, new, before, after = hostile[kind]
     assert not r["hung"], f"{kind}: the command hung (killed after 60 s)"
     err = r["stderr"][0]
     assert r["rcs"] == [rc], f"{kind}: exit {r['rcs']} (signal {r['signal']}), stderr: {err[-2000:]}"
@@ -315,7 +316,7 @@ def test_valid_inputs_through_the_cli(hostile, files):
     cat = Catalog.open(ok)
     stored = cat.reference_path("linked")[0]
     target = os.path.realpath(files["special"]["symlink_to_image"])
-    assert not stored.is_symlink() and stored.read_bytes() == open(target, "rb").read()
+    assert not stored.is_symlink() and stored.read_bytes() == Path(target).read_bytes()
     assert stored.name.startswith(hashlib.sha256(stored.read_bytes()).hexdigest())
     assert cat.reference_path(UNICODE_ID)[0].name.startswith(hashlib.sha256(files["img"].read_bytes()).hexdigest())
     cat.close()

@@ -117,23 +117,29 @@ def test_choose_flat_small_hnsw_large_ivfpq_under_tight_budget():
     assert choose_index_type(FLAT_MAX_FLOATS // 768, 768, 64 * gib) == "Flat"
     assert choose_index_type(FLAT_MAX_FLOATS // 768 + 1, 768, 64 * gib) == "HNSW32"
     assert choose_index_type(1_000_000, 768, 64 * gib) == "HNSW32"
-    # 1M x 768: Flat alone is ~3 GiB, HNSW32 ~3.2 GiB; 1 GiB forces IVF-PQ with codes that fit.
-    f = choose_index_type(1_000_000, 768, gib)
+    # 1M x 768: Flat alone is ~3 GiB, HNSW32 ~3.2 GiB: 1 GiB gives IVF-SQ8 (~0.8 GiB) ...
+    assert choose_index_type(1_000_000, 768, gib) == "IVF4096,SQ8"
+    # ... and 0.4 GiB IVF-PQ with the largest code that fits
+    budget = 400 << 20
+    f = choose_index_type(1_000_000, 768, budget)
     m = re.fullmatch(r"IVF(\d+),PQ(\d+)", f)
     assert m, f
     nlist, pq = int(m.group(1)), int(m.group(2))
-    assert nlist == 4096 and 768 % pq == 0 and pq <= 384
-    assert estimate_memory(f, 1_000_000, 768) <= gib
-    bigger = [k for k in range(pq + 1, 385) if 768 % k == 0]  # the largest code that fits was taken
-    assert not bigger or estimate_memory(f"IVF{nlist},PQ{bigger[0]}", 1_000_000, 768) > gib
-    # a tiny catalog whose Flat does not fit the budget is not Flat
-    assert choose_index_type(20_000, 64, estimate_memory("Flat", 20_000, 64) - 1).startswith("HNSW") is False
-    assert choose_index_type(1_000_000, 768) in ("HNSW32",) or choose_index_type(1_000_000, 768).startswith("IVF")
+    assert nlist == 4096 and 768 % pq == 0 and pq <= 192
+    assert estimate_memory(f, 1_000_000, 768) <= budget
+    bigger = [k for k in range(pq + 1, 193) if 768 % k == 0]  # the largest code that fits was taken
+    assert not bigger or estimate_memory(f"IVF{nlist},PQ{bigger[0]}", 1_000_000, 768) > budget
+    # a small catalog whose Flat does not fit the budget is not Flat
+    assert choose_index_type(20_000, 64, estimate_memory("Flat", 20_000, 64) - 1).startswith("IVF")
+    # the default budget (half the RAM of any machine that runs the tests) holds 1M x 768 somehow
+    assert choose_index_type(1_000_000, 768) != "Flat"
+    with pytest.raises(IndexTypeError, match="no index type fits"):
+        choose_index_type(1_000_000, 768, 10 << 20)
 
 
 @pytest.mark.parametrize(
     "args",
-    [(-1, 768, None), (10, 0, None), (10, 768, 0), (10, 768, -5), (1.5, 768, None), (10, 768, 1)],
+    [(-1, 768, None), (10, 0, None), (10, 768, 0), (10, 768, -5), (1.5, 768, None), (10, 768, 1), (10, 768, 2.0)],
 )
 def test_choose_rejects_bad_input(args):
     with pytest.raises(ValueError):
@@ -185,16 +191,31 @@ def test_hnsw_reaches_target_recall_and_reports_it(clustered, hnsw):
         idx.set_search_params(efSearch=ef)
 
 
-def test_ivfpq_tunes_nprobe_and_removes(clustered):
+def test_ivf_tunes_nprobe_to_the_smallest_sufficient_value_and_removes(clustered):
     ids, v = clustered
-    idx, rec = build_index(ids, v, "IVF64,PQ32", target_recall=0.9)
+    idx, rec = build_index(ids, v, "IVF64,SQ8", target_recall=0.95)
     nprobe = idx.search_params["nprobe"]
-    assert 1 <= nprobe <= 64 and rec == idx.recall_at_1
-    assert recall_at_1(idx, (ids, v), default_queries(v)) == pytest.approx(rec)
-    if rec >= 0.9 and nprobe > 1:  # tuning stopped at the smallest sufficient value (within 1/8)
-        idx.set_search_params(nprobe=nprobe - max(1, nprobe // 8) - 1 if nprobe > 2 else 1)
-        assert recall_at_1(idx, (ids, v), default_queries(v)) < 0.9
+    assert rec >= 0.95 and rec == idx.recall_at_1 and 1 < nprobe < 64
+    q = default_queries(v)
+    assert recall_at_1(idx, (ids, v), q) == pytest.approx(rec)
+    idx.set_search_params(nprobe=nprobe - max(1, nprobe // 8) - 1)  # below the binary search's bracket
+    assert recall_at_1(idx, (ids, v), q) < 0.95
     assert idx.supports_remove and idx.remove(ids[:10]) == 10 and idx.ntotal == len(ids) - 10
+
+
+def test_unreachable_target_keeps_the_plateau_start():
+    ids, v = _clustered(n=6000, d=32, views=8, seed=5)
+    idx, rec = build_index(ids, v, "IVF16,PQ4", target_recall=0.999)  # 4-byte codes: far below target
+    nprobe = idx.search_params["nprobe"]
+    assert rec < 0.999 and idx.recall_at_1 == rec
+    q = default_queries(v)
+    idx.set_search_params(nprobe=16)
+    best = recall_at_1(idx, (ids, v), q)
+    idx.set_search_params(nprobe=nprobe)
+    assert best - 0.002 <= rec <= best + 1e-9
+    if nprobe > 1:
+        idx.set_search_params(nprobe=nprobe // 2)
+        assert recall_at_1(idx, (ids, v), q) < best - 0.002
 
 
 def test_recall_counts_ties_and_misses():
