@@ -9,7 +9,7 @@ wrapped in ``IDMap2`` so each vector carries a 64-bit id (the catalog's embeddin
 
 Choosing and building an index type (see ``docs/index-types.md``)::
 
-    factory = choose_index_type(n, dim)    # "Flat", "HNSW32", "IVF{nlist},SQ8" or "IVF{nlist},PQ{m}"
+    factory = choose_index_type(n, dim)    # "Flat", "HNSW32", "IVF{nlist},SQ8|SQ4|PQ{m}"
     index, recall = build_index(ids, vectors, factory, target_recall=0.99)
     index.save("index.faiss")                        # + "index.faiss.json" sidecar
     again = VectorIndex.load("index.faiss")          # same factory, same efSearch / nprobe
@@ -122,7 +122,7 @@ def describe_index(index: faiss.Index) -> str:
     """A factory string for an existing FAISS index (used when no sidecar names the factory).
 
     Exact for the types :func:`choose_index_type` picks (``Flat``, ``HNSW{M}``,
-    ``IVF{nlist},PQ{m}``) and for IVF Flat / SQ8; other types get their FAISS class name.
+    ``IVF{nlist},SQ8|SQ4|PQ{m}``) and for IVF Flat / SQfp16; other types get their FAISS class name.
     """
     base = _base(index)
     if isinstance(base, faiss.IndexFlat):
@@ -134,8 +134,10 @@ def describe_index(index: faiss.Index) -> str:
         return f"IVF{base.nlist},PQ{base.pq.M}{nbits}"
     if isinstance(base, faiss.IndexIVFFlat):
         return f"IVF{base.nlist},Flat"
-    if isinstance(base, faiss.IndexIVFScalarQuantizer) and base.sq.qtype == faiss.ScalarQuantizer.QT_8bit:
-        return f"IVF{base.nlist},SQ8"
+    if isinstance(base, faiss.IndexIVFScalarQuantizer):
+        names = {faiss.ScalarQuantizer.QT_8bit: "SQ8", faiss.ScalarQuantizer.QT_4bit: "SQ4", faiss.ScalarQuantizer.QT_fp16: "SQfp16"}
+        if base.sq.qtype in names:
+            return f"IVF{base.nlist},{names[base.sq.qtype]}"
     return type(base).__name__
 
 
@@ -193,6 +195,13 @@ class VectorIndex:
     def supports_remove(self) -> bool:
         """Whether :meth:`remove` works: True for Flat and IVF types, False for HNSW graphs."""
         return not _is_hnsw(_base(self._index))
+
+    @property
+    def stores_exact_vectors(self) -> bool:
+        """Whether the index keeps the float32 vectors themselves (Flat, HNSW-Flat, IVF-Flat),
+        as opposed to lossy codes (SQ, PQ).  :meth:`reconstruct` returns exact vectors only
+        when this is True (IVF types also need a direct map, which is not kept)."""
+        return isinstance(_base(self._index), (faiss.IndexFlat, faiss.IndexHNSWFlat, faiss.IndexIVFFlat))
 
     @property
     def search_params(self) -> dict[str, int]:
@@ -371,8 +380,8 @@ class VectorIndex:
 
 # --------------------------------------------------------------------------- choosing a type
 
-_HNSW_RE = re.compile(r"^HNSW(\d+)(?:,(Flat|SQ8|SQfp16|PQ(\d+)(?:x(\d+))?))?$")
-_IVF_RE = re.compile(r"^IVF(\d+)(?:_HNSW(\d+))?,(Flat|SQ8|SQfp16|PQ(\d+)(?:x(\d+))?)$")
+_HNSW_RE = re.compile(r"^HNSW(\d+)(?:,(Flat|SQ8|SQ4|SQfp16|PQ(\d+)(?:x(\d+))?))?$")
+_IVF_RE = re.compile(r"^IVF(\d+)(?:_HNSW(\d+))?,(Flat|SQ8|SQ4|SQfp16|PQ(\d+)(?:x(\d+))?)$")
 
 
 def _check_size(n_vectors: int, dim: int) -> None:
@@ -390,6 +399,8 @@ def _storage_bytes(kind: str, dim: int, pq_m: str | None, pq_bits: str | None) -
         return float(dim), 8 * dim
     if kind == "SQfp16":
         return 2.0 * dim, 0
+    if kind == "SQ4":
+        return math.ceil(dim / 2), 8 * dim
     m, bits = int(pq_m), int(pq_bits or 8)
     return math.ceil(m * bits / 8), 4 * dim * (1 << bits)
 
@@ -403,8 +414,8 @@ def estimate_memory(factory: str, n: int, dim: int) -> int:
     counted: allocator slack (IVF lists grow like std::vector, up to +1x of their codes
     transiently) and the search-time buffers.
 
-    Supported: ``Flat``, ``HNSW{M}[,Flat|,SQ8|,SQfp16|,PQ{m}[x{b}]]``,
-    ``IVF{nlist}[_HNSW{M}],{Flat|SQ8|SQfp16|PQ{m}[x{b}]}``.
+    Supported: ``Flat``, ``HNSW{M}[,Flat|,SQ8|,SQ4|,SQfp16|,PQ{m}[x{b}]]``,
+    ``IVF{nlist}[_HNSW{M}],{Flat|SQ8|SQ4|SQfp16|PQ{m}[x{b}]}``.
 
     Raises:
         IndexTypeError (a ValueError): bad sizes or a factory string outside that list.
@@ -430,8 +441,8 @@ def estimate_memory(factory: str, n: int, dim: int) -> int:
             centroids += nlist * (4 * (2 * M + 1) + 12)
         return int(n * (per + 8) + fixed + centroids + ids)
     raise IndexTypeError(
-        f"cannot estimate the memory of index type {factory!r}; supported: Flat, HNSW{{M}}[,Flat|SQ8|PQ{{m}}], "
-        "IVF{nlist}[_HNSW{M}],{Flat|SQ8|SQfp16|PQ{m}}"
+        f"cannot estimate the memory of index type {factory!r}; supported: Flat, HNSW{{M}}[,Flat|SQ8|SQ4|SQfp16|PQ{{m}}], "
+        "IVF{nlist}[_HNSW{M}],{Flat|SQ8|SQ4|SQfp16|PQ{m}}"
     )
 
 
@@ -464,11 +475,14 @@ def choose_index_type(n_vectors: int, dim: int, memory_budget_bytes: int | None 
        at dim 768, where one exact query stops taking "a few ms");
     2. ``"HNSW32"``: full vectors + graph, the fastest at recall@1 >= 0.99;
     3. ``"IVF{nlist},SQ8"``: 1 byte per dimension (4x smaller than the vectors), recall@1 still
-       ~0.99 (measured, docs/index-types.md); nlist from :func:`ivf_nlist` (~4·sqrt(n));
-    4. ``"IVF{nlist},PQ{m}"``: ``m`` the largest divisor of ``dim`` not above ``dim // 4``
-       whose 8-bit codes fit (bigger codes, better recall).  PQ confuses near-duplicate vectors
-       (a SKU's K views), so its recall@1 *by vector id* is low on catalogs although the nearest
-       *SKU* is usually right — a last resort for very tight budgets.
+       ~0.98-0.99 (measured, docs/index-types.md); nlist from :func:`ivf_nlist` (~4·sqrt(n));
+    4. ``"IVF{nlist},SQ4"``: half a byte per dimension;
+    5. ``"IVF{nlist},PQ{m}"``: ``m`` the largest divisor of ``dim`` not above ``dim // 8``
+       whose 8-bit codes fit (bigger codes, better recall; the cap keeps PQ training fast).
+
+    Coarse codes (SQ4, PQ) confuse near-duplicate vectors — a SKU's K views — so their
+    recall@1 *by vector id* is low on catalogs (0.76 for SQ4, 0.39 for PQ96 at dim 768) while
+    the nearest *SKU* stays right (1.00 in the benchmark): a last resort for tight budgets.
 
     Args:
         memory_budget_bytes: memory the index may use; default :func:`default_memory_budget`
@@ -488,8 +502,8 @@ def choose_index_type(n_vectors: int, dim: int, memory_budget_bytes: int | None 
     if n * d <= FLAT_MAX_FLOATS and estimate_memory("Flat", n, d) <= budget:
         return "Flat"
     nlist = ivf_nlist(n)
-    ladder = [f"HNSW{HNSW_M}", f"IVF{nlist},SQ8"]
-    ladder += [f"IVF{nlist},PQ{m}" for m in range(max(d // 4, 1), 0, -1) if d % m == 0]
+    ladder = [f"HNSW{HNSW_M}", f"IVF{nlist},SQ8", f"IVF{nlist},SQ4"]
+    ladder += [f"IVF{nlist},PQ{m}" for m in range(max(d // 8, 1), 0, -1) if d % m == 0]
     for f in ladder:
         if estimate_memory(f, n, d) <= budget:
             return f

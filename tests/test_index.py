@@ -119,15 +119,16 @@ def test_choose_flat_small_hnsw_large_ivfpq_under_tight_budget():
     assert choose_index_type(1_000_000, 768, 64 * gib) == "HNSW32"
     # 1M x 768: Flat alone is ~3 GiB, HNSW32 ~3.2 GiB: 1 GiB gives IVF-SQ8 (~0.8 GiB) ...
     assert choose_index_type(1_000_000, 768, gib) == "IVF4096,SQ8"
-    # ... and 0.4 GiB IVF-PQ with the largest code that fits
-    budget = 400 << 20
+    # ... 0.5 GiB IVF-SQ4, and 0.15 GiB IVF-PQ with the largest code that fits
+    assert choose_index_type(1_000_000, 768, gib // 2) == "IVF4096,SQ4"
+    budget = 150 << 20
     f = choose_index_type(1_000_000, 768, budget)
     m = re.fullmatch(r"IVF(\d+),PQ(\d+)", f)
     assert m, f
     nlist, pq = int(m.group(1)), int(m.group(2))
-    assert nlist == 4096 and 768 % pq == 0 and pq <= 192
+    assert nlist == 4096 and 768 % pq == 0 and pq <= 96
     assert estimate_memory(f, 1_000_000, 768) <= budget
-    bigger = [k for k in range(pq + 1, 193) if 768 % k == 0]  # the largest code that fits was taken
+    bigger = [k for k in range(pq + 1, 97) if 768 % k == 0]  # the largest code that fits was taken
     assert not bigger or estimate_memory(f"IVF{nlist},PQ{bigger[0]}", 1_000_000, 768) > budget
     # a small catalog whose Flat does not fit the budget is not Flat
     assert choose_index_type(20_000, 64, estimate_memory("Flat", 20_000, 64) - 1).startswith("IVF")
@@ -150,7 +151,7 @@ def test_estimate_memory_tracks_the_real_index():
     rng = np.random.default_rng(3)
     n, d = 20_000, 64
     v = _unit(rng, n, d)
-    for factory in ("Flat", "HNSW32", "IVF64,PQ16"):
+    for factory in ("Flat", "HNSW32", "IVF64,SQ4", "IVF64,PQ16"):
         idx = VectorIndex(d, factory)
         idx.train(v[:10_000])
         idx.add(np.arange(n), v)
@@ -262,7 +263,7 @@ def test_save_load_keeps_factory_search_parameter_and_results(hnsw, clustered, t
     meta = json.loads((tmp_path / "index.faiss.json").read_text())
     assert meta["factory"] == "HNSW32" and meta["search_params"] == idx.search_params
     again = VectorIndex.load(path)
-    assert again.factory == "HNSW32" and again.search_params == idx.search_params
+    assert again.factory == "HNSW32" and again.search_params == idx.search_params and again.stores_exact_vectors
     assert again.recall_at_1 == rec and again.ntotal == idx.ntotal and not again.supports_remove
     after = again.search(q, 5)
     np.testing.assert_array_equal(after[1], before[1])
@@ -283,6 +284,7 @@ def test_save_load_ivf_keeps_nprobe(clustered, tmp_path):
     faiss.write_index(idx._index, str(tmp_path / "raw.faiss"))  # no sidecar at all
     again = VectorIndex.load(tmp_path / "raw.faiss")
     assert again.factory == "IVF64,Flat" and again.search_params == {"nprobe": 9}
+    assert again.stores_exact_vectors and not VectorIndex(64, "IVF64,SQ8").stores_exact_vectors
     q = default_queries(v, n=100)
     np.testing.assert_array_equal(again.search(q, 3)[1], idx.search(q, 3)[1])
     with pytest.raises(ValueError, match="efSearch"):
@@ -301,5 +303,5 @@ def test_hnsw_remove_is_a_clear_error(hnsw, clustered):
 
 
 def test_describe_index():
-    for f in ("Flat", "HNSW16", "IVF32,PQ8", "IVF32,Flat", "IVF32,SQ8"):
+    for f in ("Flat", "HNSW16", "IVF32,PQ8", "IVF32,Flat", "IVF32,SQ8", "IVF32,SQ4"):
         assert describe_index(faiss.IndexIDMap2(faiss.index_factory(32, f, faiss.METRIC_INNER_PRODUCT))) == f
