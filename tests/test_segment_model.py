@@ -216,3 +216,29 @@ def test_predictor_prompts_in_original_pixels(l0):
     assert torch.equal(predictor.get_image_embedding(), l0.image_embeddings(rgb))
     with pytest.raises(TypeError, match="EfficientViTSam"):
         EfficientViTSamPredictor(torch.nn.Linear(2, 2))
+
+
+def test_cli_points_per_side_and_segment_options(tmp_path, l0, iconic, capsys):
+    """`catalog recognize --segment efficientvit-sam-l0 --checkpoint FILE --points-per-side N`
+    runs the automatic mask generator with that grid; unknown options are one-line errors."""
+    from catalog.cli import main
+    from conftest import TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
+
+    ckpt = tmp_path / "efficientvit_sam_l0.pt"
+    torch.save(to_official_state_dict(l0.state_dict()), ckpt)
+    d = str(tmp_path / "cat")
+    opts = [a for k, v in TINY_CLIP_OPTIONS.items() for a in ("--encoder-option", f"{k}={json.dumps(v)}")]
+    assert main(["--catalog", d, "init", "--encoder", TINY_CLIP_SPEC, "--random-init", *opts]) == 0
+    assert main(["--catalog", d, "add", str(iconic[0][2]), "--sku", "golden"]) == 0
+    capsys.readouterr()
+    base = ["--catalog", d, "recognize", str(iconic[0][2]), "--segment", "efficientvit-sam-l0", "--checkpoint", str(ckpt)]
+    # random weights: keep every mask, so the count is decided by the 2 x 2 grid and NMS only
+    keep_all = ["--segment-option", "pred_iou_thresh=0", "--segment-option", "stability_score_thresh=0"]
+    assert main([*base, "--points-per-side", "2", *keep_all, "--json"]) == 0
+    recs = json.loads(capsys.readouterr().out)[0]["recognitions"]
+    assert 1 <= len(recs) <= 2 * 2 * 3  # at most 3 masks per point prompt
+    assert all(r["nearest_sku"] == "golden" for r in recs)
+    assert main([*base, "--segment-option", "no_such_option=1"]) == 1
+    assert "unknown segmenter option(s) no_such_option" in capsys.readouterr().err
+    assert main([*base, "--points-per-side", "0"]) == 1
+    assert "points_per_side" in capsys.readouterr().err
