@@ -163,7 +163,7 @@ def main() -> None:
             else:
                 rec = recall_at_1(index, exact, queries)
             sku_rec = float(np.mean(index.search(queries, 1)[1][:, 0] // args.views == exact_sku))
-            fig = dict(build=t_build, mem=rss, ms=ms, qps=qps)
+            fig = {"build": t_build, "mem": rss, "ms": ms, "qps": qps}
             if f == "Flat":
                 flat_ref = fig
             label = f if tok in ("Flat", f) else f"{f} ({tok})"

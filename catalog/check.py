@@ -311,7 +311,7 @@ def check(
 def _compare_snapshot(cat: Catalog, idx, encoder_id: int, exclude: Sequence[int] = ()) -> str | None:
     """For an exact (Flat) snapshot, compare a sample of its vectors with the database's."""
     ids = idx.ids()
-    if not len(ids) or not idx.supports_remove:  # approximate types store no exact vectors
+    if not len(ids) or not idx.stores_exact_vectors:  # SQ/PQ codes are lossy; compare exact storage only
         return None
     table_ids, _skus = cat.embedding_table(encoder_id)
     live = np.setdiff1d(np.intersect1d(ids, table_ids), np.asarray(exclude, np.int64))

@@ -356,7 +356,7 @@ class VectorIndex:
         if not isinstance(raw, faiss.IndexIDMap2):
             raw = faiss.downcast_index(raw)
         if not isinstance(raw, faiss.IndexIDMap2):
-            raise RuntimeError(f"{p}: expected an IndexIDMap2, found {type(raw).__name__}")
+            raise RuntimeError(f"{p}: expected an IndexIDMap2, found {type(raw).__name__}")  # noqa: TRY004 (callers catch RuntimeError for unreadable files)
         meta: dict[str, Any] = {}
         side = _sidecar(p)
         if side.is_file():
@@ -481,7 +481,7 @@ def choose_index_type(n_vectors: int, dim: int, memory_budget_bytes: int | None 
        whose 8-bit codes fit (bigger codes, better recall; the cap keeps PQ training fast).
 
     Coarse codes (SQ4, PQ) confuse near-duplicate vectors — a SKU's K views — so their
-    recall@1 *by vector id* is low on catalogs (0.76 for SQ4, 0.39 for PQ96 at dim 768) while
+    recall@1 *by vector id* is low on catalogs (0.76 for SQ4, 0.35-0.39 for PQ96 at dim 768) while
     the nearest *SKU* stays right (1.00 in the benchmark): a last resort for tight budgets.
 
     Args:

@@ -63,7 +63,7 @@ def test_search_is_exact_cosine_distance(tmp_path):
     assert (d >= 0).all() and (d <= 2).all()
     idx.save(tmp_path / "i.faiss")
     again = VectorIndex.load(tmp_path / "i.faiss")
-    d2, ids2 = again.search(q, 3)
+    _, ids2 = again.search(q, 3)
     np.testing.assert_array_equal(ids2, ids)
     assert again.factory == "Flat" and again.recall_at_1 == 1.0 and again.supports_remove
 
@@ -80,7 +80,7 @@ def test_remove_and_shapes():
     with pytest.raises(ValueError, match="shape"):
         idx.add(np.arange(2), _unit(rng, 2, 4))
     empty = VectorIndex(8)
-    d, i = empty.search(v[:2], 1)
+    d, _ = empty.search(v[:2], 1)
     assert d.shape == (2, 0)
 
 
@@ -254,7 +254,7 @@ def test_build_rejects_bad_input(clustered):
 
 
 def test_save_load_keeps_factory_search_parameter_and_results(hnsw, clustered, tmp_path):
-    ids, v = clustered
+    _, v = clustered
     idx, rec = hnsw
     q = default_queries(v, n=300, seed=7)
     before = idx.search(q, 5)
