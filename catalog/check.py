@@ -34,7 +34,6 @@ kind                        what                                             rep
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -47,8 +46,10 @@ import numpy as np
 from sqlalchemy import delete, select, text, update
 
 from retailklip.errors import RetailKlipError
+from retailklip.weights import file_sha256
 
 from . import index_store
+from .fileio import atomic_write
 from .models import CatalogState, Embedding, IndexVersion, ReferenceImage
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -102,10 +103,6 @@ class CheckReport:
     def to_dict(self) -> dict:
         return {"ok": self.ok, "references": self.references, "vectors": self.vectors,
                 "seconds": round(self.seconds, 3), "findings": [f.to_dict() for f in self.findings]}
-
-
-def _sha256(path: Path) -> str:
-    return index_store.file_sha256(path)
 
 
 def check(
@@ -184,7 +181,7 @@ def check(
             p = cat.root / fn
             if not p.is_file():
                 missing.append((rid, sku, sha, fn, size))
-            elif verify_images and _sha256(p) != sha:
+            elif verify_images and file_sha256(p) != sha:
                 corrupt.append((rid, sku, sha, fn, size))
         sources = _index_by_hash(images_from, {r[2] for r in missing + corrupt}, {r[4] for r in missing + corrupt})
         for kind, items in (("missing_images", missing), ("corrupt_images", corrupt)):
@@ -193,11 +190,9 @@ def check(
             f = Finding(kind, len(items), [f"SKU {sku!r}: {fn}" for _r, sku, _h, fn, _s in items[:5]],
                         repairable=all(h in sources for _r, _k, h, _f, _s in items))
             if repair:
-                from .store import _atomic_write
-
                 for _rid, _sku, sha, fn, _size in items:
                     if sha in sources:
-                        _atomic_write(cat.root / fn, sources[sha].read_bytes())
+                        atomic_write(cat.root / fn, sources[sha].read_bytes())
                         f.repaired += 1
             findings.append(f)
 
@@ -342,7 +337,7 @@ def _index_by_hash(dirs: Sequence[str | os.PathLike], wanted: set[str], sizes: s
                     continue
             except OSError:
                 continue
-            h = hashlib.sha256(p.read_bytes()).hexdigest()
+            h = file_sha256(p)
             if h in wanted:
                 found.setdefault(h, p)
     return found

@@ -16,7 +16,6 @@ switched in one transaction (see :mod:`catalog.rebuild`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,9 @@ from pathlib import Path
 
 from retailklip.errors import CatalogError
 from retailklip.index import VectorIndex
+from retailklip.weights import file_sha256
+
+from .fileio import fsync_dir
 
 INDEXES_DIR = "indexes"
 INDEX_FILE = "index.faiss"
@@ -37,22 +39,6 @@ class IndexFileError(CatalogError):
 def version_relpath(version_id: int) -> str:
     """``indexes/v000007`` for version 7 (relative to the catalog directory)."""
     return f"{INDEXES_DIR}/v{int(version_id):06d}"
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_version(root: Path, version_id: int, index: VectorIndex, manifest: dict) -> str:
@@ -88,9 +74,9 @@ def write_version(root: Path, version_id: int, index: VectorIndex, manifest: dic
             json.dump(body, f, indent=1, sort_keys=True, default=str)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

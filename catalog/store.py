@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from retailklip.images import decode_image_bytes, read_image_bytes
 from retailklip.index import VectorIndex
 
 from . import index_store, schema
+from .fileio import atomic_write
 from .models import (
     NAME_MAX,
     SKU,
@@ -649,7 +649,7 @@ class Catalog:
                     for p in prepared:
                         dest = self.root / _image_relpath(p.sha256, p.ext)
                         if not dest.exists():
-                            _atomic_write(dest, p.data)
+                            atomic_write(dest, p.data)
                             created.append(dest)
                         else:  # a leftover of an interrupted add: fresh mtime so `catalog check` keeps it
                             os.utime(dest)
@@ -886,33 +886,6 @@ def _detect_format(data: bytes) -> str:
             return _EXT.get(im.format or "", "img")
     except Exception:  # noqa: BLE001 - already decoded once; fall back to a neutral extension
         return "img"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(dest: Path, data: bytes) -> None:
-    if not dest.parent.is_dir():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        _fsync_dir(dest.parent.parent)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o640)
-        crash_point("add.after_tmp_file")
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)  # the rename is durable before the transaction naming it commits
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _unlink_all(paths: Iterable[Path]) -> None:
