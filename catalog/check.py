@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import delete, select, text
 
 from retailklip.errors import RetailKlipError
 from retailklip.weights import file_sha256
@@ -229,7 +229,7 @@ def check(
                 # Under the writers' lock (adds write their files only while holding it), and
                 # re-reading the references: an add may have committed one of them meanwhile.
                 with cat._sessions.begin() as s:
-                    s.execute(update(CatalogState).where(CatalogState.id == 1).values(generation=CatalogState.generation))
+                    cat._lock_state(s, bump=False)
                     known = set(s.scalars(select(ReferenceImage.filename)))
                     for p in orphans:
                         if str(p.relative_to(cat.root)) not in known:

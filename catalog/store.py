@@ -323,9 +323,9 @@ class Catalog:
         logger.info("initialised catalog %s with encoder %s", root, enc.identity.key)
         return self
 
-    @classmethod
-    def open(cls, root: str | os.PathLike, *, db_url: str | None = None, device: str = "cpu") -> Catalog:
-        """Open an existing catalog directory.
+    @staticmethod
+    def _locate(root: str | os.PathLike, db_url: str | None) -> tuple[Path, str | None]:
+        """The resolved catalog directory and its database URL (``catalog.json``'s, if any).
 
         Raises:
             CatalogError: no catalog there (with the command that creates one).
@@ -335,6 +335,16 @@ class Catalog:
             db_url = json.loads((root / CONFIG_FILE).read_text()).get("db_url")
         if db_url is None and not (root / DB_FILE).exists():
             raise CatalogError(f"no catalog at {root}; create one with `catalog --catalog {root} init`")
+        return root, db_url
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, *, db_url: str | None = None, device: str = "cpu") -> Catalog:
+        """Open an existing catalog directory.
+
+        Raises:
+            CatalogError: no catalog there (with the command that creates one).
+        """
+        root, db_url = cls._locate(root, db_url)
         engine = cls._engine(root, db_url)
         schema.ensure_current(engine)
         self = cls(root, engine, device=device)
@@ -357,11 +367,7 @@ class Catalog:
         Raises:
             CatalogError: no catalog there, or its schema is newer than this retailklip.
         """
-        root = Path(root).expanduser().resolve()
-        if db_url is None and (root / CONFIG_FILE).exists():
-            db_url = json.loads((root / CONFIG_FILE).read_text()).get("db_url")
-        if db_url is None and not (root / DB_FILE).exists():
-            raise CatalogError(f"no catalog at {root}; create one with `catalog --catalog {root} init`")
+        root, db_url = cls._locate(root, db_url)
         engine = cls._engine(root, db_url)
         try:
             if not schema.is_initialised(engine):
@@ -392,14 +398,16 @@ class Catalog:
         return StateSnapshot(int(r[0]), int(r[1]), None if r[2] is None else int(r[2]), float(r[3]), int(r[4]))
 
     @staticmethod
-    def _lock_state(s: Session) -> tuple[int, int]:
-        """Start a write: bump the generation as the transaction's first statement, which takes
-        the writers' lock (SQLite's write lock, PostgreSQL's row lock on ``catalog_state``) and
-        never loses an increment.  Returns ``(new generation, active encoder id)``."""
+    def _lock_state(s: Session, *, bump: bool = True) -> tuple[int, int]:
+        """Start a write: update the state row as the transaction's first statement, which takes
+        the writers' lock (SQLite's write lock, PostgreSQL's row lock on ``catalog_state``).  With
+        ``bump`` the generation is incremented (never losing an increment); without it the lock
+        is taken for file operations that readers need not notice.  Returns ``(generation,
+        active encoder id)``."""
         r = s.execute(
             update(CatalogState)
             .where(CatalogState.id == 1)
-            .values(generation=CatalogState.generation + 1)
+            .values(generation=CatalogState.generation + (1 if bump else 0))
             .returning(CatalogState.generation, CatalogState.encoder_id)
         ).one()
         return int(r[0]), int(r[1])
@@ -710,7 +718,7 @@ class Catalog:
         :meth:`_write`, so an ``add`` of the same image cannot commit a reference to a file
         between the check and the unlink.  A crash before this leaves unreferenced files only."""
         with self._sessions.begin() as s:
-            s.execute(update(CatalogState).where(CatalogState.id == 1).values(generation=CatalogState.generation))
+            self._lock_state(s, bump=False)
             used = set(s.scalars(select(ReferenceImage.filename).where(ReferenceImage.filename.in_(list(files)))))
             for f in files:
                 if f not in used:
