@@ -188,22 +188,30 @@ def _clean_stale(cat: Catalog) -> None:
 
 
 # ---------------------------------------------------------------------------- embedding
+def _lacking_vectors(columns, encoder_id: int, k: int):
+    """SELECT ``columns`` of the reference images without all K vectors (views < K) from
+    ``encoder_id``."""
+    have = (
+        select(Embedding.reference_id, func.count(Embedding.id).label("n"))
+        .where(Embedding.encoder_id == encoder_id, Embedding.view < k)
+        .group_by(Embedding.reference_id)
+        .subquery()
+    )
+    return (
+        select(*columns)
+        .select_from(ReferenceImage)
+        .outerjoin(have, have.c.reference_id == ReferenceImage.id)
+        .where(func.coalesce(have.c.n, 0) != k)
+    )
+
+
 def _missing(cat: Catalog, encoder_id: int, k: int) -> list:
     """Reference images without all K vectors from ``encoder_id``, as embedding jobs."""
     from .embedding import EmbedJob
 
     with cat._sessions() as s:
-        have = (
-            select(Embedding.reference_id, func.count(Embedding.id).label("n"))
-            .where(Embedding.encoder_id == encoder_id, Embedding.view < k)
-            .group_by(Embedding.reference_id)
-            .subquery()
-        )
         rows = s.execute(
-            select(ReferenceImage.id, ReferenceImage.filename)
-            .outerjoin(have, have.c.reference_id == ReferenceImage.id)
-            .where(func.coalesce(have.c.n, 0) != k)
-            .order_by(ReferenceImage.id)
+            _lacking_vectors([ReferenceImage.id, ReferenceImage.filename], encoder_id, k).order_by(ReferenceImage.id)
         ).all()
     return [EmbedJob(int(i), str(cat.root / f)) for i, f in rows]
 
@@ -334,19 +342,7 @@ class _AddedMeanwhile(Exception):
 
 
 def _count_missing(s, encoder_id: int, k: int) -> int:
-    have = (
-        select(Embedding.reference_id, func.count(Embedding.id).label("n"))
-        .where(Embedding.encoder_id == encoder_id, Embedding.view < k)
-        .group_by(Embedding.reference_id)
-        .subquery()
-    )
-    return int(
-        s.scalar(
-            select(func.count(ReferenceImage.id))
-            .outerjoin(have, have.c.reference_id == ReferenceImage.id)
-            .where(func.coalesce(have.c.n, 0) != k)
-        )
-    )
+    return int(s.scalar(_lacking_vectors([func.count(ReferenceImage.id)], encoder_id, k)))
 
 
 def _retire(cat: Catalog, keep: int) -> None:
