@@ -26,13 +26,6 @@ from .store import DEFAULT_THRESHOLD, Catalog, default_catalog_dir
 logger = logging.getLogger("catalog")
 
 
-def _option(text: str) -> tuple[str, object]:
-    try:
-        return parse_key_value(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _distance(text: str) -> float:
     v = float(text)
     if not 0.0 <= v <= 2.0:
@@ -66,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=_distance, default=DEFAULT_THRESHOLD, metavar="D",
                    help=f"cosine distance in [0, 2] beyond which a match is unknown (default: {DEFAULT_THRESHOLD})")
     s.add_argument("--seed", type=int, default=0, help="augmentation seed (default: 0)")
-    s.add_argument("--encoder-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+    s.add_argument("--encoder-option", type=parse_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, repeatable: timm interpolation=bilinear, crop_pct=1.0; open_clip resize_mode=longest")
     s.add_argument("--center-photos", type=Path, default=None, metavar="DIR|LIST",
                    help="unlabeled in-store photos (a directory, searched recursively, or a file listing paths) whose mean "
@@ -106,13 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a picture of the recognitions (.png/.jpg/.webp); several images: FILE_0.png, FILE_1.png, ... in input order")
     s.add_argument("--points-per-side", type=int, default=None, metavar="N",
                    help="segmenter point grid N x N (default 32; 16 is ~4x faster on the CPU)")
-    s.add_argument("--segment-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+    s.add_argument("--segment-option", type=parse_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="automatic mask generation parameter, repeatable, e.g. pred_iou_thresh=0.8 (see docs/segmentation.md)")
 
     s = sub.add_parser("rebuild", help="re-embed every SKU, build a new index version, validate it and switch to it atomically")
     s.add_argument("--encoder", default=None, metavar="SPEC", help="new encoder (default: the catalog's), e.g. after a finetune")
     s.add_argument("--weights", type=Path, default=None, metavar="FILE", help="local weights of the encoder (e.g. finetune output)")
-    s.add_argument("--encoder-option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="backend option, repeatable")
+    s.add_argument("--encoder-option", type=parse_key_value, action="append", default=[], metavar="KEY=VALUE", help="backend option, repeatable")
     s.add_argument("--center-photos", type=Path, default=None, metavar="DIR|LIST",
                    help="unlabeled in-store photos for the new encoder's feature centre (SimpleShot CL2N)")
     s.add_argument("--index-type", default="auto", metavar="TYPE",
@@ -158,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default=None, help="query split (default: val for grocery-store, else test)")
     s.add_argument("--encoder", default=None, metavar="SPEC", help="encoder to evaluate (default: the catalog's)")
     s.add_argument("--weights", type=Path, default=None, metavar="FILE", help="local weights of --encoder")
-    s.add_argument("--encoder-option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="backend option of --encoder, repeatable")
+    s.add_argument("--encoder-option", type=parse_key_value, action="append", default=[], metavar="KEY=VALUE", help="backend option of --encoder, repeatable")
     s.add_argument("--augmentations", type=int, default=None, metavar="K",
                    help=f"views per reference (default: the catalog's K; with --encoder {DEFAULT_AUGMENTATIONS})")
     s.add_argument("--seed", type=int, default=None, help="augmentation seed (default: the catalog's; with --encoder 0)")

@@ -29,13 +29,6 @@ from .optim import DEFAULT_LR, DEFAULT_LR_DECAY
 logger = logging.getLogger("finetune")
 
 
-def _option(text: str) -> tuple[str, object]:
-    try:
-        return parse_key_value(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -70,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("encoder")
     g.add_argument("--encoder", default=DEFAULT_ENCODER_SPEC, metavar="SPEC", help="open_clip:MODEL[/TAG] or timm:MODEL, as in catalog init")
     g.add_argument("--weights", default=None, metavar="FILE", help="initial weights (safetensors or PyTorch state dict)")
-    g.add_argument("--encoder-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+    g.add_argument("--encoder-option", type=parse_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, repeatable, as in catalog init (e.g. interpolation=bilinear)")
     g.add_argument("--random-init", action="store_true", help="random initial weights (tests, benchmarks)")
     g = p.add_argument_group("class balancing (RetailKLIP 4.1.3)")

@@ -7,6 +7,7 @@ arbitrary objects (a checkpoint "carrying code").  Nothing here downloads.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -105,15 +106,21 @@ def _looks_like_safetensors(head: bytes, p: Path) -> bool:
         return f.read(1) == b"{"
 
 
+class KeyValueError(ValueError, argparse.ArgumentTypeError):
+    """A malformed ``KEY=VALUE`` option: a ``ValueError`` for library callers, and an
+    ``ArgumentTypeError`` so that ``argparse`` prints its message as the usage error."""
+
+
 def parse_key_value(text: str) -> tuple[str, object]:
     """Parse a ``KEY=VALUE`` command-line option; VALUE is JSON when it parses, else a string.
+    Usable directly as an ``argparse`` ``type=``.
 
     Raises:
-        ValueError: no ``=`` or an empty key (argparse reports it as a usage error).
+        KeyValueError (a ValueError): no ``=`` or an empty key.
     """
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+        raise KeyValueError(f"expected KEY=VALUE, got {text!r}")
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:

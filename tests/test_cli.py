@@ -104,3 +104,19 @@ def test_cli_recognize_with_segmenter_saves_segments(cli_catalog, iconic, tmp_pa
     assert saved == [f"{iconic[0][2].stem}_segment_0.png"]
     assert main(["--catalog", d, "recognize", str(iconic[0][2]), "--segment", "no-such-segmenter"]) == 1
     assert "no-such-segmenter" in capsys.readouterr().err
+
+
+def test_malformed_key_value_option_is_a_usage_error(tmp_path, capsys):
+    import pytest
+
+    from retailklip.weights import KeyValueError, parse_key_value
+
+    with pytest.raises(SystemExit) as e:
+        main(["--catalog", str(tmp_path / "c"), "init", "--encoder-option", "no-equals-sign"])
+    assert e.value.code == 2
+    assert "argument --encoder-option: expected KEY=VALUE, got 'no-equals-sign'" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(ValueError):
+        parse_key_value("=1")
+    assert issubclass(KeyValueError, ValueError)
+    assert parse_key_value("crop_pct=1.0") == ("crop_pct", 1.0) and parse_key_value("m=bilinear") == ("m", "bilinear")
