@@ -148,3 +148,30 @@ def pg_db_url(pg_url) -> str:
             c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
         admin.dispose()
+
+
+# ------------------------------------------------------------------ shared helpers
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a test module: on a CPU shared with other busy processes, torch's
+    default (one thread per core) spends most of its time in OpenMP barriers (measured 100x
+    slower for the tiny ViT); the results do not depend on it."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_snapshot(cat) -> tuple:
+    """Everything a failed write must leave unchanged, read through SQLAlchemy (SQLite or
+    PostgreSQL): row counts of skus / reference_images / embeddings, stored files, generation."""
+    from sqlalchemy import func, select
+
+    from catalog.models import SKU, Embedding, ReferenceImage
+
+    with cat._sessions() as s:
+        counts = tuple(s.scalar(select(func.count()).select_from(t)) for t in (SKU, ReferenceImage, Embedding))
+    files = sorted(str(p.relative_to(cat.root)) for p in (cat.root / "images").rglob("*") if p.is_file())
+    return counts, files, cat.generation

@@ -3,11 +3,10 @@ import os
 
 import numpy as np
 import pytest
+from conftest import write_snapshot
 from imagekinds import write_bad_files
-from sqlalchemy import func, select
 
 from catalog import Catalog
-from catalog.models import SKU, Embedding, ReferenceImage
 from retailklip.errors import (
     CatalogError,
     DuplicateSKUError,
@@ -15,14 +14,6 @@ from retailklip.errors import (
     InvalidSKUError,
     UnknownSKUError,
 )
-
-
-def snapshot(cat: Catalog):
-    """Everything a failed write must leave unchanged: row counts, stored files, generation."""
-    with cat._sessions() as s:
-        counts = tuple(s.scalar(select(func.count()).select_from(t)) for t in (SKU, ReferenceImage, Embedding))
-    files = sorted(str(p.relative_to(cat.root)) for p in (cat.root / "images").rglob("*") if p.is_file())
-    return counts, files, cat.generation
 
 
 def test_add_list_remove(tiny_catalog, iconic):
@@ -54,7 +45,7 @@ def test_append_reference(tiny_catalog, iconic):
 def test_duplicates_and_bad_ids_write_nothing(tiny_catalog, iconic):
     cat = tiny_catalog
     cat.add(iconic[0][2], sku="golden")
-    before = snapshot(cat)
+    before = write_snapshot(cat)
     with pytest.raises(DuplicateSKUError, match="already exists"):
         cat.add(iconic[1][2], sku="golden")
     with pytest.raises(DuplicateSKUError, match="already a reference image of SKU 'golden'"):
@@ -64,17 +55,17 @@ def test_duplicates_and_bad_ids_write_nothing(tiny_catalog, iconic):
             cat.add(iconic[1][2], sku=bad)
     with pytest.raises(InvalidSKUError):
         cat.add(iconic[1][2], sku="ok", name="bad\x00name")
-    assert snapshot(cat) == before
+    assert write_snapshot(cat) == before
 
 
 def test_bad_images_write_nothing(tiny_catalog, iconic, tmp_path):
     cat = tiny_catalog
     cat.add(iconic[0][2], sku="golden")
-    before = snapshot(cat)
+    before = write_snapshot(cat)
     for kind, path in write_bad_files(iconic[0][2], tmp_path / "bad").items():
         with pytest.raises(InvalidImageError):
             cat.add(path, sku=f"sku-{kind}")
-    assert snapshot(cat) == before
+    assert write_snapshot(cat) == before
 
 
 def test_unicode_ids_and_names(tiny_catalog, iconic):
@@ -96,7 +87,7 @@ def test_import_csv_all_or_nothing(tiny_catalog, iconic, tmp_path):
     _write_csv(tmp_path / "ok.csv", rows)
     assert cat.import_csv(tmp_path / "ok.csv", progress=False) == 4
     assert len(cat) == 4
-    before = snapshot(cat)
+    before = write_snapshot(cat)
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     _write_csv(tmp_path / "bad.csv", [(os.path.relpath(iconic[5][2], tmp_path), "new1", "n"), ("broken.jpg", "new2", "n")])
     with pytest.raises(InvalidImageError, match=r"bad.csv:3"):
@@ -113,7 +104,7 @@ def test_import_csv_all_or_nothing(tiny_catalog, iconic, tmp_path):
     _write_csv(tmp_path / "empty.csv", [])
     with pytest.raises(CatalogError, match="no rows"):
         cat.import_csv(tmp_path / "empty.csv", progress=False)
-    assert snapshot(cat) == before
+    assert write_snapshot(cat) == before
 
 
 def test_open_errors_and_reinit(tmp_path, tiny_catalog):

@@ -26,16 +26,9 @@ from retailklip import create_encoder
 from retailklip.augment import augment_reference
 from retailklip.images import load_image
 
+# see conftest.one_torch_thread
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a CPU shared with other busy processes, torch's default (one
-    thread per core) spends most of its time in OpenMP barriers (measured 100x slower for the
-    tiny ViT); the results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 def _image(path: Path, seed: int, size: int = 40) -> Path:
     rng = np.random.default_rng(seed)

@@ -24,17 +24,9 @@ from retailklip import create_encoder
 TRAIN_SIZES = [2, 3, 5, 9]  # long-tailed
 EVAL_CLASSES = 3
 
+# see conftest.one_torch_thread
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a CPU shared with other busy processes, torch's default (one
-    thread per core) spends most of its time in OpenMP barriers (measured 100x slower for the
-    tiny ViT); the results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 def _images(root: Path, name: str, n: int, seed: int) -> list[str]:
     """n noisy variants of one random 'product' pattern (so classes are learnable)."""

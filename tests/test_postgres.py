@@ -12,12 +12,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC
-from sqlalchemy import create_engine, func, select, text
+from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC, write_snapshot
+from sqlalchemy import create_engine, text
 
 from catalog import Catalog, schema
 from catalog.cli import main
-from catalog.models import SKU, Embedding, ReferenceImage
 from retailklip import Recognizer
 from retailklip.errors import DuplicateSKUError
 
@@ -35,12 +34,6 @@ def pg_catalog(tmp_path, pg_db_url, mobilenet_weights) -> Catalog:
     cat.close()
 
 
-def snapshot(cat: Catalog):
-    """Everything a failed write must leave unchanged: row counts, stored files, generation."""
-    with cat._sessions() as s:
-        counts = tuple(s.scalar(select(func.count()).select_from(t)) for t in (SKU, ReferenceImage, Embedding))
-    files = sorted(str(p.relative_to(cat.root)) for p in (cat.root / "images").rglob("*") if p.is_file())
-    return counts, files, cat.generation
 
 
 def test_catalog_on_postgres_add_list_recognize_remove(pg_catalog, pg_db_url, iconic):
@@ -80,7 +73,7 @@ def test_catalog_on_postgres_add_list_recognize_remove(pg_catalog, pg_db_url, ic
 def test_duplicate_sku_writes_nothing(pg_catalog, iconic):
     cat = pg_catalog
     cat.add(iconic[0][2], sku="golden")
-    before = snapshot(cat)
+    before = write_snapshot(cat)
     with pytest.raises(DuplicateSKUError, match="golden"):
         cat.add(iconic[1][2], sku="golden")
     with pytest.raises(DuplicateSKUError, match="already a reference image of SKU 'golden'"):
@@ -89,7 +82,7 @@ def test_duplicate_sku_writes_nothing(pg_catalog, iconic):
     csv.write_text(f"image,sku,name\n{iconic[2][2]},new,New\n{iconic[3][2]},golden,Again\n")
     with pytest.raises(DuplicateSKUError, match="golden"):
         cat.import_csv(csv, progress=False)
-    assert snapshot(cat) == before
+    assert write_snapshot(cat) == before
     assert [s.sku for s in cat.list_skus()] == ["golden"]
 
 

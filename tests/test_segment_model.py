@@ -221,8 +221,9 @@ def test_predictor_prompts_in_original_pixels(l0):
 def test_cli_points_per_side_and_segment_options(tmp_path, l0, iconic, capsys):
     """`catalog recognize --segment efficientvit-sam-l0 --checkpoint FILE --points-per-side N`
     runs the automatic mask generator with that grid; unknown options are one-line errors."""
-    from catalog.cli import main
     from conftest import TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
+
+    from catalog.cli import main
 
     ckpt = tmp_path / "efficientvit_sam_l0.pt"
     torch.save(to_official_state_dict(l0.state_dict()), ckpt)
