@@ -224,14 +224,8 @@ class Recognizer:
             index = VectorIndex(encoder.dim)
         ids, skus = self.catalog.embedding_table(snap.encoder_id)
         present = index.ids()
-        removable = _sorted_diff(present, ids)
-        if len(removable):
-            present = self._remove(index, present, removable)
-        new = _sorted_diff(ids, present)
-        if len(new):
-            new, vectors = self.catalog.existing_vectors(new, index.dim)  # skip SKUs removed meanwhile
-            index.add(new, vectors)
-            present = np.union1d(present, new)
+        new, vectors, gone = self._changes(present, ids, index.dim)
+        present = self._apply(index, present, new, vectors, gone)  # not shared yet: no lock
         logger.debug("loaded index version %s (%d vectors, +%d since the snapshot)", snap.version_id, index.ntotal, len(new))
         return _View(
             snap.generation, snap.encoder_id, snap.version_id, encoder, SKUMatcher(index, dict(zip(ids.tolist(), skus))),
@@ -241,33 +235,35 @@ class Recognizer:
     def _apply_changes(self, view: _View, snap) -> None:
         """Apply SKUs added / removed since ``view`` (same encoder and index version)."""
         ids, skus = self.catalog.embedding_table(snap.encoder_id)
-        new = _sorted_diff(ids, view.present)
-        vectors = None
-        if len(new):
-            new, vectors = self.catalog.existing_vectors(new, view.matcher.index.dim)  # skip SKUs removed meanwhile
-        gone = _sorted_diff(view.present, ids)
+        index = view.matcher.index
+        new, vectors, gone = self._changes(view.present, ids, index.dim)  # database reads outside the lock
         names = self.catalog.names()
         with self._lock:
-            index = view.matcher.index
-            present = view.present
-            if len(gone):
-                present = self._remove(index, present, gone)
-            if vectors is not None:
-                index.add(new, vectors)
-                present = np.union1d(present, new)
+            present = self._apply(index, view.present, new, vectors, gone)
             self._view = replace(
                 view, generation=snap.generation, matcher=SKUMatcher(index, dict(zip(ids.tolist(), skus))),
                 present=present, names=names, threshold=snap.threshold,
             )
         logger.debug("index synced to generation %d: +%d -%d vectors", snap.generation, len(new), len(gone))
 
+    def _changes(self, present: np.ndarray, ids: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Difference between the ids an index holds and the database's: ``(new ids, their
+        float32 (N, dim) vectors, gone ids)``; SKUs removed while reading are skipped."""
+        new, vectors = self.catalog.existing_vectors(_sorted_diff(ids, present), dim)
+        return new, vectors, _sorted_diff(present, ids)
+
     @staticmethod
-    def _remove(index: VectorIndex, present: np.ndarray, gone: np.ndarray) -> np.ndarray:
-        """Remove vectors if the index type can; otherwise they stay as tombstones that the
-        matcher skips (their ids are no longer mapped to an SKU)."""
-        if index.supports_remove:
+    def _apply(index: VectorIndex, present: np.ndarray, new: np.ndarray, vectors: np.ndarray,
+               gone: np.ndarray) -> np.ndarray:
+        """Apply :meth:`_changes` to ``index``; returns the ids it now holds.  Gone vectors are
+        removed if the index type can; otherwise they stay as tombstones that the matcher skips
+        (their ids are no longer mapped to an SKU)."""
+        if len(gone) and index.supports_remove:
             index.remove(gone)
-            return _sorted_diff(present, gone)
+            present = _sorted_diff(present, gone)
+        if len(new):
+            index.add(new, vectors)
+            present = np.union1d(present, new)
         return present
 
     @property
