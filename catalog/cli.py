@@ -21,6 +21,7 @@ from retailklip.encoders import DEFAULT_ENCODER_SPEC
 from retailklip.errors import RetailKlipError
 from retailklip.weights import parse_key_value
 
+from .database import is_no_space, no_space_error
 from .store import DEFAULT_THRESHOLD, Catalog, default_catalog_dir
 
 logger = logging.getLogger("catalog")
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sku", default=None, metavar="ID", help="SKU id (default: the image file name without extension)")
     s.add_argument("--name", default=None, help="display name")
     s.add_argument("--append", action="store_true", help="add another reference image to an existing SKU")
+    s.add_argument("--json", action="store_true", help="print the SKU as JSON, with the SKUs it could be confused with")
 
     s = sub.add_parser("import", help="bulk-add SKUs from a CSV with columns image,sku,name")
     s.add_argument("csv", type=Path)
@@ -174,6 +176,15 @@ def _bytes(text: str) -> int:
     return int(value * units[unit])
 
 
+_FIELD_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def field(text) -> str:
+    """One field of the tab-separated text output: backslash, tab, newline and carriage return
+    escaped (``\\``, ``\t``, ``\n``, ``\r``), so every record stays one line of the same columns."""
+    return str(text).translate(_FIELD_ESCAPES)
+
+
 def _catalog_dir(args) -> Path:
     return args.catalog if args.catalog is not None else default_catalog_dir()
 
@@ -219,7 +230,14 @@ def cmd_init(args) -> int:
 def cmd_add(args) -> int:
     cat = Catalog.open(_catalog_dir(args), db_url=args.db_url, device=args.device)
     info = cat.add(args.image, sku=args.sku, name=args.name, append=args.append)
-    print(f"added {info.sku} ({info.references} reference image(s), {info.vectors} vectors)")
+    if args.json:
+        print(json.dumps(info.to_dict(), ensure_ascii=False, indent=1))
+        return 0
+    print(f"added {field(info.sku)} ({info.references} reference image(s), {info.vectors} vectors)")
+    for n in info.confusable_with:
+        print(f"catalog: warning: {field(info.sku)} is within the threshold of SKU {field(n.sku)} (cosine distance "
+              f"{n.distance:.3f}): photos of one may be recognised as the other; check it is not the same product, "
+              f"or add more reference images (--append)", file=sys.stderr)
     return 0
 
 
@@ -237,7 +255,7 @@ def cmd_list(args) -> int:
         print(json.dumps([s.to_dict() for s in skus], ensure_ascii=False, indent=1))
     else:
         for s in skus:
-            print(f"{s.sku}\t{s.name or ''}\t{s.references} ref\t{s.vectors} vec\t{s.created:%Y-%m-%d %H:%M}")
+            print(f"{field(s.sku)}\t{field(s.name or '')}\t{s.references} ref\t{s.vectors} vec\t{s.created:%Y-%m-%d %H:%M}")
         print(f"{len(skus)} SKU(s)", file=sys.stderr)
     return 0
 
@@ -319,7 +337,7 @@ def cmd_recognize(args) -> int:
             for r in recs:
                 label = r.sku if r.known else f"unknown (nearest {r.nearest_sku})"
                 runner = f", runner-up {r.runner_up.sku} {r.runner_up.distance:.3f}" if r.runner_up else ""
-                print(f"{path}\t{label}\t{r.name or ''}\tdistance {r.distance:.3f}{runner}\tbbox {list(r.bbox)}")
+                print(f"{field(path)}\t{field(label)}\t{field(r.name or '')}\tdistance {r.distance:.3f}{runner}\tbbox {list(r.bbox)}")
     if args.json:
         print(json.dumps(results, ensure_ascii=False, indent=1))
     return 1 if failed else 0
@@ -468,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(getattr(e, "orig", None) or e).splitlines()[0]
         print(f"catalog: error: database error: {msg}", file=sys.stderr)
         return 1
-    except OSError as e:  # e.g. an unwritable --save-segments / --overlay path
+    except OSError as e:  # e.g. an unwritable --save-segments / --overlay path, a full disk
+        if is_no_space(e):
+            e = no_space_error(_catalog_dir(args), str(e))
         print(f"catalog: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

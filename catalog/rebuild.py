@@ -416,6 +416,7 @@ def rebuild(
         ValidationError: the new index failed validation (exit code 4); the old one serves.
         RebuildError / RetailKlipError: any other failure; the old version serves.
     """
+    cat.require_writable("rebuild its index")
     if keep < 1 or batch < 1:
         raise CatalogError(f"--keep and --batch must be >= 1, got {keep}, {batch}")
     t0 = time.perf_counter()
@@ -462,11 +463,12 @@ def rebuild(
         try:
             embedded = _embed_missing(cat, enc, enc_id, k, seed, ray=ray, ray_workers=ray_workers, progress=progress, batch=batch)
             ids, refs, views, n_refs = _snapshot_table(cat, enc_id, k)
+            crash_point("rebuild.snapshot_taken")
             factory = choose_index_type(len(ids), enc.dim, memory_budget) if index_type == "auto" else index_type
             found, vectors = cat.existing_vectors(ids, enc.dim)
             if len(found) != len(ids):  # SKUs removed since the snapshot query: leave them out
-                keep = np.isin(ids, found)
-                ids, refs, views = ids[keep], refs[keep], views[keep]
+                alive = np.isin(ids, found)
+                ids, refs, views = ids[alive], refs[alive], views[alive]
                 n_refs = len(np.unique(refs))
             t1 = time.perf_counter()
             if len(ids):
@@ -514,7 +516,9 @@ def rollback(cat: Catalog, version: int | None = None, *, progress: bool = False
         CatalogError: no such version, not ``ready`` (retired or failed), already active, or no
             earlier version to roll back to.
         RebuildBusyError: a rebuild is running.
+        ReadOnlyCatalogError: the catalog is read-only.
     """
+    cat.require_writable("roll back its index")
     with _RebuildLock(cat.root):
         versions = list_versions(cat)
         active = next((v for v in versions if v.active), None)

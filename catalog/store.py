@@ -34,13 +34,14 @@ import logging
 import os
 import re
 import threading
+import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import create_engine, delete, event, func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -59,6 +60,7 @@ from retailklip.images import decode_image_bytes, read_image_bytes
 from retailklip.index import VectorIndex
 
 from . import index_store, schema
+from .database import DB_FILE, create_catalog_engine, is_no_space, no_space_error, read_only_error, writable
 from .fileio import atomic_write
 from .models import (
     NAME_MAX,
@@ -73,15 +75,16 @@ from .models import (
 
 logger = logging.getLogger(__name__)
 
-DB_FILE = "catalog.db"
 CONFIG_FILE = "catalog.json"
 IMAGES_DIR = "images"
 #: Default cosine-distance threshold (in [0, 2]); see docs/threshold.md.  ``catalog calibrate``
 #: chooses one from labelled photos.
 DEFAULT_THRESHOLD = 0.5
 
-_SKU_RE = re.compile(r"^[^\x00-\x1f\x7f/\\]+$")
-_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# ASCII (C0, DEL) and 8-bit (C1, U+0080-U+009F: e.g. U+009B, the CSI escape introducer that
+# terminals obey) control characters.
+_SKU_RE = re.compile(r"^[^\x00-\x1f\x7f-\x9f/\\]+$")
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "MPO": "jpg"}
 
 
@@ -105,8 +108,10 @@ def _is_utf8(text: str) -> bool:
 
 
 def validate_sku_id(sku: str) -> str:
-    """Check an SKU id: 1-128 characters, no control characters (NUL included), no ``/`` or
-    ``\\``, not ``.`` or ``..``, no leading/trailing whitespace.
+    """Check an SKU id and return it in Unicode NFC: 1-128 characters, no control characters
+    (ASCII C0 and DEL, NUL included, and the 8-bit C1 range U+0080-U+009F), no ``/`` or
+    ``\\``, not ``.`` or ``..``, no leading/trailing whitespace.  NFC makes "café" typed with a
+    combining accent (NFD, as macOS file names have it) and with a precomposed "é" one SKU.
 
     Raises:
         InvalidSKUError: with the reason.
@@ -115,6 +120,7 @@ def validate_sku_id(sku: str) -> str:
         raise InvalidSKUError("SKU id must be a non-empty string")
     if not _is_utf8(sku):
         raise InvalidSKUError(f"SKU id {sku[:40]!r} is not valid Unicode text (undecodable bytes in a file name or argument?)")
+    sku = unicodedata.normalize("NFC", sku)
     if len(sku) > SKU_ID_MAX:
         raise InvalidSKUError(f"SKU id is {len(sku)} characters long; the limit is {SKU_ID_MAX}")
     if not _SKU_RE.match(sku) or sku in (".", "..") or sku != sku.strip():
@@ -126,7 +132,8 @@ def validate_sku_id(sku: str) -> str:
 
 
 def validate_name(name: str | None) -> str | None:
-    """Check a display name: at most 512 characters, no control characters except tab/newline.
+    """Check a display name and return it in Unicode NFC: at most 512 characters, no control
+    characters (C0, DEL, C1) except tab and newline.
 
     Raises:
         InvalidSKUError: with the reason.
@@ -135,6 +142,7 @@ def validate_name(name: str | None) -> str | None:
         return None
     if not _is_utf8(name):
         raise InvalidSKUError("SKU name is not valid Unicode text (undecodable bytes?)")
+    name = unicodedata.normalize("NFC", name)
     if len(name) > NAME_MAX:
         raise InvalidSKUError(f"SKU name is {len(name)} characters long; the limit is {NAME_MAX}")
     if _CONTROL_RE.search(name):
@@ -160,6 +168,27 @@ class SKUInfo:
             "references": self.references,
             "vectors": self.vectors,
         }
+
+
+@dataclass(frozen=True)
+class AddedSKU(SKUInfo):
+    """What :meth:`Catalog.add` returns: the SKU's :class:`SKUInfo` plus the other SKUs its new
+    reference image could be confused with.
+
+    Attributes:
+        confusable_with: :class:`retailklip.matching.Neighbour` s (SKU id, cosine distance in
+            [0, 2] from the new reference image's embedding to that SKU's nearest vector) of the
+            other SKUs within the catalog's threshold, nearest first (at most 2: the 1-NN and
+            the runner-up).  Non-empty means photos of either SKU may be recognised as the
+            other: a near-duplicate SKU (the same product added twice) or siblings that need
+            more reference images.
+    """
+
+    confusable_with: tuple = ()
+
+    def to_dict(self) -> dict:
+        return dict(super().to_dict(), confusable_with=[{"sku": n.sku, "distance": round(n.distance, 6)}
+                                                        for n in self.confusable_with])
 
 
 @dataclass(frozen=True)
@@ -208,32 +237,19 @@ class Catalog:
     timeout serialises writers).
     """
 
-    def __init__(self, root: Path, engine: Engine, *, device: str = "cpu") -> None:
+    def __init__(self, root: Path, engine: Engine, *, device: str = "cpu", read_only: bool = False) -> None:
         self.root = Path(root)
         self.engine = engine
+        #: True when this process cannot write the catalog (see :mod:`catalog.database`):
+        #: reads and recognition work, writes raise :class:`ReadOnlyCatalogError`.
+        self.read_only = read_only
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._device = device
         self._encoders: dict[int, Encoder] = {}
         self._encoder_lock = threading.Lock()
+        self._recognizer = None  # the index `add` checks new references against (built on first use)
 
     # ------------------------------------------------------------------ opening
-    @staticmethod
-    def _engine(root: Path, db_url: str | None) -> Engine:
-        url = db_url or f"sqlite:///{root / DB_FILE}"
-        engine = create_engine(url, connect_args={"timeout": 60} if url.startswith("sqlite") else {})
-        if engine.dialect.name == "sqlite":
-
-            @event.listens_for(engine, "connect")
-            def _pragmas(dbapi_conn, _record):
-                cur = dbapi_conn.cursor()
-                cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA synchronous=FULL")
-                cur.execute("PRAGMA foreign_keys=ON")
-                cur.execute("PRAGMA busy_timeout=60000")
-                cur.close()
-
-        return engine
-
     @classmethod
     def init(
         cls,
@@ -289,7 +305,7 @@ class Catalog:
             if not photos:
                 raise CatalogError("no photos to compute the feature centre from")
             enc = enc.with_center(enc.mean_feature(photos, progress=len(photos) > 64))
-        engine = cls._engine(root, db_url)
+        engine = create_catalog_engine(root, db_url)
         if db_url and schema.is_initialised(engine):
             engine.dispose()
             raise CatalogError(f"the database {engine.url!r} already holds a catalog")
@@ -345,9 +361,10 @@ class Catalog:
             CatalogError: no catalog there (with the command that creates one).
         """
         root, db_url = cls._locate(root, db_url)
-        engine = cls._engine(root, db_url)
+        ro = db_url is None and not writable(root, root / DB_FILE)
+        engine = create_catalog_engine(root, db_url, read_only=ro)
         schema.ensure_current(engine)
-        self = cls(root, engine, device=device)
+        self = cls(root, engine, device=device, read_only=ro)
         try:
             with self._sessions() as s:
                 state = s.get(CatalogState, 1)
@@ -368,7 +385,9 @@ class Catalog:
             CatalogError: no catalog there, or its schema is newer than this retailklip.
         """
         root, db_url = cls._locate(root, db_url)
-        engine = cls._engine(root, db_url)
+        if db_url is None and not writable(root, root / DB_FILE):
+            raise read_only_error(root, "upgrade its schema")
+        engine = create_catalog_engine(root, db_url)
         try:
             if not schema.is_initialised(engine):
                 raise CatalogError(f"{root}: the catalog database is not initialised")
@@ -397,13 +416,22 @@ class Catalog:
             ).one()
         return StateSnapshot(int(r[0]), int(r[1]), None if r[2] is None else int(r[2]), float(r[3]), int(r[4]))
 
-    @staticmethod
-    def _lock_state(s: Session, *, bump: bool = True) -> tuple[int, int]:
+    def require_writable(self, what: str = "write") -> None:
+        """Raise :class:`ReadOnlyCatalogError` (naming ``what``) if this catalog is read-only."""
+        if self.read_only:
+            raise read_only_error(self.root, what)
+
+    def _lock_state(self, s: Session, *, bump: bool = True) -> tuple[int, int]:
         """Start a write: update the state row as the transaction's first statement, which takes
         the writers' lock (SQLite's write lock, PostgreSQL's row lock on ``catalog_state``).  With
         ``bump`` the generation is incremented (never losing an increment); without it the lock
         is taken for file operations that readers need not notice.  Returns ``(generation,
-        active encoder id)``."""
+        active encoder id)``.
+
+        Raises:
+            ReadOnlyCatalogError: the catalog is read-only (before anything is written).
+        """
+        self.require_writable()
         r = s.execute(
             update(CatalogState)
             .where(CatalogState.id == 1)
@@ -448,6 +476,7 @@ class Catalog:
     def set_segmenter(self, name: str | None, checkpoint: str | None = None) -> None:
         """Remember a default segmenter (name and checkpoint path) for ``recognize``."""
         with self._sessions.begin() as s:
+            self._lock_state(s)
             st = self._state(s)
             st.segmenter = name
             st.segmenter_checkpoint = str(Path(checkpoint).resolve()) if checkpoint else None
@@ -535,12 +564,14 @@ class Catalog:
             is already a reference), UnknownSKUError (``append`` to a missing SKU).  On any
             error nothing is written.
         """
+        self.require_writable("add an SKU")
         st = self.settings()
         sku_id = validate_sku_id(sku if sku is not None else Path(image).stem)
         self._check_can_add([(sku_id, None)], append)
         for _attempt in range(3):
             enc_id, enc = self._active_encoder()
             prepared = self._prepare(image, sku_id, name, enc, st["augmentations"], st["seed"], enc_id)
+            confusable = self._confusable(prepared, st["threshold"])
             try:
                 self._write([prepared], append=append)
                 break
@@ -548,7 +579,28 @@ class Catalog:
                 logger.info("the active encoder changed during add (a rebuild finished); embedding again")
         else:
             raise CatalogError("the active encoder kept changing during add; try again")
-        return self.get(prepared.sku)
+        info = self.get(prepared.sku)
+        for n in confusable:
+            logger.info("SKU %r: its reference image is within the threshold (%.3f) of SKU %r (cosine distance "
+                           "%.3f): photos of one may be recognised as the other", info.sku, st["threshold"], n.sku,
+                           n.distance)
+        return AddedSKU(**{f.name: getattr(info, f.name) for f in fields(SKUInfo)}, confusable_with=confusable)
+
+    def _confusable(self, prepared: _Prepared, threshold: float) -> tuple:
+        """Other SKUs within ``threshold`` of ``prepared``'s reference image (view 0), searched in
+        the catalog's current index (the same one recognition uses)."""
+        from retailklip.recognizer import Recognizer
+
+        with self._encoder_lock:
+            if self._recognizer is None:
+                self._recognizer = Recognizer(self)
+            rec = self._recognizer
+        matches = rec.match_embeddings(prepared.vectors[:1], self.encoder_for(prepared.encoder_id).identity.key, threshold)
+        if matches is None:
+            return ()
+        m = matches[0]
+        near = [n for n in (m.nearest, m.runner_up) if n is not None and n.sku != prepared.sku]
+        return tuple(n for n in near if n.distance <= threshold)
 
     def import_csv(self, csv_path: str | os.PathLike, *, progress: bool = True) -> int:
         """Bulk-add SKUs from a CSV with columns ``image,sku,name`` (image paths relative to the CSV).
@@ -563,6 +615,7 @@ class Catalog:
             CatalogError: missing file or columns, empty CSV, duplicate ids within the CSV; any
                 error of :meth:`add` for a row (prefixed with the row number).
         """
+        self.require_writable("import SKUs")
         path = Path(csv_path)
         if not path.is_file():
             raise CatalogError(f"{path}: no such CSV file")
@@ -593,6 +646,7 @@ class Catalog:
         if dupes:
             raise DuplicateSKUError(f"{path}: SKU id(s) repeated in the CSV: {', '.join(dupes[:5])}")
         self._check_can_add([(i, None) for i in ids], append=False)
+        self._check_distinct_images(path, [img for _sku, _name, img in entries])
         st = self.settings()
         for _attempt in range(3):
             enc_id, enc = self._active_encoder()
@@ -617,6 +671,39 @@ class Catalog:
             raise CatalogError("the active encoder kept changing during import; try again")
         return len(prepared)
 
+    def _check_distinct_images(self, csv_path: Path, images: Sequence[Path]) -> None:
+        """Refuse a CSV whose rows name one image file (by content) more than once, or an image
+        that already is a reference image, before anything is embedded: one image is one SKU's
+        reference, on every path (``add`` refuses it too, see :meth:`_write`).
+
+        Raises:
+            DuplicateSKUError: naming the CSV lines (row 1 is the header).
+            InvalidImageError: an image cannot be read (with its line).
+        """
+        first: dict[str, int] = {}
+        repeated: list[tuple[int, int]] = []
+        for n, img in enumerate(images, start=2):
+            try:
+                digest = hashlib.sha256(read_image_bytes(img)).hexdigest()
+            except RetailKlipError as e:
+                raise type(e)(f"{csv_path}:{n}: {e}") from None
+            if digest in first:
+                repeated.append((first[digest], n))
+            else:
+                first[digest] = n
+        if repeated:
+            pairs = ", ".join(f"{a} and {b}" for a, b in repeated[:5])
+            more = f" (and {len(repeated) - 5} more)" if len(repeated) > 5 else ""
+            raise DuplicateSKUError(
+                f"{csv_path}: lines {pairs}{more} name the same image; an image can be the reference of one SKU only"
+            )
+        with self._sessions() as s:
+            clash = s.execute(
+                select(ReferenceImage.sha256, ReferenceImage.sku_id).where(ReferenceImage.sha256.in_(list(first)))
+            ).first()
+        if clash:
+            raise DuplicateSKUError(f"{csv_path}:{first[clash[0]]}: this image is already a reference image of SKU {clash[1]!r}")
+
     def _check_can_add(self, items: Sequence[tuple[str, None]], append: bool) -> None:
         ids = [i for i, _ in items]
         with self._sessions() as s:
@@ -631,65 +718,71 @@ class Catalog:
             )
 
     def _write(self, prepared: Sequence[_Prepared], *, append: bool) -> None:
-        # Image files are written, and on failure deleted again, only while this transaction
-        # holds the writers' lock (taken by _lock_state): no other writer can commit a reference
-        # to one of these files in between, so a failed writer never deletes an image that
-        # another writer's reference names (see also _delete_unreferenced).
+        # Image files are written only while this transaction holds the writers' lock (taken by
+        # _lock_state).  If anything fails, the commit included (a full disk), the files this
+        # call created are deleted again by _delete_unreferenced, under the lock again and only
+        # if no reference names them: a failed writer never deletes an image that another
+        # writer's committed reference names.
         created: list[Path] = []
         try:
             with self._sessions.begin() as s:
                 _gen, active_encoder = self._lock_state(s)
-                try:
-                    if any(p.encoder_id != active_encoder for p in prepared):
-                        raise _EncoderChanged()
-                    if not append:
-                        taken = s.scalars(select(SKU.id).where(SKU.id.in_([p.sku for p in prepared]))).first()
-                        if taken is not None:
-                            raise DuplicateSKUError(
-                                f"SKU {taken!r} already exists (remove it first, or use --append to add another reference image)"
-                            )
-                    hashes = [p.sha256 for p in prepared]
-                    clash = s.execute(
-                        select(ReferenceImage.sha256, ReferenceImage.sku_id).where(ReferenceImage.sha256.in_(hashes))
-                    ).first()
-                    if clash:
-                        raise DuplicateSKUError(f"this image is already a reference image of SKU {clash[1]!r}")
-                    for p in prepared:
-                        dest = self.root / _image_relpath(p.sha256, p.ext)
-                        if not dest.exists():
-                            atomic_write(dest, p.data)
-                            created.append(dest)
-                        else:  # a leftover of an interrupted add: fresh mtime so `catalog check` keeps it
-                            os.utime(dest)
-                        crash_point("add.after_each_file")
-                    crash_point("add.after_file")
-                    for p in prepared:
-                        if append:
-                            sku_row = s.get(SKU, p.sku)
-                            if sku_row is None:
-                                raise UnknownSKUError(f"unknown SKU {p.sku!r}")
-                            if p.name:
-                                sku_row.name = p.name
-                        else:
-                            s.add(SKU(id=p.sku, name=p.name))
-                        ref = ReferenceImage(
-                            sku_id=p.sku, sha256=p.sha256, filename=_image_relpath(p.sha256, p.ext),
-                            size_bytes=len(p.data), width=p.width, height=p.height,
+                if any(p.encoder_id != active_encoder for p in prepared):
+                    raise _EncoderChanged()
+                if not append:
+                    taken = s.scalars(select(SKU.id).where(SKU.id.in_([p.sku for p in prepared]))).first()
+                    if taken is not None:
+                        raise DuplicateSKUError(
+                            f"SKU {taken!r} already exists (remove it first, or use --append to add another reference image)"
                         )
-                        s.add(ref)
-                        s.flush()
-                        s.add_all(
-                            Embedding(reference_id=ref.id, encoder_id=active_encoder, view=v, vector=vec.tobytes())
-                            for v, vec in enumerate(p.vectors)
-                        )
+                hashes = [p.sha256 for p in prepared]
+                if len(set(hashes)) != len(hashes):
+                    raise DuplicateSKUError("the same image is given for more than one reference image")
+                clash = s.execute(
+                    select(ReferenceImage.sha256, ReferenceImage.sku_id).where(ReferenceImage.sha256.in_(hashes))
+                ).first()
+                if clash:
+                    raise DuplicateSKUError(f"this image is already a reference image of SKU {clash[1]!r}")
+                for p in prepared:
+                    dest = self.root / _image_relpath(p.sha256, p.ext)
+                    if not dest.exists():
+                        created.append(dest)  # before the write: a failed write is cleaned up too
+                        atomic_write(dest, p.data)
+                    else:  # a leftover of an interrupted add: fresh mtime so `catalog check` keeps it
+                        os.utime(dest)
+                    crash_point("add.after_each_file")
+                crash_point("add.after_file")
+                for p in prepared:
+                    if append:
+                        sku_row = s.get(SKU, p.sku)
+                        if sku_row is None:
+                            raise UnknownSKUError(f"unknown SKU {p.sku!r}")
+                        if p.name:
+                            sku_row.name = p.name
+                    else:
+                        s.add(SKU(id=p.sku, name=p.name))
+                    ref = ReferenceImage(
+                        sku_id=p.sku, sha256=p.sha256, filename=_image_relpath(p.sha256, p.ext),
+                        size_bytes=len(p.data), width=p.width, height=p.height,
+                    )
+                    s.add(ref)
                     s.flush()
-                except BaseException:
-                    _unlink_all(created)  # still under the writers' lock; the rollback follows
-                    raise
+                    s.add_all(
+                        Embedding(reference_id=ref.id, encoder_id=active_encoder, view=v, vector=vec.tobytes())
+                        for v, vec in enumerate(p.vectors)
+                    )
+                s.flush()
                 crash_point("add.before_commit")
-            crash_point("add.after_commit")
-        except IntegrityError as e:
-            raise DuplicateSKUError(f"SKU already exists or the image is already stored ({str(e.orig).splitlines()[0]})") from None
+        except BaseException as e:
+            self._remove_created(created)
+            if isinstance(e, IntegrityError):
+                raise DuplicateSKUError(
+                    f"SKU already exists or the image is already stored ({str(e.orig).splitlines()[0]})"
+                ) from None
+            if is_no_space(e):
+                raise no_space_error(self.root, str(e)) from None
+            raise
+        crash_point("add.after_commit")
         logger.info("added %d reference image(s): %s", len(prepared), ", ".join(p.sku for p in prepared[:5]))
 
     def remove(self, sku: str) -> None:
@@ -697,12 +790,12 @@ class Catalog:
 
         Raises:
             UnknownSKUError: no such SKU.
+            ReadOnlyCatalogError: the catalog is read-only.
         """
+        self.require_writable("remove an SKU")
         with self._sessions.begin() as s:
             self._lock_state(s)
-            row = s.get(SKU, sku)
-            if row is None:
-                raise UnknownSKUError(f"unknown SKU {sku!r}")
+            row = _find_sku(s, sku)
             files = [r.filename for r in row.references]
             s.execute(delete(Embedding).where(Embedding.reference_id.in_([r.id for r in row.references])))
             s.delete(row)
@@ -712,7 +805,27 @@ class Catalog:
         self._delete_unreferenced(files)
         logger.info("removed SKU %s", sku)
 
-    def _delete_unreferenced(self, files: Sequence[str]) -> None:
+    def _remove_created(self, created: Sequence[Path]) -> None:
+        """Delete the image files a failed write created (see :meth:`_write`).  When even that
+        cannot take the writers' lock (the disk is full for the database too), the files are
+        deleted if no committed reference names them."""
+        if not created:
+            return
+        rel = [str(p.relative_to(self.root)) for p in created]
+        try:
+            self._delete_unreferenced(rel, prune_dirs=True)
+        except Exception as e:  # noqa: BLE001 - best effort: the write's own error is what is raised
+            logger.warning("could not take the writers' lock to delete %d new image file(s) (%s); deleting unlocked",
+                           len(rel), str(e).splitlines()[0] if str(e) else type(e).__name__)
+            try:
+                with self._sessions() as s:
+                    used = set(s.scalars(select(ReferenceImage.filename).where(ReferenceImage.filename.in_(rel))))
+            except Exception:  # noqa: BLE001
+                used = set()
+            _unlink_all(self.root / f for f in rel if f not in used)
+            _prune_empty_dirs(self.root / f for f in rel)
+
+    def _delete_unreferenced(self, files: Sequence[str], *, prune_dirs: bool = False) -> None:
         """Delete the stored image files among ``files`` that no reference row names.  Runs under
         the writers' lock (a no-op UPDATE of ``catalog_state``), like the file writes of
         :meth:`_write`, so an ``add`` of the same image cannot commit a reference to a file
@@ -723,11 +836,13 @@ class Catalog:
             for f in files:
                 if f not in used:
                     (self.root / f).unlink(missing_ok=True)
+            if prune_dirs:  # a failed write leaves the image store as it was, shard directories included
+                _prune_empty_dirs(self.root / f for f in files)
 
     # ------------------------------------------------------------------ reads
     def get(self, sku: str) -> SKUInfo:
         """One SKU's :class:`SKUInfo`.  Raises :class:`UnknownSKUError`."""
-        infos = self.list_skus([sku])
+        infos = self.list_skus(_id_forms(sku))
         if not infos:
             raise UnknownSKUError(f"unknown SKU {sku!r}")
         return infos[0]
@@ -857,8 +972,7 @@ class Catalog:
     def reference_path(self, sku: str) -> list[Path]:
         """Paths of the stored reference images of an SKU."""
         with self._sessions() as s:
-            if s.get(SKU, sku) is None:
-                raise UnknownSKUError(f"unknown SKU {sku!r}")
+            sku = _find_sku(s, sku).id
             return [self.root / f for f in s.scalars(select(ReferenceImage.filename).where(ReferenceImage.sku_id == sku))]
 
     def close(self) -> None:
@@ -880,6 +994,22 @@ def _encoder_row(s: Session, enc: Encoder, spec: str, weights_path, options: dic
     return row
 
 
+def _id_forms(sku: str) -> list[str]:
+    """The forms an SKU id given by a user may be stored in: NFC (how ids are stored since they
+    are normalised) and, for catalogs from before that, the text as given."""
+    forms = [unicodedata.normalize("NFC", sku)] if isinstance(sku, str) and _is_utf8(sku) else []
+    return forms + [sku] if sku not in forms else forms
+
+
+def _find_sku(s: Session, sku: str) -> SKU:
+    """The SKU row of a user-given id (:func:`_id_forms`).  Raises :class:`UnknownSKUError`."""
+    for form in _id_forms(sku):
+        row = s.get(SKU, form)
+        if row is not None:
+            return row
+    raise UnknownSKUError(f"unknown SKU {sku!r}")
+
+
 def _image_relpath(sha256: str, ext: str) -> str:
     return f"{IMAGES_DIR}/{sha256[:2]}/{sha256}.{ext}"
 
@@ -894,6 +1024,15 @@ def _detect_format(data: bytes) -> str:
             return _EXT.get(im.format or "", "img")
     except Exception:  # noqa: BLE001 - already decoded once; fall back to a neutral extension
         return "img"
+
+
+def _prune_empty_dirs(files: Iterable[Path]) -> None:
+    """Remove the (shard) directories of ``files`` that are now empty."""
+    for d in {p.parent for p in files}:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (or gone): keep it
+            pass
 
 
 def _unlink_all(paths: Iterable[Path]) -> None:

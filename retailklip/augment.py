@@ -9,7 +9,7 @@ pose, scale and lighting variation of in-store photos.  The views here, all from
 * views 1..K-1: random crop of 35-100 % of the area (in-store photos show products close up
   and partly), horizontal flip, rotation up to ±20 degrees, colour jitter (brightness,
   contrast, saturation 0.3, hue 0.03: shop lighting), Gaussian blur with probability 0.3
-  (phone motion and focus).
+  (phone motion and focus; the kernel shrinks for images under 9 px, so any size works).
 
 Deterministic: the same (image, K, seed) gives the same views on any machine (each view draws
 from its own seeded generator; torchvision's transforms read torch's global RNG, which is forked
@@ -33,15 +33,26 @@ from .rng import seeded
 
 DEFAULT_AUGMENTATIONS = 1
 
+#: Largest Gaussian blur kernel of an augmented view, in pixels (odd).
+BLUR_KERNEL = 9
+
+
+def _blur_kernel(w: int, h: int) -> int:
+    """The blur kernel for a (w, h) image: :data:`BLUR_KERNEL`, or the largest odd size whose
+    reflect padding fits a smaller image (1 for images under 3 px, i.e. no blur)."""
+    return min(BLUR_KERNEL, 2 * ((min(w, h) - 1) // 2) + 1)
+
+
 def _pipeline(size: tuple[int, int], fill) -> v2.Compose:
     w, h = size
+    k = _blur_kernel(w, h)
     return v2.Compose(
         [
             v2.RandomResizedCrop((h, w), scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
             v2.RandomHorizontalFlip(),
             v2.RandomRotation(20, fill=fill),
             v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03),
-            v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.5, 2.0))], p=0.3),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=k, sigma=(0.5, 2.0))], p=0.3),
         ]
     )
 

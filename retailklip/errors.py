@@ -50,3 +50,11 @@ class DuplicateSKUError(CatalogError):
 
 class InvalidSKUError(CatalogError, ValueError):
     """An SKU id or name is malformed (empty, too long, control characters, path separators)."""
+
+
+class ReadOnlyCatalogError(CatalogError):
+    """A write was asked of a catalog this process cannot write (permissions, read-only mount)."""
+
+
+class NoSpaceError(CatalogError):
+    """The disk holding the catalog is full; the write was rolled back and nothing changed."""

@@ -12,7 +12,12 @@ Decoding rules (what a store photo or a packshot may be):
   files, files larger than ``max_bytes``, anything PIL cannot decode (text renamed ``.jpg``,
   truncated JPEGs), images with more than ``max_pixels`` pixels (decompression bombs: checked
   from the header, before any pixel is decoded) and multi-frame images (animated GIF, multi-page
-  TIFF), whose meaning as one product photo is ambiguous.
+  TIFF), whose meaning as one product photo is ambiguous.  A multi-picture JPEG (MPO, written
+  by phones) is its primary picture, as in any viewer.
+* Image *files* thinner than :data:`MAX_FILE_ASPECT_RATIO` (100:1, e.g. a 1 x 20000 PNG) are
+  refused from the header: decoding them costs far more memory than their pixels.  In-memory
+  images of any shape (e.g. a thin segment crop) are accepted; the memory of an encoder's
+  preprocessing is bounded for every shape by :func:`limit_aspect_ratio`.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
 DEFAULT_MAX_PIXELS = 64_000_000
 #: Largest accepted file, in bytes.
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
+#: Widest accepted aspect ratio (long side / short side) of an encoded image file, checked from
+#: the header.  A thinner strip is no product photo, and decoding one costs far more than its
+#: pixels (PIL keeps a row pointer per row: a 1 x 60,000,000 PNG takes 2.5 GB to decode).
+#: Within it and :data:`DEFAULT_MAX_PIXELS`, decoding takes at most ~4 bytes x 64 MP = 256 MB.
+MAX_FILE_ASPECT_RATIO = 100.0
 
 #: Background that transparent pixels (outside a segment's mask) are composited onto before an
 #: encoder sees them (RGB, 0-255).  Grey 128 was kept by measurement against black, white, the
@@ -146,8 +156,11 @@ def decode_image_bytes(data: bytes, label: str = "<image>", *, max_pixels: int =
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             _check_pixels(im, label, max_pixels)
+            _check_aspect(im, label)
             n_frames = getattr(im, "n_frames", 1)
-            if n_frames > 1:
+            # A multi-picture JPEG (MPO: what phones write, with previews or gain maps after the
+            # photo) is shown by every viewer as its primary picture, frame 0: use that one.
+            if n_frames > 1 and im.format != "MPO":
                 raise InvalidImageError(f"{label}: has {n_frames} frames (animation or multi-page); give a single still image")
             im.load()
     except InvalidImageError:
@@ -158,7 +171,17 @@ def decode_image_bytes(data: bytes, label: str = "<image>", *, max_pixels: int =
         raise InvalidImageError(f"{label}: too many pixels, refused as a decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as e:
         raise InvalidImageError(f"{label}: corrupt or truncated image ({e})") from None
-    return _normalise(ImageOps.exif_transpose(im), label)
+    ImageOps.exif_transpose(im, in_place=True)  # no copy of a large photo
+    return _normalise(im, label)
+
+
+def _check_aspect(im: Image.Image, label: str) -> None:
+    w, h = im.size
+    if max(w, h) > MAX_FILE_ASPECT_RATIO * min(w, h):
+        raise InvalidImageError(
+            f"{label}: {w}x{h} pixels is an aspect ratio over {MAX_FILE_ASPECT_RATIO:g}:1; "
+            f"give a photo of the product (crop the image)"
+        )
 
 
 def _check_pixels(im: Image.Image, label: str, max_pixels: int) -> None:
@@ -209,6 +232,58 @@ def _from_array(arr: np.ndarray, label: str, max_pixels: int) -> Image.Image:
         raise InvalidImageError(f"{label}: numpy image must have shape (H, W), (H, W, 3) or (H, W, 4), got {arr.shape}")
     _check_pixels(im, label, max_pixels)
     return im
+
+
+#: Widest aspect ratio (long side / short side) an encoder's preprocessing is given; beyond it
+#: the image is padded with transparency (see :func:`limit_aspect_ratio`).
+MAX_ASPECT_RATIO = 8.0
+#: Longest side of an image padded by :func:`limit_aspect_ratio`, in pixels (it is downscaled
+#: first when longer).
+MAX_PADDED_SIDE = 4096
+
+
+def limit_aspect_ratio(
+    image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO, max_side: int = MAX_PADDED_SIDE
+) -> Image.Image:
+    """Bound an image's aspect ratio before an encoder's resize, so that preprocessing memory is
+    bounded for every shape.
+
+    Encoders resize the *short* side to their input size (e.g. 256 px, then a 224 px centre
+    crop): a 1 x 20000 strip would become a 256 x 5,120,000 image (15 GB as float32) before the
+    crop.  An image whose long side is more than ``max_ratio`` times its short side is therefore
+    downscaled (keeping its shape, each side at least 1 px) until its long side is at most
+    ``max_side``, then padded with transparent pixels (composited onto the encoder's background
+    like any transparent area) to exactly ``max_ratio``, centred.  Images within the ratio are
+    returned unchanged (the same object), so ordinary photos are preprocessed exactly as before.
+
+    Bound: after this, an image has at most ``max_side`` x ``max_side / max_ratio`` pixels
+    (4096 x 512 = 2 MP by default) and the encoder's resized image at most ``max_ratio`` x its
+    input size squared pixels (e.g. 2048 x 256 for a 256 px resize).
+
+    Args:
+        image: PIL image of mode ``RGB`` or ``RGBA``.
+        max_ratio: widest accepted long / short side ratio (>= 1).
+        max_side: longest side in pixels of a padded result.
+
+    Returns:
+        ``image`` itself, or a new ``RGBA`` image of aspect ratio ``max_ratio`` (within 1 px).
+    """
+    w, h = image.size
+    long, short = max(w, h), min(w, h)
+    if long <= max_ratio * short:
+        return image
+    if long > max_side:
+        scale = max_side / long
+        size = (max_side, max(1, round(h * scale))) if w >= h else (max(1, round(w * scale)), max_side)
+        image = image.resize(size, Image.BILINEAR, reducing_gap=3.0)
+        w, h = image.size
+        long = max(w, h)
+    pad_short = max(1, round(long / max_ratio))
+    canvas_size = (w, pad_short) if w >= h else (pad_short, h)
+    canvas = Image.new("RGBA", canvas_size, (0, 0, 0, 0))
+    offset = (0, (pad_short - h) // 2) if w >= h else ((pad_short - w) // 2, 0)
+    canvas.paste(image.convert("RGBA"), offset)
+    return canvas
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = DEFAULT_BACKGROUND) -> Image.Image:

@@ -284,6 +284,26 @@ class Recognizer:
         return self._current().threshold
 
     # ------------------------------------------------------------------ recognition
+    def match_embeddings(self, embeddings: np.ndarray, encoder_key: str, threshold: float | None = None) -> list | None:
+        """1-NN matches (:class:`retailklip.matching.Match`: nearest SKU, runner-up, known) of
+        embeddings made elsewhere, e.g. a new reference image's before it is stored.
+
+        Args:
+            embeddings: float32 (N, D) L2-normalised embeddings.
+            encoder_key: :attr:`EncoderIdentity.key` of the encoder that made them.
+            threshold: cosine-distance threshold in [0, 2] (default: the recognizer's).
+
+        Returns:
+            One match per row, or None when the catalog's current encoder is not ``encoder_key``
+            (embeddings of two encoders are not comparable) or the catalog holds no SKU.
+        """
+        view = self._current()
+        if view.encoder.identity.key != encoder_key or not view.matcher.sku_of:
+            return None
+        t = threshold if threshold is not None else (self._threshold if self._threshold is not None else view.threshold)
+        with self._lock:
+            return view.matcher.match(np.asarray(embeddings, np.float32), t)
+
     def recognize(self, image: ImageSource) -> list[Recognition]:
         """Recognise the products in one image.
 

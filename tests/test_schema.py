@@ -37,6 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from catalog import schema
+from catalog.database import create_catalog_engine
 from catalog.models import Base
 from catalog.store import Catalog
 from retailklip.errors import CatalogError
@@ -104,7 +105,7 @@ Table(
 def engine(request, tmp_path):
     """An engine on an empty database, made the way the catalog makes it (SQLite pragmas)."""
     url = None if request.param == "sqlite" else request.getfixturevalue("pg_db_url")
-    eng = Catalog._engine(tmp_path, url)
+    eng = create_catalog_engine(tmp_path, url)
     yield eng
     eng.dispose()
 
@@ -209,7 +210,7 @@ def test_behind_and_too_new_schemas_are_refused(engine):
 
 def test_unreadable_database_is_a_catalog_error(tmp_path):
     (tmp_path / "catalog.db").write_bytes(b"this is not a database" * 100)
-    eng = Catalog._engine(tmp_path, None)
+    eng = create_catalog_engine(tmp_path, None)
     try:
         for call in (schema.current_revision, schema.ensure_current, schema.upgrade):
             with pytest.raises(CatalogError, match="catalog database|catalog schema"):

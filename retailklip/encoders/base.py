@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..errors import EncoderMismatchError
-from ..images import DEFAULT_BACKGROUND, ImageSource, load_image, to_rgb
+from ..images import DEFAULT_BACKGROUND, ImageSource, limit_aspect_ratio, load_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +136,9 @@ class Encoder:
         return torch.autocast(device_type=self.device.type, dtype=PRECISIONS[self.precision])
 
     def prepare(self, image: ImageSource) -> torch.Tensor:
-        """Decode (EXIF, mode), composite transparency and preprocess one image -> (3, H, W) float32."""
-        im = load_image(image)
+        """Decode (EXIF, mode), bound the aspect ratio (:func:`~retailklip.images.limit_aspect_ratio`),
+        composite transparency and preprocess one image -> (3, H, W) float32."""
+        im = limit_aspect_ratio(load_image(image))
         return self.preprocess(to_rgb(im, self.background))
 
     @torch.inference_mode()
