@@ -129,7 +129,7 @@ def load_image(
     if isinstance(source, Image.Image):
         im = source
         _check_pixels(im, label, max_pixels)
-        if getattr(im, "n_frames", 1) > 1:
+        if getattr(im, "n_frames", 1) > 1 and im.format != "MPO":  # MPO: its primary picture, see below
             raise InvalidImageError(f"{label}: has {im.n_frames} frames; give a single still image")
         return _normalise(ImageOps.exif_transpose(im), label)
     if isinstance(source, (str, os.PathLike)):

@@ -143,8 +143,10 @@ def test_recognize_of_a_thin_strip_is_one_line_in_bounded_memory(mobilenet_dir, 
     Image.new("RGB", (1, 20000), (200, 30, 30)).save(strip)
     wide = tmp_path / "wide.png"
     Image.new("RGB", (9000, 100), (30, 30, 200)).save(wide)  # 90:1: accepted, padded for the encoder
-    code = ("import resource, sys; from catalog.cli import main; rc = main(sys.argv[1:]); "
-            "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+    # VmHWM is this process image's own peak (ru_maxrss would include the forking pytest worker's)
+    code = ("import re, sys; from catalog.cli import main; rc = main(sys.argv[1:]); "
+            "print('RSS', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1), file=sys.stderr); "
+            "sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code, "--catalog", str(cat), "recognize", "--json", str(strip), str(wide)],
                        capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
     lines = r.stderr.strip().splitlines()
