@@ -176,12 +176,14 @@ def _bytes(text: str) -> int:
     return int(value * units[unit])
 
 
-_FIELD_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_FIELD_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+_FIELD_ESCAPES.update({ord("\\"): "\\\\", ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"})
 
 
 def field(text) -> str:
     """One field of the tab-separated text output: backslash, tab, newline and carriage return
-    escaped (``\\``, ``\t``, ``\n``, ``\r``), so every record stays one line of the same columns."""
+    escaped (``\\\\``, ``\\t``, ``\\n``, ``\\r``), other C0 / C1 control characters as ``\\xNN`` (a
+    terminal never sees an escape sequence from stored data), so every record stays one line."""
     return str(text).translate(_FIELD_ESCAPES)
 
 
@@ -336,7 +338,7 @@ def cmd_recognize(args) -> int:
         if not args.json:
             for r in recs:
                 label = r.sku if r.known else f"unknown (nearest {r.nearest_sku})"
-                runner = f", runner-up {r.runner_up.sku} {r.runner_up.distance:.3f}" if r.runner_up else ""
+                runner = f", runner-up {field(r.runner_up.sku)} {r.runner_up.distance:.3f}" if r.runner_up else ""
                 print(f"{field(path)}\t{field(label)}\t{field(r.name or '')}\tdistance {r.distance:.3f}{runner}\tbbox {list(r.bbox)}")
     if args.json:
         print(json.dumps(results, ensure_ascii=False, indent=1))

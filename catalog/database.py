@@ -34,7 +34,7 @@ DB_FILE = "catalog.db"
 #: Below this many free bytes, an I/O error of the database is reported as a full disk.
 LOW_SPACE_BYTES = 4 << 20
 _FULL_MESSAGES = ("database or disk is full", "no space left on device", "could not extend file")
-_READONLY_MESSAGES = ("attempt to write a readonly database", "readonly database")
+_READONLY_MESSAGES = ("attempt to write a readonly database", "readonly database", "read-only transaction")
 
 
 def free_bytes(path: Path) -> int | None:

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -309,6 +310,23 @@ class Catalog:
         if db_url and schema.is_initialised(engine):
             engine.dispose()
             raise CatalogError(f"the database {engine.url!r} already holds a catalog")
+        existing = set(root.iterdir()) if root.is_dir() else None
+        try:
+            return cls._create(root, engine, enc, encoder, weights_path, options, augmentations, seed, threshold,
+                               db_url, device)
+        except BaseException as e:
+            # A failed init (a full disk, a database error) leaves nothing behind: the next
+            # `catalog init` must not find half a catalog.
+            engine.dispose()
+            _remove_new_entries(root, existing)
+            if is_no_space(e):
+                raise no_space_error(root, str(e)) from None
+            raise
+
+    @classmethod
+    def _create(cls, root: Path, engine: Engine, enc: Encoder, encoder: str, weights_path: str | None, options: dict,
+                augmentations: int, seed: int, threshold: float, db_url: str | None, device: str) -> Catalog:
+        """The writing part of :meth:`init` (directory, schema, state row, index version 1)."""
         root.mkdir(parents=True, exist_ok=True)
         (root / IMAGES_DIR).mkdir(exist_ok=True)
         os.chmod(root, 0o750)
@@ -1024,6 +1042,18 @@ def _detect_format(data: bytes) -> str:
             return _EXT.get(im.format or "", "img")
     except Exception:  # noqa: BLE001 - already decoded once; fall back to a neutral extension
         return "img"
+
+
+def _remove_new_entries(root: Path, existing: set[Path] | None) -> None:
+    """Undo a failed ``init``: remove ``root`` if it did not exist (``existing`` None), else the
+    entries in it that are not in ``existing``."""
+    if existing is None:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    if root.is_dir():
+        for p in root.iterdir():
+            if p not in existing:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 def _prune_empty_dirs(files: Iterable[Path]) -> None:

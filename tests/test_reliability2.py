@@ -23,7 +23,7 @@ import catalogcheck
 from catalog import Catalog
 from catalog.check import check
 from catalog.cli import main as catalog_main
-from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC, TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
+from conftest import MOBILENET, MOBILENET_OPTIONS, MOBILENET_SPEC, TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
 from retailklip.errors import DuplicateSKUError, InvalidImageError, InvalidSKUError, ReadOnlyCatalogError
 from retailklip.images import MAX_ASPECT_RATIO, MAX_PADDED_SIDE, limit_aspect_ratio, load_image
 
@@ -234,7 +234,7 @@ def _unshare_available() -> str | None:
 
 
 def test_disk_full_add_import_rebuild_change_nothing_and_say_so(mobilenet_dir, tmp_path, packshots):
-    """On a nearly full tmpfs: add / import / rebuild either succeed or fail with one 'no space
+    """On a nearly full tmpfs: add / import / rebuild / init either succeed or fail with one 'no space
     left on device' line, and a failed one leaves every row and every file as it was (no orphan
     image file after a failed commit, issue items 6 and 7)."""
     why = _unshare_available()
@@ -251,6 +251,8 @@ def test_disk_full_add_import_rebuild_change_nothing_and_say_so(mobilenet_dir, t
     cases = [{"argv": ["add", str(image), "--sku", "new"], "free": f} for f in frees if f >= 0]
     cases += [{"argv": ["import", str(csv)], "free": f} for f in (4096, img_size + 8192)]
     cases += [{"argv": ["rebuild"], "free": f} for f in (4096, 32768)]
+    init = ["init", "--encoder", MOBILENET_SPEC, "--weights", str(MOBILENET), "--encoder-option", "interpolation=bilinear"]
+    cases += [{"argv": init, "free": f, "new": True} for f in (0, 8192, 65536)]
     spec = {"mount": str(tmp_path / "m"), "size": str(size + (2 << 20)), "catalog": str(mobilenet_dir), "cases": cases}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     r = subprocess.run(["unshare", "-m", sys.executable, str(TESTS / "diskfull_driver.py"), str(tmp_path / "spec.json")],
@@ -464,3 +466,11 @@ def test_add_reports_skus_it_could_be_confused_with(mobilenet_dir, tmp_path, ico
     twin5 = tmp_path / "granny5.jpg"
     Image.open(apple).rotate(7).save(twin5)
     assert Catalog.open(root).add(twin5, sku="granny-5").confusable_with == ()
+
+
+def test_text_fields_escape_every_control_character():
+    from catalog.cli import field
+
+    assert field("a\tb\nc\rd\\e") == "a\\tb\\nc\\rd\\\\e"
+    assert field("\x9b31m \x1b[2J \x00 \x7f") == "\\x9b31m \\x1b[2J \\x00 \\x7f"
+    assert field("café 金 🍎") == "café 金 🍎"
