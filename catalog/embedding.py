@@ -26,14 +26,18 @@ import os
 import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from retailklip import errors as _errors
 from retailklip.augment import augment_reference
-from retailklip.encoders import Encoder, EncoderIdentity
+from retailklip.encoders import EncoderIdentity
 from retailklip.errors import CatalogError, RetailKlipError
 from retailklip.images import decode_image_bytes, read_image_bytes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from retailklip.encoders import Encoder
 
 logger = logging.getLogger(__name__)
 

@@ -20,12 +20,15 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from retailklip.errors import CatalogError
-from retailklip.index import VectorIndex
 from retailklip.weights import file_sha256
 
 from .fileio import fsync_dir
+
+if TYPE_CHECKING:  # pragma: no cover - FAISS is imported when an index is read or written
+    from retailklip.index import VectorIndex
 
 INDEXES_DIR = "indexes"
 INDEX_FILE = "index.faiss"
@@ -109,6 +112,8 @@ def read_version(root: Path, relpath: str, *, expected_sha256: str | None = None
         if actual != expected_sha256:
             raise IndexFileError(f"{f} does not match the database record (sha256 {str(actual)[:12]} != {expected_sha256[:12]})")
     try:
+        from retailklip.index import VectorIndex
+
         return VectorIndex.load(f)
     except RuntimeError as e:
         raise IndexFileError(f"{f}: not a readable FAISS index ({str(e).splitlines()[0][:200]})") from None

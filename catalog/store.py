@@ -40,6 +40,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sqlalchemy import delete, func, select, update
@@ -48,7 +49,7 @@ from sqlalchemy.exc import DatabaseError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from retailklip.augment import DEFAULT_AUGMENTATIONS, augment_reference
-from retailklip.encoders import DEFAULT_ENCODER_SPEC, Encoder, EncoderIdentity, create_encoder
+from retailklip.encoders import DEFAULT_ENCODER_SPEC, EncoderIdentity, create_encoder
 from retailklip.errors import (
     CatalogError,
     DuplicateSKUError,
@@ -58,7 +59,6 @@ from retailklip.errors import (
 )
 from retailklip.faults import crash_point
 from retailklip.images import decode_image_bytes, read_image_bytes
-from retailklip.index import VectorIndex
 
 from . import index_store, schema
 from .database import DB_FILE, create_catalog_engine, is_no_space, no_space_error, read_only_error, writable
@@ -73,6 +73,10 @@ from .models import (
     IndexVersion,
     ReferenceImage,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from retailklip.encoders import Encoder
+    from retailklip.index import VectorIndex
 
 logger = logging.getLogger(__name__)
 
@@ -333,6 +337,8 @@ class Catalog:
         if db_url:
             (root / CONFIG_FILE).write_text(json.dumps({"db_url": db_url}))
         schema.upgrade(engine)
+        from retailklip.index import VectorIndex
+
         self = cls(root, engine, device=device)
         with self._sessions.begin() as s:
             if s.get(CatalogState, 1) is not None:

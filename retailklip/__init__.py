@@ -5,7 +5,9 @@ encoder) -> 1-NN in a FAISS index -> recognitions (SKU, or unknown beyond a cosi
 threshold).  See docs/architecture.md.
 """
 
-from .encoders import DEFAULT_ENCODER_SPEC, Encoder, EncoderIdentity, EncoderSpec, create_encoder
+from importlib import import_module
+from typing import TYPE_CHECKING
+
 from .errors import (
     CatalogError,
     DuplicateSKUError,
@@ -18,9 +20,30 @@ from .errors import (
     WeightsError,
     WeightsUnavailableError,
 )
-from .images import load_image
-from .matching import Neighbour
-from .recognizer import Recognition, Recognizer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .encoders import DEFAULT_ENCODER_SPEC, Encoder, EncoderIdentity, EncoderSpec, create_encoder
+    from .images import load_image
+    from .matching import Neighbour
+    from .recognizer import Recognition, Recognizer
+
+# The public names of the modules that import torch, numpy or FAISS are loaded on first use
+# (PEP 562), so that ``import retailklip.errors`` (and commands that need no model) stay light.
+_LAZY = {
+    "DEFAULT_ENCODER_SPEC": "encoders", "Encoder": "encoders", "EncoderIdentity": "encoders",
+    "EncoderSpec": "encoders", "create_encoder": "encoders", "load_image": "images", "Neighbour": "matching",
+    "Recognition": "recognizer", "Recognizer": "recognizer",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

@@ -26,10 +26,14 @@ finetuned encoder (trained with ArcFace on augmented data, RetailKLIP §4.1) bef
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from PIL import Image
-from torchvision.transforms import v2
 
 from .rng import seeded
+
+if TYPE_CHECKING:  # pragma: no cover - torchvision is imported when views are made
+    from torchvision.transforms import v2
 
 DEFAULT_AUGMENTATIONS = 1
 
@@ -44,6 +48,8 @@ def _blur_kernel(w: int, h: int) -> int:
 
 
 def _pipeline(size: tuple[int, int], fill) -> v2.Compose:
+    from torchvision.transforms import v2
+
     w, h = size
     k = _blur_kernel(w, h)
     return v2.Compose(

@@ -14,7 +14,6 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
 
 _lock = threading.RLock()
 
@@ -23,6 +22,8 @@ _lock = threading.RLock()
 def seeded(seed: int) -> Iterator[None]:
     """Run the block with torch's global CPU generator seeded to ``seed``, restored afterwards,
     holding a process-wide lock so concurrent seeded sections never interleave."""
+    import torch
+
     with _lock, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield

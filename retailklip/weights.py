@@ -15,9 +15,12 @@ import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import WeightsError
+
+if TYPE_CHECKING:  # pragma: no cover - torch is imported where state dicts are read
+    import torch
 
 _CHUNK = 1 << 20
 
@@ -64,6 +67,8 @@ def load_state_dict(path: str | os.PathLike, flag: str = "--weights") -> dict[st
     Raises:
         WeightsError: missing, empty, corrupt, unsafe (pickled code) or non-state-dict file.
     """
+    import torch
+
     p = check_weights_file(path, flag)
     with open(p, "rb") as f:
         head = f.read(8)

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import RetailKlipError
 from ..images import DEFAULT_BACKGROUND
-from .base import PRECISIONS, Encoder, EncoderIdentity
+from .identity import EncoderIdentity
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .base import Encoder
 
 DEFAULT_ENCODER_SPEC = "open_clip:ViT-L-14/laion2b_s32b_b82k"
 BACKENDS = ("open_clip", "timm")
@@ -113,3 +117,13 @@ def create_encoder(
         if "unexpected keyword" in str(e):
             raise RetailKlipError(f"encoder {s}: {e}") from None
         raise
+
+
+def __getattr__(name: str):
+    """``Encoder`` and ``PRECISIONS`` (of :mod:`.base`, which imports torch) on first use, so that
+    importing the package for a spec, a default or an :class:`EncoderIdentity` stays light."""
+    if name in ("Encoder", "PRECISIONS"):
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,61 +14,18 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import EncoderMismatchError
 from ..images import DEFAULT_BACKGROUND, ImageSource, limit_aspect_ratio, load_image, to_rgb
+from .identity import EncoderIdentity
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class EncoderIdentity:
-    """What made a vector; stored with every vector, compared before any search.
-
-    Attributes:
-        backend: ``"open_clip"`` or ``"timm"``.
-        model: the backend's model name, e.g. ``"ViT-L-14"`` or ``"mobilenetv2_100"``.
-        weights: ``"sha256:<hex>"`` of a local weights file, ``"tag:<pretrained tag>"`` for a
-            backend's named pretrained weights, or ``"random:<seed>"`` for random init (tests).
-        dim: embedding dimension D.
-        preprocess: canonical JSON of the preprocessing settings (size, resize mode, mean, std,
-            interpolation, background), so vectors made with different preprocessing never mix.
-        center: ``"none"``, or ``"sha256:<hex>"`` of the float32 feature-centering vector
-            subtracted before normalisation (see :class:`Encoder`).
-    """
-
-    backend: str
-    model: str
-    weights: str
-    dim: int
-    preprocess: str
-    center: str = "none"
-
-    @property
-    def key(self) -> str:
-        """A short stable string for this identity: ``backend:model@weights[:12]/d=D/p=<hash>``."""
-        phash = hashlib.sha256(self.preprocess.encode()).hexdigest()[:8]
-        weights = self.weights if len(self.weights) <= 40 else self.weights[:19]
-        center = "" if self.center == "none" else f"/c={self.center[7:15]}"
-        return f"{self.backend}:{self.model}@{weights}/d={self.dim}/p={phash}{center}"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def check_same(self, other: EncoderIdentity) -> None:
-        """Raise :class:`EncoderMismatchError` unless ``other`` is the same identity."""
-        if self != other:
-            raise EncoderMismatchError(
-                f"encoder mismatch: vectors were made by {other.key} but the encoder is {self.key}; "
-                f"rebuild the catalog with one encoder"
-            )
 
 
 class Encoder:
