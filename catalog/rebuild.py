@@ -48,13 +48,13 @@ from sqlalchemy import delete, func, select
 from retailklip.encoders import create_encoder
 from retailklip.errors import CatalogError
 from retailklip.faults import crash_point
+from retailklip.index import VectorIndex, build_index, choose_index_type
 
 from . import index_store
 from .models import CatalogState, Embedding, EncoderRow, IndexVersion, ReferenceImage
 
 if TYPE_CHECKING:  # pragma: no cover
     from retailklip.encoders import Encoder
-    from retailklip.index import VectorIndex
     from .store import Catalog
 
 logger = logging.getLogger(__name__)
@@ -417,8 +417,6 @@ def rebuild(
         ValidationError: the new index failed validation (exit code 4); the old one serves.
         RebuildError / RetailKlipError: any other failure; the old version serves.
     """
-    from retailklip.index import VectorIndex, build_index, choose_index_type
-
     cat.require_writable("rebuild its index")
     if keep < 1 or batch < 1:
         raise CatalogError(f"--keep and --batch must be >= 1, got {keep}, {batch}")
