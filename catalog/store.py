@@ -37,7 +37,7 @@ import shutil
 import threading
 import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -581,12 +581,13 @@ class Catalog:
             append: add a further reference image to the existing SKU ``sku``.
 
         Returns:
-            The SKU's :class:`SKUInfo`.
+            The SKU's :class:`AddedSKU` (its :class:`SKUInfo` and the other SKUs within the
+            threshold of the new reference image, which are also logged).
 
         Raises:
             InvalidImageError, InvalidSKUError, DuplicateSKUError (id exists, or this exact image
-            is already a reference), UnknownSKUError (``append`` to a missing SKU).  On any
-            error nothing is written.
+            is already a reference), UnknownSKUError (``append`` to a missing SKU),
+            ReadOnlyCatalogError, NoSpaceError.  On any error nothing is written.
         """
         self.require_writable("add an SKU")
         st = self.settings()
@@ -606,9 +607,9 @@ class Catalog:
         info = self.get(prepared.sku)
         for n in confusable:
             logger.info("SKU %r: its reference image is within the threshold (%.3f) of SKU %r (cosine distance "
-                           "%.3f): photos of one may be recognised as the other", info.sku, st["threshold"], n.sku,
-                           n.distance)
-        return AddedSKU(**{f.name: getattr(info, f.name) for f in fields(SKUInfo)}, confusable_with=confusable)
+                        "%.3f): photos of one may be recognised as the other", info.sku, st["threshold"], n.sku,
+                        n.distance)
+        return AddedSKU(**vars(info), confusable_with=confusable)
 
     def _confusable(self, prepared: _Prepared, threshold: float) -> tuple:
         """Other SKUs within ``threshold`` of ``prepared``'s reference image (view 0), searched in
