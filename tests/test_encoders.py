@@ -152,3 +152,23 @@ def test_centering_changes_identity_and_embeddings(mobilenet_encoder, val_photos
     assert (c @ c.T)[off].mean() < (v @ v.T)[off].mean() - 0.2
     with pytest.raises(ValueError, match="shape"):
         mobilenet_encoder.with_center(mean[:10])
+
+
+def test_random_init_silences_only_open_clip(caplog, monkeypatch):
+    """Building a random-init open_clip model drops open_clip's own warning, not the process's
+    other root-logger records (it used to disable the root logger meanwhile)."""
+    import logging
+
+    import open_clip
+
+    real = open_clip.create_model
+
+    def create(*a, **k):
+        logging.warning("a POS thread's warning")  # root logger, from outside open_clip
+        return real(*a, **k)
+
+    monkeypatch.setattr(open_clip, "create_model", create)
+    with caplog.at_level(logging.WARNING):
+        create_encoder(TINY_CLIP_SPEC, random_init=True, **TINY_CLIP_OPTIONS)
+    assert "a POS thread's warning" in caplog.text
+    assert not logging.getLogger().disabled

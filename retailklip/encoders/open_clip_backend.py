@@ -119,9 +119,16 @@ def _create(model_name: str, pretrained: str | None, overrides: dict, seed: int)
     import open_clip
 
     with seeded(seed):
-        # open_clip logs a warning for random init; that is the point here.
-        logging.getLogger().disabled, was = True, logging.getLogger().disabled
+        # open_clip logs (through the root logger) a warning for random init; that is the
+        # point here.  Drop only open_clip's own records meanwhile: disabling the root logger
+        # would silence every other thread of the process too.
+        root = logging.getLogger()
+        root.addFilter(_drop_open_clip_records)
         try:
             return open_clip.create_model(model_name, pretrained=pretrained, **overrides)
         finally:
-            logging.getLogger().disabled = was
+            root.removeFilter(_drop_open_clip_records)
+
+
+def _drop_open_clip_records(record: logging.LogRecord) -> bool:
+    return "open_clip" not in record.pathname.replace("\\", "/").split("/")
