@@ -33,7 +33,7 @@ from .index import VectorIndex
 from .matching import Neighbour, SKUMatcher
 
 if TYPE_CHECKING:  # pragma: no cover
-    from catalog.store import Catalog
+    from .gallery import Gallery
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class Recognizer:
     """Recognises SKUs in images against a catalog (see module docstring).
 
     Args:
-        catalog: an open :class:`catalog.store.Catalog`.
+        catalog: a :class:`retailklip.gallery.Gallery`, e.g. an open :class:`catalog.store.Catalog`.
         threshold: cosine-distance threshold in [0, 2]; default: the catalog's.
         segmenter: object with ``segment(image) -> list[Segment]`` (see
             :func:`retailklip.segment.load_segmenter`); default: the catalog's remembered
@@ -132,7 +132,7 @@ class Recognizer:
 
     def __init__(
         self,
-        catalog: Catalog,
+        catalog: Gallery,
         *,
         threshold: float | None = None,
         segmenter: SegmenterLike | None = None,
@@ -169,9 +169,9 @@ class Recognizer:
         Raises:
             CatalogError: no catalog there.
         """
-        from catalog.store import Catalog
+        from .gallery import open_gallery
 
-        cat = Catalog.open(catalog_dir, db_url=db_url, device=device)
+        cat = open_gallery(catalog_dir, db_url=db_url, device=device)
         if segmenter is None:
             st = cat.settings()
             if st["segmenter"]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README and .ci/run both call it): installs retailklip with its test extras,
-# starts a throwaway PostgreSQL server on 127.0.0.1 for the PostgreSQL tests (installing
-# Debian's `postgresql` package if it is missing), runs pytest, stops the server and exits with
+# checks the import-layering contract (import-linter), starts a throwaway PostgreSQL server on
+# 127.0.0.1 for the PostgreSQL tests (installing Debian's `postgresql` package if it is
+# missing), runs pytest, stops the server and exits with
 # pytest's exit code.  Arguments are passed to pytest (e.g. `bash scripts/test.sh -k postgres`).
 #
 # Set RETAILKLIP_TEST_PG_URL to use an existing server instead (a role that may CREATE DATABASE).
@@ -62,6 +63,9 @@ stop_postgres() {
 trap stop_postgres EXIT
 
 python3 -m pip install -q -e ".[test,postgres,ray]"
+# The layering contract (pyproject.toml [tool.importlinter]): the library core imports neither
+# the catalog nor the training code.  A broken contract fails the run before any test.
+lint-imports --no-cache
 if [ -z "${RETAILKLIP_TEST_PG_URL:-}" ]; then start_postgres; fi
 set +e
 # Two pytest workers (pytest-xdist), one file per worker at a time, one torch thread each: the

@@ -53,3 +53,31 @@ def test_library_imports_stay_light_until_used():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
                        env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_open_gallery_names_a_missing_opener():
+    from retailklip.errors import RetailKlipError
+    from retailklip.gallery import open_gallery
+
+    with pytest.raises(RetailKlipError, match="no gallery opener 'nope' is installed"):
+        open_gallery("/nonexistent", kind="nope")
+
+
+def test_layering_contract_fails_on_a_back_import(tmp_path):
+    """The import-linter contract CI checks (scripts/test.sh) passes on the tree and breaks on
+    a deliberate import of the catalog from the library core."""
+    import shutil
+
+    for name in ("retailklip", "catalog", "finetune"):
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    lint = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())",
+            "--no-cache"]
+    ok = subprocess.run(lint, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert ok.returncode == 0 and "0 broken" in ok.stdout, ok.stdout[-2000:] + ok.stderr[-2000:]
+    with open(tmp_path / "retailklip" / "matching.py", "a") as f:
+        f.write("\nfrom catalog.store import Catalog  # deliberate back-import\n")
+    broken = subprocess.run(lint, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert broken.returncode != 0, broken.stdout[-2000:]
+    assert "retailklip.matching -> catalog.store" in broken.stdout
