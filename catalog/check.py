@@ -133,7 +133,7 @@ def check(
         RebuildBusyError: a rebuild is running.
         ReadOnlyCatalogError: ``repair`` on a read-only catalog.
     """
-    from .rebuild import _clean_stale, _embed_missing, _RebuildLock
+    from .rebuild import _clean_stale, _embed_missing, _RebuildLock, mark_failed
 
     if repair:
         cat.require_writable("repair it")
@@ -274,7 +274,7 @@ def check(
             f = Finding("stale_versions", len(stale), stale[:5])
             if repair:
                 _clean_stale(cat)
-                _mark_failed(cat, broken_ready, "files missing or corrupt (catalog check)")
+                mark_failed(cat, broken_ready, "files missing or corrupt (catalog check)")
                 with cat._sessions() as s:
                     keep = set(s.scalars(select(IndexVersion.path).where(IndexVersion.status == "ready")))
                 if idx_dir.is_dir():
@@ -302,23 +302,12 @@ def check(
         # The replaced version's own files are the broken ones: retire it as failed, as the
         # stale-version repair above does for broken inactive versions, so one repair leaves a
         # clean check.
-        _mark_failed(cat, [active_id], "files missing or corrupt (catalog check)")
+        mark_failed(cat, [active_id], "files missing or corrupt (catalog check)")
         findings[-1].repaired = 1
         logger.info("check: rebuilt the active index as version %d; version %d marked failed", info.id, active_id)
     with cat._sessions() as s:
         n_refs = len(list(s.scalars(select(ReferenceImage.id))))
     return CheckReport(findings, n_refs, n_vec, time.perf_counter() - t0)
-
-
-def _mark_failed(cat: Catalog, version_ids: Sequence[int], why: str) -> None:
-    """Mark index versions ``failed`` (with ``why`` in their note) and delete their files."""
-    with cat._sessions.begin() as s:
-        versions = list(s.scalars(select(IndexVersion).where(IndexVersion.id.in_(list(version_ids)))))
-        for v in versions:
-            v.status, v.note = "failed", (v.note + "; " if v.note else "") + why
-        paths = [v.path for v in versions]
-    for path in paths:
-        index_store.remove_version(cat.root, path)
 
 
 def _compare_snapshot(cat: Catalog, idx, encoder_id: int, exclude: Sequence[int] = ()) -> str | None:

@@ -176,16 +176,27 @@ class _RebuildLock:
         self._f.close()
 
 
+def mark_failed(cat: Catalog, version_ids: Sequence[int], why: str) -> None:
+    """Mark index versions ``failed`` (``why`` appended to their note) and delete their files:
+    versions a killed rebuild left ``building``, and ``catalog check`` 's broken versions."""
+    with cat._sessions.begin() as s:
+        versions = list(s.scalars(select(IndexVersion).where(IndexVersion.id.in_(list(version_ids)))))
+        for v in versions:
+            v.status, v.note = "failed", (v.note + "; " if v.note else "") + why
+        paths = [v.path for v in versions if v.path]  # never "": that would be the catalog directory
+    for path in paths:
+        index_store.remove_version(cat.root, path)
+
+
 def _clean_stale(cat: Catalog) -> None:
     """Mark versions left ``building`` by a killed rebuild as failed; delete their files."""
     for tmp in index_store.stale_temp_dirs(cat.root):
         index_store.remove_version(cat.root, str(tmp.relative_to(cat.root)))
-    with cat._sessions.begin() as s:
-        for v in s.scalars(select(IndexVersion).where(IndexVersion.status == "building")):
-            v.status = "failed"
-            v.note = (v.note + "; " if v.note else "") + "interrupted"
-            index_store.remove_version(cat.root, v.path)
-            logger.warning("rebuild: version %d was interrupted earlier; marked failed", v.id)
+    with cat._sessions() as s:
+        building = list(s.scalars(select(IndexVersion.id).where(IndexVersion.status == "building")))
+    mark_failed(cat, building, "interrupted")
+    for vid in building:
+        logger.warning("rebuild: version %d was interrupted earlier; marked failed", vid)
 
 
 # ---------------------------------------------------------------------------- embedding
