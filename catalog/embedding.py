@@ -4,7 +4,7 @@ this process (:func:`embed_local`) or on a Ray cluster with Ray Data (:func:`emb
 Both run, for every :class:`EmbedJob`, exactly what :meth:`catalog.Catalog.add` runs on a
 reference image::
 
-    read_image_bytes(path) -> decode_image_bytes -> augment_reference(image, K, seed) -> encoder.embed(views)
+    read_image_bytes(path) -> decode_image_bytes -> retailklip.references.embed_reference(encoder, image, K, seed)
 
 with the K views of one reference forwarded together (one ``Encoder.embed`` call), so a vector
 does not depend on where, or next to which other reference, it was computed.  On a cluster each
@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from retailklip import errors as _errors
-from retailklip.augment import augment_reference
 from retailklip.encoders import EncoderIdentity
 from retailklip.errors import CatalogError, RetailKlipError
 from retailklip.images import decode_image_bytes, read_image_bytes
+from retailklip.references import embed_reference
 
 if TYPE_CHECKING:  # pragma: no cover
     from retailklip.encoders import Encoder
@@ -72,7 +72,7 @@ def _embed_one(reference_id: int, path: str, encoder: Encoder, k: int, seed: int
     try:
         data = read_image_bytes(path)
         im = decode_image_bytes(data, str(path))
-        return encoder.embed(augment_reference(im, k, seed))
+        return embed_reference(encoder, im, k, seed)
     except RetailKlipError as e:
         msg = str(e)
         where = f"reference image {reference_id}" + ("" if msg.startswith(str(path)) else f" ({path})")

@@ -48,7 +48,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from retailklip.augment import DEFAULT_AUGMENTATIONS, augment_reference
+from retailklip.augment import DEFAULT_AUGMENTATIONS
 from retailklip.encoders import DEFAULT_ENCODER_SPEC, EncoderIdentity, create_encoder
 from retailklip.errors import (
     CatalogError,
@@ -59,6 +59,7 @@ from retailklip.errors import (
 )
 from retailklip.faults import crash_point
 from retailklip.images import decode_image_bytes, read_image_bytes
+from retailklip.references import embed_reference
 
 from . import index_store, schema
 from .database import DB_FILE, create_catalog_engine, is_no_space, no_space_error, read_only_error, writable
@@ -567,7 +568,7 @@ class Catalog:
         data = read_image_bytes(path)
         im = decode_image_bytes(data, str(path))
         fmt = _detect_format(data)
-        vectors = encoder.embed(augment_reference(im, k, seed))
+        vectors = embed_reference(encoder, im, k, seed)
         return _Prepared(sku, name, data, hashlib.sha256(data).hexdigest(), fmt, im.width, im.height, vectors, encoder_id)
 
     def add(self, image: str | os.PathLike, sku: str | None = None, name: str | None = None, *, append: bool = False) -> SKUInfo:
