@@ -37,11 +37,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import nullcontext
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from sqlalchemy import delete, select, text
@@ -49,12 +48,15 @@ from sqlalchemy import delete, select, text
 from retailklip.errors import RetailKlipError
 from retailklip.weights import file_sha256
 
-from . import index_store
+from . import index_store, rebuild
+from .codec import decode_vector
+from .connection import StateSnapshot
 from .fileio import atomic_write
-from .models import CatalogState, Embedding, IndexVersion, ReferenceImage
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .store import Catalog
+from .imagestore import IMAGES_DIR
+from .models import CatalogState, Embedding, IndexVersion, ReferenceImage, VersionStatus
+from .reads import CatalogReader
+from .vectors import embed_missing, references_lacking_vectors
+from .versions import RebuildLock, fail_interrupted, mark_failed
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +109,7 @@ class CheckReport:
 
 
 def check(
-    cat: Catalog,
+    cat: CatalogReader,
     *,
     repair: bool = False,
     images_from: Sequence[str | os.PathLike] = (),
@@ -133,184 +135,222 @@ def check(
         RebuildBusyError: a rebuild is running.
         ReadOnlyCatalogError: ``repair`` on a read-only catalog.
     """
-    from .rebuild import _clean_stale, _embed_missing, _RebuildLock, mark_failed
-
     if repair:
         cat.require_writable("repair it")
     t0 = time.perf_counter()
     findings: list[Finding] = []
     # A read-only catalog cannot take the lock file; nothing writes it through this process.
-    with nullcontext() if cat.read_only else _RebuildLock(cat.root):
+    with nullcontext() if cat.read_only else RebuildLock(cat.root):
         snap = cat.snapshot()
-        dim = cat.encoder_identity().dim
-        k = snap.augmentations
-
-        # -- vectors
-        with cat._sessions() as s:
-            ref_ids = set(s.scalars(select(ReferenceImage.id)))
-            orphan, bad_vec = [], []
-            n_vec = 0
-            for eid, rid, enc_id, blob in s.execute(
-                select(Embedding.id, Embedding.reference_id, Embedding.encoder_id, Embedding.vector)
-            ).yield_per(10_000):
-                n_vec += 1
-                if rid not in ref_ids:
-                    orphan.append(eid)
-                    continue
-                if enc_id == snap.encoder_id:
-                    if len(blob) != 4 * dim:
-                        bad_vec.append(eid)
-                        continue
-                    v = np.frombuffer(blob, np.float32)
-                    if not np.all(np.isfinite(v)) or abs(float(v @ v) - 1.0) > 1e-3:
-                        bad_vec.append(eid)
-        for kind, ids in (("orphan_vectors", orphan), ("bad_vectors", bad_vec)):
-            if ids:
-                f = Finding(kind, len(ids), [f"vector {i}" for i in ids[:5]])
-                if repair:
-                    with cat._sessions.begin() as s:
-                        cat._lock_state(s)
-                        for c in range(0, len(ids), 10_000):
-                            s.execute(delete(Embedding).where(Embedding.id.in_(ids[c : c + 10_000])))
-                    f.repaired = len(ids)
-                findings.append(f)
-
-        # -- stored images
-        with cat._sessions() as s:
-            refs = s.execute(
-                select(ReferenceImage.id, ReferenceImage.sku_id, ReferenceImage.sha256, ReferenceImage.filename,
-                       ReferenceImage.size_bytes)
-            ).all()
-        missing, corrupt = [], []
-        for rid, sku, sha, fn, size in refs:
-            p = cat.root / fn
-            if not p.is_file():
-                missing.append((rid, sku, sha, fn, size))
-            elif verify_images and file_sha256(p) != sha:
-                corrupt.append((rid, sku, sha, fn, size))
-        sources = _index_by_hash(images_from, {r[2] for r in missing + corrupt}, {r[4] for r in missing + corrupt})
-        for kind, items in (("missing_images", missing), ("corrupt_images", corrupt)):
-            if not items:
-                continue
-            f = Finding(kind, len(items), [f"SKU {sku!r}: {fn}" for _r, sku, _h, fn, _s in items[:5]],
-                        repairable=all(h in sources for _r, _k, h, _f, _s in items))
-            if repair:
-                for _rid, _sku, sha, fn, _size in items:
-                    if sha in sources:
-                        atomic_write(cat.root / fn, sources[sha].read_bytes())
-                        f.repaired += 1
-            findings.append(f)
-
-        # -- references lacking vectors of the active encoder (after the deletions above)
-        from .rebuild import _missing
-
-        lacking = _missing(cat, snap.encoder_id, k)
-        if lacking:
-            unreadable = {j.reference_id for j in lacking if not Path(j.path).is_file()}
-            f = Finding("missing_vectors", len(lacking), [f"reference {j.reference_id}" for j in lacking[:5]],
-                        repairable=not unreadable)
-            if repair and not unreadable:
-                st = cat.settings()
-                f.repaired = _embed_missing(
-                    cat, cat.encoder_for(snap.encoder_id), snap.encoder_id, k, int(st["seed"]), ray=None,
-                    ray_workers=None, progress=progress, batch=64,
-                )
-                with cat._sessions.begin() as s:
-                    cat._lock_state(s)  # recognizers pick the new vectors up
-            findings.append(f)
-
-        # -- orphan files in the image store
-        known = {fn for *_x, fn, _s in refs}
-        now = time.time()
-        orphans = []
-        images_dir = cat.root / "images"
-        if images_dir.is_dir():
-            for p in images_dir.rglob("*"):
-                if p.is_file() and str(p.relative_to(cat.root)) not in known and now - p.stat().st_mtime > grace_s:
-                    orphans.append(p)
-        if orphans:
-            f = Finding("orphan_files", len(orphans), [str(p.relative_to(cat.root)) for p in orphans[:5]])
-            if repair:
-                # Under the writers' lock (adds write their files only while holding it), and
-                # re-reading the references: an add may have committed one of them meanwhile.
-                with cat._sessions.begin() as s:
-                    cat._lock_state(s, bump=False)
-                    known = set(s.scalars(select(ReferenceImage.filename)))
-                    for p in orphans:
-                        if str(p.relative_to(cat.root)) not in known:
-                            p.unlink(missing_ok=True)
-                        f.repaired += 1
-            findings.append(f)
-
-        # -- index versions
-        stale = []
-        with cat._sessions() as s:
-            versions = list(s.scalars(select(IndexVersion)))
-            active_id = s.get(CatalogState, 1).active_version_id
-        stale += [f"version {v.id} left building" for v in versions if v.status == "building"]
-        stale += [str(p.relative_to(cat.root)) for p in index_store.stale_temp_dirs(cat.root)]
-        ready_paths = {v.path for v in versions if v.status == "ready"}
-        idx_dir = cat.root / index_store.INDEXES_DIR
-        if idx_dir.is_dir():
-            stale += [f"{index_store.INDEXES_DIR}/{p.name}" for p in idx_dir.iterdir()
-                      if p.is_dir() and not p.name.startswith(".") and f"{index_store.INDEXES_DIR}/{p.name}" not in ready_paths]
-        broken_ready = []
-        active_problem = None
-        for v in versions:
-            if v.status != "ready":
-                continue
-            try:
-                idx = cat.load_index(v.id, verify=True)
-            except RetailKlipError as e:
-                if v.id == active_id:
-                    active_problem = str(e)
-                else:
-                    broken_ready.append(v.id)
-                continue
-            if v.id == active_id and active_problem is None:
-                active_problem = _compare_snapshot(cat, idx, v.encoder_id, exclude=bad_vec + orphan)
-        stale += [f"version {i}: files missing or corrupt" for i in broken_ready]
-        if stale:
-            f = Finding("stale_versions", len(stale), stale[:5])
-            if repair:
-                _clean_stale(cat)
-                mark_failed(cat, broken_ready, "files missing or corrupt (catalog check)")
-                with cat._sessions() as s:
-                    keep = set(s.scalars(select(IndexVersion.path).where(IndexVersion.status == "ready")))
-                if idx_dir.is_dir():
-                    for p in idx_dir.iterdir():
-                        if p.is_dir() and f"{index_store.INDEXES_DIR}/{p.name}" not in keep:
-                            index_store.remove_version(cat.root, f"{index_store.INDEXES_DIR}/{p.name}")
-                f.repaired = len(stale)
-            findings.append(f)
-        # -- database integrity (SQLite), after the repairs above; vectors whose reference row
-        # is gone are reported (and repaired) as orphan_vectors
-        if cat.engine.dialect.name == "sqlite":
-            with cat.engine.connect() as c:
-                bad = [r[0] for r in c.execute(text("PRAGMA integrity_check"))]
-                fks = [tuple(r) for r in c.execute(text("PRAGMA foreign_key_check"))]
-            fks = [r for r in fks if not (r[0] == "embeddings" and r[2] == "reference_images")]
-            problems = [b for b in bad if b != "ok"] + [f"foreign key: {r}" for r in fks]
-            if problems:
-                findings.insert(0, Finding("database", len(problems), problems[:5], repairable=False))
+        vector_findings, excluded, n_vec = _check_vectors(cat, snap, repair)
+        findings += vector_findings
+        refs = _reference_rows(cat)
+        findings += _check_images(cat, refs, images_from, verify_images, repair)
+        findings += _check_missing_vectors(cat, snap, repair, progress)  # after the deletions above
+        findings += _check_orphan_files(cat, refs, grace_s, repair)
+        version_findings, active_problem = _check_versions(cat, snap, excluded, repair)
+        findings += version_findings
+        # after the repairs above; vectors whose reference row is gone are orphan_vectors
+        findings = _check_database(cat) + findings
         if active_problem:
             findings.append(Finding("active_index", 1, [active_problem]))
-
     # Outside the lock: a rebuild from the database's vectors (same encoder, nothing re-embedded).
-    if repair and findings and findings[-1].kind == "active_index" and not any(f.kind == "database" for f in findings):
-        info = cat.rebuild()
-        # The replaced version's own files are the broken ones: retire it as failed, as the
-        # stale-version repair above does for broken inactive versions, so one repair leaves a
-        # clean check.
-        mark_failed(cat, [active_id], "files missing or corrupt (catalog check)")
-        findings[-1].repaired = 1
-        logger.info("check: rebuilt the active index as version %d; version %d marked failed", info.id, active_id)
-    with cat._sessions() as s:
+    if repair and active_problem and not any(f.kind == "database" for f in findings):
+        _repair_active_index(cat, findings[-1], snap.version_id)
+    with cat.sessions() as s:
         n_refs = len(list(s.scalars(select(ReferenceImage.id))))
     return CheckReport(findings, n_refs, n_vec, time.perf_counter() - t0)
 
 
-def _compare_snapshot(cat: Catalog, idx, encoder_id: int, exclude: Sequence[int] = ()) -> str | None:
+def _delete_vectors(cat: CatalogReader, ids: Sequence[int]) -> None:
+    with cat.sessions.begin() as s:
+        cat.lock_writers(s)
+        for c in range(0, len(ids), 10_000):
+            s.execute(delete(Embedding).where(Embedding.id.in_(ids[c : c + 10_000])))
+
+
+def _check_vectors(cat: CatalogReader, snap: StateSnapshot, repair: bool) -> tuple[list[Finding], list[int], int]:
+    """``orphan_vectors`` and ``bad_vectors`` (of the active encoder).  Returns the findings, the
+    ids of those vectors (left out of the snapshot comparison) and the number of vectors."""
+    dim = cat.encoder_identity(snap.encoder_id).dim
+    with cat.sessions() as s:
+        ref_ids = set(s.scalars(select(ReferenceImage.id)))
+        orphan, bad_vec = [], []
+        n_vec = 0
+        for eid, rid, enc_id, blob in s.execute(
+            select(Embedding.id, Embedding.reference_id, Embedding.encoder_id, Embedding.vector)
+        ).yield_per(10_000):
+            n_vec += 1
+            if rid not in ref_ids:
+                orphan.append(eid)
+                continue
+            if enc_id == snap.encoder_id:
+                try:
+                    v = decode_vector(blob, dim)
+                except ValueError:
+                    bad_vec.append(eid)
+                    continue
+                if not np.all(np.isfinite(v)) or abs(float(v @ v) - 1.0) > 1e-3:
+                    bad_vec.append(eid)
+    findings = []
+    for kind, ids in (("orphan_vectors", orphan), ("bad_vectors", bad_vec)):
+        if ids:
+            f = Finding(kind, len(ids), [f"vector {i}" for i in ids[:5]])
+            if repair:
+                _delete_vectors(cat, ids)
+                f.repaired = len(ids)
+            findings.append(f)
+    return findings, bad_vec + orphan, n_vec
+
+
+def _reference_rows(cat: CatalogReader) -> list[tuple]:
+    """(id, SKU, sha256, filename, size) of every reference image."""
+    with cat.sessions() as s:
+        return list(s.execute(
+            select(ReferenceImage.id, ReferenceImage.sku_id, ReferenceImage.sha256, ReferenceImage.filename,
+                   ReferenceImage.size_bytes)
+        ).all())
+
+
+def _check_images(cat: CatalogReader, refs: list[tuple], images_from: Sequence[str | os.PathLike],
+                  verify_images: bool, repair: bool) -> list[Finding]:
+    """``missing_images`` and ``corrupt_images``, restored by content hash from ``images_from``."""
+    missing, corrupt = [], []
+    for rid, sku, sha, fn, size in refs:
+        p = cat.root / fn
+        if not p.is_file():
+            missing.append((rid, sku, sha, fn, size))
+        elif verify_images and file_sha256(p) != sha:
+            corrupt.append((rid, sku, sha, fn, size))
+    sources = _index_by_hash(images_from, {r[2] for r in missing + corrupt}, {r[4] for r in missing + corrupt})
+    findings = []
+    for kind, items in (("missing_images", missing), ("corrupt_images", corrupt)):
+        if not items:
+            continue
+        f = Finding(kind, len(items), [f"SKU {sku!r}: {fn}" for _r, sku, _h, fn, _s in items[:5]],
+                    repairable=all(h in sources for _r, _k, h, _f, _s in items))
+        if repair:
+            for _rid, _sku, sha, fn, _size in items:
+                if sha in sources:
+                    atomic_write(cat.root / fn, sources[sha].read_bytes())
+                    f.repaired += 1
+        findings.append(f)
+    return findings
+
+
+def _check_missing_vectors(cat: CatalogReader, snap: StateSnapshot, repair: bool, progress: bool) -> list[Finding]:
+    """``missing_vectors``: references lacking some of their K vectors of the active encoder."""
+    lacking = references_lacking_vectors(cat, snap.encoder_id, snap.augmentations)
+    if not lacking:
+        return []
+    unreadable = {j.reference_id for j in lacking if not Path(j.path).is_file()}
+    f = Finding("missing_vectors", len(lacking), [f"reference {j.reference_id}" for j in lacking[:5]],
+                repairable=not unreadable)
+    if repair and not unreadable:
+        seed = int(cat.settings()["seed"])
+        f.repaired = embed_missing(cat, cat.encoder_for(snap.encoder_id), snap.encoder_id, snap.augmentations, seed,
+                                   progress=progress)
+        with cat.sessions.begin() as s:
+            cat.lock_writers(s)  # recognizers pick the new vectors up
+    return [f]
+
+
+def _check_orphan_files(cat: CatalogReader, refs: list[tuple], grace_s: float, repair: bool) -> list[Finding]:
+    """``orphan_files``: image-store files no reference names, older than ``grace_s``."""
+    known = {fn for *_x, fn, _s in refs}
+    now = time.time()
+    orphans = []
+    images_dir = cat.root / IMAGES_DIR
+    if images_dir.is_dir():
+        for p in images_dir.rglob("*"):
+            if p.is_file() and str(p.relative_to(cat.root)) not in known and now - p.stat().st_mtime > grace_s:
+                orphans.append(p)
+    if not orphans:
+        return []
+    f = Finding("orphan_files", len(orphans), [str(p.relative_to(cat.root)) for p in orphans[:5]])
+    if repair:
+        # Under the writers' lock (adds write their files only while holding it), and
+        # re-reading the references: an add may have committed one of them meanwhile.
+        with cat.sessions.begin() as s:
+            cat.lock_writers(s, bump=False)
+            known = set(s.scalars(select(ReferenceImage.filename)))
+            for p in orphans:
+                if str(p.relative_to(cat.root)) not in known:
+                    p.unlink(missing_ok=True)
+                f.repaired += 1
+    return [f]
+
+
+def _check_versions(cat: CatalogReader, snap: StateSnapshot, excluded: Sequence[int], repair: bool
+                    ) -> tuple[list[Finding], str | None]:
+    """``stale_versions`` (repaired here) and the problem of the active version, if any (the
+    ``active_index`` finding, repaired by :func:`_repair_active_index`)."""
+    stale = []
+    with cat.sessions() as s:
+        versions = list(s.scalars(select(IndexVersion)))
+        active_id = s.get(CatalogState, 1).active_version_id
+    stale += [f"version {v.id} left building" for v in versions if v.status == VersionStatus.BUILDING]
+    stale += [str(p.relative_to(cat.root)) for p in index_store.stale_temp_dirs(cat.root)]
+    ready_paths = {v.path for v in versions if v.status == VersionStatus.READY}
+    idx_dir = cat.root / index_store.INDEXES_DIR
+    if idx_dir.is_dir():
+        stale += [f"{index_store.INDEXES_DIR}/{p.name}" for p in idx_dir.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and f"{index_store.INDEXES_DIR}/{p.name}" not in ready_paths]
+    broken_ready = []
+    active_problem = None
+    for v in versions:
+        if v.status != VersionStatus.READY:
+            continue
+        try:
+            idx = cat.load_index(v.id, verify=True)
+        except RetailKlipError as e:
+            if v.id == active_id:
+                active_problem = str(e)
+            else:
+                broken_ready.append(v.id)
+            continue
+        if v.id == active_id and active_problem is None:
+            active_problem = _compare_snapshot(cat, idx, v.encoder_id, exclude=excluded)
+    stale += [f"version {i}: files missing or corrupt" for i in broken_ready]
+    if not stale:
+        return [], active_problem
+    f = Finding("stale_versions", len(stale), stale[:5])
+    if repair:
+        fail_interrupted(cat)
+        mark_failed(cat, broken_ready, "files missing or corrupt (catalog check)")
+        with cat.sessions() as s:
+            keep = set(s.scalars(select(IndexVersion.path).where(IndexVersion.status == VersionStatus.READY)))
+        if idx_dir.is_dir():
+            for p in idx_dir.iterdir():
+                if p.is_dir() and f"{index_store.INDEXES_DIR}/{p.name}" not in keep:
+                    index_store.remove_version(cat.root, f"{index_store.INDEXES_DIR}/{p.name}")
+        f.repaired = len(stale)
+    return [f], active_problem
+
+
+def _check_database(cat: CatalogReader) -> list[Finding]:
+    """``database``: SQLite's ``integrity_check`` and ``foreign_key_check`` (not repairable)."""
+    if cat.engine.dialect.name != "sqlite":
+        return []
+    with cat.engine.connect() as c:
+        bad = [r[0] for r in c.execute(text("PRAGMA integrity_check"))]
+        fks = [tuple(r) for r in c.execute(text("PRAGMA foreign_key_check"))]
+    fks = [r for r in fks if not (r[0] == "embeddings" and r[2] == "reference_images")]
+    problems = [b for b in bad if b != "ok"] + [f"foreign key: {r}" for r in fks]
+    return [Finding("database", len(problems), problems[:5], repairable=False)] if problems else []
+
+
+def _repair_active_index(cat: CatalogReader, finding: Finding, active_id: int | None) -> None:
+    """Rebuild the active version from the database's vectors (same encoder, nothing re-embedded)."""
+    info = rebuild.rebuild(cat)
+    # The replaced version's own files are the broken ones: retire it as failed, as the
+    # stale-version repair does for broken inactive versions, so one repair leaves a clean check.
+    mark_failed(cat, [active_id], "files missing or corrupt (catalog check)")
+    finding.repaired = 1
+    logger.info("check: rebuilt the active index as version %d; version %d marked failed", info.id, active_id)
+
+
+def _compare_snapshot(cat: CatalogReader, idx, encoder_id: int, exclude: Sequence[int] = ()) -> str | None:
     """For an exact (Flat) snapshot, compare a sample of its vectors with the database's."""
     ids = idx.ids()
     if not len(ids) or not idx.stores_exact_vectors:  # SQ/PQ codes are lossy; compare exact storage only

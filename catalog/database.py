@@ -7,9 +7,9 @@ translation of the database's low-level failures into one-line catalog errors.
   opened **read-only**: SQLite is opened with ``mode=ro`` — plus ``immutable=1`` when the
   database was closed cleanly (no write-ahead log left), because SQLite cannot create the WAL's
   shared-memory file in a read-only directory.  Nothing on the recognition path writes, and
-  every write fails at once with :class:`~retailklip.errors.ReadOnlyCatalogError`.
+  every write fails at once with :class:`~catalog.errors.ReadOnlyCatalogError`.
 * Disk-full failures ("database or disk is full", or the "disk I/O error" SQLite reports when
-  the write-ahead log cannot grow) become :class:`~retailklip.errors.NoSpaceError` naming the
+  the write-ahead log cannot grow) become :class:`~catalog.errors.NoSpaceError` naming the
   directory and the bytes free, instead of reading like corruption; the transaction is rolled
   back, so the catalog stays as it was.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Engine
 
-from retailklip.errors import NoSpaceError, ReadOnlyCatalogError
+from .errors import NoSpaceError, ReadOnlyCatalogError
 
 logger = logging.getLogger(__name__)
 

@@ -30,9 +30,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retailklip import errors as _errors
+from retailklip import errors as core_errors
 from retailklip.encoders import EncoderIdentity
-from retailklip.errors import CatalogError, RetailKlipError
+from retailklip.errors import RetailKlipError
+from . import errors as catalog_errors
+from .codec import decode_vectors, encode_vectors
+from .errors import CatalogError
 from retailklip.images import decode_image_bytes, read_image_bytes
 from retailklip.references import embed_reference
 
@@ -96,7 +99,7 @@ def embed_local(
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Embed reference images in this process, one reference (K views, one batch) at a time.
 
-    The same computation as :meth:`catalog.Catalog.add` (``Catalog._prepare``), so the vectors
+    The same computation as :meth:`catalog.Catalog.add` (:func:`catalog.writes.prepare_reference`), so the vectors
     are bitwise those that ``add`` stores for the same image, encoder, K and seed.
 
     Args:
@@ -173,7 +176,7 @@ class _RayEmbedder:
                     v = _embed_one(rid, path, self.encoder, self.k, self.seed)
                 except RetailKlipError as e:
                     err = f"{type(e).__name__}\t{e} (on Ray node {self.node})"
-            vectors.append(np.ascontiguousarray(v, dtype=np.float32).tobytes())
+            vectors.append(encode_vectors(v))
             dims.append(v.shape[1])
             errs.append(err)
         return {
@@ -186,7 +189,7 @@ class _RayEmbedder:
 
 def _raise_worker_error(err: str) -> None:
     name, _, msg = err.partition("\t")
-    cls = getattr(_errors, name, None)
+    cls = getattr(catalog_errors, name, None) or getattr(core_errors, name, None)
     if not (isinstance(cls, type) and issubclass(cls, RetailKlipError)):
         cls = CatalogError
     raise cls(msg)
@@ -357,7 +360,7 @@ def _ray_results(items, encoder_kwargs, k, seed, address, num_workers, batch_siz
                 for rid, blob, dim, err in zip(out["reference_id"], out["vectors"], out["dim"], out["error"]):
                     if err:
                         _raise_worker_error(str(err))
-                    v = np.frombuffer(blob, dtype=np.float32).reshape(-1, int(dim)).copy()
+                    v = decode_vectors(blob, int(dim))
                     if v.shape[0] != k:
                         raise CatalogError(
                             f"reference image {int(rid)}: a Ray worker returned {v.shape[0]} vectors, expected K = {k}"

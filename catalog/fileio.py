@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from retailklip.faults import crash_point
+from .faults import crash_point
 
 
 def fsync_dir(path: Path) -> None:

@@ -22,9 +22,9 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from retailklip.errors import CatalogError
 from retailklip.weights import file_sha256
 
+from .errors import IndexFileError
 from .fileio import fsync_dir
 
 if TYPE_CHECKING:  # pragma: no cover - FAISS is imported when an index is read or written
@@ -33,10 +33,6 @@ if TYPE_CHECKING:  # pragma: no cover - FAISS is imported when an index is read 
 INDEXES_DIR = "indexes"
 INDEX_FILE = "index.faiss"
 MANIFEST_FILE = "manifest.json"
-
-
-class IndexFileError(CatalogError):
-    """A version's index files are missing or do not match the database record."""
 
 
 def version_relpath(version_id: int) -> str:

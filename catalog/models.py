@@ -107,6 +107,19 @@ class Embedding(Base):
     reference: Mapped[ReferenceImage] = relationship(back_populates="embeddings")
 
 
+class VersionStatus:
+    """The values of ``index_versions.status`` (stored as these strings)."""
+
+    #: a rebuild is writing it (a killed rebuild leaves it so; the next rebuild or ``check`` marks it failed)
+    BUILDING = "building"
+    #: built and validated: servable, or activated by ``rollback``
+    READY = "ready"
+    #: validation or the build failed, or its files are broken (kept for inspection, files deleted)
+    FAILED = "failed"
+    #: beyond the newest ``--keep`` versions; its files are deleted
+    RETIRED = "retired"
+
+
 class IndexVersion(Base):
     __tablename__ = "index_versions"
 
@@ -118,7 +131,7 @@ class IndexVersion(Base):
     dim: Mapped[int] = mapped_column(Integer)
     augmentations: Mapped[int] = mapped_column(Integer)
     recall_at_1: Mapped[float | None] = mapped_column(Float)
-    status: Mapped[str] = mapped_column(String(20), index=True)  # building | ready | failed | retired
+    status: Mapped[str] = mapped_column(String(20), index=True)  # a VersionStatus value
     path: Mapped[str] = mapped_column(String(200))
     index_sha256: Mapped[str | None] = mapped_column(String(64))
     generation: Mapped[int] = mapped_column(Integer, default=0)

@@ -32,268 +32,122 @@ rebuild holds the lock; 4 validation failed (the new version is kept as ``failed
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sqlalchemy import delete, func, select
 
 from retailklip.encoders import create_encoder
-from retailklip.errors import CatalogError
-from retailklip.faults import crash_point
 from retailklip.index import VectorIndex, build_index, choose_index_type
 
 from . import index_store
-from .models import CatalogState, Embedding, EncoderRow, IndexVersion, ReferenceImage
+from .connection import CatalogConnection
+from .errors import CatalogError, RebuildError, ValidationError
+from .faults import crash_point
+from .models import CatalogState, IndexVersion, VersionStatus
+from .reads import CatalogReader
+from .vectors import VectorTable, count_lacking, embed_missing, vector_table
+from .versions import RebuildLock, VersionInfo, fail_interrupted, list_versions, retire
 
 if TYPE_CHECKING:  # pragma: no cover
     from retailklip.encoders import Encoder
-    from .store import Catalog
 
 logger = logging.getLogger(__name__)
 
-LOCK_FILE = "rebuild.lock"
 DEFAULT_KEEP = 3
 #: References whose own nearest neighbour is checked during validation (all of them up to this
 #: many; a random sample beyond, to bound the exact check's cost on large catalogs).
 SELF_CHECK_MAX = 20_000
 
 
-class RebuildError(CatalogError):
-    """A rebuild failed; the previous version keeps serving."""
-
-    exit_code = 1
-
-
-class RebuildBusyError(RebuildError):
-    """Another rebuild holds the catalog's rebuild lock."""
-
-    exit_code = 3
-
-
-class ValidationError(RebuildError):
-    """The new index failed validation (kept as a ``failed`` version for inspection)."""
-
-    exit_code = 4
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    """One index version as listed by ``catalog versions``.
-
-    Attributes:
-        id: version number.
-        created: UTC creation time.
-        encoder: the encoder SPEC; ``encoder_key`` its identity key.
-        factory: FAISS ``index_factory`` string.
-        vectors: vectors in the snapshot; dim: their dimension; augmentations: K.
-        recall_at_1: recall@1 against exact search measured at build time (1.0 for Flat).
-        status: ``building`` | ``ready`` | ``failed`` | ``retired``.
-        active: True for the version serving recognition.
-    """
-
-    id: int
-    created: datetime
-    encoder: str
-    encoder_key: str
-    factory: str
-    vectors: int
-    dim: int
-    augmentations: int
-    recall_at_1: float | None
-    status: str
-    active: bool
-    path: str
-    note: str | None
-
-    def to_dict(self) -> dict:
-        return {
-            "id": self.id,
-            "created": self.created.isoformat(),
-            "encoder": self.encoder,
-            "encoder_key": self.encoder_key,
-            "index_type": self.factory,
-            "vectors": self.vectors,
-            "dim": self.dim,
-            "augmentations": self.augmentations,
-            "recall_at_1": self.recall_at_1,
-            "status": self.status,
-            "active": self.active,
-            "path": self.path,
-            "note": self.note,
-        }
-
-
-def list_versions(cat: Catalog) -> list[VersionInfo]:
-    """All index versions of a catalog, newest first."""
-    with cat._sessions() as s:
-        active = s.get(CatalogState, 1).active_version_id
-        rows = s.execute(
-            select(IndexVersion, EncoderRow.spec, EncoderRow.key)
-            .join(EncoderRow, EncoderRow.id == IndexVersion.encoder_id)
-            .order_by(IndexVersion.id.desc())
-        ).all()
-    return [
-        VersionInfo(
-            v.id, v.created, spec, key, v.factory, v.vectors, v.dim, v.augmentations, v.recall_at_1, v.status,
-            v.id == active, v.path, v.note,
-        )
-        for v, spec, key in rows
-    ]
-
-
-class _RebuildLock:
-    """``flock`` on ``DIR/rebuild.lock``; the kernel releases it if the process dies."""
-
-    def __init__(self, root: Path) -> None:
-        self.path = root / LOCK_FILE
-
-    def __enter__(self) -> _RebuildLock:
-        self._f = open(self.path, "a+")
-        try:
-            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._f.seek(0)
-            holder = self._f.read().strip() or "?"
-            self._f.close()
-            raise RebuildBusyError(f"another rebuild or rollback is running on this catalog (pid {holder})") from None
-        self._f.seek(0)
-        self._f.truncate()
-        self._f.write(str(os.getpid()))
-        self._f.flush()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._f.truncate(0)
-        fcntl.flock(self._f.fileno(), fcntl.LOCK_UN)
-        self._f.close()
-
-
-def mark_failed(cat: Catalog, version_ids: Sequence[int], why: str) -> None:
-    """Mark index versions ``failed`` (``why`` appended to their note) and delete their files:
-    versions a killed rebuild left ``building``, and ``catalog check`` 's broken versions."""
-    with cat._sessions.begin() as s:
-        versions = list(s.scalars(select(IndexVersion).where(IndexVersion.id.in_(list(version_ids)))))
-        for v in versions:
-            v.status, v.note = "failed", (v.note + "; " if v.note else "") + why
-        paths = [v.path for v in versions if v.path]  # never "": that would be the catalog directory
-    for path in paths:
-        index_store.remove_version(cat.root, path)
-
-
-def _clean_stale(cat: Catalog) -> None:
-    """Mark versions left ``building`` by a killed rebuild as failed; delete their files."""
-    for tmp in index_store.stale_temp_dirs(cat.root):
-        index_store.remove_version(cat.root, str(tmp.relative_to(cat.root)))
-    with cat._sessions() as s:
-        building = list(s.scalars(select(IndexVersion.id).where(IndexVersion.status == "building")))
-    mark_failed(cat, building, "interrupted")
-    for vid in building:
-        logger.warning("rebuild: version %d was interrupted earlier; marked failed", vid)
-
-
-# ---------------------------------------------------------------------------- embedding
-def _lacking_vectors(columns, encoder_id: int, k: int):
-    """SELECT ``columns`` of the reference images without all K vectors (views < K) from
-    ``encoder_id``."""
-    have = (
-        select(Embedding.reference_id, func.count(Embedding.id).label("n"))
-        .where(Embedding.encoder_id == encoder_id, Embedding.view < k)
-        .group_by(Embedding.reference_id)
-        .subquery()
-    )
-    return (
-        select(*columns)
-        .select_from(ReferenceImage)
-        .outerjoin(have, have.c.reference_id == ReferenceImage.id)
-        .where(func.coalesce(have.c.n, 0) != k)
-    )
-
-
-def _missing(cat: Catalog, encoder_id: int, k: int) -> list:
-    """Reference images without all K vectors from ``encoder_id``, as embedding jobs."""
-    from .embedding import EmbedJob
-
-    with cat._sessions() as s:
-        rows = s.execute(
-            _lacking_vectors([ReferenceImage.id, ReferenceImage.filename], encoder_id, k).order_by(ReferenceImage.id)
-        ).all()
-    return [EmbedJob(int(i), str(cat.root / f)) for i, f in rows]
-
-
-def _store_vectors(cat: Catalog, encoder_id: int, batch: Sequence[tuple[int, np.ndarray]]) -> int:
-    """Commit one batch of (reference id, (K, D) vectors); references removed meanwhile are
-    skipped.  Returns how many references were stored."""
-    ids = [r for r, _ in batch]
-    with cat._sessions.begin() as s:
-        alive = set(s.scalars(select(ReferenceImage.id).where(ReferenceImage.id.in_(ids))))
-        s.execute(delete(Embedding).where(Embedding.encoder_id == encoder_id, Embedding.reference_id.in_(list(alive))))
-        s.add_all(
-            Embedding(reference_id=r, encoder_id=encoder_id, view=v, vector=np.asarray(vec, np.float32).tobytes())
-            for r, vecs in batch
-            if r in alive
-            for v, vec in enumerate(vecs)
-        )
-    return len(alive)
-
-
-def _embed_missing(
-    cat: Catalog, encoder: Encoder, encoder_id: int, k: int, seed: int, *, ray: str | None, ray_workers: int | None,
-    progress: bool, batch: int,
-) -> int:
-    """Embed every reference image lacking vectors from ``encoder_id``; returns how many."""
-    from .embedding import embed_local, embed_ray
-
-    jobs = _missing(cat, encoder_id, k)
-    if not jobs:
-        return 0
-    logger.info("rebuild: embedding %d reference image(s) (%s)", len(jobs), "ray " + ray if ray else "local")
-    if ray:
-        it: Iterator = embed_ray(
-            jobs, cat.encoder_kwargs(encoder_id), k, seed, address=ray, num_workers=ray_workers, progress=progress,
-            identity=encoder.identity,
-        )
+# ---------------------------------------------------------------------------- stage 2: encoder
+def _encoder_settings(cat: CatalogConnection, encoder: str | None, weights, encoder_options: dict | None,
+                      random_init: bool, center_photos) -> tuple[str, dict]:
+    """``(SPEC, create_encoder keyword arguments)`` of the new version's encoder: the catalog's
+    own when nothing is given; otherwise the given one (its centre dropped, with a warning,
+    unless new centering photos are given)."""
+    current = cat.encoder_kwargs()
+    if encoder is None and weights is None and not encoder_options and not random_init:
+        kw = dict(current)
     else:
-        it = embed_local(jobs, encoder, k, seed, progress=progress)
-    done, pending = 0, []
-    for item in it:
-        pending.append(item)
-        if len(pending) >= batch:
-            done += _store_vectors(cat, encoder_id, pending)
-            pending = []
-            crash_point("rebuild.embedded_batch")
-    if pending:
-        done += _store_vectors(cat, encoder_id, pending)
-        crash_point("rebuild.embedded_batch")
-    return done
+        kw = dict(current if encoder is None else {}, **(encoder_options or {}))
+        kw.update(spec=encoder or current["spec"], random_init=random_init or (encoder is None and current["random_init"]))
+        kw["weights"] = str(Path(weights).expanduser().resolve()) if weights else (current["weights"] if encoder is None else None)
+        if kw.get("center") is not None and center_photos is None:
+            logger.warning("rebuild: the feature centre was computed with the previous encoder; dropping it "
+                           "(pass --center-photos to compute a new one)")
+        kw["center"] = None
+    return kw.pop("spec"), kw
 
 
-# ---------------------------------------------------------------------------- build + validate
-def _snapshot_table(cat: Catalog, encoder_id: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(embedding ids, reference ids, views) of ``encoder_id``'s vectors (views < K) of existing
-    reference images, and the number of those references, from one query (SKUs added after it
-    are caught up before the swap)."""
-    with cat._sessions() as s:
-        rows = s.execute(
-            select(Embedding.id, Embedding.reference_id, Embedding.view)
-            .join(ReferenceImage, ReferenceImage.id == Embedding.reference_id)
-            .where(Embedding.encoder_id == encoder_id, Embedding.view < k)
-            .order_by(Embedding.id)
-        ).all()
-    a = np.array(rows, np.int64).reshape(-1, 3)
-    return a[:, 0], a[:, 1], a[:, 2], len(np.unique(a[:, 1]))
+def _build_encoder(cat: CatalogConnection, spec: str, kw: dict, center_photos, progress: bool) -> Encoder:
+    enc = create_encoder(spec, device=cat.device, **kw)
+    if center_photos is not None:
+        photos = list(center_photos)
+        if not photos:
+            raise CatalogError("no photos to compute the feature centre from")
+        enc = enc.with_center(enc.mean_feature(photos, progress=progress))
+    return enc
 
 
-def _validate(index: VectorIndex, ids: np.ndarray, refs: np.ndarray, views: np.ndarray, vectors: np.ndarray,
-              n_refs: int, k: int, dim: int, exact: bool, target_recall: float, seed: int) -> str:
-    """Check a built index; raise :class:`ValidationError`; return a one-line summary."""
+def _start_version(cat: CatalogConnection, enc: Encoder, spec: str, kw: dict, index_type: str, k: int
+                   ) -> tuple[int, str, int, int]:
+    """Register the encoder and insert the new version row (building).  Returns ``(version id,
+    version path, encoder id, generation)``."""
+    options = {key: value for key, value in kw.items() if key not in ("weights", "random_init", "center")}
+    with cat.sessions.begin() as s:
+        enc_id = cat.encoders.register(s, enc, spec, kw.get("weights"), options)
+        gen = s.get(CatalogState, 1).generation
+        v = IndexVersion(encoder_id=enc_id, factory=index_type, vectors=0, dim=enc.dim, augmentations=k,
+                         status=VersionStatus.BUILDING, path="", generation=gen)
+        s.add(v)
+        s.flush()
+        v.path = index_store.version_relpath(v.id)
+        vid, vpath = v.id, v.path
+    cat.encoders.remember(enc_id, enc)
+    return vid, vpath, enc_id, gen
+
+
+# ---------------------------------------------------------------------------- stage 4: build + validate
+def _read_vectors(cat: CatalogReader, encoder_id: int, k: int, dim: int) -> tuple[VectorTable, np.ndarray]:
+    """The table of the encoder's vectors and the float32 (N, dim) vectors themselves (rows of
+    SKUs removed since the table was read are left out)."""
+    table = vector_table(cat, encoder_id, k)
+    crash_point("rebuild.snapshot_taken")
+    found, vectors = cat.existing_vectors(table.ids, dim)
+    if len(found) != len(table.ids):  # SKUs removed since the table was read: leave them out
+        table = table.only(found)
+    return table, vectors
+
+
+def _build(table: VectorTable, vectors: np.ndarray, index_type: str, memory_budget: int | None,
+           target_recall: float, seed: int, dim: int) -> tuple[VectorIndex, str, float]:
+    """``(index, factory, recall@1)``: the index type chosen (``auto``) or given, built and tuned."""
+    factory = choose_index_type(len(table.ids), dim, memory_budget) if index_type == "auto" else index_type
+    if not len(table.ids):  # an empty catalog (e.g. switching encoders before the first add): exact and empty
+        return VectorIndex(dim), "Flat", 1.0
+    index, recall = build_index(table.ids, vectors, factory, target_recall=target_recall, seed=seed)
+    return index, factory, recall
+
+
+def validate_index(index: VectorIndex, table: VectorTable, vectors: np.ndarray, k: int, dim: int, *, exact: bool,
+                   target_recall: float, seed: int) -> str:
+    """Check a built index before it may serve: dimension, K vectors of every reference, and
+    every reference's own view-0 vector finding itself as nearest neighbour (all of them for an
+    exact index, a ``target_recall`` share for an approximate one; a sample of
+    :data:`SELF_CHECK_MAX` beyond that many references).
+
+    Returns:
+        A one-line summary (``"self-match 1.0000 over 81 references"``).
+
+    Raises:
+        ValidationError: what failed, with examples.
+    """
+    ids, refs, views, n_refs = table.ids, table.references, table.views, table.n_references
     if index.dim != dim:
         raise ValidationError(f"index dimension {index.dim} != encoder dimension {dim}")
     if index.ntotal != len(ids) or len(ids) != n_refs * k:
@@ -321,24 +175,29 @@ def _validate(index: VectorIndex, ids: np.ndarray, refs: np.ndarray, views: np.n
     return f"self-match {rate:.4f} over {len(own)} references"
 
 
-# ---------------------------------------------------------------------------- swap
-def _activate(cat: Catalog, version_id: int, encoder: Encoder, encoder_id: int, k: int, seed: int, *,
-              ray: str | None, ray_workers: int | None, progress: bool, batch: int, updates: dict | None = None) -> None:
-    """Catch up with adds made meanwhile, then switch to ``version_id`` in one transaction."""
+# ---------------------------------------------------------------------------- stage 6: catch up + swap
+class _AddedMeanwhile(Exception):
+    pass
+
+
+def _activate(cat: CatalogConnection, version_id: int, encoder: Encoder, encoder_id: int, k: int, seed: int, *,
+              ray: str | None, ray_workers: int | None, batch: int, updates: dict | None = None) -> None:
+    """Catch up with adds made meanwhile, then switch to ``version_id`` in one transaction that
+    holds the writers' lock (an ``add`` embedding with the old encoder re-embeds after it)."""
     for _attempt in range(20):
-        _embed_missing(cat, encoder, encoder_id, k, seed, ray=ray, ray_workers=ray_workers, progress=False, batch=batch)
+        embed_missing(cat, encoder, encoder_id, k, seed, ray=ray, ray_workers=ray_workers, batch=batch)
         crash_point("rebuild.before_swap")
         try:
-            with cat._sessions.begin() as s:
-                cat._lock_state(s)  # writers wait from here until the commit
-                missing = _count_missing(s, encoder_id, k)
+            with cat.sessions.begin() as s:
+                cat.lock_writers(s)  # writers wait from here until the commit
+                missing = count_lacking(s, encoder_id, k)
                 if missing:
                     raise _AddedMeanwhile(missing)
                 st = s.get(CatalogState, 1)
                 v = s.get(IndexVersion, version_id)
                 for key, value in (updates or {}).items():
                     setattr(v, key, value)
-                v.status = "ready"
+                v.status = VersionStatus.READY
                 st.encoder_id = encoder_id
                 st.active_version_id = version_id
         except _AddedMeanwhile as e:
@@ -349,39 +208,21 @@ def _activate(cat: Catalog, version_id: int, encoder: Encoder, encoder_id: int, 
     raise RebuildError("SKUs kept being added faster than they could be embedded; try again")
 
 
-class _AddedMeanwhile(Exception):
-    pass
-
-
-def _count_missing(s, encoder_id: int, k: int) -> int:
-    return int(s.scalar(_lacking_vectors([func.count(ReferenceImage.id)], encoder_id, k)))
-
-
-def _retire(cat: Catalog, keep: int) -> None:
-    """Retire ready versions beyond the newest ``keep`` (the active one always stays) and drop
-    vectors of encoders that no kept version uses."""
-    with cat._sessions.begin() as s:
-        st = s.get(CatalogState, 1)
-        ready = list(s.scalars(select(IndexVersion).where(IndexVersion.status == "ready").order_by(IndexVersion.id.desc())))
-        kept = [v for v in ready if v.id == st.active_version_id] + [v for v in ready if v.id != st.active_version_id]
-        for v in kept[keep:]:
-            v.status = "retired"
-            logger.info("rebuild: retired version %d", v.id)
-        gone = [v.path for v in kept[keep:]]
-        in_use = {st.encoder_id} | {v.encoder_id for v in kept[:keep]}
-        dropped = s.execute(delete(Embedding).where(Embedding.encoder_id.not_in(in_use))).rowcount
-    for path in gone:
+def _fail_version(cat: CatalogConnection, version_id: int, path: str, error: BaseException) -> None:
+    """A rebuild stage failed: mark the building version failed with the error; delete its
+    files unless validation failed (those are kept for inspection)."""
+    with cat.sessions.begin() as s:
+        row = s.get(IndexVersion, version_id)
+        if row is not None and row.status == VersionStatus.BUILDING:
+            row.status = VersionStatus.FAILED
+            row.note = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}" if str(error) else type(error).__name__
+    if not isinstance(error, ValidationError):
         index_store.remove_version(cat.root, path)
-    for v in list_versions(cat):
-        if v.status == "failed" and (cat.root / v.path).exists():
-            index_store.remove_version(cat.root, v.path)
-    if dropped:
-        logger.info("rebuild: dropped %d vector(s) of encoders no kept version uses", dropped)
 
 
 # ---------------------------------------------------------------------------- entry points
 def rebuild(
-    cat: Catalog,
+    cat: CatalogReader,
     *,
     encoder: str | None = None,
     weights: str | os.PathLike | None = None,
@@ -421,7 +262,7 @@ def rebuild(
         batch: reference images per database commit while embedding.
 
     Returns:
-        The new active version's :class:`VersionInfo`.
+        The new active version's :class:`~catalog.versions.VersionInfo`.
 
     Raises:
         RebuildBusyError: another rebuild is running (exit code 3).
@@ -432,63 +273,24 @@ def rebuild(
     if keep < 1 or batch < 1:
         raise CatalogError(f"--keep and --batch must be >= 1, got {keep}, {batch}")
     t0 = time.perf_counter()
-    with _RebuildLock(cat.root):
-        _clean_stale(cat)
+    with RebuildLock(cat.root):
+        fail_interrupted(cat)
         st = cat.settings()
         k, seed = int(st["augmentations"]), int(st["seed"])
-        current = cat.encoder_kwargs()
-        if encoder is None and weights is None and not encoder_options and not random_init:
-            kw = current
-        else:
-            kw = dict(current if encoder is None else {}, **(encoder_options or {}))
-            kw.update(spec=encoder or current["spec"], random_init=random_init or (encoder is None and current["random_init"]))
-            kw["weights"] = str(Path(weights).expanduser().resolve()) if weights else (current["weights"] if encoder is None else None)
-            if kw.get("center") is not None and center_photos is None:
-                logger.warning("rebuild: the feature centre was computed with the previous encoder; dropping it "
-                               "(pass --center-photos to compute a new one)")
-            kw["center"] = None
-        spec = kw.pop("spec")
-        enc = create_encoder(spec, device=cat._device, **kw)
-        if center_photos is not None:
-            photos = list(center_photos)
-            if not photos:
-                raise CatalogError("no photos to compute the feature centre from")
-            enc = enc.with_center(enc.mean_feature(photos, progress=progress))
-        from .store import _encoder_row
-
-        options = {key: value for key, value in kw.items() if key not in ("weights", "random_init", "center")}
-        with cat._sessions.begin() as s:
-            row = _encoder_row(s, enc, spec, kw.get("weights"), options)
-            enc_id = row.id
-            gen = s.get(CatalogState, 1).generation
-            v = IndexVersion(
-                encoder_id=enc_id, factory=index_type, vectors=0, dim=enc.dim, augmentations=k, status="building",
-                path="", generation=gen,
-            )
-            s.add(v)
-            s.flush()
-            v.path = index_store.version_relpath(v.id)
-            vid, vpath = v.id, v.path
-        cat._encoders.setdefault(enc_id, enc)
+        spec, kw = _encoder_settings(cat, encoder, weights, encoder_options, random_init, center_photos)
+        enc = _build_encoder(cat, spec, kw, center_photos, progress)
+        vid, vpath, enc_id, gen = _start_version(cat, enc, spec, kw, index_type, k)
         logger.info("rebuild: version %d building with encoder %s", vid, enc.identity.key)
         crash_point("rebuild.started")
         try:
-            embedded = _embed_missing(cat, enc, enc_id, k, seed, ray=ray, ray_workers=ray_workers, progress=progress, batch=batch)
-            ids, refs, views, n_refs = _snapshot_table(cat, enc_id, k)
-            crash_point("rebuild.snapshot_taken")
-            factory = choose_index_type(len(ids), enc.dim, memory_budget) if index_type == "auto" else index_type
-            found, vectors = cat.existing_vectors(ids, enc.dim)
-            if len(found) != len(ids):  # SKUs removed since the snapshot query: leave them out
-                alive = np.isin(ids, found)
-                ids, refs, views = ids[alive], refs[alive], views[alive]
-                n_refs = len(np.unique(refs))
+            embedded = embed_missing(cat, enc, enc_id, k, seed, ray=ray, ray_workers=ray_workers, progress=progress,
+                                     batch=batch)
+            table, vectors = _read_vectors(cat, enc_id, k, enc.dim)
             t1 = time.perf_counter()
-            if len(ids):
-                index, recall = build_index(ids, vectors, factory, target_recall=target_recall, seed=seed)
-            else:  # an empty catalog (e.g. switching encoders before the first add): exact and empty
-                factory, index, recall = "Flat", VectorIndex(enc.dim), 1.0
+            index, factory, recall = _build(table, vectors, index_type, memory_budget, target_recall, seed, enc.dim)
             crash_point("rebuild.built")
-            summary = _validate(index, ids, refs, views, vectors, n_refs, k, enc.dim, factory == "Flat", target_recall, seed)
+            summary = validate_index(index, table, vectors, k, enc.dim, exact=factory == "Flat",
+                                     target_recall=target_recall, seed=seed)
             logger.info("rebuild: version %d: %s, %d vectors, recall@1 %.4f, %s (%.1f s)",
                         vid, factory, index.ntotal, recall, summary, time.perf_counter() - t1)
             sha = index_store.write_version(
@@ -498,28 +300,20 @@ def rebuild(
             )
             crash_point("rebuild.written")
             del vectors
-            _activate(
-                cat, vid, enc, enc_id, k, seed, ray=ray, ray_workers=ray_workers, progress=progress, batch=batch,
-                updates={"factory": factory, "vectors": int(index.ntotal), "recall_at_1": float(recall),
-                         "index_sha256": sha, "note": f"embedded {embedded}; {summary}"},
-            )
+            _activate(cat, vid, enc, enc_id, k, seed, ray=ray, ray_workers=ray_workers, batch=batch,
+                      updates={"factory": factory, "vectors": int(index.ntotal), "recall_at_1": float(recall),
+                               "index_sha256": sha, "note": f"embedded {embedded}; {summary}"})
         except BaseException as e:
-            with cat._sessions.begin() as s:
-                row = s.get(IndexVersion, vid)
-                if row is not None and row.status == "building":
-                    row.status = "failed"
-                    row.note = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__
-            if not isinstance(e, ValidationError):
-                index_store.remove_version(cat.root, vpath)
+            _fail_version(cat, vid, vpath, e)
             raise
-        _retire(cat, keep)
+        retire(cat, keep)
     info = next(v for v in list_versions(cat) if v.id == vid)
     logger.info("rebuild: version %d active (%s, %d vectors, recall@1 %s) in %.1f s",
                 vid, info.factory, info.vectors, info.recall_at_1, time.perf_counter() - t0)
     return info
 
 
-def rollback(cat: Catalog, version: int | None = None, *, progress: bool = False, batch: int = 64) -> VersionInfo:
+def rollback(cat: CatalogReader, version: int | None = None, *, progress: bool = False, batch: int = 64) -> VersionInfo:
     """Make an earlier ``ready`` version active again (default: the newest one older than the
     active version).  SKUs added since that version was built are embedded with its encoder
     first (its weights file must still exist unchanged).
@@ -531,11 +325,11 @@ def rollback(cat: Catalog, version: int | None = None, *, progress: bool = False
         ReadOnlyCatalogError: the catalog is read-only.
     """
     cat.require_writable("roll back its index")
-    with _RebuildLock(cat.root):
+    with RebuildLock(cat.root):
         versions = list_versions(cat)
         active = next((v for v in versions if v.active), None)
         if version is None:
-            older = [v for v in versions if v.status == "ready" and not v.active and (active is None or v.id < active.id)]
+            older = [v for v in versions if v.status == VersionStatus.READY and not v.active and (active is None or v.id < active.id)]
             if not older:
                 raise CatalogError("no earlier ready version to roll back to (see `catalog versions`)")
             target = older[0]
@@ -545,16 +339,16 @@ def rollback(cat: Catalog, version: int | None = None, *, progress: bool = False
                 raise CatalogError(f"no index version {version} (see `catalog versions`)")
             if target.active:
                 raise CatalogError(f"version {version} is already active")
-            if target.status != "ready":
+            if target.status != VersionStatus.READY:
                 raise CatalogError(f"version {version} is {target.status}; only ready versions can be activated")
         cat.load_index(target.id, verify=True)  # its files must be intact before we switch
-        with cat._sessions() as s:
+        with cat.sessions() as s:
             enc_id = s.get(IndexVersion, target.id).encoder_id
         enc = cat.encoder_for(enc_id)
         st = cat.settings()
         if target.augmentations != st["augmentations"]:
             raise CatalogError(f"version {target.id} was built with K={target.augmentations}, the catalog uses K={st['augmentations']}")
         _activate(cat, target.id, enc, enc_id, int(st["augmentations"]), int(st["seed"]), ray=None, ray_workers=None,
-                  progress=progress, batch=batch)
+                  batch=batch)
     logger.info("rollback: version %d active", target.id)
     return next(v for v in list_versions(cat) if v.id == target.id)

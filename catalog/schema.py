@@ -28,7 +28,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DatabaseError
 
-from retailklip.errors import CatalogError
+from .errors import CatalogError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 #: The revision of catalogs made before schema versioning (tables, no ``alembic_version``).

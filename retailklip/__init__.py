@@ -9,14 +9,10 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 from .errors import (
-    CatalogError,
-    DuplicateSKUError,
     EmptyCatalogError,
     EncoderMismatchError,
     InvalidImageError,
-    InvalidSKUError,
     RetailKlipError,
-    UnknownSKUError,
     WeightsError,
     WeightsUnavailableError,
 )
@@ -49,20 +45,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_ENCODER_SPEC",
-    "CatalogError",
-    "DuplicateSKUError",
     "EmptyCatalogError",
     "Encoder",
     "EncoderIdentity",
     "EncoderMismatchError",
     "EncoderSpec",
     "InvalidImageError",
-    "InvalidSKUError",
     "Neighbour",
     "Recognition",
     "Recognizer",
     "RetailKlipError",
-    "UnknownSKUError",
     "WeightsError",
     "WeightsUnavailableError",
     "create_encoder",

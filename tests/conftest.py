@@ -150,6 +150,29 @@ def pg_db_url(pg_url) -> str:
         admin.dispose()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend_url(request):
+    """The database of a store test: None (the catalog's own SQLite file) or the URL of a fresh
+    PostgreSQL database, so that one store test suite runs on both backends."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("pg_db_url")
+
+
+@pytest.fixture()
+def store_catalog(tmp_path, backend_url):
+    """An empty catalog on each backend (:func:`backend_url`) with the tiny random open_clip
+    encoder and K = 2 views."""
+    from catalog import Catalog
+
+    cat = Catalog.init(
+        tmp_path / "tiny", encoder=TINY_CLIP_SPEC, augmentations=2, random_init=True, encoder_options=TINY_CLIP_OPTIONS,
+        db_url=backend_url,
+    )
+    yield cat
+    cat.close()
+
+
 # ------------------------------------------------------------------ shared helpers
 @pytest.fixture(scope="module")
 def one_torch_thread():
@@ -171,7 +194,7 @@ def write_snapshot(cat) -> tuple:
 
     from catalog.models import SKU, Embedding, ReferenceImage
 
-    with cat._sessions() as s:
+    with cat.sessions() as s:
         counts = tuple(s.scalar(select(func.count()).select_from(t)) for t in (SKU, ReferenceImage, Embedding))
     files = sorted(str(p.relative_to(cat.root)) for p in (cat.root / "images").rglob("*") if p.is_file())
     return counts, files, cat.generation

@@ -1,5 +1,6 @@
 import csv
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -7,17 +8,12 @@ from conftest import write_snapshot
 from imagekinds import write_bad_files
 
 from catalog import Catalog
-from retailklip.errors import (
-    CatalogError,
-    DuplicateSKUError,
-    InvalidImageError,
-    InvalidSKUError,
-    UnknownSKUError,
-)
+from retailklip.errors import InvalidImageError
+from catalog.errors import CatalogError, DuplicateSKUError, InvalidSKUError, UnknownSKUError
 
 
-def test_add_list_remove(tiny_catalog, iconic):
-    cat = tiny_catalog
+def test_add_list_remove(store_catalog, iconic):
+    cat = store_catalog
     info = cat.add(iconic[0][2], sku="golden", name="Golden Delicious")
     assert (info.sku, info.name, info.references, info.vectors) == ("golden", "Golden Delicious", 1, 2)
     cat.add(iconic[1][2])  # default id: the file name without extension
@@ -33,8 +29,8 @@ def test_add_list_remove(tiny_catalog, iconic):
         cat.remove("nope")
 
 
-def test_append_reference(tiny_catalog, iconic):
-    cat = tiny_catalog
+def test_append_reference(store_catalog, iconic):
+    cat = store_catalog
     cat.add(iconic[0][2], sku="apple")
     info = cat.add(iconic[1][2], sku="apple", append=True)
     assert info.references == 2 and info.vectors == 4
@@ -42,8 +38,8 @@ def test_append_reference(tiny_catalog, iconic):
         cat.add(iconic[2][2], sku="pear", append=True)
 
 
-def test_duplicates_and_bad_ids_write_nothing(tiny_catalog, iconic):
-    cat = tiny_catalog
+def test_duplicates_and_bad_ids_write_nothing(store_catalog, iconic):
+    cat = store_catalog
     cat.add(iconic[0][2], sku="golden")
     before = write_snapshot(cat)
     with pytest.raises(DuplicateSKUError, match="already exists"):
@@ -55,11 +51,16 @@ def test_duplicates_and_bad_ids_write_nothing(tiny_catalog, iconic):
             cat.add(iconic[1][2], sku=bad)
     with pytest.raises(InvalidSKUError):
         cat.add(iconic[1][2], sku="ok", name="bad\x00name")
+    csv_path = cat.root.parent / "skus.csv"  # an import with one taken id writes none of its rows
+    csv_path.write_text(f"image,sku,name\n{iconic[2][2]},new,New\n{iconic[3][2]},golden,Again\n")
+    with pytest.raises(DuplicateSKUError, match="golden"):
+        cat.import_csv(csv_path, progress=False)
     assert write_snapshot(cat) == before
+    assert [s.sku for s in cat.list_skus()] == ["golden"]
 
 
-def test_bad_images_write_nothing(tiny_catalog, iconic, tmp_path):
-    cat = tiny_catalog
+def test_bad_images_write_nothing(store_catalog, iconic, tmp_path):
+    cat = store_catalog
     cat.add(iconic[0][2], sku="golden")
     before = write_snapshot(cat)
     for kind, path in write_bad_files(iconic[0][2], tmp_path / "bad").items():
@@ -68,8 +69,8 @@ def test_bad_images_write_nothing(tiny_catalog, iconic, tmp_path):
     assert write_snapshot(cat) == before
 
 
-def test_unicode_ids_and_names(tiny_catalog, iconic):
-    cat = tiny_catalog
+def test_unicode_ids_and_names(store_catalog, iconic):
+    cat = store_catalog
     cat.add(iconic[0][2], sku="äpple-🍎", name="Äpple Golden 金")
     assert cat.get("äpple-🍎").name == "Äpple Golden 金"
 
@@ -81,8 +82,8 @@ def _write_csv(path, rows, header=("image", "sku", "name")):
         w.writerows(rows)
 
 
-def test_import_csv_all_or_nothing(tiny_catalog, iconic, tmp_path):
-    cat = tiny_catalog
+def test_import_csv_all_or_nothing(store_catalog, iconic, tmp_path):
+    cat = store_catalog
     rows = [(os.path.relpath(p, tmp_path), f"sku{c}", name) for c, name, p in iconic[:4]]
     _write_csv(tmp_path / "ok.csv", rows)
     assert cat.import_csv(tmp_path / "ok.csv", progress=False) == 4
@@ -160,3 +161,34 @@ def test_center_photos_are_stored_with_the_encoder(tmp_path, mobilenet_weights, 
     np.testing.assert_allclose(enc.center.numpy(), enc.mean_feature(photos), rtol=1e-5, atol=1e-6)
     with pytest.raises(CatalogError, match="no photos"):
         Catalog.init(tmp_path / "d", encoder=MOBILENET_SPEC, weights=mobilenet_weights, center_photos=[])
+
+
+def test_concurrent_writers_lose_no_update(store_catalog, iconic):
+    """Two writers (separate engines, as two processes would have) bump the generation
+    concurrently; every bump and every row lands."""
+    root = store_catalog.root
+    start = store_catalog.generation
+    writers = [Catalog.open(root), Catalog.open(root)]
+    n = 50
+    barrier = threading.Barrier(len(writers))
+    errors: list[BaseException] = []
+
+    def work(k: int, cat: Catalog) -> None:
+        try:
+            barrier.wait()
+            for i in range(n):
+                cat.set_threshold(0.3 + 0.01 * ((i + k) % 10))
+            cat.add(iconic[k][2], sku=f"w{k}")
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k, c)) for k, c in enumerate(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    for c in writers:
+        c.close()
+    assert not errors, errors
+    assert store_catalog.generation == start + len(writers) * (n + 1)
+    assert [s.sku for s in store_catalog.list_skus()] == ["w0", "w1"]

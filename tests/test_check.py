@@ -46,7 +46,7 @@ def test_clean_catalog_is_ok(filled):
 
 def test_vectors_without_rows_and_rows_without_vectors(filled, iconic):
     cat = filled
-    with cat._sessions.begin() as s:
+    with cat.sessions.begin() as s:
         # rows without vectors: drop both views of one reference
         rid = s.scalar(select(ReferenceImage.id).where(ReferenceImage.sku_id == iconic[1][1]))
         s.execute(delete(Embedding).where(Embedding.reference_id == rid))

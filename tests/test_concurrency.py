@@ -1,5 +1,5 @@
 """Concurrency: several `catalog add` processes on one SQLite catalog, writer races inside the
-write path (made deterministic with RETAILKLIP_PAUSE_AT, see retailklip/faults.py), and
+write path (made deterministic with RETAILKLIP_PAUSE_AT, see catalog/faults.py), and
 recognizer threads reading while another thread adds and removes SKUs."""
 
 from __future__ import annotations

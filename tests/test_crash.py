@@ -1,5 +1,5 @@
 """Crash safety of `catalog add`, `catalog import` and `catalog remove`: the process is killed with
-SIGKILL at named points of the write path (``RETAILKLIP_CRASH_AT``, see retailklip/faults.py)
+SIGKILL at named points of the write path (``RETAILKLIP_CRASH_AT``, see catalog/faults.py)
 and at random moments; after each kill the catalog must open, pass ``PRAGMA integrity_check``,
 hold every reference's stored image and K vectors, show the command as all-or-nothing, still
 recognise every SKU, and the re-run command must bring it to the expected state.

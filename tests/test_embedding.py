@@ -12,8 +12,10 @@ from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC
 
 from catalog import Catalog
 from catalog.embedding import EmbedJob, embed_local, embed_ray
+from catalog.writes import prepare_reference
 from retailklip import create_encoder
-from retailklip.errors import CatalogError, InvalidImageError, WeightsError
+from retailklip.errors import InvalidImageError, WeightsError
+from catalog.errors import CatalogError
 
 
 def _jobs(iconic, n: int, first_id: int = 100) -> list[EmbedJob]:
@@ -30,7 +32,7 @@ def test_embed_local_equals_catalog_prepare(tmp_path, iconic, mobilenet_weights)
     out = list(embed_local(jobs, enc, k, seed))
     assert [rid for rid, _ in out] == [j.reference_id for j in jobs]  # job order
     for job, (_rid, vecs) in zip(jobs, out):
-        expected = cat._prepare(job.path, "sku", None, enc, k, seed, cat.snapshot().encoder_id).vectors
+        expected = prepare_reference(job.path, "sku", None, enc, k, seed, cat.snapshot().encoder_id).vectors
         assert vecs.dtype == np.float32 and vecs.shape == (k, enc.dim)
         assert np.array_equal(vecs, expected)
         np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)

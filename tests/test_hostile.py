@@ -425,8 +425,8 @@ def test_property_sku_ids_and_names(lib_catalog, prop_image, sku, name):
     added, listed back with the exact id and name (library and `list --json`), stored under its
     content hash (never a name derived from the id), and removable."""
     from catalog.cli import main
-    from catalog.store import validate_name, validate_sku_id
-    from retailklip.errors import InvalidSKUError
+    from catalog.skus import validate_name, validate_sku_id
+    from catalog.errors import InvalidSKUError
 
     cat = lib_catalog
     for s in cat.list_skus():  # leftovers of the odd-image test

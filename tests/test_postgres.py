@@ -1,6 +1,9 @@
 """The catalog on a real PostgreSQL server (started by scripts/test.sh; see the ``pg_url`` fixture):
 the same SQLAlchemy code as on SQLite, schema made by the Alembic migrations.  Each test gets a
-fresh database (``pg_db_url``)."""
+fresh database (``pg_db_url``).  The store's own behaviour (add / append / remove / import,
+all-or-nothing writes, concurrent writers) is one suite in tests/test_catalog.py that runs on
+both backends (the ``backend_url`` fixture); this file holds what only PostgreSQL has (the URL in
+``catalog.json``, migrations on a server, the CLI with ``--db-url``)."""
 
 from __future__ import annotations
 
@@ -8,17 +11,15 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
-from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC, write_snapshot
+from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC
 from sqlalchemy import create_engine, text
 
 from catalog import Catalog, schema
 from catalog.cli import main
 from retailklip import Recognizer
-from retailklip.errors import DuplicateSKUError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,53 +69,6 @@ def test_catalog_on_postgres_add_list_recognize_remove(pg_catalog, pg_db_url, ic
     again = Catalog.open(cat.root)
     assert [s.sku for s in again.list_skus()] == sorted(f"sku-{c}" for c, _, _ in picks[1:])
     again.close()
-
-
-def test_duplicate_sku_writes_nothing(pg_catalog, iconic):
-    cat = pg_catalog
-    cat.add(iconic[0][2], sku="golden")
-    before = write_snapshot(cat)
-    with pytest.raises(DuplicateSKUError, match="golden"):
-        cat.add(iconic[1][2], sku="golden")
-    with pytest.raises(DuplicateSKUError, match="already a reference image of SKU 'golden'"):
-        cat.add(iconic[0][2], sku="other")
-    csv = cat.root.parent / "skus.csv"
-    csv.write_text(f"image,sku,name\n{iconic[2][2]},new,New\n{iconic[3][2]},golden,Again\n")
-    with pytest.raises(DuplicateSKUError, match="golden"):
-        cat.import_csv(csv, progress=False)
-    assert write_snapshot(cat) == before
-    assert [s.sku for s in cat.list_skus()] == ["golden"]
-
-
-def test_concurrent_writers_lose_no_update(pg_catalog, iconic):
-    """Two writers (separate engines, as two processes would have) bump the generation
-    concurrently; every bump and every row lands."""
-    root = pg_catalog.root
-    start = pg_catalog.generation
-    writers = [Catalog.open(root), Catalog.open(root)]
-    n = 50
-    barrier = threading.Barrier(len(writers))
-    errors: list[BaseException] = []
-
-    def work(k: int, cat: Catalog) -> None:
-        try:
-            barrier.wait()
-            for i in range(n):
-                cat.set_threshold(0.3 + 0.01 * ((i + k) % 10))
-            cat.add(iconic[k][2], sku=f"w{k}")
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(k, c)) for k, c in enumerate(writers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    for c in writers:
-        c.close()
-    assert not errors, errors
-    assert pg_catalog.generation == start + len(writers) * (n + 1)
-    assert [s.sku for s in pg_catalog.list_skus()] == ["w0", "w1"]
 
 
 def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:

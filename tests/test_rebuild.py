@@ -14,9 +14,11 @@ from safetensors.torch import load_file, save_file
 
 from catalog import Catalog
 from catalog.index_store import INDEX_FILE, MANIFEST_FILE
-from catalog.rebuild import RebuildBusyError, ValidationError, _RebuildLock
+from catalog.errors import RebuildBusyError, ValidationError
+from catalog.vectors import VectorTable
+from catalog.versions import RebuildLock
 from retailklip import Recognizer
-from retailklip.errors import CatalogError
+from catalog.errors import CatalogError
 
 
 def _fill(cat: Catalog, iconic, n: int, start: int = 0) -> list[str]:
@@ -132,13 +134,13 @@ def test_validation_failure_keeps_the_old_version(tiny_catalog, iconic, monkeypa
     v2 = cat.rebuild()
     import catalog.rebuild as rb
 
-    real = rb._snapshot_table
+    real = rb.vector_table
 
     def lose_one(c, enc_id, k):  # a bug that drops a vector must not go live
-        ids, refs, views, n = real(c, enc_id, k)
-        return ids[1:], refs[1:], views[1:], n
+        t = real(c, enc_id, k)
+        return VectorTable(t.ids[1:], t.references[1:], t.views[1:], t.n_references)
 
-    monkeypatch.setattr(rb, "_snapshot_table", lose_one)
+    monkeypatch.setattr(rb, "vector_table", lose_one)
     with pytest.raises(ValidationError, match="expected 3 references"):
         cat.rebuild()
     vs = {v.id: v for v in cat.versions()}
@@ -147,7 +149,7 @@ def test_validation_failure_keeps_the_old_version(tiny_catalog, iconic, monkeypa
 
 
 def test_a_second_rebuild_is_refused_while_one_runs(tiny_catalog):
-    with _RebuildLock(tiny_catalog.root), pytest.raises(RebuildBusyError, match="another rebuild"):
+    with RebuildLock(tiny_catalog.root), pytest.raises(RebuildBusyError, match="another rebuild"):
         tiny_catalog.rebuild()
     tiny_catalog.rebuild()  # lock released
 
@@ -160,7 +162,7 @@ def test_add_during_rebuild_is_not_lost(tmp_path, iconic, mobilenet_weights, mon
     other = Catalog.open(cat.root)  # another process's handle
     import catalog.rebuild as rb
 
-    real_validate = rb._validate
+    real_validate = rb.validate_index
     added = []
 
     def validate_then_add(*a, **kw):  # runs after the index was built, before the swap
@@ -170,7 +172,7 @@ def test_add_during_rebuild_is_not_lost(tmp_path, iconic, mobilenet_weights, mon
             added.append(name)
         return out
 
-    monkeypatch.setattr(rb, "_validate", validate_then_add)
+    monkeypatch.setattr(rb, "validate_index", validate_then_add)
     info = cat.rebuild(encoder=MOBILENET_SPEC, weights=mobilenet_weights, encoder_options=MOBILENET_OPTIONS)
     assert info.vectors == 4  # the snapshot; the 3 later SKUs were caught up before the swap
     rec = Recognizer(Catalog.open(cat.root), threshold=2.0)
@@ -183,7 +185,9 @@ def test_add_during_rebuild_is_not_lost(tmp_path, iconic, mobilenet_weights, mon
     enc_before = other.snapshot().encoder_id
     other.encoder()  # cached: the handle now holds the active encoder
     state = {}
-    real_prepare = other._prepare
+    import catalog.writes as writes
+
+    real_prepare = writes.prepare_reference
 
     def prepare_then_swap(*a, **kw):
         p = real_prepare(*a, **kw)
@@ -191,7 +195,7 @@ def test_add_during_rebuild_is_not_lost(tmp_path, iconic, mobilenet_weights, mon
             state["swapped"] = cat.rollback()  # back to the random encoder
         return p
 
-    monkeypatch.setattr(other, "_prepare", prepare_then_swap)
+    monkeypatch.setattr(writes, "prepare_reference", prepare_then_swap)
     other.add(iconic[7][2], sku="raced")
     assert other.snapshot().encoder_id != enc_before
     rec = Recognizer(Catalog.open(cat.root), threshold=2.0)

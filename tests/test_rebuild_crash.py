@@ -2,7 +2,7 @@
 previous version, the database stays consistent, and a rerun completes.
 
 Each case runs the real CLI in a subprocess with ``RETAILKLIP_CRASH_AT`` naming a crash point
-(:mod:`retailklip.faults`), so the process dies by SIGKILL exactly there: no ``finally`` block,
+(:mod:`catalog.faults`), so the process dies by SIGKILL exactly there: no ``finally`` block,
 no rollback, no cleanup.
 """
 

@@ -24,7 +24,8 @@ from catalog import Catalog
 from catalog.check import check
 from catalog.cli import main as catalog_main
 from conftest import MOBILENET, MOBILENET_OPTIONS, MOBILENET_SPEC, TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
-from retailklip.errors import DuplicateSKUError, InvalidImageError, InvalidSKUError, ReadOnlyCatalogError
+from retailklip.errors import InvalidImageError
+from catalog.errors import DuplicateSKUError, InvalidSKUError, ReadOnlyCatalogError
 from retailklip.images import MAX_ASPECT_RATIO, MAX_PADDED_SIDE, limit_aspect_ratio, load_image
 
 REPO = Path(__file__).resolve().parents[1]

@@ -40,7 +40,7 @@ from catalog import schema
 from catalog.database import create_catalog_engine
 from catalog.models import Base
 from catalog.store import Catalog
-from retailklip.errors import CatalogError
+from catalog.errors import CatalogError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,412 @@
+"""Writing a catalog: ``add`` (one reference image), ``import`` (a CSV of them) and ``remove``.
+
+Every write is all-or-nothing: inputs are decoded, validated and embedded *before* anything is
+written; the image file is written atomically (temporary file + rename) into the image store
+(:mod:`catalog.imagestore`) while the transaction holds the writers' lock, and the database rows
+(SKU, reference image, embeddings, generation bump) are committed in that one transaction.  If
+it fails, the files it created are removed again; a crash in between leaves at most an
+unreferenced file in the image store, which nothing reads (``catalog check`` removes it).
+
+An ``add`` whose vectors were made by an encoder that a concurrent ``catalog rebuild`` has just
+replaced notices it under the lock and embeds again (:meth:`CatalogWriter._embed_and_write`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from sqlalchemy import delete, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+from retailklip.errors import RetailKlipError
+from retailklip.images import decode_image_bytes, read_image_bytes
+from retailklip.references import embed_reference
+
+from .codec import encode_vector
+from .database import is_no_space, no_space_error
+from .errors import CatalogError, DuplicateSKUError, UnknownSKUError
+from .faults import crash_point
+from .fileio import atomic_write
+from .imagestore import image_extension, image_relpath, prune_empty_dirs, unlink_all
+from .models import SKU, Embedding, ReferenceImage
+from .reads import CatalogReader
+from .skus import AddedSKU, SKUInfo, find_sku, validate_name, validate_sku_id
+
+if TYPE_CHECKING:  # pragma: no cover
+    from retailklip.encoders import Encoder
+
+logger = logging.getLogger(__name__)
+
+
+class _EncoderChanged(Exception):
+    """The active encoder changed between embedding and writing (a rebuild swapped it)."""
+
+
+@dataclass(frozen=True)
+class PreparedReference:
+    """A validated, embedded reference image, ready to be written.
+
+    Attributes:
+        sku, name: SKU id (NFC) and display name.
+        data: the file's bytes; ``sha256`` their hash; ``ext`` the stored file's extension.
+        width, height: pixels.
+        vectors: float32 (K, D) unit rows, view 0 = the image itself.
+        encoder_id: the ``encoders`` row that made ``vectors``.
+    """
+
+    sku: str
+    name: str | None
+    data: bytes
+    sha256: str
+    ext: str
+    width: int
+    height: int
+    vectors: np.ndarray
+    encoder_id: int
+
+
+def prepare_reference(
+    image: str | os.PathLike, sku: str | None, name: str | None, encoder: Encoder, k: int, seed: int,
+    encoder_id: int,
+) -> PreparedReference:
+    """Validate, read, decode and embed one reference image (nothing is written).
+
+    Args:
+        image: the image file.
+        sku, name: SKU id (default: the file name without extension) and display name.
+        encoder: the active encoder, row ``encoder_id``; ``k``: views; ``seed``: augmentation seed.
+
+    Returns:
+        A :class:`PreparedReference` whose vectors are :func:`retailklip.references.embed_reference`'s.
+
+    Raises:
+        InvalidSKUError, InvalidImageError.
+    """
+    path = Path(image)
+    sku = validate_sku_id(sku if sku is not None else path.stem)
+    name = validate_name(name)
+    data = read_image_bytes(path)
+    im = decode_image_bytes(data, str(path))
+    fmt = image_extension(data)
+    vectors = embed_reference(encoder, im, k, seed)
+    return PreparedReference(sku, name, data, hashlib.sha256(data).hexdigest(), fmt, im.width, im.height, vectors, encoder_id)
+
+
+class CatalogWriter(CatalogReader):
+    """An open catalog's writes (module docstring), on top of its reads."""
+
+    def __init__(self, root: Path, engine: Engine, *, device: str = "cpu", read_only: bool = False) -> None:
+        super().__init__(root, engine, device=device, read_only=read_only)
+        self._recognizer_lock = threading.Lock()
+        self._recognizer = None  # the index `add` checks new references against (built on first use)
+
+    def add(self, image: str | os.PathLike, sku: str | None = None, name: str | None = None, *, append: bool = False) -> SKUInfo:
+        """Add an SKU from one reference image (or, with ``append``, another reference image to
+        an existing SKU).  The SKU is searchable as soon as this returns.
+
+        Args:
+            image: reference image path (a packshot; any format PIL reads).
+            sku: SKU id (default: the file name without extension).
+            name: display name.
+            append: add a further reference image to the existing SKU ``sku``.
+
+        Returns:
+            The SKU's :class:`AddedSKU` (its :class:`SKUInfo` and the other SKUs within the
+            threshold of the new reference image, which are also logged).
+
+        Raises:
+            InvalidImageError, InvalidSKUError, DuplicateSKUError (id exists, or this exact image
+            is already a reference), UnknownSKUError (``append`` to a missing SKU),
+            ReadOnlyCatalogError, NoSpaceError.  On any error nothing is written.
+        """
+        self.require_writable("add an SKU")
+        st = self.settings()
+        sku_id = validate_sku_id(sku if sku is not None else Path(image).stem)
+        self._check_can_add([(sku_id, None)], append)
+        found = {}
+
+        def embed(enc_id: int, enc: Encoder) -> list[PreparedReference]:
+            p = prepare_reference(image, sku_id, name, enc, st["augmentations"], st["seed"], enc_id)
+            found["confusable"] = self._confusable(p, st["threshold"])
+            return [p]
+
+        prepared = self._embed_and_write(embed, append=append, what="add")[0]
+        confusable = found["confusable"]
+        info = self.get(prepared.sku)
+        for n in confusable:
+            logger.info("SKU %r: its reference image is within the threshold (%.3f) of SKU %r (cosine distance "
+                        "%.3f): photos of one may be recognised as the other", info.sku, st["threshold"], n.sku,
+                        n.distance)
+        return AddedSKU(**vars(info), confusable_with=confusable)
+
+    def _confusable(self, prepared: PreparedReference, threshold: float) -> tuple:
+        """Other SKUs within ``threshold`` of ``prepared``'s reference image (view 0), searched in
+        the catalog's current index (the same one recognition uses)."""
+        from retailklip.recognizer import Recognizer
+
+        with self._recognizer_lock:
+            if self._recognizer is None:
+                self._recognizer = Recognizer(self)
+            rec = self._recognizer
+        matches = rec.match_embeddings(prepared.vectors[:1], self.encoder_for(prepared.encoder_id).identity.key, threshold)
+        if matches is None:
+            return ()
+        m = matches[0]
+        near = [n for n in (m.nearest, m.runner_up) if n is not None and n.sku != prepared.sku]
+        return tuple(n for n in near if n.distance <= threshold)
+
+    def import_csv(self, csv_path: str | os.PathLike, *, progress: bool = True) -> int:
+        """Bulk-add SKUs from a CSV with columns ``image,sku,name`` (image paths relative to the CSV).
+
+        All-or-nothing: every row is validated and embedded first; then all rows are written in
+        one transaction.
+
+        Returns:
+            The number of SKUs added.
+
+        Raises:
+            CatalogError: missing file or columns, empty CSV, duplicate ids within the CSV; any
+                error of :meth:`add` for a row (prefixed with the row number).
+        """
+        self.require_writable("import SKUs")
+        path = Path(csv_path)
+        if not path.is_file():
+            raise CatalogError(f"{path}: no such CSV file")
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                cols = [c.strip() for c in (reader.fieldnames or [])]
+                missing = [c for c in ("image", "sku") if c not in cols]
+                if missing:
+                    raise CatalogError(f"{path}: missing column(s) {', '.join(missing)}; expected image,sku,name")
+                rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+        except UnicodeDecodeError:
+            raise CatalogError(f"{path}: not a UTF-8 CSV file") from None
+        except csv.Error as e:
+            raise CatalogError(f"{path}: not a valid CSV file ({e})") from None
+        if not rows:
+            raise CatalogError(f"{path}: no rows")
+        entries = []
+        for n, r in enumerate(rows, start=2):
+            if not r.get("image") or not r.get("sku"):
+                raise CatalogError(f"{path}:{n}: empty image or sku")
+            try:
+                entries.append((validate_sku_id(r["sku"]), validate_name(r.get("name") or None), path.parent / r["image"]))
+            except RetailKlipError as e:
+                raise type(e)(f"{path}:{n}: {e}") from None
+        ids = [e[0] for e in entries]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise DuplicateSKUError(f"{path}: SKU id(s) repeated in the CSV: {', '.join(dupes[:5])}")
+        self._check_can_add([(i, None) for i in ids], append=False)
+        self._check_distinct_images(path, [img for _sku, _name, img in entries])
+        st = self.settings()
+        def embed(enc_id: int, enc: Encoder) -> list[PreparedReference]:
+            prepared = []
+            it: Iterable = enumerate(entries, start=2)
+            if progress:
+                from tqdm import tqdm
+
+                it = tqdm(list(it), desc="importing", unit="SKU")
+            for n, (sku, name, img) in it:
+                try:
+                    prepared.append(prepare_reference(img, sku, name, enc, st["augmentations"], st["seed"], enc_id))
+                except RetailKlipError as e:
+                    raise type(e)(f"{path}:{n}: {e}") from None
+                crash_point("import.row")
+            return prepared
+
+        prepared = self._embed_and_write(embed, append=False, what="import")
+        return len(prepared)
+
+    def _embed_and_write(self, embed: Callable[[int, Encoder], list[PreparedReference]], *, append: bool,
+                         what: str) -> list[PreparedReference]:
+        """Embed with the active encoder and write; when a rebuild switched the encoder between the
+        two (the write notices under the writers' lock), embed again with the new one."""
+        for _attempt in range(3):
+            enc_id, enc = self.active_encoder()
+            prepared = embed(enc_id, enc)
+            try:
+                self._write(prepared, append=append)
+                return prepared
+            except _EncoderChanged:
+                logger.info("the active encoder changed during %s (a rebuild finished); embedding again", what)
+        raise CatalogError(f"the active encoder kept changing during {what}; try again")
+
+    def _check_distinct_images(self, csv_path: Path, images: Sequence[Path]) -> None:
+        """Refuse a CSV whose rows name one image file (by content) more than once, or an image
+        that already is a reference image, before anything is embedded: one image is one SKU's
+        reference, on every path (``add`` refuses it too, see :meth:`_write`).
+
+        Raises:
+            DuplicateSKUError: naming the CSV lines (row 1 is the header).
+            InvalidImageError: an image cannot be read (with its line).
+        """
+        first: dict[str, int] = {}
+        repeated: list[tuple[int, int]] = []
+        for n, img in enumerate(images, start=2):
+            try:
+                digest = hashlib.sha256(read_image_bytes(img)).hexdigest()
+            except RetailKlipError as e:
+                raise type(e)(f"{csv_path}:{n}: {e}") from None
+            if digest in first:
+                repeated.append((first[digest], n))
+            else:
+                first[digest] = n
+        if repeated:
+            pairs = ", ".join(f"{a} and {b}" for a, b in repeated[:5])
+            more = f" (and {len(repeated) - 5} more)" if len(repeated) > 5 else ""
+            raise DuplicateSKUError(
+                f"{csv_path}: lines {pairs}{more} name the same image; an image can be the reference of one SKU only"
+            )
+        with self.sessions() as s:
+            clash = s.execute(
+                select(ReferenceImage.sha256, ReferenceImage.sku_id).where(ReferenceImage.sha256.in_(list(first)))
+            ).first()
+        if clash:
+            raise DuplicateSKUError(f"{csv_path}:{first[clash[0]]}: this image is already a reference image of SKU {clash[1]!r}")
+
+    def _check_can_add(self, items: Sequence[tuple[str, None]], append: bool) -> None:
+        ids = [i for i, _ in items]
+        with self.sessions() as s:
+            existing = set(s.scalars(select(SKU.id).where(SKU.id.in_(ids))))
+        if append:
+            missing = [i for i in ids if i not in existing]
+            if missing:
+                raise UnknownSKUError(f"unknown SKU {missing[0]!r}: cannot append a reference image to it")
+        elif existing:
+            raise DuplicateSKUError(
+                f"SKU {sorted(existing)[0]!r} already exists (remove it first, or use --append to add another reference image)"
+            )
+
+    def _write(self, prepared: Sequence[PreparedReference], *, append: bool) -> None:
+        # Image files are written only while this transaction holds the writers' lock (taken by
+        # lock_writers).  If anything fails, the commit included (a full disk), the files this
+        # call created are deleted again by _delete_unreferenced, under the lock again and only
+        # if no reference names them: a failed writer never deletes an image that another
+        # writer's committed reference names.
+        created: list[Path] = []
+        try:
+            with self.sessions.begin() as s:
+                _gen, active_encoder = self.lock_writers(s)
+                if any(p.encoder_id != active_encoder for p in prepared):
+                    raise _EncoderChanged()
+                if not append:
+                    taken = s.scalars(select(SKU.id).where(SKU.id.in_([p.sku for p in prepared]))).first()
+                    if taken is not None:
+                        raise DuplicateSKUError(
+                            f"SKU {taken!r} already exists (remove it first, or use --append to add another reference image)"
+                        )
+                hashes = [p.sha256 for p in prepared]
+                if len(set(hashes)) != len(hashes):
+                    raise DuplicateSKUError("the same image is given for more than one reference image")
+                clash = s.execute(
+                    select(ReferenceImage.sha256, ReferenceImage.sku_id).where(ReferenceImage.sha256.in_(hashes))
+                ).first()
+                if clash:
+                    raise DuplicateSKUError(f"this image is already a reference image of SKU {clash[1]!r}")
+                for p in prepared:
+                    dest = self.root / image_relpath(p.sha256, p.ext)
+                    if not dest.exists():
+                        created.append(dest)  # before the write: a failed write is cleaned up too
+                        atomic_write(dest, p.data)
+                    else:  # a leftover of an interrupted add: fresh mtime so `catalog check` keeps it
+                        os.utime(dest)
+                    crash_point("add.after_each_file")
+                crash_point("add.after_file")
+                for p in prepared:
+                    if append:
+                        sku_row = s.get(SKU, p.sku)
+                        if sku_row is None:
+                            raise UnknownSKUError(f"unknown SKU {p.sku!r}")
+                        if p.name:
+                            sku_row.name = p.name
+                    else:
+                        s.add(SKU(id=p.sku, name=p.name))
+                    ref = ReferenceImage(
+                        sku_id=p.sku, sha256=p.sha256, filename=image_relpath(p.sha256, p.ext),
+                        size_bytes=len(p.data), width=p.width, height=p.height,
+                    )
+                    s.add(ref)
+                    s.flush()
+                    s.add_all(
+                        Embedding(reference_id=ref.id, encoder_id=active_encoder, view=v, vector=encode_vector(vec))
+                        for v, vec in enumerate(p.vectors)
+                    )
+                s.flush()
+                crash_point("add.before_commit")
+        except BaseException as e:
+            self._remove_created(created)
+            if isinstance(e, IntegrityError):
+                raise DuplicateSKUError(
+                    f"SKU already exists or the image is already stored ({str(e.orig).splitlines()[0]})"
+                ) from None
+            if is_no_space(e):
+                raise no_space_error(self.root, str(e)) from None
+            raise
+        crash_point("add.after_commit")
+        logger.info("added %d reference image(s): %s", len(prepared), ", ".join(p.sku for p in prepared[:5]))
+
+    def remove(self, sku: str) -> None:
+        """Remove an SKU, its reference images and vectors; recognition stops matching it at once.
+
+        Raises:
+            UnknownSKUError: no such SKU.
+            ReadOnlyCatalogError: the catalog is read-only.
+        """
+        self.require_writable("remove an SKU")
+        with self.sessions.begin() as s:
+            self.lock_writers(s)
+            row = find_sku(s, sku)
+            files = [r.filename for r in row.references]
+            s.execute(delete(Embedding).where(Embedding.reference_id.in_([r.id for r in row.references])))
+            s.delete(row)
+            s.flush()
+            crash_point("remove.before_commit")
+        crash_point("remove.after_commit")
+        self._delete_unreferenced(files)
+        logger.info("removed SKU %s", sku)
+
+    def _remove_created(self, created: Sequence[Path]) -> None:
+        """Delete the image files a failed write created (see :meth:`_write`).  When even that
+        cannot take the writers' lock (the disk is full for the database too), the files are
+        deleted if no committed reference names them."""
+        if not created:
+            return
+        rel = [str(p.relative_to(self.root)) for p in created]
+        try:
+            self._delete_unreferenced(rel, prune_dirs=True)
+        except Exception as e:  # noqa: BLE001 - best effort: the write's own error is what is raised
+            logger.warning("could not take the writers' lock to delete %d new image file(s) (%s); deleting unlocked",
+                           len(rel), str(e).splitlines()[0] if str(e) else type(e).__name__)
+            try:
+                with self.sessions() as s:
+                    used = set(s.scalars(select(ReferenceImage.filename).where(ReferenceImage.filename.in_(rel))))
+            except Exception:  # noqa: BLE001
+                used = set()
+            unlink_all(self.root / f for f in rel if f not in used)
+            prune_empty_dirs(self.root / f for f in rel)
+
+    def _delete_unreferenced(self, files: Sequence[str], *, prune_dirs: bool = False) -> None:
+        """Delete the stored image files among ``files`` that no reference row names.  Runs under
+        the writers' lock (a no-op UPDATE of ``catalog_state``), like the file writes of
+        :meth:`_write`, so an ``add`` of the same image cannot commit a reference to a file
+        between the check and the unlink.  A crash before this leaves unreferenced files only."""
+        with self.sessions.begin() as s:
+            self.lock_writers(s, bump=False)
+            used = set(s.scalars(select(ReferenceImage.filename).where(ReferenceImage.filename.in_(list(files)))))
+            for f in files:
+                if f not in used:
+                    (self.root / f).unlink(missing_ok=True)
+            if prune_dirs:  # a failed write leaves the image store as it was, shard directories included
+                prune_empty_dirs(self.root / f for f in files)
