@@ -24,7 +24,6 @@ import argparse
 import json
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
@@ -38,7 +37,7 @@ from finetune.model import (
     set_grad_checkpointing,
 )
 from finetune.optim import create_optimizer, param_groups
-from retailklip.encoders import PRECISIONS
+from retailklip.devices import autocast
 
 
 def _peak_mb(device: torch.device) -> float:
@@ -66,12 +65,12 @@ def measure(args, precision: str, batch: int) -> dict:
     h, w = input_config(enc)["size"]
     x = torch.randn(batch, 3, h, w, device=device)
     y = torch.randint(0, args.classes, (batch,), device=device)
-    autocast = nullcontext() if precision == "fp32" else torch.autocast(device.type, dtype=PRECISIONS[precision])
+    amp = autocast(device, precision)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def step():
-        with autocast:
+        with amp:
             feats = model(x)
         scaler.scale(loss_fn(feats.float(), y)).backward()
         scaler.unscale_(opt)

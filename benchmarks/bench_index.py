@@ -45,13 +45,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retailklip.index import (
-    build_index,
-    choose_index_type,
-    default_memory_budget,
-    estimate_memory,
-    recall_at_1,
-)
+from retailklip.index_build import build_index, recall_at_1
+from retailklip.index_types import choose_index_type, default_memory_budget, estimate_memory
 
 INTRINSIC = 64
 

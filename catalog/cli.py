@@ -19,6 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from retailklip.augment import DEFAULT_AUGMENTATIONS
 from retailklip.encoders import DEFAULT_ENCODER_SPEC
 from retailklip.errors import RetailKlipError
+from retailklip.images import IMAGE_SUFFIXES
 from retailklip.weights import parse_key_value
 
 from .database import is_no_space, no_space_error
@@ -189,9 +190,6 @@ def field(text) -> str:
 
 def _catalog_dir(args) -> Path:
     return args.catalog if args.catalog is not None else default_catalog_dir()
-
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 def image_list(path: Path) -> list[Path]:

@@ -15,7 +15,7 @@ leaves the previous version serving, and a rerun picks up where the killed one s
    identified by its content hash and a vector by (reference, encoder identity, view), and a
    rerun embeds only what is missing.  Single process, or Ray Data across a cluster (``--ray``).
 4. **Build** the index with FAISS ``index_factory`` (exact ``Flat``, or an approximate type
-   chosen from the vector count and a memory budget, see :func:`retailklip.index.choose_index_type`),
+   chosen from the vector count and a memory budget, see :func:`retailklip.index_types.choose_index_type`),
    measure recall@1 against exact search, and **validate**: vector count = references x K,
    dimension, and every reference's own view-0 vector finds itself as nearest neighbour.
 5. **Write** the version directory (temporary name, fsync, rename; see :mod:`catalog.index_store`).
@@ -42,7 +42,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from retailklip.encoders import create_encoder
-from retailklip.index import VectorIndex, build_index, choose_index_type
+from retailklip.index import VectorIndex
+from retailklip.index_build import build_index
+from retailklip.index_types import choose_index_type
 
 from . import index_store
 from .connection import CatalogConnection
@@ -250,7 +252,7 @@ def rebuild(
         center_photos: unlabeled photos whose mean feature becomes the new encoder's centre
             (SimpleShot CL2N).  Without them the catalog's centre is kept when the encoder is
             unchanged and dropped (with a warning) for a different encoder or weights.
-        index_type: ``"auto"`` (:func:`retailklip.index.choose_index_type`) or a FAISS
+        index_type: ``"auto"`` (:func:`retailklip.index_types.choose_index_type`) or a FAISS
             ``index_factory`` string (``"Flat"``, ``"HNSW32"``, ``"IVF1024,PQ64"``, ...).
         memory_budget: bytes the index may use (``auto`` only).
         target_recall: recall@1 against exact search that approximate indexes are tuned to.

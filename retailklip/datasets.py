@@ -40,11 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RetailKlipError
+from .images import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
-
-#: File suffixes (lower case) treated as images when a layout lists folders.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 
 
 class DatasetError(RetailKlipError):

@@ -37,6 +37,13 @@ from .errors import InvalidImageError
 
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
 
+#: File suffixes (lower case) of image files: the formats :func:`load_image` decodes with
+#: Pillow's own plugins (JPEG, PNG, BMP, GIF, TIFF, WebP).  Directory scans (``catalog``
+#: ``--center-photos DIR``, dataset layouts) keep the files with these suffixes, and
+#: :func:`~retailklip.segment.parsing.segment_filename` drops them from a photo's name.  HEIC
+#: is not among them: Pillow reads it only through the ``pillow-heif`` plugin.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
 #: Largest accepted image, in pixels (width x height).  64 MP covers every phone camera; a
 #: 30000 x 30000 PNG (900 MP, a classic decompression bomb) is refused from its header.
 DEFAULT_MAX_PIXELS = 64_000_000

@@ -4,7 +4,7 @@ from imagekinds import write_bad_files, write_odd_valid_files
 from PIL import Image
 
 from retailklip.errors import InvalidImageError
-from retailklip.images import load_image, to_rgb
+from retailklip.images import IMAGE_SUFFIXES, load_image, to_rgb
 
 BAD_KINDS = [
     "truncated_jpeg", "zero_bytes", "text_as_jpg", "random_bytes", "html_as_png", "bomb_png",
@@ -85,3 +85,13 @@ def test_numpy_and_bytes_sources(photo):
 def test_pixel_limit_applies_to_pil_inputs():
     with pytest.raises(InvalidImageError, match="pixels"):
         load_image(Image.new("RGB", (100, 100)), max_pixels=5000)
+
+
+@pytest.mark.parametrize("suffix", sorted(IMAGE_SUFFIXES))
+def test_every_image_suffix_is_decoded(tmp_path, suffix):
+    """IMAGE_SUFFIXES lists only what load_image can read here: a file written with each decodes."""
+    Image.init()
+    fmt = Image.registered_extensions()[suffix]
+    path = tmp_path / f"im{suffix}"
+    Image.new("RGB", (16, 12), (200, 30, 30)).save(path, format=fmt)
+    assert load_image(path).size == (16, 12)

@@ -5,18 +5,9 @@ import faiss
 import numpy as np
 import pytest
 
-from retailklip.index import (
-    FLAT_MAX_FLOATS,
-    IndexNotRemovableError,
-    IndexTypeError,
-    VectorIndex,
-    build_index,
-    choose_index_type,
-    default_queries,
-    describe_index,
-    estimate_memory,
-    recall_at_1,
-)
+from retailklip.index import IndexNotRemovableError, IndexTypeError, VectorIndex, describe_index
+from retailklip.index_build import build_index, default_queries, recall_at_1
+from retailklip.index_types import FLAT_MAX_FLOATS, choose_index_type, estimate_memory
 from retailklip.matching import SKUMatcher
 
 

@@ -13,20 +13,17 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import replace
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..devices import PRECISIONS, autocast
 from ..images import DEFAULT_BACKGROUND, ImageSource, limit_aspect_ratio, load_image, to_rgb
 from .identity import EncoderIdentity
 
 logger = logging.getLogger(__name__)
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class Encoder:
     """Embeds images into float32, L2-normalised vectors of shape (N, D).
@@ -87,11 +84,6 @@ class Encoder:
         """Embedding dimension D."""
         return self.identity.dim
 
-    def _autocast(self):
-        if self.precision == "fp32":
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=PRECISIONS[self.precision])
-
     def prepare(self, image: ImageSource) -> torch.Tensor:
         """Decode (EXIF, mode), bound the aspect ratio (:func:`~retailklip.images.limit_aspect_ratio`),
         composite transparency and preprocess one image -> (3, H, W) float32."""
@@ -101,7 +93,7 @@ class Encoder:
     @torch.inference_mode()
     def features(self, batch: torch.Tensor) -> torch.Tensor:
         """Forward a preprocessed batch (N, 3, H, W) -> raw float32 features (N, D) on the CPU."""
-        with self._autocast():
+        with autocast(self.device, self.precision):
             feats = self.model(batch.to(self.device, non_blocking=True))
         return feats.float().cpu()
 

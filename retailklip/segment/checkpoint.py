@@ -31,8 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import WeightsError
-from ..weights import state_dict_mismatch
+from ..weights import EMPTY, MISSING, NOT_A_FILE, NOT_A_STATE_DICT, load_state_dict, load_state_dict_strict
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +99,10 @@ def _no_checkpoint_hint(expected_file: str | None) -> str:
 def read_state_dict(path: str | os.PathLike, *, name: str, expected_file: str | None) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat ``{key: tensor}`` dict, without executing pickled code.
 
-    Accepts a PyTorch file (``torch.load(..., weights_only=True)``) holding a state dict or a
-    ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper, or a ``.safetensors`` file. A
-    ``module.`` prefix (saved from ``DataParallel``) is stripped.
+    The reading is :func:`retailklip.weights.load_state_dict` (safetensors, or
+    ``torch.load(..., weights_only=True)``; ``state_dict`` / ``model`` / ``module`` wrappers and a
+    ``module.`` key prefix removed); only the messages are the segmenter's, naming ``name``, the
+    official file and ``--checkpoint``.
 
     Args:
         path: checkpoint file.
@@ -113,34 +113,21 @@ def read_state_dict(path: str | os.PathLike, *, name: str, expected_file: str | 
         The state dict, tensors on the CPU.
 
     Raises:
-        WeightsError: missing, unreadable, unsafe (pickled code) or not a state dict.
+        WeightsError: missing, empty, unreadable, unsafe (pickled code) or not a state dict.
     """
-    p = Path(path)
     hint = _no_checkpoint_hint(expected_file)
-    if not p.exists():
-        raise WeightsError(f"{name}: checkpoint {p} not found; {hint}")
-    if not p.is_file():
-        raise WeightsError(f"{name}: checkpoint {p} is not a regular file; {hint}")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
 
-            obj: object = load_file(str(p), device="cpu")
-        else:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load on garbage raises anything (IndexError, KeyError, ...)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"{name}: cannot read checkpoint {p} as a safe PyTorch state dict ({reason}); {hint}") from None
-    if isinstance(obj, Mapping):
-        for wrapper in ("state_dict", "model"):
-            if wrapper in obj and isinstance(obj[wrapper], Mapping):
-                obj = obj[wrapper]
-                break
-    if not isinstance(obj, Mapping) or not obj or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    ):
-        raise WeightsError(f"{name}: checkpoint {p} does not hold a state dict of tensors; {hint}")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    def message(problem: str, p: Path, detail: str) -> str:
+        if problem == MISSING:
+            return f"{name}: checkpoint {p} not found; {hint}"
+        if problem == NOT_A_FILE:
+            return f"{name}: checkpoint {p} is not a regular file; {hint}"
+        if problem == NOT_A_STATE_DICT:
+            return f"{name}: checkpoint {p} does not hold a state dict of tensors; {hint}"
+        reason = detail or ("empty file" if problem == EMPTY else problem)
+        return f"{name}: cannot read checkpoint {p} as a safe PyTorch state dict ({reason}); {hint}"
+
+    return load_state_dict(path, message=message)
 
 
 def load_state_dict_checked(
@@ -152,7 +139,8 @@ def load_state_dict_checked(
     expected_file: str | None,
     key_map: Callable[[str], str] | None = None,
 ) -> None:
-    """Load ``state_dict`` into ``model`` strictly, after renaming keys with ``key_map``.
+    """Load ``state_dict`` into ``model`` strictly, after renaming keys with ``key_map``
+    (:func:`retailklip.weights.load_state_dict_strict` with the segmenter's message).
 
     BatchNorm ``num_batches_tracked`` counters absent from the file are tolerated (they do
     not affect inference). Any other missing or unexpected key, or any shape mismatch, is an
@@ -170,12 +158,12 @@ def load_state_dict_checked(
         WeightsError: the keys or shapes are not those of ``name``.
     """
     mapped = {(key_map(k) if key_map else k): v for k, v in state_dict.items()}
-    own = model.state_dict()
-    problem = state_dict_mismatch(own, mapped, optional=lambda k: k.endswith("num_batches_tracked"))
-    if problem:
-        raise WeightsError(f"{name}: {source} is not a {name} checkpoint: {problem}; {_no_checkpoint_hint(expected_file)}")
-    for k, v in own.items():
-        if k not in mapped:  # only num_batches_tracked reaches here
-            mapped[k] = v
-    model.load_state_dict(mapped, strict=True)
+    load_state_dict_strict(
+        model,
+        mapped,
+        source,
+        name,
+        optional=lambda k: k.endswith("num_batches_tracked"),
+        message=lambda problem: f"{name}: {source} is not a {name} checkpoint: {problem}; {_no_checkpoint_hint(expected_file)}",
+    )
     logger.info("loaded %d tensors into %s from %s", len(state_dict), name, source)

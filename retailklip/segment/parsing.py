@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-logger = logging.getLogger(__name__)
+from ..images import IMAGE_SUFFIXES
 
-#: Suffixes stripped from an image name given to :func:`segment_filename`.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".heic"})
+logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)

@@ -15,6 +15,7 @@ import torch
 from segment_anything import sam_model_registry
 from torch import nn
 
+from ..devices import resolve_device
 from ..errors import WeightsError
 from .checkpoint import load_state_dict_checked, official_to_local_key, read_state_dict
 from .errors import SegmenterOptionError, UnknownSegmenterError
@@ -75,23 +76,6 @@ def get_spec(name: str) -> SegmenterSpec:
         ) from None
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """Parse ``device`` and check that it is usable.
-
-    Raises:
-        SegmenterOptionError: unparsable device, or CUDA/MPS requested but unavailable.
-    """
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise SegmenterOptionError(f"invalid device {device!r} ({e}); use e.g. 'cpu' or 'cuda'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SegmenterOptionError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise SegmenterOptionError(f"device {device!r} requested but MPS is not available here; use --device cpu")
-    return dev
-
-
 def missing_checkpoint_message(spec: SegmenterSpec) -> str:
     """The error text for a model segmenter created without a checkpoint."""
     return (
@@ -132,7 +116,7 @@ def create_model(
     spec = get_spec(name)
     if spec.family == "whole-image":
         raise UnknownSegmenterError(f"segmenter {name} has no model; use load_segmenter({name!r})")
-    dev = resolve_device(device)
+    dev = resolve_device(device, error=SegmenterOptionError)
     if checkpoint is not None and random_init:
         raise SegmenterOptionError(f"{name}: give either a checkpoint or random_init=True, not both")
     if checkpoint is None and not random_init:

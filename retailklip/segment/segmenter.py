@@ -22,13 +22,15 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..devices import resolve_device
 from ..errors import WeightsError
 from ..images import ImageSource, load_image, to_rgb
 from .automatic import MaskGeneratorOptions, build_mask_generator
+from .errors import SegmenterOptionError
 from .modeling.efficientvit_sam import EfficientViTSam
 from .parsing import Segment, make_segment
 from .postprocess import PostprocessOptions, select_masks
-from .registry import create_model, get_spec, resolve_device
+from .registry import create_model, get_spec
 from .transforms import check_rgb_array
 
 logger = logging.getLogger(__name__)
@@ -238,7 +240,7 @@ def load_segmenter(
     if spec.family == "whole-image":
         if checkpoint is not None:
             raise WeightsError("segmenter whole-image uses no weights; drop --checkpoint or choose a model segmenter")
-        resolve_device(device)
+        resolve_device(device, error=SegmenterOptionError)
         return WholeImageSegmenter(postprocess_options)
     model = create_model(name, checkpoint, random_init=random_init, device=device)
     return SamSegmenter(name, model, generator_options, postprocess_options)
