@@ -38,7 +38,7 @@ class Segmenter(ABC):
     """Splits a photo into product segments.
 
     Attributes:
-        name: registry name (see :data:`~retailklip.segment.registry.SEGMENTER_NAMES`).
+        name: registry name (see :func:`~retailklip.segment.registry.list_segmenters`).
         postprocess: retail post-processing thresholds.
     """
 
@@ -216,8 +216,9 @@ def load_segmenter(
     """Create a segmenter by name.
 
     Args:
-        name: one of :data:`~retailklip.segment.registry.SEGMENTER_NAMES`: ``efficientvit-sam-l0``,
-            ``-l1``, ``-l2``, ``-xl0``, ``-xl1``, ``sam-vit-b``, ``sam-vit-l``, ``sam-vit-h``, ``whole-image``.
+        name: one of :func:`~retailklip.segment.registry.list_segmenters`: ``efficientvit-sam-l0``,
+            ``-l1``, ``-l2``, ``-xl0``, ``-xl1``, ``sam-vit-b``, ``sam-vit-l``, ``sam-vit-h``, ``whole-image``,
+            or a name added with :func:`~retailklip.segment.registry.register_segmenter`.
         checkpoint: local weights file (required for model segmenters unless ``random_init``);
             must be None for ``whole-image``.
         device: torch device for the model.
@@ -229,13 +230,13 @@ def load_segmenter(
         A :class:`SamSegmenter` or :class:`WholeImageSegmenter`.
 
     Raises:
-        UnknownSegmenterError: unknown name.
+        UnknownSegmenterError: unknown name (the message lists the registered ones).
         WeightsError: missing/wrong checkpoint (message names the expected file and ``--checkpoint``),
             or a checkpoint given to ``whole-image``.
         SegmenterOptionError: ``checkpoint`` together with ``random_init``, or an unusable device.
     """
     spec = get_spec(name)
-    if spec.family == "whole-image":
+    if spec.build_model is None:
         if checkpoint is not None:
             raise WeightsError("segmenter whole-image uses no weights; drop --checkpoint or choose a model segmenter")
         resolve_device(device)
