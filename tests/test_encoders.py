@@ -208,3 +208,26 @@ def test_registered_backend_is_created_by_name(encoder_table, mobilenet_encoder)
     with pytest.raises(RetailKlipError, match=r"^bad encoder spec 'fake:net': expected open_clip:MODEL/TAG, "
                                               r"open_clip:MODEL or timm:MODEL$"):
         create_encoder("fake:net")
+
+
+def test_offline_pretrained_tag_is_one_line(tmp_path):
+    """With the hub forced offline and an empty hub cache, a pretrained tag fails with ONE line on
+    stderr naming the model, the tag and the --weights FILE alternative (open_clip's own error
+    log record is not printed beside it)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(repo))
+    r = subprocess.run(
+        [sys.executable, "-m", "catalog.cli", "--catalog", str(tmp_path / "cat"), "init",
+         "--encoder", "open_clip:ViT-B-32/laion2b_s34b_b79k"],
+        capture_output=True, text=True, env=env, cwd=repo, timeout=300,
+    )
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "open_clip:ViT-B-32/laion2b_s34b_b79k" in lines[0] and "--weights" in lines[0]
+    assert not (tmp_path / "cat" / "catalog.db").exists()
