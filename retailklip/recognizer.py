@@ -48,6 +48,11 @@ class SegmentLike(Protocol):
 
 
 class SegmenterLike(Protocol):
+    """What the recognizer needs of a segmenter: ``segment(image)`` of the decoded photo (an
+    upright ``RGB``/``RGBA`` PIL image from :func:`retailklip.images.load_image`).  A segmenter
+    that also has ``segment_image(image)`` (every :mod:`retailklip.segment` segmenter: their
+    ``segment`` decodes its input first) is called through that, so the photo is decoded once."""
+
     def segment(self, image: Image.Image) -> list[SegmentLike]: ...
 
 
@@ -324,22 +329,27 @@ class Recognizer:
 
     def recognize_segments(self, image: ImageSource) -> tuple[list[Recognition], list[SegmentLike]]:
         """Like :meth:`recognize`, also returning the segments (with their RGBA crops), e.g. to
-        save them; with no segmenter the segment list is empty."""
-        im = load_image(image)
+        save them; with no segmenter the segment list is empty (the whole photo,
+        :func:`retailklip.segment.parsing.whole_image_segment`, is recognised with mask None)."""
+        im = load_image(image)  # the one decode: segmenter and encoder get decoded images
         view = self._current()
         if not view.matcher.sku_of:
             raise EmptyCatalogError("the catalog holds no SKU; add one with `catalog add IMAGE`")
         if self.segmenter is None:
-            crops, boxes, masks, scores, segments = [im], [(0, 0, im.width, im.height)], [None], [1.0], []
+            from .segment.parsing import whole_image_segment
+
+            whole = whole_image_segment(im)
+            crops, boxes, masks, scores, segments = [whole.crop], [whole.bbox], [None], [whole.score], []
         else:
-            segments = self.segmenter.segment(im)
+            segment = getattr(self.segmenter, "segment_image", None) or self.segmenter.segment
+            segments = segment(im)
             if not segments:
                 return [], []
             crops = [s.crop for s in segments]
             boxes = [tuple(int(v) for v in s.bbox) for s in segments]
             masks, scores = [s.mask for s in segments], [float(s.score) for s in segments]
         for _attempt in range(3):
-            queries = view.encoder.embed(crops)
+            queries = view.encoder.embed(crops, decoded=True)
             with self._lock:  # one consistent catalog version for the whole image
                 current = self._view
                 if current.encoder_id == view.encoder_id:

@@ -172,3 +172,62 @@ def test_random_init_silences_only_open_clip(caplog, monkeypatch):
         create_encoder(TINY_CLIP_SPEC, random_init=True, **TINY_CLIP_OPTIONS)
     assert "a POS thread's warning" in caplog.text
     assert not logging.getLogger().disabled
+
+
+
+@pytest.fixture
+def encoder_table():
+    """The encoder backend table, restored after the test."""
+    from retailklip.encoders import ENCODER_BACKENDS
+
+    saved = dict(ENCODER_BACKENDS)
+    yield ENCODER_BACKENDS
+    ENCODER_BACKENDS.clear()
+    ENCODER_BACKENDS.update(saved)
+
+
+def test_registered_backend_is_created_by_name(encoder_table, mobilenet_encoder):
+    """A new backend is one registered builder; create_encoder finds it by its SPEC's name."""
+    from retailklip.encoders import list_encoders, register_encoder
+
+    calls = []
+
+    @register_encoder("fake")
+    def build(model, tag, **kwargs):
+        calls.append((model, tag, kwargs["device"], kwargs["seed"]))
+        return mobilenet_encoder
+
+    assert list_encoders() == ("open_clip", "timm", "fake")
+    assert create_encoder("fake:net", seed=3) is mobilenet_encoder
+    assert calls == [("net", None, "cpu", 3)]
+    with pytest.raises(RetailKlipError, match="only open_clip specs take a /TAG"):
+        create_encoder("fake:net/tag")
+    with pytest.raises(ValueError, match="registered already"):
+        register_encoder("fake", build)
+    del encoder_table["fake"]
+    with pytest.raises(RetailKlipError, match=r"^bad encoder spec 'fake:net': expected open_clip:MODEL/TAG, "
+                                              r"open_clip:MODEL or timm:MODEL$"):
+        create_encoder("fake:net")
+
+
+def test_offline_pretrained_tag_is_one_line(tmp_path):
+    """With the hub forced offline and an empty hub cache, a pretrained tag fails with ONE line on
+    stderr naming the model, the tag and the --weights FILE alternative (open_clip's own error
+    log record is not printed beside it)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(repo))
+    r = subprocess.run(
+        [sys.executable, "-m", "catalog.cli", "--catalog", str(tmp_path / "cat"), "init",
+         "--encoder", "open_clip:ViT-B-32/laion2b_s34b_b79k"],
+        capture_output=True, text=True, env=env, cwd=repo, timeout=300,
+    )
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "open_clip:ViT-B-32/laion2b_s34b_b79k" in lines[0] and "--weights" in lines[0]
+    assert not (tmp_path / "cat" / "catalog.db").exists()

@@ -17,13 +17,13 @@ from PIL import Image
 from retailklip.errors import InvalidImageError, RetailKlipError, WeightsError
 from retailklip.segment import (
     EFFICIENTVIT_SAM_CONFIGS,
-    SEGMENTER_NAMES,
     EfficientViTSam,
     EfficientViTSamPredictor,
     SegmenterOptionError,
     UnknownSegmenterError,
     build_efficientvit_sam,
     create_model,
+    list_segmenters,
     load_segmenter,
     local_to_official_key,
     official_to_local_key,
@@ -150,7 +150,7 @@ def test_wrong_architecture_checkpoint(tmp_path, l0):
 
 
 def test_names_and_argument_errors(tmp_path):
-    assert SEGMENTER_NAMES == (
+    assert list_segmenters() == (
         "efficientvit-sam-l0", "efficientvit-sam-l1", "efficientvit-sam-l2", "efficientvit-sam-xl0",
         "efficientvit-sam-xl1", "sam-vit-b", "sam-vit-l", "sam-vit-h", "whole-image",
     )
@@ -243,3 +243,45 @@ def test_cli_points_per_side_and_segment_options(tmp_path, l0, iconic, capsys):
     assert "unknown segmenter option(s) no_such_option" in capsys.readouterr().err
     assert main([*base, "--points-per-side", "0"]) == 1
     assert "points_per_side" in capsys.readouterr().err
+
+
+
+@pytest.fixture
+def segmenter_table():
+    """The segmenter registry table, restored after the test."""
+    from retailklip.segment import SEGMENTER_SPECS
+
+    saved = dict(SEGMENTER_SPECS)
+    yield SEGMENTER_SPECS
+    SEGMENTER_SPECS.clear()
+    SEGMENTER_SPECS.update(saved)
+
+
+def test_registered_segmenter_is_created_by_name(tmp_path, segmenter_table):
+    """A new SAM-like model is one registry row; create_model / load_segmenter find it by name,
+    load its checkpoint with the row's key map, and unknown-name errors list it."""
+    from retailklip.segment import SamSegmenter, SegmenterSpec, register_segmenter
+
+    built = []
+
+    def build():
+        built.append(1)
+        torch.manual_seed(len(built))
+        return build_efficientvit_sam("efficientvit-sam-l0")
+
+    register_segmenter(SegmenterSpec("my-sam", "efficientvit-sam", "my_sam.pt", None, build, official_to_local_key))
+    assert list_segmenters()[-2:] == ("whole-image", "my-sam")
+    model = create_model("my-sam", random_init=True)
+    path = tmp_path / "my_sam.pt"
+    torch.save(to_official_state_dict(model.state_dict()), path)
+    loaded = create_model("my-sam", checkpoint=path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    seg = load_segmenter("my-sam", checkpoint=path)
+    assert isinstance(seg, SamSegmenter) and seg.name == "my-sam" and len(built) == 3
+    with pytest.raises(UnknownSegmenterError, match="whole-image, my-sam$"):
+        load_segmenter("nope")
+    with pytest.raises(ValueError, match="registered already"):
+        register_segmenter(segmenter_table["sam-vit-b"])
+    del segmenter_table["my-sam"]
+    with pytest.raises(UnknownSegmenterError, match="sam-vit-h, whole-image$"):
+        load_segmenter("my-sam")

@@ -7,6 +7,9 @@ An encoder SPEC names a backend and a model, in the style of timm's ``create_mod
   ``open_clip:MODEL`` with ``weights=FILE`` for a local checkpoint (e.g. a finetuned one).
 * ``timm:MODEL`` — a timm model's pooled features; ``weights=FILE`` for local weights, otherwise
   timm's pretrained weights from the hub.
+
+The backends are a table (:data:`~retailklip.encoders.registry.ENCODER_BACKENDS`): another backend
+is one ``@register_encoder("NAME")`` builder (see :mod:`retailklip.encoders.registry`).
 """
 
 from __future__ import annotations
@@ -18,14 +21,17 @@ from typing import TYPE_CHECKING
 from ..errors import RetailKlipError
 from ..images import DEFAULT_BACKGROUND
 from .identity import EncoderIdentity
+from .registry import ENCODER_BACKENDS, EncoderBackend, get_backend, list_encoders, register_encoder, spec_forms
 
 if TYPE_CHECKING:  # pragma: no cover
     from .base import Encoder
 
 DEFAULT_ENCODER_SPEC = "open_clip:ViT-L-14/laion2b_s32b_b82k"
-BACKENDS = ("open_clip", "timm")
 
-__all__ = ["BACKENDS", "DEFAULT_ENCODER_SPEC", "PRECISIONS", "Encoder", "EncoderIdentity", "EncoderSpec", "create_encoder"]
+__all__ = [
+    "DEFAULT_ENCODER_SPEC", "ENCODER_BACKENDS", "PRECISIONS", "Encoder", "EncoderBackend", "EncoderIdentity",
+    "EncoderSpec", "create_encoder", "list_encoders", "register_encoder",
+]
 
 
 @dataclass(frozen=True)
@@ -33,9 +39,9 @@ class EncoderSpec:
     """A parsed encoder SPEC (see module docstring).
 
     Attributes:
-        backend: ``"open_clip"`` or ``"timm"``.
+        backend: a registered backend (:func:`list_encoders`), e.g. ``"open_clip"`` or ``"timm"``.
         model: the backend's model name.
-        tag: open_clip pretrained tag, or None.
+        tag: pretrained tag (only backends registered with ``tags=True``, e.g. open_clip), or None.
     """
 
     backend: str
@@ -44,23 +50,24 @@ class EncoderSpec:
 
     @classmethod
     def parse(cls, spec: str | EncoderSpec) -> EncoderSpec:
-        """Parse ``BACKEND:MODEL[/TAG]``.
+        """Parse ``BACKEND:MODEL[/TAG]`` against the registered backends.
 
         Raises:
-            RetailKlipError: malformed spec or unknown backend.
+            RetailKlipError: malformed spec, unknown backend (the message lists the registered
+                forms), or a /TAG for a backend without tags.
         """
         if isinstance(spec, EncoderSpec):
             return spec
         backend, sep, rest = str(spec).partition(":")
-        if not sep or not rest or backend not in BACKENDS:
-            raise RetailKlipError(
-                f"bad encoder spec {spec!r}: expected open_clip:MODEL/TAG, open_clip:MODEL or timm:MODEL"
-            )
+        if not sep or not rest:
+            raise RetailKlipError(f"bad encoder spec {spec!r}: expected {spec_forms()}")
+        row = get_backend(backend, spec)
         model, _, tag = rest.partition("/")
         if not model:
             raise RetailKlipError(f"bad encoder spec {spec!r}: no model name")
-        if tag and backend != "open_clip":
-            raise RetailKlipError(f"bad encoder spec {spec!r}: only open_clip specs take a /TAG")
+        if tag and not row.tags:
+            tagged = ", ".join(b.name for b in ENCODER_BACKENDS.values() if b.tags) or "no"
+            raise RetailKlipError(f"bad encoder spec {spec!r}: only {tagged} specs take a /TAG")
         return cls(backend, model, tag or None)
 
     def __str__(self) -> str:
@@ -83,7 +90,8 @@ def create_encoder(
     """Create an image encoder from a SPEC.
 
     Args:
-        spec: ``open_clip:MODEL/TAG``, ``open_clip:MODEL`` or ``timm:MODEL`` (see module docstring).
+        spec: ``open_clip:MODEL/TAG``, ``open_clip:MODEL``, ``timm:MODEL`` or ``BACKEND:MODEL`` of
+            another registered backend (see module docstring).
         weights: local weights file (safetensors or PyTorch state dict); overrides the tag.
         device: torch device, e.g. ``"cpu"`` or ``"cuda"``.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
@@ -99,20 +107,14 @@ def create_encoder(
         An :class:`Encoder` producing float32 (N, D) L2-normalised embeddings.
 
     Raises:
-        RetailKlipError: bad spec or options; WeightsError / WeightsUnavailableError for weights.
+        RetailKlipError: bad spec (unknown backends: the message lists the registered ones) or
+            options; WeightsError / WeightsUnavailableError for weights.
     """
     s = EncoderSpec.parse(spec)
+    builder = get_backend(s.backend, str(s)).builder
     common = dict(device=device, precision=precision, batch_size=batch_size, background=tuple(background), center=center)
     try:
-        if s.backend == "open_clip":
-            from .open_clip_backend import create_open_clip_encoder
-
-            return create_open_clip_encoder(
-                s.model, s.tag, weights=weights, random_init=random_init, seed=seed, **options, **common
-            )
-        from .timm_backend import create_timm_encoder
-
-        return create_timm_encoder(s.model, weights=weights, random_init=random_init, seed=seed, **options, **common)
+        return builder(s.model, s.tag, weights=weights, random_init=random_init, seed=seed, **options, **common)
     except TypeError as e:
         if "unexpected keyword" in str(e):
             raise RetailKlipError(f"encoder {s}: {e}") from None

@@ -84,10 +84,16 @@ class Encoder:
         """Embedding dimension D."""
         return self.identity.dim
 
-    def prepare(self, image: ImageSource) -> torch.Tensor:
+    def prepare(self, image: ImageSource, *, decoded: bool = False) -> torch.Tensor:
         """Decode (EXIF, mode), bound the aspect ratio (:func:`~retailklip.images.limit_aspect_ratio`),
-        composite transparency and preprocess one image -> (3, H, W) float32."""
-        im = limit_aspect_ratio(load_image(image))
+        composite transparency and preprocess one image -> (3, H, W) float32.
+
+        Args:
+            image: anything :func:`~retailklip.images.load_image` reads.
+            decoded: ``image`` is an upright ``RGB``/``RGBA`` PIL image as ``load_image``
+                returns it (e.g. a segment crop): used as it is, not decoded again.
+        """
+        im = limit_aspect_ratio(image if decoded else load_image(image))
         return self.preprocess(to_rgb(im, self.background))
 
     @torch.inference_mode()
@@ -126,22 +132,25 @@ class Encoder:
             batch_size=self.batch_size, background=self.background, center=center,
         )
 
-    def _batches(self, images: Sequence[ImageSource], progress: bool, desc: str):
+    def _batches(self, images: Sequence[ImageSource], progress: bool, desc: str, decoded: bool = False):
         starts = range(0, len(images), self.batch_size)
         if progress:
             from tqdm import tqdm
 
             starts = tqdm(starts, desc=desc, unit="batch")
         for s in starts:
-            yield torch.stack([self.prepare(im) for im in images[s : s + self.batch_size]])
+            yield torch.stack([self.prepare(im, decoded=decoded) for im in images[s : s + self.batch_size]])
 
-    def embed(self, images: Sequence[ImageSource], *, progress: bool = False) -> np.ndarray:
+    def embed(self, images: Sequence[ImageSource], *, progress: bool = False, decoded: bool = False) -> np.ndarray:
         """Embed images.
 
         Args:
             images: paths, bytes, PIL images (any mode; RGBA is composited onto ``background``)
                 or uint8 numpy arrays.
             progress: show a tqdm progress bar over batches.
+            decoded: the images are upright ``RGB``/``RGBA`` PIL images as
+                :func:`~retailklip.images.load_image` returns them (e.g. segment crops): used
+                as they are, not decoded again (same embeddings, no copies).
 
         Returns:
             float32 array of shape (N, D), each row of unit L2 norm.
@@ -151,7 +160,7 @@ class Encoder:
         """
         if len(images) == 0:
             return np.zeros((0, self.dim), np.float32)
-        out = [self.embed_tensor(b).numpy() for b in self._batches(images, progress, "embedding")]
+        out = [self.embed_tensor(b).numpy() for b in self._batches(images, progress, "embedding", decoded)]
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def __repr__(self) -> str:

@@ -14,7 +14,7 @@ class EncoderIdentity:
     """What made a vector; stored with every vector, compared before any search.
 
     Attributes:
-        backend: ``"open_clip"`` or ``"timm"``.
+        backend: the encoder backend (a name of ``list_encoders()``), e.g. ``"open_clip"`` or ``"timm"``.
         model: the backend's model name, e.g. ``"ViT-L-14"`` or ``"mobilenetv2_100"``.
         weights: ``"sha256:<hex>"`` of a local weights file, ``"tag:<pretrained tag>"`` for a
             backend's named pretrained weights, or ``"random:<seed>"`` for random init (tests).

@@ -66,7 +66,7 @@ def create_open_clip_encoder(
         raise RetailKlipError(f"unknown open_clip model {model_name!r} (see open_clip.list_models())")
     overrides = dict(model_overrides or {})
     if weights is not None:
-        model = _create(model_name, None, overrides, seed)
+        model = _create(model_name, overrides, seed=seed)
         sd = load_state_dict(weights)
         if any(k.startswith("visual.") for k in sd):
             sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
@@ -79,16 +79,16 @@ def create_open_clip_encoder(
                 f"open_clip model {model_name} has no pretrained tag {pretrained!r}; known tags: {', '.join(tags) or 'none'}"
             )
         try:
-            model = open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir, **overrides)
+            model = _create(model_name, overrides, pretrained=pretrained, cache_dir=cache_dir)
         except Exception as e:  # noqa: BLE001 - hub errors come in many types
             raise WeightsUnavailableError(
                 f"cannot load pretrained weights open_clip:{model_name}/{pretrained} (no network or hub cache?: "
-                f"{str(e).splitlines()[0][:200]}); download them elsewhere and pass the local file, "
+                f"{_first_line(e)}); download them elsewhere and pass the local file, "
                 f"e.g. `catalog init --encoder open_clip:{model_name} --weights open_clip_model.safetensors`"
             ) from None
         weights_id = f"tag:{pretrained}"
     elif random_init:
-        model = _create(model_name, None, overrides, seed)
+        model = _create(model_name, overrides, seed=seed)
         weights_id = f"random:{seed}"
     else:
         raise WeightsError(
@@ -115,20 +115,34 @@ def create_open_clip_encoder(
     return Encoder(visual, preprocess, identity, **encoder_kwargs)
 
 
-def _create(model_name: str, pretrained: str | None, overrides: dict, seed: int) -> torch.nn.Module:
+def _create(
+    model_name: str, overrides: dict, *, seed: int = 0, pretrained: str | None = None, cache_dir: str | None = None
+) -> torch.nn.Module:
+    """``open_clip.create_model``: seeded random weights (``pretrained`` None; a local file is
+    loaded into them after), or the pretrained tag's weights from the hub cache ``cache_dir``
+    (downloaded there when missing).
+
+    open_clip logs through the root logger: a warning for random init (the point here) and an
+    error for a failed download (which the caller turns into one line).  Only open_clip's own
+    records are dropped meanwhile: disabling the root logger would silence every other thread
+    of the process too.
+    """
     import open_clip
 
-    with seeded(seed):
-        # open_clip logs (through the root logger) a warning for random init; that is the
-        # point here.  Drop only open_clip's own records meanwhile: disabling the root logger
-        # would silence every other thread of the process too.
-        root = logging.getLogger()
-        root.addFilter(_drop_open_clip_records)
-        try:
-            return open_clip.create_model(model_name, pretrained=pretrained, **overrides)
-        finally:
-            root.removeFilter(_drop_open_clip_records)
+    root = logging.getLogger()
+    root.addFilter(_drop_open_clip_records)
+    try:
+        with seeded(seed):
+            return open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir, **overrides)
+    finally:
+        root.removeFilter(_drop_open_clip_records)
 
 
 def _drop_open_clip_records(record: logging.LogRecord) -> bool:
     return "open_clip" not in record.pathname.replace("\\", "/").split("/")
+
+
+def _first_line(e: Exception, limit: int = 200) -> str:
+    """The first line of an error message, cut at a word within ``limit`` characters."""
+    line = (str(e).splitlines() or [type(e).__name__])[0]
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."

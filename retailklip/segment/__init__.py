@@ -2,7 +2,7 @@
 
 Public API::
 
-    from retailklip.segment import load_segmenter, save_segments, Segment, SEGMENTER_NAMES
+    from retailklip.segment import load_segmenter, save_segments, Segment, list_segmenters
 
     seg = load_segmenter("efficientvit-sam-l0", checkpoint="efficientvit_sam_l0.pt", device="cpu")
     emb = seg.image_embeddings(rgb)        # uint8 (H, W, 3) -> float32 (1, 256, 64, 64)
@@ -20,12 +20,11 @@ from .modeling import EFFICIENTVIT_SAM_CONFIGS, EfficientViTSam, build_efficient
 from .parsing import Segment, crop_segment, make_segment, mask_to_bbox, save_segments, segment_filename
 from .postprocess import PostprocessOptions, select_masks
 from .predictor import EfficientViTSamPredictor
-from .registry import SEGMENTER_NAMES, SEGMENTER_SPECS, SegmenterSpec, create_model
+from .registry import SEGMENTER_SPECS, SegmenterSpec, create_model, list_segmenters, register_segmenter
 from .segmenter import SamSegmenter, Segmenter, WholeImageSegmenter, load_segmenter
 
 __all__ = [
     "EFFICIENTVIT_SAM_CONFIGS",
-    "SEGMENTER_NAMES",
     "SEGMENTER_SPECS",
     "EfficientViTSam",
     "EfficientViTSamAutomaticMaskGenerator",
@@ -43,11 +42,13 @@ __all__ = [
     "build_mask_generator",
     "create_model",
     "crop_segment",
+    "list_segmenters",
     "load_segmenter",
     "local_to_official_key",
     "make_segment",
     "mask_to_bbox",
     "official_to_local_key",
+    "register_segmenter",
     "save_segments",
     "segment_filename",
     "select_masks",

@@ -7,7 +7,7 @@ from ..errors import RetailKlipError
 
 
 class UnknownSegmenterError(RetailKlipError, ValueError):
-    """A segmenter name that is not in ``SEGMENTER_NAMES`` was given."""
+    """A segmenter name that is not registered (``list_segmenters()``) was given."""
 
 
 class SegmenterOptionError(RetailKlipError, ValueError):

@@ -123,6 +123,23 @@ def make_segment(image: Image.Image, mask: np.ndarray, score: float, stability_s
     return Segment(mask=mask, bbox=bbox, score=float(score), crop=crop_segment(image, mask, bbox), stability_score=float(stability_score))
 
 
+
+def whole_image_segment(image: Image.Image) -> Segment:
+    """The one segment that is the whole photo: mask all True, box ``(0, 0, W, H)``, score 1.0,
+    crop the photo as ``RGBA`` (its own alpha, else 255).  What ``whole-image`` segments, what
+    ``fallback_whole_image`` returns, and what the recognizer embeds with no segmenter.
+
+    Args:
+        image: PIL ``RGB`` or ``RGBA`` image of size (W, H), as ``retailklip.images.load_image``
+            returns it (other modes are converted to RGB).
+
+    Returns:
+        A :class:`Segment` (mask bool (H, W)).
+    """
+    mask = np.ones((image.height, image.width), dtype=bool)
+    bbox = (0, 0, image.width, image.height)
+    return Segment(mask=mask, bbox=bbox, score=1.0, crop=crop_segment(image, mask, bbox))
+
 def segment_filename(image_name: str | os.PathLike, index: int) -> str:
     """File name ``[image name]_segment_[index].png`` of a saved segment crop.
 

@@ -1,15 +1,20 @@
 """Segmenter names, their expected checkpoint files, and model creation by name.
 
-In the style of ``timm.create_model``: one table of names (:data:`SEGMENTER_SPECS`), one
-factory (:func:`create_model`). Nothing is ever downloaded: a model needs a local checkpoint,
-or an explicit ``random_init=True`` (tests, benchmarks).
+In the style of segment-anything's ``sam_model_registry`` and ``timm.create_model``: one table
+of names (:data:`SEGMENTER_SPECS`), one factory (:func:`create_model`).  Adding a SAM-like model
+is one row: ``register_segmenter(SegmenterSpec(NAME, FAMILY, CHECKPOINT_FILE, URL, build_model))``
+(remove one with ``del SEGMENTER_SPECS[NAME]``); ``load_segmenter(NAME)`` and ``--segment NAME``
+then find it.  Nothing is ever downloaded: a model needs a local checkpoint, or an explicit
+``random_init=True`` (tests, benchmarks).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from segment_anything import sam_model_registry
@@ -26,53 +31,89 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SegmenterSpec:
-    """What a segmenter name stands for.
+    """What a segmenter name stands for: one row of :data:`SEGMENTER_SPECS`.
 
     Attributes:
         name: registry name (the ``--segment`` value).
-        family: ``"efficientvit-sam"``, ``"sam"`` (original SAM ViT) or ``"whole-image"``.
+        family: ``"efficientvit-sam"``, ``"sam"`` (original SAM ViT), ``"whole-image"``, or the
+            family of a registered model (for messages and docs).
         checkpoint_file: file name of the official checkpoint, None when no weights are needed.
         url: where the official checkpoint is published (for messages/docs), or None.
+        build_model: builds the model with random weights (then :func:`create_model` loads the
+            checkpoint into it): an :class:`~retailklip.segment.modeling.EfficientViTSam`, a
+            ``segment_anything`` ``Sam``, or any model ``SamAutomaticMaskGenerator`` can drive;
+            None for a segmenter without a model (``whole-image``).
+        key_map: official checkpoint key -> our state-dict key, or None when they are the same.
     """
 
     name: str
     family: str
     checkpoint_file: str | None
     url: str | None
+    build_model: Callable[[], nn.Module] | None = None
+    key_map: Callable[[str], str] | None = None
 
 
 _EVIT_URL = "https://huggingface.co/mit-han-lab/efficientvit-sam"
 _SAM_URL = "https://github.com/facebookresearch/segment-anything#model-checkpoints"
 
-#: Every valid segmenter name and its specification.
+
+def _sam(name: str, registry_key: str, checkpoint_file: str) -> SegmenterSpec:
+    return SegmenterSpec(name, "sam", checkpoint_file, _SAM_URL, partial(sam_model_registry[registry_key], checkpoint=None))
+
+
+#: Every segmenter name and its specification (the registry; see module docstring).
 SEGMENTER_SPECS: dict[str, SegmenterSpec] = {
     **{
-        name: SegmenterSpec(name, "efficientvit-sam", cfg.checkpoint_file, _EVIT_URL)
+        name: SegmenterSpec(
+            name, "efficientvit-sam", cfg.checkpoint_file, _EVIT_URL, partial(build_efficientvit_sam, name),
+            official_to_local_key,
+        )
         for name, cfg in EFFICIENTVIT_SAM_CONFIGS.items()
     },
-    "sam-vit-b": SegmenterSpec("sam-vit-b", "sam", "sam_vit_b_01ec64.pth", _SAM_URL),
-    "sam-vit-l": SegmenterSpec("sam-vit-l", "sam", "sam_vit_l_0b3195.pth", _SAM_URL),
-    "sam-vit-h": SegmenterSpec("sam-vit-h", "sam", "sam_vit_h_4b8939.pth", _SAM_URL),
+    "sam-vit-b": _sam("sam-vit-b", "vit_b", "sam_vit_b_01ec64.pth"),
+    "sam-vit-l": _sam("sam-vit-l", "vit_l", "sam_vit_l_0b3195.pth"),
+    "sam-vit-h": _sam("sam-vit-h", "vit_h", "sam_vit_h_4b8939.pth"),
     "whole-image": SegmenterSpec("whole-image", "whole-image", None, None),
 }
 
-#: Valid ``--segment`` names.
-SEGMENTER_NAMES: tuple[str, ...] = tuple(SEGMENTER_SPECS)
 
-_SAM_REGISTRY_KEYS = {"sam-vit-b": "vit_b", "sam-vit-l": "vit_l", "sam-vit-h": "vit_h"}
+def register_segmenter(spec: SegmenterSpec) -> SegmenterSpec:
+    """Add a row to :data:`SEGMENTER_SPECS`.
+
+    Args:
+        spec: the new segmenter; it needs a ``build_model`` (only ``whole-image`` has none).
+
+    Returns:
+        ``spec``.
+
+    Raises:
+        ValueError: the name is registered already, or ``spec`` has no ``build_model``.
+    """
+    if spec.name in SEGMENTER_SPECS:
+        raise ValueError(f"segmenter {spec.name!r} is registered already")
+    if spec.build_model is None:
+        raise ValueError(f"segmenter {spec.name!r} needs a build_model")
+    SEGMENTER_SPECS[spec.name] = spec
+    return spec
+
+
+def list_segmenters() -> tuple[str, ...]:
+    """Valid ``--segment`` names, in registration order (``efficientvit-sam-l0`` ... ``whole-image``)."""
+    return tuple(SEGMENTER_SPECS)
 
 
 def get_spec(name: str) -> SegmenterSpec:
     """Specification of segmenter ``name``.
 
     Raises:
-        UnknownSegmenterError: ``name`` is not in :data:`SEGMENTER_NAMES`.
+        UnknownSegmenterError: ``name`` is not registered; the message lists :func:`list_segmenters`.
     """
     try:
         return SEGMENTER_SPECS[name]
     except (KeyError, TypeError):
         raise UnknownSegmenterError(
-            f"unknown segmenter {name!r}; choose --segment from: {', '.join(SEGMENTER_NAMES)}"
+            f"unknown segmenter {name!r}; choose --segment from: {', '.join(list_segmenters())}"
         ) from None
 
 
@@ -96,7 +137,7 @@ def create_model(
     """Create the SAM-family model of segmenter ``name``, in eval mode on ``device``.
 
     Args:
-        name: an ``efficientvit-sam-*`` or ``sam-vit-*`` name.
+        name: an ``efficientvit-sam-*`` or ``sam-vit-*`` name, or another registered model.
         checkpoint: local weights file: for EfficientViT-SAM the official ``efficientvit_sam_*.pt``
             (raw state dict or ``{"state_dict": ...}``, official key names remapped), for SAM the
             official ``sam_vit_*.pth``; also accepted: our own state dicts and ``.safetensors``.
@@ -105,7 +146,8 @@ def create_model(
         device: torch device.
 
     Returns:
-        :class:`~retailklip.segment.modeling.EfficientViTSam` or ``segment_anything.modeling.Sam``.
+        What the spec's ``build_model`` builds: :class:`~retailklip.segment.modeling.EfficientViTSam`
+        or ``segment_anything.modeling.Sam`` for the built-in names.
 
     Raises:
         UnknownSegmenterError: unknown name, or ``whole-image`` (which has no model).
@@ -114,7 +156,7 @@ def create_model(
         SegmenterOptionError: both ``checkpoint`` and ``random_init`` given, or an unusable device.
     """
     spec = get_spec(name)
-    if spec.family == "whole-image":
+    if spec.build_model is None:
         raise UnknownSegmenterError(f"segmenter {name} has no model; use load_segmenter({name!r})")
     dev = resolve_device(device, error=SegmenterOptionError)
     if checkpoint is not None and random_init:
@@ -124,15 +166,11 @@ def create_model(
     state_dict = None
     if checkpoint is not None:  # read first: a bad file fails before any slow model building
         state_dict = read_state_dict(checkpoint, name=name, expected_file=spec.checkpoint_file)
-    if spec.family == "efficientvit-sam":
-        model = build_efficientvit_sam(name)
-        key_map = official_to_local_key
-    else:
-        model = sam_model_registry[_SAM_REGISTRY_KEYS[name]](checkpoint=None)
-        key_map = None
+    model = spec.build_model()
     if state_dict is not None:
         load_state_dict_checked(
-            model, state_dict, name=name, source=str(checkpoint), expected_file=spec.checkpoint_file, key_map=key_map
+            model, state_dict, name=name, source=str(checkpoint), expected_file=spec.checkpoint_file,
+            key_map=spec.key_map,
         )
     else:
         logger.warning("%s: using RANDOM weights (random_init=True); segments are meaningless", name)

@@ -1,11 +1,13 @@
 """Segmenters: photo in, product :class:`~retailklip.segment.parsing.Segment` list out.
 
 Pipeline of :meth:`SamSegmenter.segment`: decode the photo upright
-(``retailklip.images.load_image``, EXIF orientation applied) -> automatic mask generation
+(``retailklip.images.load_image``, EXIF orientation applied; :meth:`Segmenter.segment_image`
+takes a photo decoded already, so a caller that decoded it does not decode it again) ->
+automatic mask generation
 (:mod:`~retailklip.segment.automatic`) -> retail post-processing
 (:mod:`~retailklip.segment.postprocess`) -> segment parsing into RGBA crops
 (:mod:`~retailklip.segment.parsing`). :class:`WholeImageSegmenter` returns the photo itself
-as the only segment (single-item scans).
+as the only segment (single-item scans, :func:`~retailklip.segment.parsing.whole_image_segment`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ..images import ImageSource, load_image, to_rgb
 from .automatic import MaskGeneratorOptions, build_mask_generator
 from .errors import SegmenterOptionError
 from .modeling.efficientvit_sam import EfficientViTSam
-from .parsing import Segment, make_segment
+from .parsing import Segment, make_segment, whole_image_segment
 from .postprocess import PostprocessOptions, select_masks
 from .registry import create_model, get_spec
 from .transforms import check_rgb_array
@@ -40,16 +42,30 @@ class Segmenter(ABC):
     """Splits a photo into product segments.
 
     Attributes:
-        name: registry name (see :data:`~retailklip.segment.registry.SEGMENTER_NAMES`).
+        name: registry name (see :func:`~retailklip.segment.registry.list_segmenters`).
         postprocess: retail post-processing thresholds.
     """
 
     name: str
     postprocess: PostprocessOptions
 
-    @abstractmethod
     def segment(self, image: ImageSource) -> list[Segment]:
-        """Segments of ``image``; see the subclasses."""
+        """Segments of a photo: :meth:`segment_image` of the photo decoded upright.
+
+        Args:
+            image: PIL image of any mode, path, bytes, or uint8 array (see
+                ``retailklip.images.load_image``); EXIF orientation is applied first, so masks
+                and boxes refer to the upright image.
+
+        Raises:
+            InvalidImageError: the image cannot be decoded or is out of limits.
+        """
+        return self.segment_image(load_image(image))
+
+    @abstractmethod
+    def segment_image(self, image: Image.Image) -> list[Segment]:
+        """Segments of a decoded photo: an upright ``RGB``/``RGBA`` PIL image as
+        ``retailklip.images.load_image`` returns it (not decoded again); see the subclasses."""
 
     def image_embeddings(self, rgb: np.ndarray) -> torch.Tensor:
         """SAM image embedding; only model-based segmenters have one.
@@ -60,9 +76,6 @@ class Segmenter(ABC):
         raise TypeError(
             f"segmenter {self.name} has no image encoder; use an efficientvit-sam-* or sam-vit-* segmenter"
         )
-
-    def _whole_image_segment(self, image: Image.Image) -> Segment:
-        return make_segment(image, np.ones((image.height, image.width), dtype=bool), score=1.0)
 
 
 class SamSegmenter(Segmenter):
@@ -136,29 +149,24 @@ class SamSegmenter(Segmenter):
         with self._lock:
             return self.generator.generate(rgb)
 
-    def segment(self, image: ImageSource) -> list[Segment]:
-        """Product segments of a photo.
+    def segment_image(self, image: Image.Image) -> list[Segment]:
+        """Product segments of a decoded photo (:meth:`segment` decodes one first).
 
         Args:
-            image: PIL image of any mode, path, bytes, or uint8 array (see
-                ``retailklip.images.load_image``); EXIF orientation is applied first, so masks
-                and boxes refer to the upright image. Transparent pixels are composited onto
-                grey for the model; crops keep the original colours.
+            image: upright PIL ``RGB``/``RGBA`` image as ``retailklip.images.load_image``
+                returns it. Transparent pixels are composited onto grey for the model; crops
+                keep the original colours.
 
         Returns:
             Segments sorted by descending score (ties: larger area first); empty if nothing
             passes the filters (unless ``postprocess.fallback_whole_image``).
-
-        Raises:
-            InvalidImageError: the image cannot be decoded or is out of limits.
         """
-        im = load_image(image)
         start = time.perf_counter()
-        records = self.generate(np.asarray(to_rgb(im)))
-        segments = self.segments_from_records(im, records)
+        records = self.generate(np.asarray(to_rgb(image)))
+        segments = self.segments_from_records(image, records)
         logger.info(
             "%s: %d masks -> %d segments in %.2f s (%dx%d image)",
-            self.name, len(records), len(segments), time.perf_counter() - start, im.width, im.height,
+            self.name, len(records), len(segments), time.perf_counter() - start, image.width, image.height,
         )
         return segments
 
@@ -182,7 +190,7 @@ class SamSegmenter(Segmenter):
         keep.sort(key=lambda i: (-scores[i], -int(np.count_nonzero(masks[i])), i))
         segments = [make_segment(image, masks[i], scores[i], float(records[i]["stability_score"])) for i in keep]
         if not segments and self.postprocess.fallback_whole_image:
-            segments = [self._whole_image_segment(image)]
+            segments = [whole_image_segment(image)]
         return segments
 
 
@@ -197,13 +205,10 @@ class WholeImageSegmenter(Segmenter):
         self.name = "whole-image"
         self.postprocess = postprocess_options or PostprocessOptions()
 
-    def segment(self, image: ImageSource) -> list[Segment]:
-        """``[Segment]`` covering the EXIF-upright photo; the crop is the photo as RGBA.
-
-        Raises:
-            InvalidImageError: the image cannot be decoded or is out of limits.
-        """
-        return [self._whole_image_segment(load_image(image))]
+    def segment_image(self, image: Image.Image) -> list[Segment]:
+        """``[Segment]`` covering the decoded (upright ``RGB``/``RGBA``) photo; the crop is the
+        photo as RGBA (:func:`~retailklip.segment.parsing.whole_image_segment`)."""
+        return [whole_image_segment(image)]
 
 
 def load_segmenter(
@@ -218,8 +223,9 @@ def load_segmenter(
     """Create a segmenter by name.
 
     Args:
-        name: one of :data:`~retailklip.segment.registry.SEGMENTER_NAMES`: ``efficientvit-sam-l0``,
-            ``-l1``, ``-l2``, ``-xl0``, ``-xl1``, ``sam-vit-b``, ``sam-vit-l``, ``sam-vit-h``, ``whole-image``.
+        name: one of :func:`~retailklip.segment.registry.list_segmenters`: ``efficientvit-sam-l0``,
+            ``-l1``, ``-l2``, ``-xl0``, ``-xl1``, ``sam-vit-b``, ``sam-vit-l``, ``sam-vit-h``, ``whole-image``,
+            or a name added with :func:`~retailklip.segment.registry.register_segmenter`.
         checkpoint: local weights file (required for model segmenters unless ``random_init``);
             must be None for ``whole-image``.
         device: torch device for the model.
@@ -231,13 +237,13 @@ def load_segmenter(
         A :class:`SamSegmenter` or :class:`WholeImageSegmenter`.
 
     Raises:
-        UnknownSegmenterError: unknown name.
+        UnknownSegmenterError: unknown name (the message lists the registered ones).
         WeightsError: missing/wrong checkpoint (message names the expected file and ``--checkpoint``),
             or a checkpoint given to ``whole-image``.
         SegmenterOptionError: ``checkpoint`` together with ``random_init``, or an unusable device.
     """
     spec = get_spec(name)
-    if spec.family == "whole-image":
+    if spec.build_model is None:
         if checkpoint is not None:
             raise WeightsError("segmenter whole-image uses no weights; drop --checkpoint or choose a model segmenter")
         resolve_device(device, error=SegmenterOptionError)
