@@ -470,7 +470,7 @@ def test_add_reports_skus_it_could_be_confused_with(mobilenet_dir, tmp_path, ico
 
 
 def test_text_fields_escape_every_control_character():
-    from catalog.cli import field
+    from catalog.commands import field
 
     assert field("a\tb\nc\rd\\e") == "a\\tb\\nc\\rd\\\\e"
     assert field("\x9b31m \x1b[2J \x00 \x7f") == "\\x9b31m \\x1b[2J \\x00 \\x7f"
