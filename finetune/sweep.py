@@ -16,8 +16,9 @@ import logging
 import time
 from pathlib import Path
 
+from retailklip.evaluation import ZeroShotResult
+
 from .config import TrainConfig
-from .evaluate import ZeroShotResult
 from .train import PreparedData, Trainer, prepare_data
 
 logger = logging.getLogger(__name__)

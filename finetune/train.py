@@ -52,7 +52,9 @@ from .data import (
     read_samples,
     write_skipped,
 )
-from .evaluate import ZeroShotEvaluator, ZeroShotResult
+from retailklip.evaluation import ZeroShotResult
+
+from .evaluate import ZeroShotEvaluator, result_record
 from .export import export_onnx, export_torchscript, save_encoder
 from .loss import create_arcface, imprint_class_weights
 from .model import (
@@ -269,7 +271,7 @@ class Trainer:
             if self.grad_checkpointing:
                 set_grad_checkpointing(self.model, True)
         logger.info("zero-shot on %d held-out classes, %d queries, K=%d: top-1 %.4f, per-class average %.4f [%.1fs]",
-                    res.num_classes, res.num_queries, self.evaluator.k, res.top1, res.per_class_top1, time.perf_counter() - t0)
+                    res.classes, res.queries, self.evaluator.k, res.top1, res.per_class_average, time.perf_counter() - t0)
         return res
 
     @torch.no_grad()
@@ -397,7 +399,7 @@ class Trainer:
         before_d = next((h["before"] for h in self.history if "before" in h), None)
         if before_d is None:
             res = before or self.evaluate()
-            before_d = res.to_dict()
+            before_d = result_record(res)
             if cfg.init_class_weights == "mean":
                 self.imprint()
             self.history.append({"epoch": 0, "before": before_d})
@@ -414,11 +416,12 @@ class Trainer:
                 if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
                     t0 = time.perf_counter()
                     res = self.evaluate()
-                    row.update(zero_shot_top1=res.top1, zero_shot_per_class_top1=res.per_class_top1,
-                               eval_seconds=time.perf_counter() - t0, per_class=res.per_class)
+                    rec = result_record(res)
+                    row.update(zero_shot_top1=rec["top1"], zero_shot_per_class_top1=rec["per_class_top1"],
+                               eval_seconds=time.perf_counter() - t0, per_class=rec["per_class"])
                     if tb is not None:
                         tb.add_scalar("zero_shot/top1", res.top1, self.epoch)
-                        tb.add_scalar("zero_shot/per_class_top1", res.per_class_top1, self.epoch)
+                        tb.add_scalar("zero_shot/per_class_top1", rec["per_class_top1"], self.epoch)
                 logger.info("epoch %d/%d: loss %.4f, %d images (%d skipped), %.1f images/s", self.epoch, cfg.epochs,
                             row["train_loss"], row["train_images"], row["skipped"], row["images_per_s"])
                 epoch_log.write(row)
