@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retailklip.datasets import DatasetError, read_csv_rows
 from retailklip.errors import InvalidImageError
 from retailklip.images import DEFAULT_BACKGROUND, load_image, to_rgb
 
@@ -80,35 +81,27 @@ def read_samples(source: str | os.PathLike) -> list[Sample]:
 def read_csv(path: str | os.PathLike) -> list[Sample]:
     """Read a CSV with a header ``image,label[,role]`` (other columns are ignored).
 
+    The CSV is read by :func:`retailklip.datasets.read_csv_rows` (the reader of ``catalog
+    calibrate``'s photo CSVs too).
+
     Raises:
         FinetuneError: unreadable file, missing ``image``/``label`` columns, an empty image or
             label cell, a role other than ``reference``/``query``, or no rows.
     """
     p = Path(path)
     try:
-        with open(p, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            fields = [c.strip() for c in (reader.fieldnames or [])]
-            reader.fieldnames = fields
-            if "image" not in fields or "label" not in fields:
-                raise FinetuneError(f"{p}: needs a header with columns image,label[,role]; found {','.join(fields) or 'none'}")
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise FinetuneError(f"{p}: cannot read CSV ({e})") from None
-    has_role = "role" in fields and any((r.get("role") or "").strip() for r in rows)
+        rows = read_csv_rows(p, ("image", "label"), "image,label[,role]")
+    except DatasetError as e:
+        raise FinetuneError(str(e)) from None
+    has_role = any(r.get("role") for _line, r in rows)
     out = []
-    for line, row in enumerate(rows, start=2):
-        image, label = (row.get("image") or "").strip(), (row.get("label") or "").strip()
-        if not image or not label:
-            raise FinetuneError(f"{p}:{line}: empty {'image' if not image else 'label'} cell")
+    for line, row in rows:
         role = None
         if has_role:
-            role = (row.get("role") or "").strip().lower()
+            role = row.get("role", "").lower()
             if role not in ROLES:
                 raise FinetuneError(f"{p}:{line}: role must be 'reference' or 'query', got {role!r}")
-        out.append(Sample(p.parent / image, label, role))
-    if not out:
-        raise FinetuneError(f"{p}: no rows (the dataset is empty)")
+        out.append(Sample(p.parent / row["image"], row["label"], role))
     return out
 
 

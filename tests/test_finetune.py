@@ -308,14 +308,12 @@ def test_evaluator_is_the_catalog_protocol(tmp_path):
 
 
 # ---------------------------------------------------------------- GroceryStore split
-def test_grocery_split_by_coarse_class(grocery, tmp_path, caplog):
+def test_grocery_split_by_coarse_class(grocery, grocery_store, tmp_path, caplog):
     from finetune.grocery import write_split
 
     desc = write_split(grocery.parent, tmp_path, held_out_parity=0, train_queries=2)
-    with open(grocery / "classes.csv", newline="") as f:
-        classes = list(csv.reader(f))[1:]
-    coarse_of = {r[0]: int(r[3]) for r in classes}
-    iconic = {r[0]: (grocery / r[4].lstrip("/")).resolve() for r in classes}
+    coarse_of = {c.name: c.coarse_id for c in grocery_store.classes}
+    iconic = {c.name: c.iconic.resolve() for c in grocery_store.classes}
     train = read_samples(tmp_path / "train.csv")
     evals = read_samples(tmp_path / "eval.csv")
     train_coarse = {coarse_of[s.label] for s in train}
@@ -327,8 +325,7 @@ def test_grocery_split_by_coarse_class(grocery, tmp_path, caplog):
     split = EvalSplit.from_samples(evals)
     assert len(split.references) == len({s.label for s in evals}) == len(desc["held_out"]["fine"])
     assert all(r.path.resolve() == iconic[r.label] for r in split.references)
-    val_rows = [line.split(",") for line in (grocery / "val.txt").read_text().splitlines()]
-    n_val = sum(1 for r in val_rows if int(r[2]) % 2 == 0)
+    n_val = sum(1 for p in grocery_store.photos("val") if coarse_of[p.label] % 2 == 0)
     assert n_val < len(split.queries) <= n_val + 2 * len(split.references)
     assert not {s.label for s in train} & {s.label for s in evals}
     assert len(train) == desc["train"]["images"]
