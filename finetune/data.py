@@ -23,9 +23,10 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -301,3 +302,39 @@ def write_skipped(path: str | os.PathLike, bad: Sequence[tuple[Path, str, str]])
         w.writerow(["set", "image", "reason"])
         for which, p, reason in bad:
             w.writerow([which, str(p), reason])
+
+
+@dataclass
+class PreparedData:
+    """Checked training and evaluation data (reusable across the runs of a depth sweep).
+
+    Attributes:
+        train: training samples with targets.
+        eval: held-out references and queries.
+        skipped: ``(set, path, reason)`` of every bad image dropped.
+    """
+
+    train: LabeledData
+    eval: EvalSplit
+    skipped: list[tuple[str, Path, str]] = field(default_factory=list)
+
+
+def prepare_data(data: str, eval_data: str, workers: int = 4) -> PreparedData:
+    """Read both datasets, drop bad images (reported with a count) and check them.
+
+    Raises:
+        FinetuneError: empty or single-class training data, an unusable evaluation set, or
+            evaluation classes that are also training classes.
+    """
+    t0 = time.perf_counter()
+    train_samples, eval_samples = read_samples(data), read_samples(eval_data)
+    train_good, train_bad = check_images(train_samples, workers)
+    eval_good, eval_bad = check_images(eval_samples, workers)
+    train = LabeledData.from_samples(train_good, f"training data {data}")
+    split = EvalSplit.from_samples(eval_good, f"evaluation data {eval_data}")
+    check_disjoint(train.classes, split.classes)
+    skipped = [("train", p, r) for p, r in train_bad] + [("eval", p, r) for p, r in eval_bad]
+    logger.info("data: %d training images in %d classes, %d held-out classes with %d queries; %d bad image(s) skipped "
+                "(%d train, %d eval) [%.1fs]", len(train.samples), len(train.classes), len(split.references),
+                len(split.queries), len(skipped), len(train_bad), len(eval_bad), time.perf_counter() - t0)
+    return PreparedData(train, split, skipped)

@@ -19,7 +19,8 @@ from pathlib import Path
 from retailklip.evaluation import ZeroShotResult
 
 from .config import TrainConfig
-from .train import PreparedData, Trainer, prepare_data
+from .data import PreparedData, prepare_data
+from .train import Trainer
 
 logger = logging.getLogger(__name__)
 
