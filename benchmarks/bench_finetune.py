@@ -29,7 +29,6 @@ import torch
 
 from finetune.loss import create_arcface
 from finetune.model import (
-    build_encoder,
     freeze_batchnorm,
     input_config,
     resolve_freeze_bn,
@@ -37,6 +36,7 @@ from finetune.model import (
     set_grad_checkpointing,
 )
 from finetune.optim import create_optimizer, param_groups
+from retailklip import create_encoder
 from retailklip.devices import autocast
 
 
@@ -51,8 +51,8 @@ def _peak_mb(device: torch.device) -> float:
 def measure(args, precision: str, batch: int) -> dict:
     """Images/s and peak memory [MiB] of ``args.steps`` timed optimizer steps (after 2 warm-up steps)."""
     device = torch.device(args.device)
-    enc = build_encoder(args.encoder, weights=args.weights, random_init=args.weights is None, device=args.device,
-                        options=json.loads(args.options) if args.options else None)
+    enc = create_encoder(args.encoder, weights=args.weights, random_init=args.weights is None, device=args.device,
+                         **(json.loads(args.options) if args.options else {}))
     if resolve_freeze_bn(args.freeze_bn, enc.model, batch):
         freeze_batchnorm(enc)
     ckpt = resolve_grad_checkpointing(args.grad_checkpointing, args.encoder)

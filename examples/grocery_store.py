@@ -19,15 +19,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+from retailklip.datasets import GroceryStore, read_grocery_store
 
-def write_import_csv(dataset: Path, out_csv: Path) -> None:
-    """classes.csv -> image,sku,name with image paths relative to ``out_csv``."""
-    with open(dataset / "classes.csv", newline="") as f, open(out_csv, "w", newline="") as g:
+
+def write_import_csv(store: GroceryStore, out_csv: Path) -> None:
+    """classes.csv -> image,sku,name with absolute image paths."""
+    with open(out_csv, "w", newline="") as g:
         w = csv.writer(g)
         w.writerow(["image", "sku", "name"])
-        for row in list(csv.reader(f))[1:]:
-            name, iconic = row[0], row[4].lstrip("/")
-            w.writerow([str((dataset / iconic).resolve()), name, name.replace("-", " ")])
+        for c in store.classes:
+            w.writerow([str(c.iconic.resolve()), c.name, c.name.replace("-", " ")])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--center-stride", type=int, default=6,
                    help="centre features on every N-th unlabeled train photo (0: no centering)")
     args = p.parse_args(argv)
-    dataset = args.data / "dataset"
+    store = read_grocery_store(args.data)
     out = args.out or Path(tempfile.mkdtemp(prefix="grocery-catalog-"))
     if out.exists() and any(out.iterdir()):
         shutil.rmtree(out)
@@ -50,30 +51,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.augmentations:
         init += ["--augmentations", str(args.augmentations)]
     if args.center_stride:
-        train = [ln.split(",")[0].strip() for ln in (dataset / "train.txt").read_text().splitlines()]
+        train = [p.path for p in store.photos("train")]
         center_list = out.parent / (out.name + "-center.txt")
-        center_list.write_text("".join(f"{(dataset / t).resolve()}\n" for t in train[:: args.center_stride]))
+        center_list.write_text("".join(f"{t.resolve()}\n" for t in train[:: args.center_stride]))
         init += ["--center-photos", str(center_list)]
     subprocess.run(init, check=True)
     import_csv = out.parent / (out.name + "-import.csv")
-    write_import_csv(dataset, import_csv)
+    write_import_csv(store, import_csv)
     subprocess.run(cli + ["-v", "import", str(import_csv)], check=True)
-    photos = []
-    for line in (dataset / f"{args.split}.txt").read_text().splitlines():
-        path, fine, _ = (x.strip() for x in line.split(","))
-        photos.append((dataset / path, int(fine)))
-    names = {int(r[1]): r[0] for r in list(csv.reader(open(dataset / "classes.csv")))[1:]}
-    res = subprocess.run(cli + ["recognize", "--json"] + [str(p) for p, _ in photos],
+    photos = store.photos(args.split)
+    res = subprocess.run(cli + ["recognize", "--json"] + [str(p.path) for p in photos],
                          check=True, capture_output=True, text=True)
     results = json.loads(res.stdout)
-    correct = [r["recognitions"][0]["nearest_sku"] == names[c] for r, (_, c) in zip(results, photos)]
-    per_class: dict[int, list[bool]] = {}
-    for ok, (_, c) in zip(correct, photos):
-        per_class.setdefault(c, []).append(ok)
+    correct = [r["recognitions"][0]["nearest_sku"] == p.label for r, p in zip(results, photos)]
+    per_class: dict[str, list[bool]] = {}
+    for ok, p in zip(correct, photos):
+        per_class.setdefault(p.label, []).append(ok)
     top1 = sum(correct) / len(correct)
     avg = sum(sum(v) / len(v) for v in per_class.values()) / len(per_class)
-    print(f"catalog: {out} ({len(names)} SKUs, encoder {args.encoder})")
-    print(f"{args.split} photos: {len(photos)}  top-1: {top1:.4f}  per-class average: {avg:.4f}  (chance {1 / len(names):.4f})")
+    print(f"catalog: {out} ({len(store.classes)} SKUs, encoder {args.encoder})")
+    print(f"{args.split} photos: {len(photos)}  top-1: {top1:.4f}  per-class average: {avg:.4f}  (chance {1 / len(store.classes):.4f})")
     return 0
 
 

@@ -12,10 +12,12 @@ Modules, one idea each:
 ``loss``           pytorch-metric-learning ArcFace (§4.1), class-weight imprinting
 ``optim``          AdamW with blockwise learning-rate decay (§4.1.2); warm-up + cosine
 ``model``          the encoder to train: BatchNorm freezing, gradient checkpointing, transforms
-``evaluate``       zero-shot 1-NN evaluation on held-out classes, the catalog's protocol (§4.2)
+``evaluate``       the library's zero-shot evaluator on the weights being trained (§4.2)
+``step``           one optimizer step: autocast, accumulation, clipping, gradient scaler
+``records``        config.json, metrics.json, CSV logs, TensorBoard
 ``checkpoint``     save / resume training state
-``export``         safetensors for the catalog; TorchScript / ONNX for POS CPUs
-``train``          the training loop (AMP, accumulation, logging, metrics)
+``export``         safetensors for the catalog (checked to reload); TorchScript / ONNX for POS CPUs
+``train``          the Trainer: builds the pieces, runs epochs, evaluates, checkpoints, exports
 ``sweep``          choosing the depth by short runs (§4.1.3)
 ``config``         the run's settings
 ``cli``            ``python -m finetune``

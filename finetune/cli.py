@@ -138,8 +138,9 @@ def run(cfg: TrainConfig) -> dict:
     """Sweep the depth if asked, then train, evaluate and export; returns the metrics."""
     from pathlib import Path
 
+    from .data import prepare_data
     from .sweep import sweep_depth
-    from .train import Trainer, prepare_data
+    from .train import Trainer
 
     cfg.validate()
     data = prepare_data(cfg.data, cfg.eval_data, workers=max(2, cfg.workers or 0))

@@ -23,14 +23,16 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from retailklip.datasets import DatasetError, read_csv_rows
 from retailklip.errors import InvalidImageError
 from retailklip.images import DEFAULT_BACKGROUND, load_image, to_rgb
 
@@ -80,35 +82,27 @@ def read_samples(source: str | os.PathLike) -> list[Sample]:
 def read_csv(path: str | os.PathLike) -> list[Sample]:
     """Read a CSV with a header ``image,label[,role]`` (other columns are ignored).
 
+    The CSV is read by :func:`retailklip.datasets.read_csv_rows` (the reader of ``catalog
+    calibrate``'s photo CSVs too).
+
     Raises:
         FinetuneError: unreadable file, missing ``image``/``label`` columns, an empty image or
             label cell, a role other than ``reference``/``query``, or no rows.
     """
     p = Path(path)
     try:
-        with open(p, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            fields = [c.strip() for c in (reader.fieldnames or [])]
-            reader.fieldnames = fields
-            if "image" not in fields or "label" not in fields:
-                raise FinetuneError(f"{p}: needs a header with columns image,label[,role]; found {','.join(fields) or 'none'}")
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise FinetuneError(f"{p}: cannot read CSV ({e})") from None
-    has_role = "role" in fields and any((r.get("role") or "").strip() for r in rows)
+        rows = read_csv_rows(p, ("image", "label"), "image,label[,role]")
+    except DatasetError as e:
+        raise FinetuneError(str(e)) from None
+    has_role = any(r.get("role") for _line, r in rows)
     out = []
-    for line, row in enumerate(rows, start=2):
-        image, label = (row.get("image") or "").strip(), (row.get("label") or "").strip()
-        if not image or not label:
-            raise FinetuneError(f"{p}:{line}: empty {'image' if not image else 'label'} cell")
+    for line, row in rows:
         role = None
         if has_role:
-            role = (row.get("role") or "").strip().lower()
+            role = row.get("role", "").lower()
             if role not in ROLES:
                 raise FinetuneError(f"{p}:{line}: role must be 'reference' or 'query', got {role!r}")
-        out.append(Sample(p.parent / image, label, role))
-    if not out:
-        raise FinetuneError(f"{p}: no rows (the dataset is empty)")
+        out.append(Sample(p.parent / row["image"], row["label"], role))
     return out
 
 
@@ -308,3 +302,39 @@ def write_skipped(path: str | os.PathLike, bad: Sequence[tuple[Path, str, str]])
         w.writerow(["set", "image", "reason"])
         for which, p, reason in bad:
             w.writerow([which, str(p), reason])
+
+
+@dataclass
+class PreparedData:
+    """Checked training and evaluation data (reusable across the runs of a depth sweep).
+
+    Attributes:
+        train: training samples with targets.
+        eval: held-out references and queries.
+        skipped: ``(set, path, reason)`` of every bad image dropped.
+    """
+
+    train: LabeledData
+    eval: EvalSplit
+    skipped: list[tuple[str, Path, str]] = field(default_factory=list)
+
+
+def prepare_data(data: str, eval_data: str, workers: int = 4) -> PreparedData:
+    """Read both datasets, drop bad images (reported with a count) and check them.
+
+    Raises:
+        FinetuneError: empty or single-class training data, an unusable evaluation set, or
+            evaluation classes that are also training classes.
+    """
+    t0 = time.perf_counter()
+    train_samples, eval_samples = read_samples(data), read_samples(eval_data)
+    train_good, train_bad = check_images(train_samples, workers)
+    eval_good, eval_bad = check_images(eval_samples, workers)
+    train = LabeledData.from_samples(train_good, f"training data {data}")
+    split = EvalSplit.from_samples(eval_good, f"evaluation data {eval_data}")
+    check_disjoint(train.classes, split.classes)
+    skipped = [("train", p, r) for p, r in train_bad] + [("eval", p, r) for p, r in eval_bad]
+    logger.info("data: %d training images in %d classes, %d held-out classes with %d queries; %d bad image(s) skipped "
+                "(%d train, %d eval) [%.1fs]", len(train.samples), len(train.classes), len(split.references),
+                len(split.queries), len(skipped), len(train_bad), len(eval_bad), time.perf_counter() - t0)
+    return PreparedData(train, split, skipped)

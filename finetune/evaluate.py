@@ -1,28 +1,30 @@
-"""Zero-shot evaluation on held-out classes, the RetailKLIP protocol (§4.2), as the catalog does it.
+"""Zero-shot evaluation of the weights being trained on held-out classes (RetailKLIP §4.2), as a catalog does it.
 
-For each held-out class one reference image (a packshot) becomes K gallery vectors: the image
-and K-1 augmented views from :func:`retailklip.augment.augment_reference` (the catalog's own
-augmentation, default K = :data:`retailklip.augment.DEFAULT_AUGMENTATIONS`, same seed).  Every
-query image is embedded and labelled with the class of its nearest gallery vector (cosine,
-1-NN).  Reported: top-1 accuracy over queries and the average of per-class accuracies (the
-RetailKLIP metric; robust to classes with many photos).
+The protocol, the gallery and the result are the library's (:mod:`retailklip.evaluation`): each
+held-out class's reference image becomes K gallery vectors through
+:func:`retailklip.evaluation.build_gallery` (that is :func:`retailklip.references.embed_reference`,
+the function ``catalog add`` embeds with: the image and K-1 augmented views, default
+K = :data:`retailklip.augment.DEFAULT_AUGMENTATIONS`, same seed), every query is labelled with the
+class of its nearest gallery vector, and :func:`retailklip.evaluation.score_zero_shot` reports top-1
+and the per-class average in a :class:`~retailklip.evaluation.ZeroShotResult`.  So the held-out
+numbers are exactly what a catalog built with the finetuned weights would give on these photos.
 
-Images go through the encoder's own path (``Encoder.prepare``: safe decoding, transparency
-composited onto the background, evaluation preprocessing) and its forward (``embed_tensor``),
-so the numbers are what a catalog built with the finetuned weights would give on these photos.
+This module adds what repeated evaluation during training needs: the queries' preprocessed
+tensors are cached (they do not change between epochs; the gallery views are re-embedded each
+time, through ``embed_reference``), the module is put in eval mode for the duration, and
+:func:`result_record` is the one place that maps a result onto the finetune's on-disk keys.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
-from retailklip.augment import DEFAULT_AUGMENTATIONS, augment_reference
+from retailklip.augment import DEFAULT_AUGMENTATIONS
 from retailklip.encoders import Encoder
-from retailklip.images import load_image
+from retailklip.evaluation import ZeroShotResult, build_gallery, score_zero_shot
 
 from .data import EvalSplit, Sample
 from .errors import FinetuneError
@@ -30,76 +32,31 @@ from .errors import FinetuneError
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class ZeroShotResult:
-    """Result of one zero-shot evaluation.
-
-    Attributes:
-        top1: fraction of queries whose nearest gallery vector has their class, in [0, 1].
-        per_class_top1: mean over classes (with at least one query) of their top-1, in [0, 1].
-        num_queries: queries evaluated.
-        num_classes: gallery classes (distractors included).
-        per_class: class name -> top-1 of its queries.
-    """
-
-    top1: float
-    per_class_top1: float
-    num_queries: int
-    num_classes: int
-    per_class: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def one_nn_accuracy(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray,
-                    class_names: list[str] | None = None) -> ZeroShotResult:
-    """1-NN top-1 of queries against a labelled gallery (cosine similarity of unit vectors).
-
-    Args:
-        gallery: float32 (G, D), rows of unit L2 norm.
-        gallery_labels: int (G,) class index of each gallery vector.
-        queries: float32 (Q, D), unit rows.
-        query_labels: int (Q,) true class index of each query.
-        class_names: names of the class indices, for ``per_class`` (default: the indices).
-
-    Returns:
-        A :class:`ZeroShotResult`.
-
-    Raises:
-        FinetuneError: empty gallery or queries, or mismatched shapes.
-    """
-    g, q = np.asarray(gallery, np.float32), np.asarray(queries, np.float32)
-    gl, ql = np.asarray(gallery_labels), np.asarray(query_labels)
-    if g.ndim != 2 or q.ndim != 2 or g.shape[1] != q.shape[1] or len(g) == 0 or len(q) == 0:
-        raise FinetuneError(f"1-NN evaluation needs non-empty (G, D) and (Q, D) arrays, got {g.shape}, {q.shape}")
-    if gl.shape != (len(g),) or ql.shape != (len(q),):
-        raise FinetuneError("1-NN evaluation: one label per gallery vector and per query is needed")
-    pred = gl[np.argmax(q @ g.T, axis=1)]
-    correct = pred == ql
-    names = class_names or [str(c) for c in range(int(max(gl.max(), ql.max())) + 1)]
-    per_class = {names[c]: float(correct[ql == c].mean()) for c in np.unique(ql)}
-    return ZeroShotResult(float(correct.mean()), float(np.mean(list(per_class.values()))), len(q),
-                          len(np.unique(gl)), per_class)
+def result_record(res: ZeroShotResult) -> dict:
+    """The finetune's on-disk form of a result (history rows, ``checkpoint/state.pt``,
+    ``metrics.json``), whose keys predate the shared result type and stay as they are:
+    ``top1``, ``per_class_top1`` (= ``per_class_average``), ``num_queries``, ``num_classes``,
+    ``per_class`` (class -> top-1 in [0, 1])."""
+    return {"top1": res.top1, "per_class_top1": res.per_class_average, "num_queries": res.queries,
+            "num_classes": res.classes, "per_class": res.per_class_accuracy}
 
 
 class ZeroShotEvaluator:
     """Embeds a held-out :class:`~finetune.data.EvalSplit` with the current encoder weights.
 
-    The preprocessed tensors (reference views and queries) are computed once and kept in
-    memory when they fit in ``cache_mb``; only the forward passes are repeated per evaluation.
+    The queries' preprocessed tensors are computed once and kept in memory when they fit in
+    ``cache_mb``; only the forward passes are repeated per evaluation.
 
     Args:
         split: references (one per class) and queries.
         encoder: the encoder whose ``.model`` is being trained.
         augmentations: K views per reference (the catalog's augmentation).
         seed: augmentation seed (the catalog's default is 0).
-        cache_mb: memory budget for cached tensors, in MiB.
+        cache_mb: memory budget for cached query tensors, in MiB.
         progress: show tqdm progress bars.
 
     Raises:
-        FinetuneError: ``augmentations < 1``, or fewer than two classes / no query left after
-            dropping bad images.
+        FinetuneError: ``augmentations < 1``.
     """
 
     def __init__(self, split: EvalSplit, encoder: Encoder, *, augmentations: int = DEFAULT_AUGMENTATIONS, seed: int = 0,
@@ -111,52 +68,29 @@ class ZeroShotEvaluator:
         self.seed = int(seed)
         self.progress = progress
         self.classes = split.classes
-        index = {c: i for i, c in enumerate(self.classes)}
+        self.references = {s.label: s.path for s in split.references}
         self.queries: list[Sample] = split.queries
-        self.query_labels = np.array([index[s.label] for s in self.queries], dtype=np.int64)
-        self.gallery_labels = np.repeat(np.arange(len(self.classes)), self.k)
-        self._references = split.references
         h, w = _input_hw(encoder)
-        n = len(self.gallery_labels) + len(self.queries)
-        self.cached = n * 3 * h * w * 4 / 2**20 <= cache_mb
-        self._gallery_tensors: list[torch.Tensor] | None = None
+        self.cached = len(self.queries) * 3 * h * w * 4 / 2**20 <= cache_mb
         self._query_tensors: list[torch.Tensor] | None = None
 
-    def _gallery_views(self):
-        for s in self._references:
-            im = load_image(s.path)  # checked before; a failure here is a new problem worth raising
-            yield from augment_reference(im, self.k, self.seed)
+    def _query_batches(self):
+        if self._query_tensors is None:
+            tensors = (self.encoder.prepare(s.path) for s in self.queries)
+            if not self.cached:
+                yield from _batched(tensors, self.encoder.batch_size)
+                return
+            self._query_tensors = list(tensors)
+        yield from _batched(iter(self._query_tensors), self.encoder.batch_size)
 
-    def _tensors(self, which: str):
-        if which == "gallery":
-            if self._gallery_tensors is not None:
-                return self._gallery_tensors
-            out = (self.encoder.prepare(v) for v in self._gallery_views())
-        else:
-            if self._query_tensors is not None:
-                return self._query_tensors
-            out = (self.encoder.prepare(s.path) for s in self.queries)
-        if self.cached:
-            out = list(out)
-            setattr(self, f"_{which}_tensors", out)
-        return out
-
-    def _embed(self, tensors, total: int, desc: str) -> np.ndarray:
-        bs = self.encoder.batch_size
-        out, batch = [], []
+    def _embed_queries(self) -> np.ndarray:
         bar = None
         if self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, desc=desc, unit="img", leave=False)
-        for t in tensors:
-            batch.append(t)
-            if len(batch) == bs:
-                out.append(self.encoder.embed_tensor(torch.stack(batch)).numpy())
-                batch = []
-                if bar is not None:
-                    bar.update(bs)
-        if batch:
+            bar = tqdm(total=len(self.queries), desc="eval queries", unit="img", leave=False)
+        out = []
+        for batch in self._query_batches():
             out.append(self.encoder.embed_tensor(torch.stack(batch)).numpy())
             if bar is not None:
                 bar.update(len(batch))
@@ -170,7 +104,8 @@ class ZeroShotEvaluator:
         duration and its previous mode restored).
 
         Returns:
-            A :class:`ZeroShotResult`.
+            A :class:`~retailklip.evaluation.ZeroShotResult` (dataset ``"held-out"``, split
+            ``"eval"``; no encoder key: the weights being trained have no identity yet).
 
         Raises:
             retailklip.errors.InvalidImageError: an image that decoded before no longer does.
@@ -179,11 +114,23 @@ class ZeroShotEvaluator:
         was_training = model.training
         model.eval()
         try:
-            g = self._embed(self._tensors("gallery"), len(self.gallery_labels), "eval gallery")
-            q = self._embed(self._tensors("query"), len(self.queries), "eval queries")
+            gallery, labels = build_gallery(self.references, self.encoder, self.k, self.seed, progress=self.progress)
+            queries = self._embed_queries()
         finally:
             model.train(was_training)
-        return one_nn_accuracy(g, self.gallery_labels, q, self.query_labels, self.classes)
+        return score_zero_shot(gallery, labels, queries, [q.label for q in self.queries], dataset="held-out",
+                               split="eval", augmentations=self.k, seed=self.seed)
+
+
+def _batched(tensors, size: int):
+    batch = []
+    for t in tensors:
+        batch.append(t)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _input_hw(encoder: Encoder) -> tuple[int, int]:
@@ -193,4 +140,3 @@ def _input_hw(encoder: Encoder) -> tuple[int, int]:
         return input_config(encoder)["size"]
     except (KeyError, ValueError, TypeError):  # unknown preprocessing description: assume 224 px
         return (224, 224)
-

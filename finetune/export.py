@@ -98,3 +98,43 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike, size: tuple[in
     except Exception as e:  # noqa: BLE001
         raise FinetuneError(f"ONNX export failed: {str(e).splitlines()[0][:200]}") from None
     return p
+
+
+def export_run(module: torch.nn.Module, out: Path, *, spec: str, size: tuple[int, int], formats: list[str],
+               encoder_options: dict | None = None) -> Path:
+    """Write ``OUT/encoder.safetensors`` (and ``formats``: ``OUT/encoder.torchscript.pt``,
+    ``OUT/encoder.onnx``), after checking that :func:`retailklip.create_encoder` loads the
+    weights and computes what ``module`` computes.
+
+    Args:
+        module: the trained encoder module.
+        out: the run's output directory.
+        spec: ``backend:model`` of the encoder (no pretrained tag: the weights are the file).
+        size: input (H, W) [px] for the check and the traced exports.
+        formats: among :data:`EXPORT_FORMATS`.
+        encoder_options: backend options, as given to the trainer's ``create_encoder``.
+
+    Returns:
+        The safetensors path.
+
+    Raises:
+        RuntimeError: the reloaded encoder's features differ from ``module``'s (> 1e-4).
+        FinetuneError: a TorchScript / ONNX export fails.
+    """
+    from retailklip import create_encoder
+
+    path = save_encoder(module, out / "encoder.safetensors", metadata={"spec": spec, "producer": "retailklip finetune"})
+    enc = create_encoder(spec, weights=path, **(encoder_options or {}))
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = enc.model(x)
+        b = inference_module(module)(x)
+    if not torch.allclose(a, b, rtol=1e-4, atol=1e-4):
+        raise RuntimeError(f"{path}: the exported encoder does not reproduce the trained one "
+                           f"(max difference {float((a - b).abs().max()):.3g})")
+    if "torchscript" in formats:
+        logger.info("wrote %s", export_torchscript(module, out / "encoder.torchscript.pt", size))
+    if "onnx" in formats:
+        logger.info("wrote %s", export_onnx(module, out / "encoder.onnx", size))
+    logger.info("wrote %s; use it with: catalog init --encoder %s --weights %s", path, spec, path)
+    return path

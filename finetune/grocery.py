@@ -3,7 +3,7 @@
 The GroceryStore dataset (Klasson et al., WACV 2019) has 81 fine classes in 42 coarse classes
 (e.g. the apples Granny-Smith and Pink-Lady in coarse class Apple), in-store photos
 (``train.txt`` / ``val.txt``: ``path, fine_id, coarse_id``) and one iconic packshot per fine
-class (``classes.csv``).  The split is **by coarse class**: coarse classes with an odd id
+class (``classes.csv``), read by :func:`retailklip.datasets.read_grocery_store`.  The split is **by coarse class**: coarse classes with an odd id
 (default; ``--held-out-parity``) train, the others are held out, so no fine class of a trained
 coarse class is ever evaluated (no Granny-Smith in training when Pink-Lady is evaluated).
 
@@ -31,45 +31,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from retailklip.datasets import DatasetError, read_grocery_store
+
 from .errors import FinetuneError
 
 MOBILENET_WEIGHTS = "../shared/models/mobilenetv2_100.imagenet.safetensors"
-
-
-def read_grocery(root: str | os.PathLike) -> tuple[Path, list[dict], dict[str, list[tuple[str, int]]]]:
-    """Read GroceryStore's ``classes.csv`` and image lists.
-
-    Args:
-        root: the dataset checkout (containing ``dataset/``) or its ``dataset`` folder.
-
-    Returns:
-        ``(dataset dir, classes, lists)``: classes are dicts ``name, fine, coarse, coarse_name,
-        iconic`` (iconic: path relative to the dataset dir); lists maps ``"train"``/``"val"`` to
-        ``(relative path, fine id)`` pairs.
-
-    Raises:
-        FinetuneError: the files are missing or malformed.
-    """
-    root = Path(root)
-    ds = root / "dataset" if (root / "dataset" / "classes.csv").is_file() else root
-    if not (ds / "classes.csv").is_file():
-        raise FinetuneError(f"{root}: not a GroceryStore checkout (no dataset/classes.csv)")
-    try:
-        with open(ds / "classes.csv", newline="") as f:
-            rows = list(csv.reader(f))[1:]
-        classes = [{"name": r[0], "fine": int(r[1]), "coarse_name": r[2], "coarse": int(r[3]), "iconic": r[4].lstrip("/")}
-                   for r in rows if r]
-        lists = {}
-        for split in ("train", "val"):
-            pairs = []
-            for line in (ds / f"{split}.txt").read_text().splitlines():
-                if line.strip():
-                    path, fine, _coarse = (x.strip() for x in line.split(","))
-                    pairs.append((path, int(fine)))
-            lists[split] = pairs
-    except (OSError, ValueError, IndexError) as e:
-        raise FinetuneError(f"{ds}: malformed GroceryStore files ({e})") from None
-    return ds, classes, lists
 
 
 def write_split(root: str | os.PathLike, out: str | os.PathLike, *, held_out_parity: int = 0, train_queries: int = 10,
@@ -91,52 +57,54 @@ def write_split(root: str | os.PathLike, out: str | os.PathLike, *, held_out_par
     """
     if held_out_parity not in (0, 1) or train_queries < 0:
         raise FinetuneError("--held-out-parity must be 0 or 1 and --train-queries >= 0")
-    ds, classes, lists = read_grocery(root)
+    try:
+        store = read_grocery_store(root)
+        lists = {split: store.photos(split) for split in ("train", "val")}
+    except DatasetError as e:
+        raise FinetuneError(str(e)) from None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    by_fine = {c["fine"]: c for c in classes}
-    held = {c["fine"] for c in classes if c["coarse"] % 2 == held_out_parity}
+    held = {c.name for c in store.classes if c.coarse_id % 2 == held_out_parity}
 
-    def rel(p: str) -> str:
-        return os.path.relpath(ds / p, out)
+    def rel(p: Path) -> str:
+        return os.path.relpath(p, out)
 
     with open(out / "train.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "label"])
-        for path, fine in lists["train"]:
-            if fine not in held:
-                w.writerow([rel(path), by_fine[fine]["name"]])
+        for photo in lists["train"]:
+            if photo.label not in held:
+                w.writerow([rel(photo.path), photo.label])
         if train_iconic:
-            for c in classes:
-                if c["fine"] not in held:
-                    w.writerow([rel(c["iconic"]), c["name"]])
-    queries: dict[int, list[str]] = defaultdict(list)
-    for path, fine in lists["val"]:
-        if fine in held:
-            queries[fine].append(path)
+            for c in store.classes:
+                if c.name not in held:
+                    w.writerow([rel(c.iconic), c.name])
+    queries: dict[str, list[Path]] = defaultdict(list)
+    for photo in lists["val"]:
+        if photo.label in held:
+            queries[photo.label].append(photo.path)
     if train_queries:
-        extra: dict[int, int] = defaultdict(int)
-        for path, fine in lists["train"]:
-            if fine in held and extra[fine] < train_queries:
-                queries[fine].append(path)
-                extra[fine] += 1
+        extra: dict[str, int] = defaultdict(int)
+        for photo in lists["train"]:
+            if photo.label in held and extra[photo.label] < train_queries:
+                queries[photo.label].append(photo.path)
+                extra[photo.label] += 1
     with open(out / "eval.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "label", "role"])
-        for fine in sorted(held):
-            c = by_fine[fine]
-            w.writerow([rel(c["iconic"]), c["name"], "reference"])
-            for path in queries[fine]:
-                w.writerow([rel(path), c["name"], "query"])
+        for c in sorted((c for c in store.classes if c.name in held), key=lambda c: c.fine_id):
+            w.writerow([rel(c.iconic), c.name, "reference"])
+            for path in queries[c.name]:
+                w.writerow([rel(path), c.name, "query"])
     side = lambda pred: {
-        "coarse": sorted({c["coarse_name"] for c in classes if pred(c["fine"])}),
-        "fine": sorted(c["name"] for c in classes if pred(c["fine"])),
+        "coarse": sorted({c.coarse_name for c in store.classes if pred(c.name)}),
+        "fine": sorted(c.name for c in store.classes if pred(c.name)),
     }
     desc = {
-        "dataset": str(ds.resolve()),
+        "dataset": str(store.root.resolve()),
         "rule": f"coarse class id % 2 == {held_out_parity} held out",
-        "train": {**side(lambda f: f not in held), "images": sum(1 for _, f in lists["train"] if f not in held)},
-        "held_out": {**side(lambda f: f in held), "queries": sum(len(v) for v in queries.values()),
+        "train": {**side(lambda n: n not in held), "images": sum(1 for p in lists["train"] if p.label not in held)},
+        "held_out": {**side(lambda n: n in held), "queries": sum(len(v) for v in queries.values()),
                      "classes_with_queries": sum(1 for v in queries.values() if v)},
         "train_queries_per_class": train_queries,
         "train_iconic": train_iconic,

@@ -1,6 +1,7 @@
 """The encoder being trained: built by retailklip's own factory, plus what training needs.
 
-The module trained is exactly the one the catalog runs: ``create_encoder(spec, ...)`` returns an
+The module trained is exactly the one the catalog runs: :func:`retailklip.create_encoder` (called
+by the trainer with the same SPEC and options as ``catalog init``) returns an
 :class:`~retailklip.encoders.Encoder` whose ``.model`` is the timm model with
 ``reset_classifier(0)`` or the OpenCLIP ``model.visual``; the finetuned weights are that
 module's ``state_dict()``.  This module adds:
@@ -22,11 +23,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import torch
 
-from retailklip import create_encoder
 from retailklip.encoders import Encoder, EncoderSpec
 
 from .errors import FinetuneError
@@ -36,32 +35,6 @@ logger = logging.getLogger(__name__)
 _BN_TYPES = (torch.nn.modules.batchnorm._BatchNorm,)
 #: Below this batch size (per step, before accumulation) a CNN's BatchNorm is frozen by default.
 SMALL_BATCH = 32
-
-
-def build_encoder(spec: str, *, weights: str | os.PathLike | None = None, random_init: bool = False, seed: int = 0,
-                  device: str = "cpu", eval_precision: str = "fp32", batch_size: int = 64,
-                  options: dict | None = None) -> Encoder:
-    """Build the encoder to finetune with :func:`retailklip.create_encoder` (same SPEC and options
-    as ``catalog init``).
-
-    Args:
-        spec: ``open_clip:MODEL[/TAG]`` or ``timm:MODEL``.
-        weights: local weights file (safetensors or PyTorch state dict).
-        random_init: random weights when no file or tag is given (tests, benchmarks).
-        seed: seed of ``random_init``.
-        device: torch device.
-        eval_precision: ``fp32``, ``bf16`` or ``fp16`` for the zero-shot evaluation's forward passes.
-        batch_size: evaluation batch size.
-        options: backend options (``interpolation``, ``model_overrides``, ...).
-
-    Returns:
-        The :class:`Encoder`; ``.model`` is the module to train.
-
-    Raises:
-        RetailKlipError: bad spec or options; WeightsError for weights.
-    """
-    return create_encoder(spec, weights=weights, random_init=random_init, seed=seed, device=device,
-                          precision=eval_precision, batch_size=batch_size, **(options or {}))
 
 
 def count_batchnorm(module: torch.nn.Module) -> int:

@@ -22,6 +22,17 @@ get none.
 
 Blocks can also be frozen outright (``frozen_blocks = k``: embed and blocks 0..k-1 get no
 gradient at all), which also saves their backward pass.
+
+Why not timm's own layer decay (``timm.optim.param_groups_layer_decay``, which
+``create_optimizer_v2(..., layer_decay=...)`` calls; timm 1.0.31, checked): its groups equal
+these only for timm ViTs.  It asks ``group_matcher(coarse=False)``, so a CNN trunk decays per
+sub-block (MobileNetV2: 18 levels, not its 7 stages ``blocks.i``); an OpenCLIP
+``VisionTransformer`` has no ``group_matcher``, and timm's fallback (``auto_group_layers``)
+puts every parameter in one layer (no decay at all); it returns ``lr_scale`` factors that only
+timm's schedulers apply; and it has no frozen blocks nor a group for the loss's ``W``.
+``tests/test_finetune.py`` pins the stage-wise CNN rates and the OpenCLIP ViT's.  What timm
+does give is used: its coarse ``group_matcher`` and ``timm.models.group_parameters`` number the
+blocks of every timm trunk (:func:`parameter_levels`).
 """
 
 from __future__ import annotations

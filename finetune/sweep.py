@@ -16,9 +16,11 @@ import logging
 import time
 from pathlib import Path
 
+from retailklip.evaluation import ZeroShotResult
+
 from .config import TrainConfig
-from .evaluate import ZeroShotResult
-from .train import PreparedData, Trainer, prepare_data
+from .data import PreparedData, prepare_data
+from .train import Trainer
 
 logger = logging.getLogger(__name__)
 

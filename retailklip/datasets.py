@@ -116,6 +116,90 @@ def _need_dir(path: Path, what: str) -> Path:
 
 
 # ---------------------------------------------------------------------------- GroceryStore
+@dataclass(frozen=True)
+class GroceryClass:
+    """One GroceryStore fine class (a row of ``classes.csv``).
+
+    Attributes:
+        name: fine class name (``Golden-Delicious``), the class id everywhere else.
+        fine_id: ``Class ID``; ``coarse_name`` / ``coarse_id``: its coarse class (``Apple``).
+        iconic: path of its iconic packshot (the reference image).
+    """
+
+    name: str
+    fine_id: int
+    coarse_name: str
+    coarse_id: int
+    iconic: Path
+
+
+@dataclass(frozen=True)
+class GroceryStore:
+    """The GroceryStore files (Klasson et al., WACV 2019), parsed: :func:`read_grocery_store`.
+
+    Attributes:
+        root: the ``dataset/`` folder; ``classes``: the fine classes in ``classes.csv`` order.
+    """
+
+    root: Path
+    classes: list[GroceryClass]
+
+    def photos(self, split: str) -> list[LabelledImage]:
+        """The photos of ``<split>.txt`` (``"path, fine_id, coarse_id"`` lines), labelled with
+        fine class names, in file order.
+
+        Raises:
+            DatasetError: no such split file (names the splits there are), a malformed line.
+        """
+        split_file = self.root / f"{split}.txt"
+        if not split_file.is_file():
+            have = sorted(p.stem for p in self.root.glob("*.txt"))
+            raise DatasetError(f"{self.root}: no split {split!r} ({split_file.name} missing; have: {', '.join(have) or 'none'})")
+        by_id = {c.fine_id: c.name for c in self.classes}
+        out = []
+        for n, line in enumerate(split_file.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            parts = [x.strip() for x in line.split(",")]
+            try:
+                out.append(LabelledImage(self.root / parts[0], by_id[int(parts[1])]))
+            except (IndexError, ValueError, KeyError):
+                raise DatasetError(f"{split_file}:{n}: expected 'path, fine_id, coarse_id' with a class id of classes.csv") from None
+        return out
+
+
+def read_grocery_store(root: str | os.PathLike) -> GroceryStore:
+    """Parse GroceryStore's ``classes.csv`` (the one parser of it; layout in the module docstring).
+
+    Args:
+        root: the dataset's ``dataset/`` folder, or the repository root holding it.
+
+    Raises:
+        DatasetError: no classes.csv, a row with fewer than 5 columns or a non-integer id, a
+            missing iconic image.
+    """
+    root = Path(root)
+    if not (root / "classes.csv").is_file() and (root / "dataset" / "classes.csv").is_file():
+        root = root / "dataset"
+    classes_csv = root / "classes.csv"
+    if not classes_csv.is_file():
+        raise DatasetError(f"{root}: no classes.csv (expected the GroceryStore dataset/ folder)")
+    with open(classes_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))[1:]
+    classes = []
+    for n, r in enumerate(rows, start=2):
+        if not r:
+            continue
+        try:
+            c = GroceryClass(r[0].strip(), int(r[1]), r[2].strip(), int(r[3]), root / r[4].strip().lstrip("/"))
+        except (IndexError, ValueError):
+            raise DatasetError(f"{classes_csv}:{n}: expected at least 5 columns with integer class ids") from None
+        if not c.iconic.is_file():
+            raise DatasetError(f"{classes_csv}:{n}: iconic image {c.iconic} missing")
+        classes.append(c)
+    return GroceryStore(root, classes)
+
+
 def load_grocery_store(root: str | os.PathLike, split: str = "val") -> ZeroShotDataset:
     """GroceryStore: iconic image per fine class = reference; ``<split>.txt`` photos = queries.
 
@@ -125,39 +209,10 @@ def load_grocery_store(root: str | os.PathLike, split: str = "val") -> ZeroShotD
     Raises:
         DatasetError: missing classes.csv / split file, malformed lines, missing iconic image.
     """
-    root = Path(root)
-    if not (root / "classes.csv").is_file() and (root / "dataset" / "classes.csv").is_file():
-        root = root / "dataset"
-    classes_csv = root / "classes.csv"
-    if not classes_csv.is_file():
-        raise DatasetError(f"{root}: no classes.csv (expected the GroceryStore dataset/ folder)")
-    split_file = root / f"{split}.txt"
-    if not split_file.is_file():
-        have = sorted(p.stem for p in root.glob("*.txt"))
-        raise DatasetError(f"{root}: no split {split!r} ({split_file.name} missing; have: {', '.join(have) or 'none'})")
-    with open(classes_csv, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))[1:]
-    by_id: dict[int, str] = {}
-    references: dict[str, Path] = {}
-    groups: dict[str, str] = {}
-    for n, r in enumerate(rows, start=2):
-        if len(r) < 5:
-            raise DatasetError(f"{classes_csv}:{n}: expected at least 5 columns, got {len(r)}")
-        name, cid, coarse, iconic = r[0].strip(), int(r[1]), r[2].strip(), r[4].strip().lstrip("/")
-        path = root / iconic
-        if not path.is_file():
-            raise DatasetError(f"{classes_csv}:{n}: iconic image {path} missing")
-        by_id[cid], references[name], groups[name] = name, path, coarse
-    queries = []
-    for n, line in enumerate(split_file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        parts = [x.strip() for x in line.split(",")]
-        try:
-            queries.append(LabelledImage(root / parts[0], by_id[int(parts[1])]))
-        except (IndexError, ValueError, KeyError):
-            raise DatasetError(f"{split_file}:{n}: expected 'path, fine_id, coarse_id' with a class id of classes.csv") from None
-    return ZeroShotDataset("grocery-store", root, split, references, queries, groups)
+    store = read_grocery_store(root)
+    references = {c.name: c.iconic for c in store.classes}
+    groups = {c.name: c.coarse_name for c in store.classes}
+    return ZeroShotDataset("grocery-store", store.root, split, references, store.photos(split), groups)
 
 
 # ---------------------------------------------------------------------------- Grozi-120
@@ -301,15 +356,22 @@ def split_known_unknown(
     raise DatasetError(f"unknown split rule {rule!r}; choose 'alternate' or 'coarse'")
 
 
-def read_photos_csv(path: str | os.PathLike) -> list[LabelledImage]:
-    """Read an ``image,sku`` CSV of labelled photos (image paths relative to the CSV's folder;
-    other columns are ignored).
+def read_csv_rows(path: str | os.PathLike, required: Sequence[str], header: str) -> list[tuple[int, dict[str, str]]]:
+    """Rows of a labelled-image CSV: a header row, UTF-8 (a BOM is allowed), column names and
+    cells stripped; the one reader of ``catalog calibrate``'s ``image,sku`` photos and the
+    finetune's ``image,label[,role]`` data (image paths are relative to the CSV's folder).
+
+    Args:
+        path: the CSV file.
+        required: columns that must exist and be non-empty in every row.
+        header: the expected header, for the error message (e.g. ``"image,sku"``).
 
     Returns:
-        One :class:`LabelledImage` per row, in file order.
+        ``(line number, {column: cell})`` per row, in file order.
 
     Raises:
-        DatasetError: missing file, missing columns, no rows, an empty cell, or not UTF-8.
+        DatasetError: missing file, missing columns, no rows, an empty required cell, not UTF-8
+            or not CSV.
     """
     path = Path(path)
     if not path.is_file():
@@ -318,17 +380,30 @@ def read_photos_csv(path: str | os.PathLike) -> list[LabelledImage]:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             cols = [(c or "").strip() for c in (reader.fieldnames or [])]
-            missing = [c for c in ("image", "sku") if c not in cols]
+            missing = [c for c in required if c not in cols]
             if missing:
-                raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}; expected image,sku")
+                raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}; expected {header}")
             rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
     except UnicodeDecodeError:
         raise DatasetError(f"{path}: not a UTF-8 CSV file") from None
+    except csv.Error as e:
+        raise DatasetError(f"{path}: not a valid CSV file ({e})") from None
     if not rows:
         raise DatasetError(f"{path}: no rows")
-    out = []
     for n, r in enumerate(rows, start=2):
-        if not r.get("image") or not r.get("sku"):
-            raise DatasetError(f"{path}:{n}: empty image or sku")
-        out.append(LabelledImage(path.parent / r["image"], r["sku"]))
-    return out
+        if not all(r.get(c) for c in required):
+            raise DatasetError(f"{path}:{n}: empty {' or '.join(required)}")
+    return list(enumerate(rows, start=2))
+
+
+def read_photos_csv(path: str | os.PathLike) -> list[LabelledImage]:
+    """Read an ``image,sku`` CSV of labelled photos (:func:`read_csv_rows`; other columns are ignored).
+
+    Returns:
+        One :class:`LabelledImage` per row, in file order.
+
+    Raises:
+        DatasetError: as :func:`read_csv_rows`.
+    """
+    path = Path(path)
+    return [LabelledImage(path.parent / r["image"], r["sku"]) for _n, r in read_csv_rows(path, ("image", "sku"), "image,sku")]

@@ -7,10 +7,13 @@ per class plus augmented copies of it**, every test image is classified as the c
 **nearest gallery vector (1-NN, top-1)**, and accuracy is reported over all test images and as
 the **average of per-class accuracies**.
 
-Here the gallery is built exactly as a catalog builds it (:func:`retailklip.augment.augment_reference`
-with K views, view 0 = the reference itself, then the encoder), and searched with the product's own
+Here the gallery is built exactly as a catalog builds it (:func:`retailklip.references.embed_reference`:
+K views, view 0 = the reference itself, then the encoder), and searched with the product's own
 FAISS index and SKU matcher, so the number measures what ``catalog recognize`` would do with a
 catalog of those references (threshold off).  Datasets come from :mod:`retailklip.datasets`.
+``catalog eval`` runs :func:`evaluate_zero_shot`; the finetune's held-out evaluation
+(``finetune.evaluate``) builds its gallery with :func:`build_gallery` and scores with
+:func:`score_zero_shot`, so both report the same :class:`ZeroShotResult`.
 """
 
 from __future__ import annotations
@@ -18,26 +21,27 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .augment import DEFAULT_AUGMENTATIONS, augment_reference
+from .augment import DEFAULT_AUGMENTATIONS
 from .calibration import nearest_skus
 from .datasets import ZeroShotDataset
 from .encoders import Encoder
-from .images import load_image
+from .references import embed_reference
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ZeroShotResult:
-    """Result of :func:`evaluate_zero_shot`.
+    """Result of a zero-shot evaluation (:func:`evaluate_zero_shot`, :func:`score_zero_shot`).
 
     Attributes:
         dataset, split: what was evaluated.
-        classes: gallery classes; ``queries``: query images classified.
+        classes: gallery classes (distractors without queries included); ``queries``: query
+            images classified.
         augmentations: views per reference K; ``seed``: augmentation seed.
         top1: fraction of queries whose nearest gallery vector has the right class, in [0, 1].
         per_class_average: mean over classes with >= 1 query of their top-1, in [0, 1].
@@ -58,7 +62,15 @@ class ZeroShotResult:
     encoder: str = ""
     seconds: float = 0.0
 
+    @property
+    def per_class_accuracy(self) -> dict[str, float]:
+        """Class -> top-1 of its queries, in [0, 1] (classes with >= 1 query)."""
+        return {c: k / n for c, (k, n) in self.per_class.items()}
+
     def to_dict(self, per_class: bool = True) -> dict:
+        """JSON-ready dict (``catalog eval --json``): the attributes, ``top1`` and
+        ``per_class_average`` rounded to 6 digits, ``seconds`` to 2; ``per_class`` as
+        ``{class: {"correct", "total"}}`` unless ``per_class`` is False."""
         d = {
             "dataset": self.dataset, "split": self.split, "classes": self.classes, "queries": self.queries,
             "augmentations": self.augmentations, "seed": self.seed, "top1": round(self.top1, 6),
@@ -108,7 +120,10 @@ def build_gallery(
 
     Raises:
         InvalidImageError: a reference image cannot be decoded.
+        ValueError: ``k < 1`` or no references.
     """
+    if not references:
+        raise ValueError("a gallery needs at least one reference image")
     items = list(references.items())
     if progress:
         from tqdm import tqdm
@@ -116,10 +131,49 @@ def build_gallery(
         items = tqdm(items, desc="gallery", unit="class")
     vectors, labels = [], []
     for c, ref in items:
-        v = encoder.embed(augment_reference(load_image(ref), k, seed))
+        v = embed_reference(encoder, ref, k, seed)
         vectors.append(v)
         labels += [c] * len(v)
     return np.concatenate(vectors), labels
+
+
+def score_zero_shot(
+    gallery: np.ndarray,
+    gallery_labels: Sequence[str],
+    queries: np.ndarray,
+    truth: Sequence[str],
+    *,
+    dataset: str = "",
+    split: str = "",
+    augmentations: int = DEFAULT_AUGMENTATIONS,
+    seed: int = 0,
+    encoder: str = "",
+) -> ZeroShotResult:
+    """Classify each query as the class of its nearest gallery vector (1-NN through the
+    product's FAISS index and SKU matcher, :func:`retailklip.calibration.nearest_skus`) and score it.
+
+    Args:
+        gallery: float32 (G, D) unit vectors (:func:`build_gallery`); ``gallery_labels``: their G class ids.
+        queries: float32 (M, D) unit vectors; ``truth``: their M true class ids.
+        dataset, split, augmentations, seed, encoder: recorded in the result as given.
+
+    Returns:
+        A :class:`ZeroShotResult` (``seconds`` 0; ``classes``: distinct gallery labels).
+
+    Raises:
+        ValueError: an empty gallery or query set, shapes that disagree (D, or one label per row).
+    """
+    g, q = np.asarray(gallery, np.float32), np.asarray(queries, np.float32)
+    if g.ndim != 2 or q.ndim != 2 or g.shape[1] != q.shape[1] or len(g) == 0 or len(q) == 0:
+        raise ValueError(f"1-NN evaluation needs non-empty (G, D) and (M, D) arrays, got {g.shape} and {q.shape}")
+    if len(gallery_labels) != len(g) or len(truth) != len(q):
+        raise ValueError("1-NN evaluation needs one label per gallery vector and per query")
+    predicted, _ = nearest_skus(g, list(gallery_labels), q)
+    top1, avg, per_class = top1_scores(predicted, list(truth))
+    return ZeroShotResult(
+        dataset=dataset, split=split, classes=len(set(gallery_labels)), queries=len(q), augmentations=augmentations,
+        seed=seed, top1=top1, per_class_average=avg, per_class=per_class, encoder=encoder,
+    )
 
 
 def evaluate_zero_shot(
@@ -148,13 +202,10 @@ def evaluate_zero_shot(
     start = time.perf_counter()
     gallery, labels = build_gallery(dataset.references, encoder, k, seed, progress=progress)
     queries = encoder.embed([q.path for q in dataset.queries], progress=progress)
-    predicted, _ = nearest_skus(gallery, labels, queries)
-    truth = [q.label for q in dataset.queries]
-    top1, avg, per_class = top1_scores(predicted, truth)
-    result = ZeroShotResult(
-        dataset=dataset.name, split=dataset.split, classes=len(dataset.references), queries=len(truth),
-        augmentations=k, seed=seed, top1=top1, per_class_average=avg, per_class=per_class,
-        encoder=encoder.identity.key, seconds=time.perf_counter() - start,
+    result = score_zero_shot(
+        gallery, labels, queries, [q.label for q in dataset.queries], dataset=dataset.name, split=dataset.split,
+        augmentations=k, seed=seed, encoder=encoder.identity.key,
     )
-    logger.info("%s %s: top-1 %.4f, per-class average %.4f", dataset.name, dataset.split, top1, avg)
+    result = replace(result, seconds=time.perf_counter() - start)
+    logger.info("%s %s: top-1 %.4f, per-class average %.4f", dataset.name, dataset.split, result.top1, result.per_class_average)
     return result

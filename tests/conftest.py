@@ -3,7 +3,6 @@ their absence is an error (not a skip), so a run without them cannot pass silent
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
@@ -54,21 +53,24 @@ def mobilenet_weights() -> Path:
 
 
 @pytest.fixture(scope="session")
-def iconic(grocery) -> list[tuple[int, str, Path]]:
-    """(class id, class name, iconic image path) for the 81 GroceryStore classes."""
-    with open(grocery / "classes.csv", newline="") as f:
-        rows = list(csv.reader(f))[1:]
-    return [(int(r[1]), r[0], grocery / r[4].lstrip("/")) for r in rows]
+def grocery_store(grocery):
+    """The parsed GroceryStore files (retailklip.datasets.read_grocery_store)."""
+    from retailklip.datasets import read_grocery_store
+
+    return read_grocery_store(grocery)
 
 
 @pytest.fixture(scope="session")
-def val_photos(grocery) -> list[tuple[Path, int]]:
+def iconic(grocery_store) -> list[tuple[int, str, Path]]:
+    """(class id, class name, iconic image path) for the 81 GroceryStore classes."""
+    return [(c.fine_id, c.name, c.iconic) for c in grocery_store.classes]
+
+
+@pytest.fixture(scope="session")
+def val_photos(grocery_store) -> list[tuple[Path, int]]:
     """(photo path, class id) of the 296 GroceryStore val photos."""
-    out = []
-    for line in (grocery / "val.txt").read_text().splitlines():
-        path, fine, _coarse = (x.strip() for x in line.split(","))
-        out.append((grocery / path, int(fine)))
-    return out
+    fine_id = {c.name: c.fine_id for c in grocery_store.classes}
+    return [(p.path, fine_id[p.label]) for p in grocery_store.photos("val")]
 
 
 @pytest.fixture(scope="session")

@@ -18,12 +18,13 @@ from PIL import Image
 
 from finetune.data import EvalSplit, LabeledData, check_disjoint, check_images, read_samples
 from finetune.errors import FinetuneError
-from finetune.evaluate import ZeroShotEvaluator, one_nn_accuracy
+from finetune.evaluate import ZeroShotEvaluator
 from finetune.loss import create_arcface, imprint_class_weights
 from finetune.optim import format_lr_table, param_groups, parameter_levels, warmup_cosine
 from finetune.sampler import ClassBalancedSampler
 from retailklip import create_encoder
 from retailklip.augment import augment_reference
+from retailklip.evaluation import score_zero_shot
 from retailklip.images import load_image
 
 # see conftest.one_torch_thread
@@ -274,14 +275,15 @@ def test_one_nn_accuracy_top1_and_per_class_average():
     q_labels[-1] = 0  # one deliberately wrong label
     pred = [g_labels[max(range(6), key=lambda j: float(q[i] @ gallery[j]))] for i in range(len(q))]
     correct = np.array(pred) == q_labels
-    res = one_nn_accuracy(gallery, g_labels, q, q_labels, ["a", "b", "c"])
+    names = np.array(["a", "b", "c"])
+    res = score_zero_shot(gallery, names[g_labels], q, names[q_labels])
     assert res.top1 == pytest.approx(correct.mean())
     per_class = {c: correct[q_labels == i].mean() for i, c in enumerate("abc") if (q_labels == i).any()}
-    assert res.per_class == pytest.approx(per_class)
-    assert res.per_class_top1 == pytest.approx(np.mean(list(per_class.values())))
-    assert res.num_queries == 8 and res.num_classes == 3
-    with pytest.raises(FinetuneError):
-        one_nn_accuracy(gallery[:0], g_labels[:0], q, q_labels)
+    assert res.per_class_accuracy == pytest.approx(per_class)
+    assert res.per_class_average == pytest.approx(np.mean(list(per_class.values())))
+    assert res.queries == 8 and res.classes == 3
+    with pytest.raises(ValueError):  # the library's evaluator (FinetuneError is a ValueError too)
+        score_zero_shot(gallery[:0], names[g_labels[:0]], q, names[q_labels])
 
 
 def test_evaluator_is_the_catalog_protocol(tmp_path):
@@ -296,26 +298,22 @@ def test_evaluator_is_the_catalog_protocol(tmp_path):
     res = ZeroShotEvaluator(split, enc, augmentations=k, seed=seed, progress=False)()
     gallery = np.concatenate([enc.embed(augment_reference(load_image(r.path), k, seed)) for r in split.references])
     queries = enc.embed([q.path for q in split.queries])
-    index = {c: i for i, c in enumerate(split.classes)}
-    want = one_nn_accuracy(gallery, np.repeat(np.arange(3), k), queries, np.array([index[q.label] for q in split.queries]),
-                           split.classes)
-    got, want = res.to_dict(), want.to_dict()
-    assert got.pop("per_class") == pytest.approx(want.pop("per_class"))
-    assert got == pytest.approx(want)
+    want = score_zero_shot(gallery, np.repeat(split.classes, k), queries, [q.label for q in split.queries],
+                           dataset="held-out", split="eval", augmentations=k, seed=seed)
+    assert res.per_class_accuracy == pytest.approx(want.per_class_accuracy)
+    assert res.to_dict(per_class=False) == pytest.approx(want.to_dict(per_class=False))
     enc.model.train()
     ZeroShotEvaluator(split, enc, augmentations=1, progress=False, cache_mb=0)()
     assert enc.model.training  # mode restored
 
 
 # ---------------------------------------------------------------- GroceryStore split
-def test_grocery_split_by_coarse_class(grocery, tmp_path, caplog):
+def test_grocery_split_by_coarse_class(grocery, grocery_store, tmp_path, caplog):
     from finetune.grocery import write_split
 
     desc = write_split(grocery.parent, tmp_path, held_out_parity=0, train_queries=2)
-    with open(grocery / "classes.csv", newline="") as f:
-        classes = list(csv.reader(f))[1:]
-    coarse_of = {r[0]: int(r[3]) for r in classes}
-    iconic = {r[0]: (grocery / r[4].lstrip("/")).resolve() for r in classes}
+    coarse_of = {c.name: c.coarse_id for c in grocery_store.classes}
+    iconic = {c.name: c.iconic.resolve() for c in grocery_store.classes}
     train = read_samples(tmp_path / "train.csv")
     evals = read_samples(tmp_path / "eval.csv")
     train_coarse = {coarse_of[s.label] for s in train}
@@ -327,8 +325,7 @@ def test_grocery_split_by_coarse_class(grocery, tmp_path, caplog):
     split = EvalSplit.from_samples(evals)
     assert len(split.references) == len({s.label for s in evals}) == len(desc["held_out"]["fine"])
     assert all(r.path.resolve() == iconic[r.label] for r in split.references)
-    val_rows = [line.split(",") for line in (grocery / "val.txt").read_text().splitlines()]
-    n_val = sum(1 for r in val_rows if int(r[2]) % 2 == 0)
+    n_val = sum(1 for p in grocery_store.photos("val") if coarse_of[p.label] % 2 == 0)
     assert n_val < len(split.queries) <= n_val + 2 * len(split.references)
     assert not {s.label for s in train} & {s.label for s in evals}
     assert len(train) == desc["train"]["images"]

@@ -210,10 +210,10 @@ def test_mobilenet_frozen_bn_train_step_and_catalog_load(mobilenet_weights, val_
     computes what eval mode does; after a step the export loads in the catalog's factory."""
     from finetune.export import save_encoder
     from finetune.loss import create_arcface
-    from finetune.model import bn_looks_folded, build_encoder, freeze_batchnorm, resolve_freeze_bn
+    from finetune.model import bn_looks_folded, freeze_batchnorm, resolve_freeze_bn
     from finetune.optim import create_optimizer, param_groups
 
-    enc = build_encoder(MOBILENET_SPEC, weights=mobilenet_weights, options=MOBILENET_OPTIONS)
+    enc = create_encoder(MOBILENET_SPEC, weights=mobilenet_weights, **MOBILENET_OPTIONS)
     assert bn_looks_folded(enc.model)
     assert resolve_freeze_bn("auto", enc.model, batch_size=64)  # folded: frozen even at a large batch
     paths = [p for p, _ in val_photos[:4]]

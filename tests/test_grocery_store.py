@@ -18,8 +18,8 @@ CENTER_STRIDE = 6
 
 
 @pytest.fixture(scope="module")
-def grocery_catalog(tmp_path_factory, grocery, iconic, mobilenet_weights):
-    train = [grocery / ln.split(",")[0].strip() for ln in (grocery / "train.txt").read_text().splitlines()]
+def grocery_catalog(tmp_path_factory, grocery_store, iconic, mobilenet_weights):
+    train = [p.path for p in grocery_store.photos("train")]
     cat = Catalog.init(
         tmp_path_factory.mktemp("grocery") / "cat", encoder=MOBILENET_SPEC, weights=mobilenet_weights,
         encoder_options=MOBILENET_OPTIONS, center_photos=train[::CENTER_STRIDE],
