@@ -162,23 +162,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def resolve_device(choice: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``.
-
-    Raises:
-        FinetuneError: a CUDA device is asked for and none is available, or an unknown device.
-    """
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(choice)
-    except RuntimeError as e:
-        raise FinetuneError(f"--device: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FinetuneError(f"--device {choice}: no CUDA GPU available (use --device cpu)")
-    return dev
-
-
 def resolve_precision(choice: str, device: torch.device) -> str:
     """``auto`` -> ``bf16`` on a GPU with bf16, ``fp16`` on an older GPU, ``fp32`` on the CPU."""
     if choice != "auto":

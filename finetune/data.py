@@ -34,14 +34,13 @@ import torch
 
 from retailklip.datasets import DatasetError, read_csv_rows
 from retailklip.errors import InvalidImageError
-from retailklip.images import DEFAULT_BACKGROUND, load_image, to_rgb
+from retailklip.images import DEFAULT_BACKGROUND, IMAGE_SUFFIXES, load_image, to_rgb
 
 from .errors import FinetuneError
 
 logger = logging.getLogger(__name__)
 
 #: File name endings read from a folder-per-class dataset (lower case).
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 ROLES = ("reference", "query")
 
 
@@ -107,7 +106,7 @@ def read_csv(path: str | os.PathLike) -> list[Sample]:
 
 
 def read_folder(root: str | os.PathLike) -> list[Sample]:
-    """Read ``ROOT/<label>/<image>`` (files with an :data:`IMAGE_EXTENSIONS` ending).
+    """Read ``ROOT/<label>/<image>`` (files with an :data:`IMAGE_SUFFIXES` ending).
 
     Raises:
         FinetuneError: no image in any sub-folder.
@@ -115,7 +114,7 @@ def read_folder(root: str | os.PathLike) -> list[Sample]:
     root = Path(root)
     out = []
     for d in sorted(x for x in root.iterdir() if x.is_dir() and not x.name.startswith(".")):
-        files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))
+        files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
         out.extend(Sample(f, d.name) for f in files)
     if not out:
         raise FinetuneError(f"{root}: no images found in ROOT/<label>/<image> sub-folders (the dataset is empty)")

@@ -10,12 +10,11 @@ scaler updates, the gradients are zeroed and the learning-rate schedule advances
 from __future__ import annotations
 
 import random
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from retailklip.encoders import PRECISIONS
+from retailklip.devices import autocast
 
 
 def seed_everything(seed: int, epoch: int = 0) -> None:
@@ -57,11 +56,6 @@ class Stepper:
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.step = 0
 
-    def _autocast(self):
-        if self.precision == "fp32":
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=PRECISIONS[self.precision])
-
     def train_batch(self, images: torch.Tensor, targets: torch.Tensor, *, step: bool = True) -> float:
         """Forward and backward one micro-batch; with ``step`` also :meth:`optimizer_step`.
 
@@ -76,7 +70,7 @@ class Stepper:
         self.model.train()
         x = images.to(self.device, non_blocking=True)
         y = targets.to(self.device, non_blocking=True)
-        with self._autocast():
+        with autocast(self.device, self.precision):
             feats = self.model(x)
         loss = self.loss_fn(feats.float(), y)
         self.scaler.scale(loss / self.accum_steps).backward()

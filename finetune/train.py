@@ -43,13 +43,15 @@ import numpy as np
 import torch
 
 from retailklip import create_encoder
+from retailklip.devices import resolve_device
 from retailklip.encoders import EncoderSpec
 from retailklip.evaluation import ZeroShotResult
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig, resolve_device, resolve_precision
+from .config import TrainConfig, resolve_precision
 from .data import ImageDataset, PreparedData, collate_skipping_bad, prepare_data, write_skipped
 from .evaluate import ZeroShotEvaluator, result_record
+from .errors import FinetuneError
 from .export import export_run
 from .loss import create_arcface, imprint_class_weights
 from .model import (
@@ -93,7 +95,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, error=FinetuneError)
         self.precision = resolve_precision(cfg.precision, self.device)
         if self.device.type == "cpu" and self.precision == "fp16":
             logger.warning("fp16 autocast on the CPU is slow and unscaled; prefer bf16 or fp32")

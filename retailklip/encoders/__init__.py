@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 DEFAULT_ENCODER_SPEC = "open_clip:ViT-L-14/laion2b_s32b_b82k"
 
 __all__ = [
-    "DEFAULT_ENCODER_SPEC", "ENCODER_BACKENDS", "PRECISIONS", "Encoder", "EncoderBackend", "EncoderIdentity",
+    "DEFAULT_ENCODER_SPEC", "ENCODER_BACKENDS", "Encoder", "EncoderBackend", "EncoderIdentity",
     "EncoderSpec", "create_encoder", "list_encoders", "register_encoder",
 ]
 
@@ -122,9 +122,9 @@ def create_encoder(
 
 
 def __getattr__(name: str):
-    """``Encoder`` and ``PRECISIONS`` (of :mod:`.base`, which imports torch) on first use, so that
+    """``Encoder`` (of :mod:`.base`, which imports torch) on first use, so that
     importing the package for a spec, a default or an :class:`EncoderIdentity` stays light."""
-    if name in ("Encoder", "PRECISIONS"):
+    if name == "Encoder":
         from . import base
 
         return getattr(base, name)
