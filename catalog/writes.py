@@ -13,7 +13,6 @@ replaced notices it under the lock and embeds again (:meth:`CatalogWriter._embed
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import os
@@ -28,6 +27,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from retailklip.datasets import DatasetError, read_csv_rows
 from retailklip.errors import RetailKlipError
 from retailklip.images import decode_image_bytes, read_image_bytes
 from retailklip.references import embed_reference
@@ -180,26 +180,12 @@ class CatalogWriter(CatalogReader):
         """
         self.require_writable("import SKUs")
         path = Path(csv_path)
-        if not path.is_file():
-            raise CatalogError(f"{path}: no such CSV file")
         try:
-            with open(path, newline="", encoding="utf-8-sig") as f:
-                reader = csv.DictReader(f)
-                cols = [c.strip() for c in (reader.fieldnames or [])]
-                missing = [c for c in ("image", "sku") if c not in cols]
-                if missing:
-                    raise CatalogError(f"{path}: missing column(s) {', '.join(missing)}; expected image,sku,name")
-                rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
-        except UnicodeDecodeError:
-            raise CatalogError(f"{path}: not a UTF-8 CSV file") from None
-        except csv.Error as e:
-            raise CatalogError(f"{path}: not a valid CSV file ({e})") from None
-        if not rows:
-            raise CatalogError(f"{path}: no rows")
+            rows = read_csv_rows(path, ("image", "sku"), "image,sku,name")
+        except DatasetError as e:
+            raise CatalogError(str(e)) from None
         entries = []
-        for n, r in enumerate(rows, start=2):
-            if not r.get("image") or not r.get("sku"):
-                raise CatalogError(f"{path}:{n}: empty image or sku")
+        for n, r in rows:
             try:
                 entries.append((validate_sku_id(r["sku"]), validate_name(r.get("name") or None), path.parent / r["image"]))
             except RetailKlipError as e:
@@ -211,6 +197,7 @@ class CatalogWriter(CatalogReader):
         self._check_can_add([(i, None) for i in ids], append=False)
         self._check_distinct_images(path, [img for _sku, _name, img in entries])
         st = self.settings()
+
         def embed(enc_id: int, enc: Encoder) -> list[PreparedReference]:
             prepared = []
             it: Iterable = enumerate(entries, start=2)
