@@ -51,7 +51,6 @@ mean cosine distance of the correct matches.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -69,6 +68,7 @@ from scipy.stats import binomtest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, ahead of any installed copy
 
 from retailklip import create_encoder
+from retailklip.datasets import read_grocery_store
 from retailklip.images import load_image, to_rgb
 from retailklip.segment.parsing import crop_segment
 
@@ -210,14 +210,13 @@ def main() -> None:
     t_start = time.perf_counter()
     data = args.shared / "data" / "grocery-store" / "dataset"
     weights = args.shared / "models" / "mobilenetv2_100.imagenet.safetensors"
-    with open(data / "classes.csv", newline="") as f:
-        rows = list(csv.reader(f))[1:]
-    class_ids = [int(r[1]) for r in rows]
-    packshots = [load_image(data / r[4].lstrip("/")).convert("RGB") for r in rows]
-    val = [ln.split(",") for ln in (data / "val.txt").read_text().splitlines()][: args.limit]
-    photos = [load_image(data / v[0].strip()).convert("RGB") for v in val]
-    truth = np.array([class_ids.index(int(v[1])) for v in val])
-    train = [data / ln.split(",")[0].strip() for ln in (data / "train.txt").read_text().splitlines()]
+    store = read_grocery_store(data)
+    names = [c.name for c in store.classes]
+    packshots = [load_image(c.iconic).convert("RGB") for c in store.classes]
+    val = store.photos("val")[: args.limit]
+    photos = [load_image(v.path).convert("RGB") for v in val]
+    truth = np.array([names.index(v.label) for v in val])
+    train = [t.path for t in store.photos("train")]
 
     enc = create_encoder("timm:mobilenetv2_100", weights=weights, interpolation="bilinear", batch_size=64)
     center = features(enc, [load_image(t) for t in train[::CENTER_STRIDE][: args.limit]]).mean(0)

@@ -18,7 +18,6 @@ vectors are those of the baseline (max |difference|; 0 = bitwise equal).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import resource
 import sys
@@ -47,11 +46,11 @@ def main() -> None:
 
     from catalog.embedding import EmbedJob, embed_local, embed_ray
     from retailklip import create_encoder
+    from retailklip.datasets import read_grocery_store
 
     data = args.shared / "data" / "grocery-store" / "dataset"
     weights = args.shared / "models" / "mobilenetv2_100.imagenet.safetensors"
-    with open(data / "classes.csv", newline="") as f:
-        paths = [data / r[4].lstrip("/") for r in list(csv.reader(f))[1:]][: args.images]
+    paths = [c.iconic for c in read_grocery_store(data).classes][: args.images]
     jobs = [EmbedJob(i + 1, str(path)) for i, path in enumerate(paths)]
     n, k, cores = len(jobs), args.augmentations, os.cpu_count() or 1
     kw = dict(spec="timm:mobilenetv2_100", weights=str(weights), interpolation="bilinear")
