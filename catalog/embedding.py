@@ -129,7 +129,7 @@ def embed_local(
 
 
 # ---------------------------------------------------------------------------------------- Ray
-class _RayEmbedder:
+class RayEmbedder:
     """Ray Data callable class: builds the encoder once per actor, embeds a batch of jobs.
 
     Input batch (numpy format): ``reference_id`` int64 (n,), ``path`` str (n,).  Output batch:
@@ -187,7 +187,9 @@ class _RayEmbedder:
         }
 
 
-def _raise_worker_error(err: str) -> None:
+def raise_worker_error(err: str) -> None:
+    """Raise a Ray worker's error row (``"ErrorClass\tmessage"``) in the driver as that error class
+    (a retailklip or catalog error; :class:`CatalogError` for any other)."""
     name, _, msg = err.partition("\t")
     cls = getattr(catalog_errors, name, None) or getattr(core_errors, name, None)
     if not (isinstance(cls, type) and issubclass(cls, RetailKlipError)):
@@ -347,7 +349,7 @@ def _ray_results(items, encoder_kwargs, k, seed, address, num_workers, batch_siz
         else:
             compute = ray.data.ActorPoolStrategy(size=num_workers)
         ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // batch_size)).map_batches(
-            _RayEmbedder,
+            RayEmbedder,
             fn_constructor_kwargs=dict(encoder_kwargs=encoder_kwargs, augmentations=k, seed=seed,
                                        threads=threads, identity=identity),
             batch_size=batch_size,
@@ -359,7 +361,7 @@ def _ray_results(items, encoder_kwargs, k, seed, address, num_workers, batch_siz
             for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for rid, blob, dim, err in zip(out["reference_id"], out["vectors"], out["dim"], out["error"]):
                     if err:
-                        _raise_worker_error(str(err))
+                        raise_worker_error(str(err))
                     v = decode_vectors(blob, int(dim))
                     if v.shape[0] != k:
                         raise CatalogError(

@@ -39,7 +39,9 @@ _MARKER_TABLE = "catalog_state"
 _PG_LOCK_KEY = 0x5245_5441_494C_4B4C  # "RETAILKL"
 
 
-def _config(connection: Connection | None = None) -> Config:
+def alembic_config(connection: Connection | None = None) -> Config:
+    """Alembic's configuration for the catalog's migrations (``catalog/migrations``), bound to
+    ``connection`` when one is given."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("path_separator", "os")
@@ -49,13 +51,14 @@ def _config(connection: Connection | None = None) -> Config:
 
 
 @lru_cache(maxsize=1)
-def _script() -> ScriptDirectory:
-    return ScriptDirectory.from_config(_config())
+def script_directory() -> ScriptDirectory:
+    """The catalog's Alembic migration scripts (their revisions, in order)."""
+    return ScriptDirectory.from_config(alembic_config())
 
 
 def head_revision() -> str:
     """The newest schema revision this retailklip knows (e.g. ``"0002"``)."""
-    head = _script().get_current_head()
+    head = script_directory().get_current_head()
     assert head is not None, "catalog/migrations has no revisions"
     return head
 
@@ -107,7 +110,7 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
         CatalogError: the database holds a schema newer than this retailklip knows, or cannot
             be read.
     """
-    known = {s.revision for s in _script().walk_revisions()}
+    known = {s.revision for s in script_directory().walk_revisions()}
     try:
         with engine.connect() as conn:
             if conn.dialect.name == "sqlite":
@@ -120,10 +123,10 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
             if before is None:
                 before = _unversioned_revision(conn)
                 if before is not None:  # a catalog made before schema versioning
-                    command.stamp(_config(conn), before)
+                    command.stamp(alembic_config(conn), before)
             if before is not None and before not in known:
                 raise CatalogError(_too_new(before))
-            command.upgrade(_config(conn), revision)
+            command.upgrade(alembic_config(conn), revision)
             after = _current(conn)
             conn.commit()
     except DatabaseError as e:
@@ -147,7 +150,7 @@ def ensure_current(engine: Engine) -> str | None:
     rev = current_revision(engine)
     if rev is None or rev == head:
         return rev
-    known = [s.revision for s in _script().walk_revisions()]
+    known = [s.revision for s in script_directory().walk_revisions()]
     if rev not in known:
         raise CatalogError(_too_new(rev))
     raise CatalogError(f"catalog schema is at {rev}, this retailklip needs {head}; run `catalog upgrade`")

@@ -151,6 +151,12 @@ class VectorIndex:
         self.recall_at_1: float | None = 1.0 if factory == "Flat" else None
 
     @property
+    def faiss_index(self) -> faiss.Index:
+        """The wrapped FAISS index (``IndexIDMap2`` around the ``index_factory`` index), e.g. for
+        ``faiss.serialize_index``; changing it directly bypasses this wrapper's checks."""
+        return self._index
+
+    @property
     def ntotal(self) -> int:
         """Number of vectors in the index."""
         return int(self._index.ntotal)

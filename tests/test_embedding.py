@@ -102,31 +102,31 @@ def test_embed_ray_equals_embed_local(tmp_path, iconic, mobilenet_weights):
 def test_ray_worker_unreadable_image_names_reference_path_and_node(tmp_path, iconic, mobilenet_weights):
     """The actor class in-process (no cluster): a bad image comes back as an error row, which
     the driver raises as the worker's own error type, in one line."""
-    from catalog.embedding import _raise_worker_error, _RayEmbedder
+    from catalog.embedding import raise_worker_error, RayEmbedder
 
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
     kw = dict(spec=MOBILENET_SPEC, weights=str(mobilenet_weights), **MOBILENET_OPTIONS)
-    worker = _RayEmbedder(kw, 2, 0, None, None)
+    worker = RayEmbedder(kw, 2, 0, None, None)
     out = worker({"reference_id": np.array([100, 77]), "path": np.array([str(iconic[0][2]), str(bad)], dtype=object)})
     assert list(out["reference_id"]) == [100, 77] and out["error"][0] == "" and out["dim"][0] == 1280
     assert np.frombuffer(out["vectors"][0], np.float32).shape == (2 * 1280,)
     with pytest.raises(InvalidImageError) as e:
-        _raise_worker_error(out["error"][1])
+        raise_worker_error(out["error"][1])
     msg = str(e.value)
     assert "reference image 77" in msg and str(bad) in msg and "Ray node" in msg and "\n" not in msg
 
     # an encoder that cannot be built on a node (weights file not there): every row says so
     missing = dict(kw, weights=str(tmp_path / "nowhere.safetensors"))
     batch = {"reference_id": np.array([5]), "path": np.array([str(bad)], dtype=object)}
-    out = _RayEmbedder(missing, 1, 0, None, None)(batch)
+    out = RayEmbedder(missing, 1, 0, None, None)(batch)
     with pytest.raises(WeightsError) as e:
-        _raise_worker_error(out["error"][0])
+        raise_worker_error(out["error"][0])
     assert "cannot build the encoder on Ray node" in str(e.value) and "nowhere.safetensors" in str(e.value)
     # any other failure to build it (here Encoder's ValueError) comes back as a CatalogError
-    out = _RayEmbedder(dict(kw, batch_size=0), 1, 0, None, None)(batch)
+    out = RayEmbedder(dict(kw, batch_size=0), 1, 0, None, None)(batch)
     with pytest.raises(CatalogError, match="cannot build the encoder on Ray node .*ValueError: batch_size"):
-        _raise_worker_error(out["error"][0])
+        raise_worker_error(out["error"][0])
 
 
 def test_embed_ray_bad_address_is_a_catalog_error(iconic, mobilenet_weights):

@@ -146,7 +146,7 @@ def test_estimate_memory_tracks_the_real_index():
         idx = VectorIndex(d, factory)
         idx.train(v[:10_000])
         idx.add(np.arange(n), v)
-        serialized = faiss.serialize_index(idx._index).nbytes  # data without the in-memory id hash map
+        serialized = faiss.serialize_index(idx.faiss_index).nbytes  # data without the in-memory id hash map
         est = estimate_memory(factory, n, d) - 48 * n
         assert 0.8 * serialized <= est <= 1.25 * serialized, (factory, est, serialized)
     assert estimate_memory("HNSW32", n, d) > estimate_memory("Flat", n, d) > estimate_memory("IVF64,PQ16", n, d)
@@ -272,7 +272,7 @@ def test_save_load_ivf_keeps_nprobe(clustered, tmp_path):
     idx.train(v)
     idx.add(ids, v)
     idx.set_search_params(nprobe=9)
-    faiss.write_index(idx._index, str(tmp_path / "raw.faiss"))  # no sidecar at all
+    faiss.write_index(idx.faiss_index, str(tmp_path / "raw.faiss"))  # no sidecar at all
     again = VectorIndex.load(tmp_path / "raw.faiss")
     assert again.factory == "IVF64,Flat" and again.search_params == {"nprobe": 9}
     assert again.stores_exact_vectors and not VectorIndex(64, "IVF64,SQ8").stores_exact_vectors

@@ -125,7 +125,7 @@ def test_cli_upgrade_migrates_an_old_catalog(tmp_path, pg_db_url, mobilenet_weig
     cat.close()
     engine = create_engine(pg_db_url)
     with engine.begin() as c:
-        command.downgrade(schema._config(c), "0001")
+        command.downgrade(schema.alembic_config(c), "0001")
     assert schema.current_revision(engine) == "0001"
     d = str(tmp_path / "cat")
     rc, _, err = _main(capsys, "--catalog", d, "list")

@@ -116,7 +116,7 @@ def differences(engine, metadata) -> list:
 
 
 def test_revisions_are_one_linear_history():
-    script = schema._script()
+    script = schema.script_directory()
     assert script.get_heads() == [schema.head_revision()] == ["0002"]
     assert [s.revision for s in script.walk_revisions()] == ["0002", "0001"]
 
