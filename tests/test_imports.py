@@ -81,3 +81,10 @@ def test_layering_contract_fails_on_a_back_import(tmp_path):
     broken = subprocess.run(lint, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert broken.returncode != 0, broken.stdout[-2000:]
     assert "retailklip.matching -> catalog.store" in broken.stdout
+    # ... and on an upward import inside the catalog (a cycle in the making): the layers contract
+    (tmp_path / "retailklip" / "matching.py").write_text((REPO / "retailklip" / "matching.py").read_text())
+    with open(tmp_path / "catalog" / "reads.py", "a") as f:
+        f.write("\nfrom catalog.check import check  # deliberate upward import\n")
+    upward = subprocess.run(lint, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert upward.returncode != 0 and "catalog modules are layered BROKEN" in upward.stdout, upward.stdout[-2000:]
+    assert "catalog.reads -> catalog.check" in upward.stdout
