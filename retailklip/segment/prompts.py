@@ -131,3 +131,85 @@ class _CoarseToFineSession:
             self.used += len(pts)
             return pts.astype(np.float32)
         return None
+
+
+@dataclass(frozen=True)
+class FarthestPointPrompts:
+    """A coarse grid, then rounds of farthest-point sampling (Eldar et al. 1997) over the
+    uncovered area: each new point is the candidate farthest from every point decoded so far,
+    candidates on covered pixels counting only ``covered_weight`` of their distance, so the
+    budget goes where no accepted mask is yet and, once the uncovered area is prompted densely
+    enough, spreads over covered places too (an accepted mask can be wrong: a merge of several
+    objects covers objects that were never found).
+
+    Candidates are the cell centres of a ``candidates`` x ``candidates`` grid (SAM's 32 x 32 by
+    default); distances are in pixels of the photo normalised by its longer side.
+
+    Attributes:
+        first: side of the first round's grid (default 6: 36 points).
+        batch: points per later round (default 16; coverage is updated between rounds).
+        max_prompts: most points decoded per photo (default 128 = 1/8 of SAM's 1024).
+        candidates: side of the candidate grid (default 32).
+        covered_weight: distance factor of covered candidates, in [0, 1] (default 0.5; 0 never
+            prompts covered pixels again).
+        stop_covered: stop once every candidate is covered (default False: spend the budget).
+    """
+
+    first: int = 6
+    batch: int = 16
+    max_prompts: int = 128
+    candidates: int = 32
+    covered_weight: float = 0.5
+    stop_covered: bool = False
+
+    def __post_init__(self) -> None:
+        if min(self.first, self.batch, self.max_prompts, self.candidates) < 1 or not 0 <= self.covered_weight <= 1:
+            raise SegmenterOptionError(
+                f"first, batch, max_prompts and candidates must be >= 1 and covered_weight in [0, 1], got "
+                f"{self.first}, {self.batch}, {self.max_prompts}, {self.candidates}, {self.covered_weight}")
+
+    @property
+    def name(self) -> str:
+        stop = ",stop" if self.stop_covered else ""
+        return f"farthest{self.first}+{self.batch}:{self.max_prompts}(w={self.covered_weight:g}{stop})"
+
+    def start(self, width: int, height: int) -> _FarthestSession:
+        return _FarthestSession(self, width, height)
+
+
+class _FarthestSession:
+    def __init__(self, strategy: FarthestPointPrompts, width: int, height: int) -> None:
+        self.s, self.width, self.height = strategy, width, height
+        self.cand = grid_points(strategy.candidates, width, height).astype(np.float64)
+        self.scale = 1.0 / max(width, height)
+        self.dist = np.full(len(self.cand), np.inf)  # normalised distance to the nearest decoded point
+        self.used = 0
+
+    def _mark(self, points: np.ndarray) -> None:
+        d = np.sqrt(((self.cand[:, None, :] - points[None, :, :]) ** 2).sum(-1)).min(1) * self.scale
+        self.dist = np.minimum(self.dist, d)
+        self.used += len(points)
+
+    def next_points(self, coverage: np.ndarray | None) -> np.ndarray | None:
+        if self.used >= self.s.max_prompts:
+            return None
+        if coverage is None:
+            pts = grid_points(self.s.first, self.width, self.height)[: self.s.max_prompts].astype(np.float64)
+            self._mark(pts)
+            return pts
+        h, w = coverage.shape
+        cx = np.clip((self.cand[:, 0] * w / self.width).astype(int), 0, w - 1)
+        cy = np.clip((self.cand[:, 1] * h / self.height).astype(int), 0, h - 1)
+        covered = coverage[cy, cx]
+        if self.s.stop_covered and covered.all():
+            return None
+        weight = np.where(covered, self.s.covered_weight, 1.0)
+        picked = []
+        for _ in range(min(self.s.batch, self.s.max_prompts - self.used)):
+            priority = self.dist * weight
+            i = int(np.argmax(priority))
+            if priority[i] <= 0:
+                break
+            picked.append(self.cand[i])
+            self._mark(self.cand[i][None])
+        return np.array(picked, np.float64) if picked else None

@@ -1,0 +1,107 @@
+"""Object recall vs prompts used, per prompt strategy, on simulated checkout trays (issue 13, item 3).
+
+No trained SAM weights exist here, so the mask decoder is played by
+:class:`retailklip.segment.oracle.OracleDecoder` (ground truth + SAM's failure modes at the rates
+of :class:`~retailklip.segment.oracle.OracleRates`, printed below the table) on trays of
+:mod:`retailklip.segment.synthetic` (real GroceryStore packshots on real in-store backgrounds,
+3-15 objects, overlaps).  Every strategy runs through the same
+:class:`~retailklip.segment.bounded.BoundedMaskGenerator` (fast mode, SAM's thresholds: predicted
+IoU > 0.88, stability >= 0.95, box NMS 0.7) and answers the same prompts the same way (the
+oracle's answer is a function of the point).
+
+A ground-truth object is *found* when an accepted mask has IoU >= 0.5 (also reported: >= 0.75)
+with its visible mask; recall = found / objects over all trays.  Prompts are counted as decoded
+(``BoundedMaskGenerator.prompts_used``); the ratio is against SAM's 32 x 32 grid (1024).
+
+    python benchmarks/bench_prompts.py --n 50                 # the table in docs/segmentation.md
+    python benchmarks/bench_prompts.py --n 50 --no-tray       # sensitivity: no whole-tray answers
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import numpy as np
+
+from retailklip.datasets import read_grocery_store
+from retailklip.segment.bounded import BoundedMaskGenerator, BoundedOptions
+from retailklip.segment.oracle import OracleDecoder, OracleRates
+from retailklip.segment.prompts import CoarseToFinePrompts, FarthestPointPrompts, GridPrompts
+from retailklip.segment.synthetic import TrayMaker, default_root
+
+
+def strategies() -> list:
+    """The strategies compared (SAM's grids first)."""
+    return [
+        GridPrompts(32),
+        GridPrompts(16),
+        GridPrompts(11),
+        CoarseToFinePrompts((8, 16, 32), 128),
+        CoarseToFinePrompts((4, 8, 16, 32), 128),
+        FarthestPointPrompts(6, 16, 128, covered_weight=0.0),
+        FarthestPointPrompts(6, 16, 128, covered_weight=0.25),
+        FarthestPointPrompts(6, 16, 128, covered_weight=0.5),
+        FarthestPointPrompts(8, 16, 128, covered_weight=0.25),
+        FarthestPointPrompts(6, 8, 128, covered_weight=0.25),
+        FarthestPointPrompts(6, 16, 128, covered_weight=0.0, stop_covered=True),
+    ]
+
+
+def found_iou(labels: np.ndarray, n_objects: int, records: list[dict]) -> np.ndarray:
+    """Best IoU of each ground-truth object (label map: 0 = background, k + 1 = object k) with
+    any accepted mask: float (n_objects,)."""
+    gt_area = np.bincount(labels.ravel(), minlength=n_objects + 1)[1:].astype(np.float64)
+    best = np.zeros(n_objects)
+    for r in records:
+        m = r["segmentation"]
+        inter = np.bincount(labels[m], minlength=n_objects + 1)[1:]
+        iou = inter / np.maximum(gt_area + m.sum() - inter, 1)
+        best = np.maximum(best, iou)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=50, help="trays (seeds seed .. seed + n - 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", default="1024x768", help="WxH pixels")
+    p.add_argument("--root", default=None, help="GroceryStore root")
+    p.add_argument("--no-tray", action="store_true", help="oracle never answers the whole-tray mask")
+    a = p.parse_args()
+    W, H = (int(v) for v in a.size.lower().split("x"))
+    rates = OracleRates()
+    if a.no_tray:
+        rates = dataclasses.replace(rates, tray_on_object=0.0, tray_on_background=0.0)
+    maker = TrayMaker(read_grocery_store(a.root or default_root()))
+    strats = strategies()
+    best = {s.name: {50: [], 75: []} for s in strats}
+    prompts = {s.name: [] for s in strats}
+    kept = {s.name: [] for s in strats}
+    n_objects, t0 = 0, time.perf_counter()
+    for i in range(a.n):
+        tray = maker.make(a.seed + i, (W, H))
+        decoder = OracleDecoder(tray, rates, seed=a.seed + i)
+        n_objects += len(tray.skus)
+        for s in strats:
+            gen = BoundedMaskGenerator(BoundedOptions(), s)
+            records = gen.generate(decoder)
+            iou = found_iou(tray.labels, len(tray.skus), records)
+            best[s.name][50].append(int((iou >= 0.5).sum()))
+            best[s.name][75].append(int((iou >= 0.75).sum()))
+            prompts[s.name].append(gen.prompts_used)
+            kept[s.name].append(len(records))
+    print(f"{a.n} trays {W}x{H}, {n_objects} objects, seeds {a.seed}..{a.seed + a.n - 1}, "
+          f"{time.perf_counter() - t0:.0f} s")
+    print("\n| strategy | recall IoU>=0.5 | recall IoU>=0.75 | mean prompts | max prompts | prompts / 32x32 | masks kept |")
+    print("|---|---|---|---|---|---|---|")
+    for s in strats:
+        pr = np.asarray(prompts[s.name])
+        print(f"| `{s.name}` | {sum(best[s.name][50]) / n_objects:.3f} | {sum(best[s.name][75]) / n_objects:.3f} | "
+              f"{pr.mean():.1f} | {pr.max()} | {pr.mean() / 1024:.3f} | {np.mean(kept[s.name]):.1f} |")
+    print(f"\noracle rates: {rates}")
+
+
+if __name__ == "__main__":
+    main()
