@@ -30,7 +30,7 @@ GROCERY = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery-sto
 PORTRAIT = "train/Fruit/Kiwi/Kiwi_013.jpg"  # 348x464 (W x H)
 # Keep every mask SAM returns (after its own NMS), so the crop contract is checked on all of them.
 KEEP_ALL = PostprocessOptions(min_area_fraction=0.0, max_area_fraction=1.0, containment_threshold=2.0)
-GRID = MaskGeneratorOptions(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+GRID = MaskGeneratorOptions(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, mode="sam")
 
 
 def _photo(rel: str) -> Image.Image:

@@ -1,4 +1,4 @@
-"""Segment everything: ``segment_anything.SamAutomaticMaskGenerator`` driven by any SAM-like model.
+"""Segment everything: automatic mask generation driven by any SAM-like model.
 
 Source: Kirillov et al., "Segment Anything" (2023), section 7.1 / appendix B ("automatic mask
 generation"): prompt the model with a regular point grid in batches, keep masks whose
@@ -6,6 +6,12 @@ predicted IoU and stability score pass thresholds, remove duplicates with box NM
 repeat on overlapping zoomed-in image crops. The implementation is segment_anything's; for
 EfficientViT-SAM only the predictor is swapped (:class:`EfficientViTSamAutomaticMaskGenerator`),
 as in the official ``EfficientViTSamAutomaticMaskGenerator``.
+
+Three modes (:attr:`MaskGeneratorOptions.mode`): ``"fast"`` (default) and ``"exact"`` run
+:class:`~retailklip.segment.bounded.BoundedMaskGenerator` (bounded memory; exact = SAM's masks
+for the same prompts), with a prompt strategy of :mod:`~retailklip.segment.prompts`; ``"sam"``
+runs ``segment_anything.SamAutomaticMaskGenerator`` itself (the reference; also the only mode
+with zoomed-in crop layers and small-region cleanup).
 """
 
 from __future__ import annotations
@@ -17,9 +23,17 @@ from typing import Any
 from segment_anything import SamAutomaticMaskGenerator
 from torch import nn
 
+from .bounded import MODES as BOUNDED_MODES
+from .bounded import BoundedMaskGenerator, BoundedOptions, SamPromptDecoder
 from .errors import SegmenterOptionError
 from .modeling.efficientvit_sam import EfficientViTSam
 from .predictor import EfficientViTSamPredictor
+from .prompts import CoarseToFinePrompts, GridPrompts
+
+#: Generator modes: the bounded ones and segment_anything's own.
+MODES = (*BOUNDED_MODES, "sam")
+#: Prompt strategies by name.
+PROMPT_STRATEGIES = ("coarse-to-fine", "grid")
 
 
 @dataclass(frozen=True)
@@ -29,7 +43,8 @@ class MaskGeneratorOptions:
     Attributes:
         points_per_side: the point grid is ``points_per_side`` x ``points_per_side`` over the image
             (default 32 = 1024 prompts). Cost of the decoder stage grows with its square.
-        points_per_batch: prompts decoded together (memory vs. speed; results do not change).
+        points_per_batch: prompts decoded together (memory vs. speed; results do not change); 16,
+            not SAM's 64: the decoder's activations are ~35 MB per prompt, and 16 is as fast on a CPU.
         pred_iou_thresh: keep masks whose predicted IoU is > this, in [0, 1] (0.88).
         stability_score_thresh: keep masks whose stability score (IoU of the mask thresholded
             at +/- ``stability_score_offset`` logits) is >= this, in [0, 1] (0.95).
@@ -42,13 +57,20 @@ class MaskGeneratorOptions:
         crop_n_points_downscale_factor: grid side in crop layer i is divided by this**i (1).
         min_mask_region_area: if > 0, fill holes and remove islands smaller than this many
             pixels (needs ``opencv-python``); 0 disables (default).
+        mode: ``"fast"`` (default), ``"exact"`` or ``"sam"`` (module docstring); crop layers and
+            ``min_mask_region_area`` need ``"sam"``.
+        prompts: ``"coarse-to-fine"`` (default: :class:`~retailklip.segment.prompts.CoarseToFinePrompts`
+            over grids of 8, 16 and ``points_per_side``) or ``"grid"`` (SAM's grid); ``"sam"``
+            mode always uses the grid.
+        max_prompts: most prompts per photo of the coarse-to-fine strategy (128 = 1/8 of SAM's 1024).
+        max_masks: fast mode: most masks kept and upsampled per photo.
 
     Raises:
         SegmenterOptionError: a value out of range.
     """
 
     points_per_side: int = 32
-    points_per_batch: int = 64
+    points_per_batch: int = 16
     pred_iou_thresh: float = 0.88
     stability_score_thresh: float = 0.95
     stability_score_offset: float = 1.0
@@ -58,8 +80,20 @@ class MaskGeneratorOptions:
     crop_overlap_ratio: float = 512 / 1500
     crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 0
+    mode: str = "fast"
+    prompts: str = "coarse-to-fine"
+    max_prompts: int = 128
+    max_masks: int = 48
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise SegmenterOptionError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.prompts not in PROMPT_STRATEGIES:
+            raise SegmenterOptionError(f"prompts must be one of {', '.join(PROMPT_STRATEGIES)}, got {self.prompts!r}")
+        if self.max_prompts < 1 or self.max_masks < 1:
+            raise SegmenterOptionError(f"max_prompts and max_masks must be >= 1, got {self.max_prompts}, {self.max_masks}")
+        if self.mode != "sam" and (self.crop_n_layers > 0 or self.min_mask_region_area > 0):
+            raise SegmenterOptionError("crop_n_layers and min_mask_region_area need mode='sam' (segment_anything's own generator)")
         if self.points_per_side < 1 or self.points_per_batch < 1:
             raise SegmenterOptionError(
                 f"points_per_side and points_per_batch must be >= 1, got {self.points_per_side}, {self.points_per_batch}"
@@ -74,8 +108,16 @@ class MaskGeneratorOptions:
             )
 
     def as_kwargs(self) -> dict[str, Any]:
-        """The options as ``SamAutomaticMaskGenerator`` keyword arguments."""
-        return dataclasses.asdict(self)
+        """The options ``SamAutomaticMaskGenerator`` takes, as keyword arguments."""
+        own = ("mode", "prompts", "max_prompts", "max_masks")
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in own}
+
+    def strategy(self) -> GridPrompts | CoarseToFinePrompts:
+        """The prompt strategy these options name."""
+        if self.prompts == "grid":
+            return GridPrompts(self.points_per_side)
+        levels = tuple(n for n in (8, 16) if n < self.points_per_side) + (self.points_per_side,)
+        return CoarseToFinePrompts(levels, self.max_prompts)
 
 
 class EfficientViTSamAutomaticMaskGenerator(SamAutomaticMaskGenerator):
@@ -95,7 +137,47 @@ class EfficientViTSamAutomaticMaskGenerator(SamAutomaticMaskGenerator):
         self.predictor = EfficientViTSamPredictor(model)
 
 
-def build_mask_generator(model: nn.Module, options: MaskGeneratorOptions | None = None) -> SamAutomaticMaskGenerator:
+class BoundedAutomaticMaskGenerator:
+    """The bounded generator (modes ``fast`` / ``exact``) for a SAM-like model: ``generate(rgb)``
+    sets the photo on the predictor, decodes the strategy's prompts through
+    :class:`~retailklip.segment.bounded.SamPromptDecoder` and returns SAM-style records.
+
+    Args:
+        model: :class:`EfficientViTSam` or ``segment_anything`` ``Sam``.
+        options: generation parameters.
+
+    Attributes:
+        predictor: the model's predictor (reusable for prompted segmentation).
+        prompts_used: prompts decoded for the last photo.
+    """
+
+    def __init__(self, model: nn.Module, options: MaskGeneratorOptions) -> None:
+        from segment_anything import SamPredictor
+
+        self.predictor = EfficientViTSamPredictor(model) if isinstance(model, EfficientViTSam) else SamPredictor(model)
+        self.options = options
+        self._generator = BoundedMaskGenerator(
+            BoundedOptions(mode=options.mode, points_per_batch=options.points_per_batch,
+                           pred_iou_thresh=options.pred_iou_thresh, stability_score_thresh=options.stability_score_thresh,
+                           stability_score_offset=options.stability_score_offset, box_nms_thresh=options.box_nms_thresh,
+                           max_masks=options.max_masks),
+            options.strategy(),
+        )
+        self.prompts_used = 0
+
+    def generate(self, rgb: Any) -> list[dict[str, Any]]:
+        """Records of a uint8 (H, W, 3) RGB photo (as ``SamAutomaticMaskGenerator.generate``)."""
+        self.predictor.set_image(rgb)
+        try:
+            records = self._generator.generate(SamPromptDecoder(self.predictor))
+        finally:
+            self.predictor.reset_image()
+        self.prompts_used = self._generator.prompts_used
+        return records
+
+
+def build_mask_generator(model: nn.Module, options: MaskGeneratorOptions | None = None
+                         ) -> SamAutomaticMaskGenerator | BoundedAutomaticMaskGenerator:
     """Automatic mask generator for an EfficientViT-SAM or an original SAM model.
 
     Args:
@@ -103,7 +185,8 @@ def build_mask_generator(model: nn.Module, options: MaskGeneratorOptions | None 
         options: generation parameters (defaults: :class:`MaskGeneratorOptions`).
 
     Returns:
-        A generator producing binary masks (``output_mode="binary_mask"``).
+        :class:`BoundedAutomaticMaskGenerator` (modes fast / exact), or a
+        ``SamAutomaticMaskGenerator`` producing binary masks (mode sam).
 
     Raises:
         ImportError: ``min_mask_region_area > 0`` without ``opencv-python`` installed.
@@ -117,6 +200,8 @@ def build_mask_generator(model: nn.Module, options: MaskGeneratorOptions | None 
                 "min_mask_region_area > 0 needs opencv-python (pip install opencv-python-headless); "
                 "or set min_mask_region_area=0"
             ) from None
+    if options.mode != "sam":
+        return BoundedAutomaticMaskGenerator(model, options)
     cls = EfficientViTSamAutomaticMaskGenerator if isinstance(model, EfficientViTSam) else SamAutomaticMaskGenerator
     return cls(model, output_mode="binary_mask", **options.as_kwargs())
 

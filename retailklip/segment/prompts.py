@@ -9,7 +9,8 @@ most grid prompts land on objects already found).  Every strategy has a hard ``m
 the worst case (nothing found: an empty tray, random weights) is bounded too.
 
 Interface: ``strategy.start(width, height)`` returns a session;
-``session.next_points(coverage)`` returns float32 (n, 2) ``(x, y)`` photo pixels to decode
+``session.next_points(coverage)`` returns float64 (n, 2) ``(x, y)`` photo pixels (float64 as
+SAM's own grid, so the exact mode prompts the very same coordinates) to decode
 next, or ``None`` when done.  ``coverage`` is a bool (h, w) map at any resolution (the
 generator's low working resolution) of the pixels covered by accepted masks, None before the
 first round.
@@ -29,14 +30,15 @@ def grid_points(points_per_side: int, width: int, height: int) -> np.ndarray:
     n x n grid over the photo.
 
     Returns:
-        float32 (n*n, 2) ``(x, y)`` pixel coordinates, row by row (x fastest), as SAM orders them.
+        float64 (n*n, 2) ``(x, y)`` pixel coordinates, row by row (x fastest), as SAM orders them
+        (the same numbers as ``build_point_grid(n) * [width, height]``).
     """
     offset = 1.0 / (2 * points_per_side)
     side = np.linspace(offset, 1 - offset, points_per_side)
     xs = np.tile(side[None, :], (points_per_side, 1))
     ys = np.tile(side[:, None], (1, points_per_side))
     unit = np.stack([xs, ys], axis=-1).reshape(-1, 2)
-    return (unit * np.array([width, height])[None, :]).astype(np.float32)
+    return unit * np.array([width, height])[None, :]
 
 
 def _uncovered(points: np.ndarray, coverage: np.ndarray | None, width: int, height: int) -> np.ndarray:
@@ -129,7 +131,7 @@ class _CoarseToFineSession:
                 pts = pts[np.sort(order)]
             self.seen.update(map(tuple, np.round(pts).astype(int).tolist()))
             self.used += len(pts)
-            return pts.astype(np.float32)
+            return pts
         return None
 
 
