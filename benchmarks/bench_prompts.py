@@ -11,7 +11,8 @@ oracle's answer is a function of the point).
 
 A ground-truth object is *found* when an accepted mask has IoU >= 0.5 (also reported: >= 0.75)
 with its visible mask; recall = found / objects over all trays.  Prompts are counted as decoded
-(``BoundedMaskGenerator.prompts_used``); the ratio is against SAM's 32 x 32 grid (1024).
+(``BoundedMaskGenerator.prompts_used``); the ratio is against SAM's 32 x 32 grid (1024).  At most
+``--max-masks`` masks are kept per photo (default: the segmenter's ``MaskGeneratorOptions``).
 
     python benchmarks/bench_prompts.py --n 50                 # the table in docs/segmentation.md
     python benchmarks/bench_prompts.py --n 50 --no-tray       # sensitivity: no whole-tray answers
@@ -26,6 +27,7 @@ import time
 import numpy as np
 
 from retailklip.datasets import read_grocery_store
+from retailklip.segment.automatic import MaskGeneratorOptions
 from retailklip.segment.bounded import BoundedMaskGenerator, BoundedOptions
 from retailklip.segment.oracle import OracleDecoder, OracleRates
 from retailklip.segment.prompts import CoarseToFinePrompts, FarthestPointPrompts, GridPrompts
@@ -68,6 +70,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", default="1024x768", help="WxH pixels")
     p.add_argument("--root", default=None, help="GroceryStore root")
+    p.add_argument("--max-masks", type=int, default=MaskGeneratorOptions().max_masks,
+                   help="masks kept per photo (default: the segmenter's, MaskGeneratorOptions.max_masks)")
     p.add_argument("--no-tray", action="store_true", help="oracle never answers the whole-tray mask")
     a = p.parse_args()
     W, H = (int(v) for v in a.size.lower().split("x"))
@@ -85,14 +89,14 @@ def main() -> None:
         decoder = OracleDecoder(tray, rates, seed=a.seed + i)
         n_objects += len(tray.skus)
         for s in strats:
-            gen = BoundedMaskGenerator(BoundedOptions(), s)
+            gen = BoundedMaskGenerator(BoundedOptions(max_masks=a.max_masks), s)
             records = gen.generate(decoder)
             iou = found_iou(tray.labels, len(tray.skus), records)
             best[s.name][50].append(int((iou >= 0.5).sum()))
             best[s.name][75].append(int((iou >= 0.75).sum()))
             prompts[s.name].append(gen.prompts_used)
             kept[s.name].append(len(records))
-    print(f"{a.n} trays {W}x{H}, {n_objects} objects, seeds {a.seed}..{a.seed + a.n - 1}, "
+    print(f"{a.n} trays {W}x{H}, max_masks {a.max_masks}, {n_objects} objects, seeds {a.seed}..{a.seed + a.n - 1}, "
           f"{time.perf_counter() - t0:.0f} s")
     print("\n| strategy | recall IoU>=0.5 | recall IoU>=0.75 | mean prompts | max prompts | prompts / 32x32 | masks kept |")
     print("|---|---|---|---|---|---|---|")

@@ -152,7 +152,7 @@ def test_oracle_answers_the_object_under_the_point(maker):
     gt = t.masks()
     for k in range(len(t.skus)):
         x, y = _interior_point(t.labels, k)
-        logits, iou = d.decode(np.array([[x, y]]))
+        logits, _ = d.decode(np.array([[x, y]]))
         whole = _full(d, logits[0, 1])
         assert _iou(whole, gt[k]) > 0.85, t.skus[k]
         part = _full(d, logits[0, 0])

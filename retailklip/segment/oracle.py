@@ -166,7 +166,7 @@ class OracleDecoder:
     def answer_ids(self, x: float, y: float) -> list[int]:
         """The three fixed masks (indices) answered for point (x, y) photo pixels."""
         r = self.rates
-        px, py = int(math.floor(x)), int(math.floor(y))
+        px, py = math.floor(x), math.floor(y)
         rng = np.random.default_rng([self.seed, px, py])
         H, W = self.image_size
         obj = int(self.labels[min(max(py, 0), H - 1), min(max(px, 0), W - 1)])
@@ -188,7 +188,7 @@ class OracleDecoder:
         """One point (photo pixels) -> (logits float32 (3, h, w), predicted IoU float32 (3,)):
         the fixed masks of :meth:`answer_ids`, each mask's base score + N(0, ``score_noise``)."""
         ids = self.answer_ids(x, y)
-        rng = np.random.default_rng([self.seed, 2, int(math.floor(x)), int(math.floor(y))])
+        rng = np.random.default_rng([self.seed, 2, math.floor(x), math.floor(y)])
         scores = [self._masks[i][1] + rng.normal(0.0, self.rates.score_noise) for i in ids]
         return (np.stack([self._masks[i][0] for i in ids]),
                 np.clip(np.array(scores, np.float32), 0.0, 1.0))

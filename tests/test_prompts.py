@@ -1,0 +1,88 @@
+"""Prompt strategies (retailklip.segment.prompts): budgets, coverage, and recall through the
+bounded generator on a simulated tray (retailklip.segment.oracle)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retailklip.segment.bounded import BoundedMaskGenerator, BoundedOptions
+from retailklip.segment.errors import SegmenterOptionError
+from retailklip.segment.oracle import OracleDecoder, OracleRates
+from retailklip.segment.prompts import CoarseToFinePrompts, FarthestPointPrompts, GridPrompts, grid_points
+from retailklip.segment.synthetic import TrayMaker
+
+
+def _run(strategy, coverages) -> list[np.ndarray]:
+    session = strategy.start(640, 480)
+    rounds, coverage = [], None
+    while (pts := session.next_points(coverage)) is not None:
+        rounds.append(pts)
+        coverage = coverages(len(rounds))
+    return rounds
+
+
+def test_farthest_first_round_is_the_coarse_grid_and_the_budget_holds():
+    s = FarthestPointPrompts(first=6, batch=16, max_prompts=100)
+    rounds = _run(s, lambda i: np.zeros((120, 160), bool))
+    assert np.array_equal(rounds[0], grid_points(6, 640, 480))
+    assert [len(r) for r in rounds] == [36, 16, 16, 16, 16]
+    pts = np.concatenate(rounds)
+    assert len(np.unique(np.round(pts, 3), axis=0)) == 100  # never the same point twice
+    assert pts.dtype == np.float64 and (pts[:, 0] < 640).all() and (pts[:, 1] < 480).all()
+
+
+def test_farthest_goes_to_uncovered_pixels_first():
+    left = np.zeros((120, 160), bool)
+    left[:, :80] = True  # the left half is covered
+    s = FarthestPointPrompts(first=4, batch=16, max_prompts=200, covered_weight=0.25)
+    rounds = _run(s, lambda i: left)
+    assert (rounds[1][:, 0] >= 320).all()
+    later = np.concatenate(rounds[1:])
+    assert (later[:, 0] >= 320).mean() > 0.7 and (later[:, 0] < 320).any()  # covered places get some too
+    never = _run(FarthestPointPrompts(first=4, max_prompts=64, covered_weight=0.0), lambda i: left)
+    assert (np.concatenate(never[1:])[:, 0] >= 320).all()
+
+
+def test_farthest_stops_when_everything_is_covered():
+    full = lambda i: np.ones((120, 160), bool)
+    assert [len(r) for r in _run(FarthestPointPrompts(first=6, stop_covered=True), full)] == [36]
+    assert [len(r) for r in _run(FarthestPointPrompts(first=6, covered_weight=0.0), full)] == [36]
+    assert sum(len(r) for r in _run(FarthestPointPrompts(first=6, covered_weight=0.5), full)) == 128
+
+
+@pytest.mark.parametrize("bad", [{"first": 0}, {"batch": 0}, {"max_prompts": 0}, {"candidates": 0},
+                                 {"covered_weight": 1.5}, {"covered_weight": -0.1}])
+def test_bad_farthest_options_are_refused(bad):
+    with pytest.raises(SegmenterOptionError):
+        FarthestPointPrompts(**bad)
+
+
+def _recall(tray, records) -> float:
+    n = len(tray.skus)
+    area = np.bincount(tray.labels.ravel(), minlength=n + 1)[1:]
+    best = np.zeros(n)
+    for r in records:
+        inter = np.bincount(tray.labels[r["segmentation"]], minlength=n + 1)[1:]
+        best = np.maximum(best, inter / (area + r["area"] - inter))
+    return float((best >= 0.5).mean())
+
+
+def test_strategies_find_the_objects_of_a_simulated_tray(grocery_store):
+    """Through the bounded generator (SAM's thresholds): with a perfect oracle every strategy
+    finds (nearly) every object; with SAM's failure modes more prompts find more."""
+    maker = TrayMaker(grocery_store)
+    tray = maker.make(11, (768, 576))
+    perfect = OracleRates(object_interior=1.0, object_edge=1.0, tray_on_object=0.0, tray_on_background=0.0,
+                          object_iou=(0.97, 0.005), score_noise=0.005)
+    sims = {}
+    for rates_name, rates in (("perfect", perfect), ("default", OracleRates())):
+        decoder = OracleDecoder(tray, rates, seed=11)
+        for s in (GridPrompts(4), GridPrompts(32), CoarseToFinePrompts(), FarthestPointPrompts()):
+            gen = BoundedMaskGenerator(BoundedOptions(), s)
+            sims[rates_name, s.name] = (_recall(tray, gen.generate(decoder)), gen.prompts_used)
+    assert sims["perfect", "grid32"][0] >= 0.9
+    assert sims["perfect", FarthestPointPrompts().name][0] >= 0.9
+    assert sims["default", "grid32"][0] > sims["default", "grid4"][0]
+    assert sims["default", FarthestPointPrompts().name][1] == 128
+    assert sims["default", CoarseToFinePrompts().name][1] <= 128
