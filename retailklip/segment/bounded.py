@@ -189,6 +189,20 @@ def _count(data: MaskData) -> int:
     return len(stats["iou_preds"]) if "iou_preds" in stats else 0
 
 
+def _coverage(masks: torch.Tensor, contained: float = 0.8) -> np.ndarray:
+    """Pixels covered by the kept masks (bool (k, h, w) -> (h, w)), leaving out *composite*
+    masks: a mask holding >= 2 other kept masks (each >= ``contained`` inside it), e.g. SAM's
+    whole-tray answer.  Such a mask would mark every object on the tray as found and stop the
+    prompt strategy from asking about the objects themselves."""
+    flat = masks.flatten(1).float()
+    area = flat.sum(1)
+    inter = flat @ flat.T  # (k, k): pixels of mask j inside mask i
+    holds = (inter >= contained * area[None, :]) & (area[None, :] > 0)
+    holds.fill_diagonal_(False)
+    composite = holds.sum(1) >= 2
+    return masks[~composite].any(0).numpy()
+
+
 def _batches(points: np.ndarray, size: int) -> Iterator[np.ndarray]:
     for s in range(0, len(points), size):
         yield points[s : s + size]
@@ -286,7 +300,7 @@ class BoundedMaskGenerator:
                 part["boxes"] = batched_mask_to_box(part["low"] > 0.0)
                 kept.cat(part)
                 kept = self._nms(kept)
-            coverage = (kept["low"] > 0.0).any(0).numpy() if _count(kept) else np.zeros((h, w), bool)
+            coverage = _coverage(kept["low"] > 0.0) if _count(kept) else np.zeros((h, w), bool)
         return [self._full_record(decoder, kept, i) for i in range(_count(kept))]
 
     def _nms(self, data: MaskData) -> MaskData:
