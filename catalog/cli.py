@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="segmenter point grid N x N (default 32; 16 is ~4x faster on the CPU)")
     s.add_argument("--segment-option", type=parse_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="automatic mask generation parameter, repeatable, e.g. pred_iou_thresh=0.8 (see docs/segmentation.md)")
+    s.add_argument("--boxes", type=Path, default=None, metavar="FILE",
+                   help="where the products are (a POS detector, a fixed tray layout): JSON list of [x0, y0, x1, y1] pixel "
+                        "boxes, or a COCO file (the boxes of the image with the photo's file name); one segment per box")
 
     s = sub.add_parser("rebuild", help="re-embed every SKU, build a new index version, validate it and switch to it atomically")
     s.add_argument("--encoder", default=None, metavar="SPEC", help="new encoder (default: the catalog's), e.g. after a finetune")

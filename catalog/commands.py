@@ -141,12 +141,16 @@ def cmd_recognize(args) -> int:
         bad = sorted(set(seg_options) - known)
         if bad:
             raise RetailKlipError(f"unknown segmenter option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+    if args.boxes is not None:
+        from retailklip.coco import read_boxes
+
+        box_file = read_boxes(args.boxes)  # a bad file: one error before any model is built
     rec = Recognizer.open(
         catalog_dir(args), db_url=args.db_url, device=args.device, threshold=args.threshold,
         segmenter=args.segment, checkpoint=args.checkpoint, segmenter_options=seg_options or None,
     )
-    if args.save_segments is not None and rec.segmenter is None:
-        raise RetailKlipError("--save-segments needs a segmenter (--segment NAME)")
+    if args.save_segments is not None and rec.segmenter is None and args.boxes is None:
+        raise RetailKlipError("--save-segments needs a segmenter (--segment NAME) or --boxes")
     overlays = None
     if args.overlay is not None:
         from retailklip.overlay import check_overlay_path, overlay_paths
@@ -156,13 +160,14 @@ def cmd_recognize(args) -> int:
     for n, path in enumerate(args.images):
         try:
             im = load_image(path)
+            boxes = box_file.boxes_for(path) if args.boxes is not None else None
             if args.save_segments is not None:
                 from retailklip.segment import save_segments
 
-                recs, segments = rec.recognize_segments(im)
+                recs, segments = rec.recognize_segments(im, boxes=boxes)
                 save_segments(segments, args.save_segments, path.name)
             else:
-                recs = rec.recognize(im)
+                recs = rec.recognize(im, boxes=boxes)
             if overlays is not None:
                 from retailklip.overlay import save_overlay
 
