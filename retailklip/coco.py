@@ -11,7 +11,7 @@ Context", ECCV 2014; https://cocodataset.org/#format-data), as pycocotools reads
 ``bbox`` is ``[x, y, width, height]`` in pixels; ``segmentation`` is a list of polygons
 (``[[x0, y0, x1, y1, ...], ...]``), an uncompressed RLE (``{"size": [h, w], "counts": [..]}``)
 or a compressed one (``counts`` a string); all three are decoded by ``pycocotools.mask``
-(``frPyObjects`` + ``decode``; extra ``pip install 'retailklip[coco]'``).  For the tray
+(``frPyObjects`` / ``decode``, as ``COCO.annToRLE``; extra ``pip install 'retailklip[coco]'``).  For the tray
 evaluation a category's ``name`` is the SKU id in the catalog.
 
 :func:`read_boxes` reads the ``--boxes FILE`` of ``catalog recognize``: either a JSON list of
@@ -190,6 +190,51 @@ def read_coco(path: str | os.PathLike) -> CocoDataset:
     """
     path = Path(path)
     return parse_coco(_load_json(path, "COCO file"), path)
+
+
+def decode_segmentation(annotation: CocoAnnotation, height: int, width: int) -> np.ndarray:
+    """The mask of an annotation: polygons, uncompressed or compressed RLE (pycocotools).
+
+    Args:
+        annotation: the annotation; without a ``segmentation`` its bbox is the mask.
+        height, width: the photo's size in pixels.
+
+    Returns:
+        bool (height, width).
+
+    Raises:
+        CocoError: a malformed segmentation, an RLE of another size, or an empty mask.
+        ImportError: pycocotools is not installed (message: the pip command).
+    """
+    try:
+        from pycocotools import mask as mask_utils
+    except ImportError:
+        raise ImportError("COCO masks need pycocotools: pip install 'retailklip[coco]' (or pip install pycocotools)") from None
+    segm, where = annotation.segmentation, f"annotation {annotation.id}"
+    if segm is None or segm == []:
+        x0, y0, x1, y1 = annotation.xyxy
+        mask = np.zeros((height, width), dtype=bool)
+        mask[max(int(y0), 0):int(np.ceil(y1)), max(int(x0), 0):int(np.ceil(x1))] = True
+    else:
+        if isinstance(segm, dict):
+            size = segm.get("size")
+            if not isinstance(size, list) or [int(v) for v in size] != [height, width] or "counts" not in segm:
+                raise CocoError(f"{where}: an RLE needs 'counts' and 'size' [{height}, {width}], got size {size!r}")
+        elif not (isinstance(segm, list) and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segm)):
+            raise CocoError(f"{where}: 'segmentation' must be an RLE object or polygons [[x0, y0, x1, y1, x2, y2, ...], ...]")
+        try:
+            if isinstance(segm, dict) and isinstance(segm["counts"], (str, bytes)):  # compressed RLE
+                counts = segm["counts"]
+                rle = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+            else:  # polygons, uncompressed RLE (as pycocotools' COCO.annToRLE)
+                rles = mask_utils.frPyObjects(segm, height, width)
+                rle = mask_utils.merge(rles) if isinstance(rles, list) else rles
+            mask = mask_utils.decode(rle).astype(bool)
+        except (TypeError, ValueError, OverflowError, UnicodeEncodeError) as e:
+            raise CocoError(f"{where}: cannot decode its segmentation: {e}") from None
+    if not mask.any():
+        raise CocoError(f"{where}: its mask is empty")
+    return mask
 
 
 @dataclass(frozen=True)
