@@ -97,11 +97,16 @@ def check_points(points: object, width: int, height: int) -> np.ndarray:
     return arr.astype(np.float32)
 
 
+def _box_pixels(box: np.ndarray) -> tuple[int, int, int, int]:
+    """Integer pixel range ``(x0, y0, x1, y1)``, x1/y1 exclusive, that a float box covers."""
+    x0, y0 = math.floor(box[0]), math.floor(box[1])
+    return x0, y0, max(math.ceil(box[2]), x0 + 1), max(math.ceil(box[3]), y0 + 1)
+
+
 def box_mask(box: np.ndarray, width: int, height: int) -> np.ndarray:
     """bool (height, width) mask of the pixels a (clipped) float box covers: columns
     ``floor(x0) .. ceil(x1) - 1``, rows ``floor(y0) .. ceil(y1) - 1``."""
-    x0, y0 = math.floor(box[0]), math.floor(box[1])
-    x1, y1 = max(math.ceil(box[2]), x0 + 1), max(math.ceil(box[3]), y0 + 1)
+    x0, y0, x1, y1 = _box_pixels(box)
     mask = np.zeros((height, width), dtype=bool)
     mask[y0:min(y1, height), x0:min(x1, width)] = True
     return mask
@@ -245,10 +250,9 @@ class PromptedSegmenter:
         segments = []
         for i, j in enumerate(best.tolist()):
             logits = model.postprocess_masks(low_res[i:i + 1, j:j + 1], p.input_size, p.original_size)[0, 0]
-            if kind == "box" and self.clip_to_box:
-                inside = torch.from_numpy(box_mask(prompts[i], image.width, image.height)).to(logits.device)
-                logits = logits.masked_fill_(~inside, -torch.inf)
-                del inside
+            if kind == "box" and self.clip_to_box:  # in place, no full-size temporary
+                x0, y0, x1, y1 = _box_pixels(prompts[i])
+                logits[:y0] = logits[y1:] = logits[:, :x0] = logits[:, x1:] = -torch.inf
             mask = (logits > model.mask_threshold).cpu().numpy()
             score = float(iou[i, j])
             if mask.any():
