@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="segmenter point grid N x N (default 32; 16 is ~4x faster on the CPU)")
     s.add_argument("--segment-option", type=parse_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="automatic mask generation parameter, repeatable, e.g. pred_iou_thresh=0.8 (see docs/segmentation.md)")
+    s.add_argument("--boxes", type=Path, default=None, metavar="FILE",
+                   help="where the products are (a POS detector, a fixed tray layout): JSON list of [x0, y0, x1, y1] pixel "
+                        "boxes, or a COCO file (the boxes of the image with the photo's file name); one segment per box")
 
     s = sub.add_parser("rebuild", help="re-embed every SKU, build a new index version, validate it and switch to it atomically")
     s.add_argument("--encoder", default=None, metavar="SPEC", help="new encoder (default: the catalog's), e.g. after a finetune")
@@ -163,9 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     from retailklip.datasets import LAYOUTS
 
-    s = sub.add_parser("eval", help="RetailKLIP zero-shot protocol: one reference per class + K augmentations, 1-NN top-1")
-    s.add_argument("root", type=Path, metavar="DATASET_DIR")
-    s.add_argument("--layout", required=True, choices=list(LAYOUTS), help="dataset directory layout (see docs/evaluation.md)")
+    s = sub.add_parser("eval", help="RetailKLIP zero-shot protocol (a dataset directory), or checkout trays (--layout coco)")
+    s.add_argument("root", type=Path, metavar="DATASET_DIR|ANNOTATIONS.json")
+    s.add_argument("--layout", required=True, choices=[*LAYOUTS, "coco"],
+                   help="dataset directory layout, or coco: tray photos with COCO instance annotations, category name = "
+                        "SKU id, through the whole pipeline (see docs/evaluation.md)")
+    s.add_argument("--images", type=Path, default=None, metavar="DIR",
+                   help="coco: directory of the photos' file_names (default: the annotation file's directory)")
+    s.add_argument("--masks", choices=["predicted", "ground-truth"], default=None,
+                   help="coco: segment with the segmenter (predicted, default) or recognise the annotated masks (ground-truth)")
+    s.add_argument("--segment", default=None, metavar="NAME", help="coco: segmenter (default: the catalog's, else whole image)")
+    s.add_argument("--checkpoint", default=None, metavar="FILE", help="coco: segmenter checkpoint file")
+    s.add_argument("--points-per-side", type=int, default=None, metavar="N", help="coco: segmenter point grid N x N")
+    s.add_argument("--segment-option", type=parse_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="coco: automatic mask generation parameter, repeatable")
+    s.add_argument("--threshold", type=_distance, default=None, metavar="D", help="coco: override the catalog's distance threshold")
+    s.add_argument("--iou-threshold", type=float, default=None, metavar="T",
+                   help="coco: mask IoU at which a prediction matches an annotated object (default 0.5)")
     s.add_argument("--split", default=None, help="query split (default: val for grocery-store, else test)")
     s.add_argument("--encoder", default=None, metavar="SPEC", help="encoder to evaluate (default: the catalog's)")
     s.add_argument("--weights", type=Path, default=None, metavar="FILE", help="local weights of --encoder")
@@ -175,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None, help="augmentation seed (default: the catalog's; with --encoder 0)")
     s.add_argument("--max-classes", type=int, default=None, metavar="N", help="only the first N classes (quick runs)")
     s.add_argument("--max-per-class", type=int, default=None, metavar="N", help="at most N query images per class")
-    s.add_argument("--json", action="store_true", help="print JSON (with per-class counts)")
+    s.add_argument("--json", action="store_true", help="print JSON (per-class counts; coco: per-photo and per-SKU results)")
     return p
 
 

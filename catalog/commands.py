@@ -125,10 +125,13 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_recognize(args) -> int:
-    from retailklip.images import load_image
-    from retailklip.recognizer import Recognizer
+def segmenter_options(args) -> dict:
+    """``--segment-option KEY=VALUE`` and ``--points-per-side N`` as one dict of
+    :class:`~retailklip.segment.MaskGeneratorOptions` fields.
 
+    Raises:
+        RetailKlipError: a key that is no such field.
+    """
     seg_options = dict(args.segment_option)
     if args.points_per_side is not None:
         seg_options["points_per_side"] = args.points_per_side
@@ -141,12 +144,24 @@ def cmd_recognize(args) -> int:
         bad = sorted(set(seg_options) - known)
         if bad:
             raise RetailKlipError(f"unknown segmenter option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+    return seg_options
+
+
+def cmd_recognize(args) -> int:
+    from retailklip.images import load_image
+    from retailklip.recognizer import Recognizer
+
+    seg_options = segmenter_options(args)
+    if args.boxes is not None:
+        from retailklip.coco import read_boxes
+
+        box_file = read_boxes(args.boxes)  # a bad file: one error before any model is built
     rec = Recognizer.open(
         catalog_dir(args), db_url=args.db_url, device=args.device, threshold=args.threshold,
         segmenter=args.segment, checkpoint=args.checkpoint, segmenter_options=seg_options or None,
     )
-    if args.save_segments is not None and rec.segmenter is None:
-        raise RetailKlipError("--save-segments needs a segmenter (--segment NAME)")
+    if args.save_segments is not None and rec.segmenter is None and args.boxes is None:
+        raise RetailKlipError("--save-segments needs a segmenter (--segment NAME) or --boxes")
     overlays = None
     if args.overlay is not None:
         from retailklip.overlay import check_overlay_path, overlay_paths
@@ -156,13 +171,14 @@ def cmd_recognize(args) -> int:
     for n, path in enumerate(args.images):
         try:
             im = load_image(path)
+            boxes = box_file.boxes_for(path) if args.boxes is not None else None
             if args.save_segments is not None:
                 from retailklip.segment import save_segments
 
-                recs, segments = rec.recognize_segments(im)
+                recs, segments = rec.recognize_segments(im, boxes=boxes)
                 save_segments(segments, args.save_segments, path.name)
             else:
-                recs = rec.recognize(im)
+                recs = rec.recognize(im, boxes=boxes)
             if overlays is not None:
                 from retailklip.overlay import save_overlay
 
@@ -225,6 +241,14 @@ def cmd_eval(args) -> int:
     from retailklip.encoders import create_encoder
     from retailklip.evaluation import evaluate_zero_shot
 
+    if args.layout == "coco":
+        return cmd_eval_trays(args)
+    coco_only = {"--images": args.images, "--masks": args.masks, "--segment": args.segment, "--checkpoint": args.checkpoint,
+                 "--points-per-side": args.points_per_side, "--segment-option": args.segment_option or None,
+                 "--threshold": args.threshold, "--iou-threshold": args.iou_threshold}
+    given = [k for k, v in coco_only.items() if v is not None]
+    if given:
+        raise RetailKlipError(f"{', '.join(given)}: only with --layout coco")
     ds = load_dataset(args.layout, args.root, args.split)
     if any(v is not None and v < 1 for v in (args.max_classes, args.max_per_class)):
         raise RetailKlipError("--max-classes and --max-per-class must be >= 1")
@@ -249,6 +273,38 @@ def cmd_eval(args) -> int:
     else:
         print(f"{result.dataset} {result.split}: {result.classes} classes, {result.queries} images, K={k}, encoder {result.encoder}")
         print(f"top-1 {result.top1:.4f}  per-class average {result.per_class_average:.4f}  ({result.seconds:.0f} s)")
+    return 0
+
+
+def cmd_eval_trays(args) -> int:
+    """``catalog eval --layout coco ANNOTATIONS.json``: tray-level metrics (retailklip.tray_eval)."""
+    from retailklip.coco import read_coco
+    from retailklip.recognizer import Recognizer
+    from retailklip.tray_eval import evaluate_trays
+
+    zero_shot_only = {"--split": args.split, "--encoder": args.encoder, "--weights": args.weights,
+                      "--encoder-option": args.encoder_option or None, "--augmentations": args.augmentations,
+                      "--seed": args.seed, "--max-classes": args.max_classes, "--max-per-class": args.max_per_class}
+    given = [k for k, v in zero_shot_only.items() if v is not None]
+    if given:
+        raise RetailKlipError(f"{', '.join(given)}: not used with --layout coco (the catalog's encoder and references are)")
+    masks = args.masks or "predicted"
+    seg_options = segmenter_options(args)
+    if masks == "ground-truth" and (args.segment or args.checkpoint or seg_options):
+        raise RetailKlipError("--masks ground-truth recognises the annotated masks: drop --segment / --checkpoint / segmenter options")
+    dataset = read_coco(args.root)  # a bad file: one error before any model is built
+    if masks == "ground-truth":
+        rec = Recognizer(Catalog.open(catalog_dir(args), db_url=args.db_url, device=args.device), threshold=args.threshold)
+    else:
+        rec = Recognizer.open(
+            catalog_dir(args), db_url=args.db_url, device=args.device, threshold=args.threshold,
+            segmenter=args.segment, checkpoint=args.checkpoint, segmenter_options=seg_options or None,
+        )
+    result = evaluate_trays(
+        dataset, rec, images_dir=args.images, masks=masks,
+        iou_threshold=args.iou_threshold if args.iou_threshold is not None else 0.5,
+    )
+    print(json.dumps(result.to_dict(), ensure_ascii=False, indent=1) if args.json else result.table())
     return 0
 
 

@@ -51,7 +51,9 @@ class SegmenterLike(Protocol):
     """What the recognizer needs of a segmenter: ``segment(image)`` of the decoded photo (an
     upright ``RGB``/``RGBA`` PIL image from :func:`retailklip.images.load_image`).  A segmenter
     that also has ``segment_image(image)`` (every :mod:`retailklip.segment` segmenter: their
-    ``segment`` decodes its input first) is called through that, so the photo is decoded once."""
+    ``segment`` decodes its input first) is called through that, so the photo is decoded once.
+    Box / point prompts (``recognize(image, boxes=...)``) go to ``segment_prompts(image, boxes=,
+    points=)`` where the segmenter has it."""
 
     def segment(self, image: Image.Image) -> list[SegmentLike]: ...
 
@@ -309,40 +311,56 @@ class Recognizer:
         with self._lock:
             return view.matcher.match(np.asarray(embeddings, np.float32), t)
 
-    def recognize(self, image: ImageSource) -> list[Recognition]:
+    def recognize(
+        self, image: ImageSource, *, boxes: object = None, points: object = None, masks: object = None,
+    ) -> list[Recognition]:
         """Recognise the products in one image.
 
         Args:
             image: a path, bytes, PIL image (any mode; EXIF orientation applied) or uint8
                 numpy array (H, W, 3).
+            boxes: where the products are, when a detector or a fixed tray layout knows it:
+                float (N, 4) ``(x0, y0, x1, y1)`` pixels of the upright photo. The segmenter
+                cuts out one segment per box (``segment_prompts``, SAM's box prompts); with no
+                segmenter, or one without a model, each box itself is the segment.
+            points: float (M, 2) ``(x, y)`` pixels, one positive point per product (needs a
+                model segmenter); recognised after the boxes.
+            masks: bool (H, W) masks of the products (e.g. annotated ones): recognised as
+                given, no segmenter runs; not together with ``boxes`` / ``points``.
 
         Returns:
-            One :class:`Recognition` per kept segment (with no segmenter: one for the whole
-            image), in the segmenter's order.
+            One :class:`Recognition` per kept segment (with no segmenter and no prompts: one
+            for the whole image), in the segmenter's order (with prompts: the prompts' order).
 
         Raises:
             InvalidImageError: the image cannot be decoded.
             EmptyCatalogError: the catalog holds no SKU.
             EncoderMismatchError: the encoder's weights changed since the vectors were made.
+            RetailKlipError: bad prompts or masks (``SegmenterOptionError`` for prompts), or
+                prompts the segmenter cannot take.
         """
-        return self.recognize_segments(image)[0]
+        return self.recognize_segments(image, boxes=boxes, points=points, masks=masks)[0]
 
-    def recognize_segments(self, image: ImageSource) -> tuple[list[Recognition], list[SegmentLike]]:
+    def recognize_segments(
+        self, image: ImageSource, *, boxes: object = None, points: object = None, masks: object = None,
+    ) -> tuple[list[Recognition], list[SegmentLike]]:
         """Like :meth:`recognize`, also returning the segments (with their RGBA crops), e.g. to
-        save them; with no segmenter the segment list is empty (the whole photo,
+        save them; with no segmenter and no prompts the segment list is empty (the whole photo,
         :func:`retailklip.segment.parsing.whole_image_segment`, is recognised with mask None)."""
         im = load_image(image)  # the one decode: segmenter and encoder get decoded images
         view = self._current()
         if not view.matcher.sku_of:
             raise EmptyCatalogError("the catalog holds no SKU; add one with `catalog add IMAGE`")
-        if self.segmenter is None:
+        segments = self._given_segments(im, boxes, points, masks)
+        if segments is None and self.segmenter is None:
             from .segment.parsing import whole_image_segment
 
             whole = whole_image_segment(im)
             crops, boxes, masks, scores, segments = [whole.crop], [whole.bbox], [None], [whole.score], []
         else:
-            segment = getattr(self.segmenter, "segment_image", None) or self.segmenter.segment
-            segments = segment(im)
+            if segments is None:
+                segment = getattr(self.segmenter, "segment_image", None) or self.segmenter.segment
+                segments = segment(im)
             if not segments:
                 return [], []
             crops = [s.crop for s in segments]
@@ -363,6 +381,28 @@ class Recognizer:
         else:
             raise RetailKlipError("the catalog's encoder kept changing during recognition; try again")
         return self._recognitions(matches, names, threshold, boxes, masks, scores), segments
+
+    def _given_segments(self, im: Image.Image, boxes, points, masks) -> list[SegmentLike] | None:
+        """The segments of prompts or given masks (None when there are none: the segmenter's
+        own segments are recognised)."""
+        if masks is not None:
+            if boxes is not None or points is not None:
+                raise RetailKlipError("give masks, or boxes / points, not both")
+            from .segment.prompted import mask_segments
+
+            return mask_segments(im, masks)
+        if boxes is None and points is None:
+            return None
+        prompted = getattr(self.segmenter, "segment_prompts", None)
+        if prompted is not None:
+            return prompted(im, boxes=boxes, points=points)
+        if self.segmenter is not None:
+            raise RetailKlipError(f"segmenter {type(self.segmenter).__name__} takes no box or point prompts")
+        from .segment.prompted import box_segments
+
+        if points is not None and len(np.asarray(points)):
+            raise RetailKlipError("point prompts need a model segmenter (--segment NAME)")
+        return box_segments(im, boxes if boxes is not None else [])
 
     @staticmethod
     def _recognitions(matches, names, threshold, boxes, masks, scores) -> list[Recognition]:

@@ -32,6 +32,7 @@ from .errors import SegmenterOptionError
 from .modeling.efficientvit_sam import EfficientViTSam
 from .parsing import Segment, make_segment, whole_image_segment
 from .postprocess import PostprocessOptions, select_masks
+from .prompted import PromptedSegmenter, box_segments
 from .registry import create_model, get_spec
 from .transforms import check_rgb_array
 
@@ -49,18 +50,36 @@ class Segmenter(ABC):
     name: str
     postprocess: PostprocessOptions
 
-    def segment(self, image: ImageSource) -> list[Segment]:
-        """Segments of a photo: :meth:`segment_image` of the photo decoded upright.
+    def segment(self, image: ImageSource, *, boxes: object = None, points: object = None) -> list[Segment]:
+        """Segments of a photo: :meth:`segment_image` of the photo decoded upright, or with
+        prompts :meth:`segment_prompts` (one segment per box / point).
 
         Args:
             image: PIL image of any mode, path, bytes, or uint8 array (see
                 ``retailklip.images.load_image``); EXIF orientation is applied first, so masks
                 and boxes refer to the upright image.
+            boxes: float (N, 4) ``(x0, y0, x1, y1)`` pixels of the upright photo, or None.
+            points: float (M, 2) ``(x, y)`` pixels, one positive point per object, or None.
 
         Raises:
             InvalidImageError: the image cannot be decoded or is out of limits.
+            SegmenterOptionError: bad prompts, or prompts this segmenter cannot take.
         """
-        return self.segment_image(load_image(image))
+        im = load_image(image)
+        if boxes is None and points is None:
+            return self.segment_image(im)
+        return self.segment_prompts(im, boxes=boxes, points=points)
+
+    def segment_prompts(self, image: Image.Image, *, boxes: object = None, points: object = None) -> list[Segment]:
+        """One segment per prompt of a decoded photo; here (no model) each box is its own
+        rectangle (:func:`~retailklip.segment.prompted.box_segments`).
+
+        Raises:
+            SegmenterOptionError: point prompts (they need a model segmenter), or bad boxes.
+        """
+        if points is not None and len(np.asarray(points)):
+            raise SegmenterOptionError(f"segmenter {self.name} cannot take point prompts; use a model segmenter")
+        return box_segments(image, boxes if boxes is not None else [])
 
     @abstractmethod
     def segment_image(self, image: Image.Image) -> list[Segment]:
@@ -90,6 +109,8 @@ class SamSegmenter(Segmenter):
     Attributes:
         model: the model (eval mode).
         generator: the ``SamAutomaticMaskGenerator`` (its ``predictor`` is reusable for prompts).
+        prompted: the :class:`~retailklip.segment.prompted.PromptedSegmenter` behind
+            :meth:`segment_prompts` (batches of ``points_per_batch`` prompts).
 
     Calls from several threads are serialised (the generator caches one image at a time).
     """
@@ -106,6 +127,10 @@ class SamSegmenter(Segmenter):
         self.generator_options = generator_options or MaskGeneratorOptions()
         self.postprocess = postprocess_options or PostprocessOptions()
         self.generator = build_mask_generator(model, self.generator_options)
+        self.prompted = PromptedSegmenter(
+            model, batch_size=self.generator_options.points_per_batch,
+            stability_score_offset=self.generator_options.stability_score_offset,
+        )
         # The generator's predictor caches one image's embedding: serialise its users.
         self._lock = threading.Lock()
 
@@ -169,6 +194,16 @@ class SamSegmenter(Segmenter):
             self.name, len(records), len(segments), time.perf_counter() - start, image.width, image.height,
         )
         return segments
+
+    def segment_prompts(self, image: Image.Image, *, boxes: object = None, points: object = None) -> list[Segment]:
+        """One segment per box / point of a decoded photo, in prompt order (boxes, then points),
+        no post-processing: :meth:`PromptedSegmenter.segment_image
+        <retailklip.segment.prompted.PromptedSegmenter.segment_image>`.
+
+        Raises:
+            SegmenterOptionError: no prompts or bad prompts.
+        """
+        return self.prompted.segment_image(image, boxes=boxes, points=points)
 
     def segments_from_records(self, image: Image.Image, records: list[dict[str, Any]]) -> list[Segment]:
         """Retail post-processing and parsing of automatic-mask records of ``image``.
