@@ -285,3 +285,100 @@ def test_registered_segmenter_is_created_by_name(tmp_path, segmenter_table):
     del segmenter_table["my-sam"]
     with pytest.raises(UnknownSegmenterError, match="sam-vit-h, whole-image$"):
         load_segmenter("my-sam")
+
+
+# --- Bit-exactness against the official code (the `efficientsam` package, a test extra) -------------
+#
+# `efficientsam` is mit-han-lab/efficientvit's EfficientViT-SAM code packaged for pip (model code
+# identical to mit-han-lab/efficientvit@de7d7733 apart from import paths; it vendors
+# segment_anything as `efficientsam.segment_anything`, so it does not shadow the
+# `segment_anything` package our model is built from).
+
+#: Variants compared numerically in the normal suite (the XL ones run the encoder at 1024: slower).
+EXACT_VARIANTS = ("efficientvit-sam-l0", "efficientvit-sam-l1")
+
+
+def _official_zoo():
+    from efficientsam import sam_model_zoo  # the test extra; a missing package is a failure, not a skip
+
+    return sam_model_zoo
+
+
+def _randomize_norm_layers(model: torch.nn.Module, seed: int) -> None:
+    """Distinct random statistics and affine parameters for every norm layer: PyTorch's default
+    init makes all of them equal, which would hide a key mapping that swaps two of them."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            is_norm = isinstance(module, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm))
+            if not (is_norm or type(module).__name__ == "LayerNorm2d"):
+                continue
+            module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
+            module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
+            if getattr(module, "running_mean", None) is not None:
+                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=gen) * 0.1)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
+
+
+def test_official_package_does_not_shadow_segment_anything():
+    import segment_anything
+    from efficientsam.segment_anything.modeling import MaskDecoder as OfficialMaskDecoder
+    from segment_anything.modeling import MaskDecoder
+
+    assert segment_anything.__name__ == "segment_anything" and OfficialMaskDecoder is not MaskDecoder
+    assert type(build_efficientvit_sam("efficientvit-sam-l0").mask_decoder) is MaskDecoder
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_committed_key_lists_are_the_official_models(variant):
+    """tests/data/efficientvit_sam/<variant>.json is the official model's (key, shape) list."""
+    with torch.device("meta"):
+        official = _official_zoo().create_efficientvit_sam_model(variant, pretrained=False)
+    expected = json.loads((KEYS_DIR / f"{variant}.json").read_text())
+    assert [[k, list(v.shape)] for k, v in official.state_dict().items()] == expected["keys"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", EXACT_VARIANTS)
+def test_bit_exact_with_the_official_model(tmp_path, variant):
+    """An official model with random weights, saved as the official checkpoints are (a raw state
+    dict in a .pt file) and loaded by name through our key mapping, gives bit-equal image
+    embeddings, mask logits (low-resolution and at the photo's size) and IoU predictions on a
+    real GroceryStore photo, for point and box prompts."""
+    from efficientsam.models.efficientvit.sam import EfficientViTSamPredictor as OfficialPredictor
+
+    torch.manual_seed(0)
+    official = _official_zoo().create_efficientvit_sam_model(variant, pretrained=False).eval()
+    _randomize_norm_layers(official, seed=1)
+    ckpt = tmp_path / EFFICIENTVIT_SAM_CONFIGS[variant].checkpoint_file
+    torch.save(official.state_dict(), ckpt)
+    ours = create_model(variant, checkpoint=ckpt)
+
+    rgb = _photo("train/Fruit/Kiwi/Kiwi_013.jpg")  # 348x464, portrait: padding on the right
+    h, w = rgb.shape[:2]
+    theirs, mine = OfficialPredictor(official), EfficientViTSamPredictor(ours)
+    theirs.set_image(rgb)
+    mine.set_image(rgb)
+    assert torch.equal(mine.features, theirs.features)
+    assert mine.features.abs().max() > 1  # a real embedding, not zeros
+
+    # 3x3 point grid in photo pixels, one point per prompt, three masks each; then two boxes.
+    points = torch.tensor([[x * w, y * h] for y in (0.2, 0.5, 0.8) for x in (0.2, 0.5, 0.8)], dtype=torch.float32)
+    labels = torch.ones(len(points), 1, dtype=torch.int)
+    boxes = torch.tensor([[10.0, 20.0, 300.0, 400.0], [100.0, 50.0, 200.0, 460.0]])
+    for pts, lbl, bxs, multimask in ((points[:, None, :], labels, None, True), (None, None, boxes, False)):
+        out_theirs = theirs.predict_torch(
+            None if pts is None else theirs.apply_coords_torch(pts), lbl,
+            None if bxs is None else theirs.apply_boxes_torch(bxs), multimask_output=multimask, return_logits=True,
+        )
+        out_mine = mine.predict_torch(
+            None if pts is None else mine.transform.apply_coords_torch(pts, (h, w)), lbl,
+            None if bxs is None else mine.transform.apply_boxes_torch(bxs, (h, w)),
+            multimask_output=multimask, return_logits=True,
+        )
+        masks, iou, low_res = out_mine
+        assert masks.shape == (len(points) if bxs is None else len(boxes), 3 if multimask else 1, h, w)
+        assert low_res.shape[-2:] == (256, 256) and iou.shape == masks.shape[:2]
+        for a, b in zip(out_mine, out_theirs):
+            assert torch.equal(a, b)
+        assert masks.std() > 0 and iou.std() > 0  # prompts give different outputs: the comparison can fail
