@@ -7,6 +7,7 @@ The (key, shape) lists in ``tests/data/efficientvit_sam/`` were generated from t
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,18 @@ def _photo(rel: str) -> np.ndarray:
 def l0() -> EfficientViTSam:
     torch.manual_seed(0)
     return build_efficientvit_sam("efficientvit-sam-l0")
+
+
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    """Empty Hugging Face and torch hub caches under ``tmp_path`` (``hf/hub``, ``torch/hub``),
+    offline (``HF_HUB_OFFLINE``): what a fresh machine without network has."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -95,7 +108,7 @@ def test_num_batches_tracked_may_be_absent(tmp_path, l0):
     assert torch.equal(model.state_dict()["image_encoder.norm.weight"], l0.state_dict()["image_encoder.norm.weight"])
 
 
-def test_no_checkpoint_names_file_and_flag():
+def test_no_checkpoint_names_file_and_flag(empty_caches):
     with pytest.raises(WeightsError, match=r"efficientvit_sam_l0\.pt.*--checkpoint"):
         load_segmenter("efficientvit-sam-l0")
     with pytest.raises(WeightsError, match=r"sam_vit_b_01ec64\.pth.*--checkpoint"):
@@ -382,3 +395,155 @@ def test_bit_exact_with_the_official_model(tmp_path, variant):
         for a, b in zip(out_mine, out_theirs):
             assert torch.equal(a, b)
         assert masks.std() > 0 and iou.std() > 0  # prompts give different outputs: the comparison can fail
+
+
+# --- Official weights as users get them: the standard caches, downloaded once ----------------------
+
+
+def _put_in_hub_cache(hub: Path, repo_id: str, filename: str, state_dict: dict) -> Path:
+    """Store ``state_dict`` as ``hf_hub_download`` leaves a file: ``models--OWNER--NAME/snapshots/
+    COMMIT/FILE`` with ``refs/main`` naming the commit (huggingface_hub's cache layout)."""
+    repo = hub / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    path = repo / "snapshots" / commit / filename
+    path.parent.mkdir(parents=True)
+    torch.save(state_dict, path)
+    return path
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every attempt to resolve or reach a host fails (and is counted)."""
+    import socket
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts
+
+
+def test_offline_download_error_is_one_line_in_the_cli(tmp_path, iconic):
+    """`catalog recognize --segment efficientvit-sam-l0 PHOTO` without --checkpoint, offline and
+    with empty caches: exit 1 and ONE stderr line naming the file, the cache looked in and
+    --checkpoint FILE."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
+
+    from catalog.cli import main
+
+    d = str(tmp_path / "cat")
+    opts = [a for k, v in TINY_CLIP_OPTIONS.items() for a in ("--encoder-option", f"{k}={json.dumps(v)}")]
+    assert main(["--catalog", d, "init", "--encoder", TINY_CLIP_SPEC, "--random-init", *opts]) == 0
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"),
+               PYTHONPATH=str(repo))
+    env.pop("HF_HUB_CACHE", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "catalog.cli", "--catalog", d, "recognize", str(iconic[0][2]),
+         "--segment", "efficientvit-sam-l0"],
+        check=False, capture_output=True, text=True, env=env, cwd=repo, timeout=300,
+    )
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("catalog: error: segmenter efficientvit-sam-l0: weights file efficientvit_sam_l0.pt")
+    assert str(tmp_path / "hf" / "hub") in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+    assert "huggingface.co/mit-han-lab/efficientvit-sam" in lines[0] and "--checkpoint FILE" in lines[0]
+
+
+def test_offline_sam_checkpoint_names_the_torch_hub_cache(empty_caches):
+    from retailklip.errors import WeightsUnavailableError
+
+    with pytest.raises(WeightsUnavailableError) as info:
+        load_segmenter("sam-vit-b")
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("segmenter sam-vit-b: weights file sam_vit_b_01ec64.pth")
+    assert str(empty_caches / "torch" / "hub" / "checkpoints") in msg
+    assert "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth" in msg and "--checkpoint FILE" in msg
+
+
+def test_cached_official_checkpoint_is_loaded_by_name_without_network(empty_caches, monkeypatch, no_network, iconic, capsys):
+    """An official L0 file (the official model's random-init state dict, saved as the official
+    files are) in the HF cache where hf_hub_download puts it is found by name, with offline mode
+    OFF and every network access refused: load_segmenter and `catalog recognize --segment`."""
+    from conftest import TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
+    from huggingface_hub import constants
+
+    from catalog.cli import main
+    from retailklip.segment import SamSegmenter
+
+    torch.manual_seed(3)
+    official = _official_zoo().create_efficientvit_sam_model("efficientvit-sam-l0", pretrained=False)
+    _randomize_norm_layers(official, seed=4)
+    cached = _put_in_hub_cache(Path(constants.HF_HUB_CACHE), "mit-han-lab/efficientvit-sam", "efficientvit_sam_l0.pt",
+                               official.state_dict())
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    seg = load_segmenter("efficientvit-sam-l0")
+    assert isinstance(seg, SamSegmenter)
+    ours = seg.model.state_dict()
+    for k, v in official.state_dict().items():
+        assert torch.equal(ours[official_to_local_key(k)], v), k
+
+    d = str(empty_caches / "cat")
+    opts = [a for k, v in TINY_CLIP_OPTIONS.items() for a in ("--encoder-option", f"{k}={json.dumps(v)}")]
+    assert main(["--catalog", d, "init", "--encoder", TINY_CLIP_SPEC, "--random-init", *opts]) == 0
+    assert main(["--catalog", d, "add", str(iconic[0][2]), "--sku", "golden"]) == 0
+    capsys.readouterr()
+    assert main(["--catalog", d, "recognize", str(iconic[0][2]), "--segment", "efficientvit-sam-l0",
+                 "--points-per-side", "1", "--segment-option", "pred_iou_thresh=0",
+                 "--segment-option", "stability_score_thresh=0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["recognitions"]
+    assert no_network == [] and cached.is_file()
+
+
+def test_url_checkpoint_cache_and_download_failure(empty_caches, monkeypatch, no_network, segmenter_table, l0):
+    """A row with a download URL (as SAM's) uses torch.hub.get_dir()/checkpoints/FILE when it is
+    there; otherwise it tries the URL, and a failed download is one line naming the file, the
+    cache and --checkpoint FILE, leaving no file behind."""
+    from huggingface_hub import constants
+
+    from retailklip.errors import WeightsUnavailableError
+    from retailklip.segment import SegmenterSpec, register_segmenter
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    register_segmenter(SegmenterSpec(
+        "url-sam", "efficientvit-sam", "url_sam.pth", None, partial(build_efficientvit_sam, "efficientvit-sam-l0"),
+        official_to_local_key, download_url="https://weights.example.com/sam/url_sam.pth",
+    ))
+    cache = empty_caches / "torch" / "hub" / "checkpoints"
+    with pytest.raises(WeightsUnavailableError) as info:
+        create_model("url-sam")
+    msg = str(info.value)
+    assert "\n" not in msg and "weights file url_sam.pth" in msg and str(cache) in msg
+    assert "download failed" in msg and "--checkpoint FILE" in msg and no_network
+    assert not cache.exists() or not any(cache.iterdir())
+
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(to_official_state_dict(l0.state_dict()), cache / "url_sam.pth")
+    attempts = len(no_network)
+    model = create_model("url-sam")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), l0.state_dict().values()))
+    assert len(no_network) == attempts
+
+
+def test_builtin_download_sources():
+    from retailklip.segment import SEGMENTER_SPECS
+
+    for name, cfg in EFFICIENTVIT_SAM_CONFIGS.items():
+        spec = SEGMENTER_SPECS[name]
+        assert spec.hf_repo == "mit-han-lab/efficientvit-sam" and spec.checkpoint_file == cfg.checkpoint_file
+        assert spec.checkpoint_file == f"efficientvit_sam_{name.rsplit('-', 1)[1]}.pt"
+    for name, file in (("sam-vit-b", "sam_vit_b_01ec64.pth"), ("sam-vit-l", "sam_vit_l_0b3195.pth"),
+                       ("sam-vit-h", "sam_vit_h_4b8939.pth")):
+        assert SEGMENTER_SPECS[name].download_url == f"https://dl.fbaipublicfiles.com/segment_anything/{file}"
+    assert SEGMENTER_SPECS["whole-image"].hf_repo is SEGMENTER_SPECS["whole-image"].download_url is None
