@@ -547,3 +547,79 @@ def test_builtin_download_sources():
                        ("sam-vit-h", "sam_vit_h_4b8939.pth")):
         assert SEGMENTER_SPECS[name].download_url == f"https://dl.fbaipublicfiles.com/segment_anything/{file}"
     assert SEGMENTER_SPECS["whole-image"].hf_repo is SEGMENTER_SPECS["whole-image"].download_url is None
+
+
+# --- The mask decoder with per-image work shared across prompts (retailklip.segment.fast_decoder) ---
+
+
+def test_fast_decoder_agrees_with_sam_decoder_on_a_real_photo(l0):
+    """ImageSharedMaskDecoder gives SAM's mask logits and IoU predictions within 1e-5 for point
+    prompts (multimask) and box prompts (single mask) on a real photo; mask prompts (per-prompt
+    dense embeddings) take SAM's own path and are bit-equal; weights and state-dict keys are the
+    decoder's own."""
+    import copy
+
+    from retailklip.segment.fast_decoder import ImageSharedMaskDecoder, use_fast_decoder
+
+    fast_model = use_fast_decoder(copy.deepcopy(l0))
+    assert isinstance(fast_model.mask_decoder, ImageSharedMaskDecoder)
+    assert use_fast_decoder(fast_model).mask_decoder is fast_model.mask_decoder  # idempotent
+    assert list(fast_model.state_dict()) == list(l0.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fast_model.state_dict().values(), l0.state_dict().values()))
+    with torch.no_grad():  # distinct norm statistics, so a swapped submodule would show
+        for i, p in enumerate(fast_model.mask_decoder.parameters()):
+            if p.ndim == 1:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
+    plain_model = copy.deepcopy(l0)
+    plain_model.mask_decoder.load_state_dict(fast_model.mask_decoder.state_dict())
+
+    rgb = _photo("train/Fruit/Orange/Orange_018.jpg")  # 464x348
+    h, w = rgb.shape[:2]
+    plain, fast = EfficientViTSamPredictor(plain_model), EfficientViTSamPredictor(fast_model)
+    plain.set_image(rgb)
+    fast.set_image(rgb)
+    gen = torch.Generator().manual_seed(0)
+    points = torch.rand(24, 1, 2, generator=gen) * torch.tensor([w, h])
+    boxes = torch.tensor([[20.0, 10.0, 300.0, 300.0], [200.0, 100.0, 460.0, 340.0], [0.0, 0.0, 463.0, 347.0]])
+    cases = [
+        (plain.transform.apply_coords_torch(points, (h, w)), torch.ones(24, 1, dtype=torch.int), None, None, True),
+        (None, None, plain.transform.apply_boxes_torch(boxes, (h, w)), None, False),
+    ]
+    for coords, labels, bxs, mask_input, multimask in cases:
+        ref = plain.predict_torch(coords, labels, bxs, mask_input, multimask_output=multimask, return_logits=True)
+        out = fast.predict_torch(coords, labels, bxs, mask_input, multimask_output=multimask, return_logits=True)
+        for a, b in zip(out, ref):
+            assert a.shape == b.shape
+            assert (a - b).abs().max() <= 1e-5
+        assert ref[2].std() > 0.01 and ref[1].std() > 0  # outputs vary with the prompt: a real comparison
+    # A mask prompt: the dense embedding differs per prompt -> SAM's code path, bit-equal.
+    low_res = ref[2]
+    ref = plain.predict_torch(None, None, cases[1][2], low_res, multimask_output=False, return_logits=True)
+    out = fast.predict_torch(None, None, cases[1][2], low_res, multimask_output=False, return_logits=True)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    with pytest.raises(TypeError, match="MaskDecoder"):
+        ImageSharedMaskDecoder(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.slow
+def test_compiled_fast_decoder_agrees_and_keeps_keys(l0):
+    """use_fast_decoder(compile=True): torch.compile in place (state-dict keys unchanged), logits
+    within 1e-5 of SAM's decoder on a real photo."""
+    import copy
+
+    from retailklip.segment.fast_decoder import use_fast_decoder
+
+    fast_model = use_fast_decoder(copy.deepcopy(l0), compile=True)
+    assert list(fast_model.state_dict()) == list(l0.state_dict())
+    rgb = _photo("train/Fruit/Kiwi/Kiwi_013.jpg")
+    h, w = rgb.shape[:2]
+    plain, fast = EfficientViTSamPredictor(l0), EfficientViTSamPredictor(fast_model)
+    plain.set_image(rgb)
+    fast.set_image(rgb)
+    points = torch.rand(8, 1, 2, generator=torch.Generator().manual_seed(1)) * torch.tensor([w, h])
+    coords, labels = plain.transform.apply_coords_torch(points, (h, w)), torch.ones(8, 1, dtype=torch.int)
+    ref = plain.predict_torch(coords, labels, multimask_output=True, return_logits=True)
+    out = fast.predict_torch(coords, labels, multimask_output=True, return_logits=True)
+    for a, b in zip(out, ref):
+        assert (a - b).abs().max() <= 1e-5
+    assert ref[2].std() > 0.01
