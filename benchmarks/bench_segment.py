@@ -8,8 +8,8 @@ Rows (same real photo for all):
   ones for the encoder and decoder; they make the filtered tail (RLE encoding, NMS) almost
   empty for both models, so the ratio is the model cost.
 * **EfficientViT-SAM-L0 image encoder** incl. preprocessing: the official
-  ``mit-han-lab/efficientvit`` implementation (baseline, needs ``--official-repo``; the row is
-  skipped without it) vs ``retailklip.segment``, both with the same random weights (goal:
+  ``mit-han-lab/efficientvit`` implementation (baseline: the ``efficientsam`` package, a test
+  extra; the row is skipped without it) vs ``retailklip.segment``, both with the same random weights (goal:
   ratio <= 1.0).
 
 Subnormal floats are flushed to zero (``torch.set_flush_denormal``): random weights can produce
@@ -24,7 +24,7 @@ implementation's modules ("model": weights + activations).
 
 Usage::
 
-    python benchmarks/bench_segment.py [--official-repo /tmp/efficientvit_official] \
+    python benchmarks/bench_segment.py \
         [--image PATH] [--points-per-side 16] [--repeats 7] [--amg-repeats 3] [--threads 2]
 """
 
@@ -48,12 +48,8 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _load_tool():
-    path = REPO_ROOT / "tools" / "check_efficientvit_equivalence.py"
-    spec = importlib.util.spec_from_file_location("check_efficientvit_equivalence", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _has_official() -> bool:
+    return importlib.util.find_spec("efficientsam") is not None
 
 
 def _build(task: str, model: str, args: argparse.Namespace, rgb):
@@ -71,10 +67,10 @@ def _build(task: str, model: str, args: argparse.Namespace, rgb):
     # (checked: the state dicts are equal after key mapping), hence identical activations.
     torch.manual_seed(0)
     if model == "official":
-        zoo, official_sam = _load_tool().import_official(args.official_repo)
-        predictor = official_sam.EfficientViTSamPredictor(
-            zoo.create_efficientvit_sam_model("efficientvit-sam-l0", pretrained=False).eval()
-        )
+        from efficientsam.models.efficientvit.sam import EfficientViTSamPredictor
+        from efficientsam.sam_model_zoo import create_efficientvit_sam_model
+
+        predictor = EfficientViTSamPredictor(create_efficientvit_sam_model("efficientvit-sam-l0", pretrained=False).eval())
         return lambda: predictor.set_image(rgb)
     from retailklip.segment import create_model
 
@@ -104,7 +100,7 @@ def worker(args: argparse.Namespace) -> None:
             # Import the implementation's modules first, so that the model's own footprint
             # (weights + activations) can be told apart from library imports.
             if args.model == "official":
-                _load_tool().import_official(args.official_repo)
+                import efficientsam.models.efficientvit.sam  # noqa: F401
             else:
                 import retailklip.segment  # noqa: F401
             rss_imports = _peak_rss_mib()
@@ -134,8 +130,6 @@ def _run_worker(mode: str, task: str, model: str, args: argparse.Namespace) -> d
         "--points-per-side", str(args.points_per_side), "--repeats", str(args.repeats),
         "--amg-repeats", str(args.amg_repeats), "--threads", str(args.threads),
     ]
-    if args.official_repo:
-        cmd += ["--official-repo", str(args.official_repo)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"benchmark worker {mode}/{task}/{model} failed:\n{proc.stderr[-3000:]}")
@@ -146,7 +140,6 @@ def _run_worker(mode: str, task: str, model: str, args: argparse.Namespace) -> d
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Segmentation-stage CPU benchmark (ratios vs in-run baselines).")
-    parser.add_argument("--official-repo", type=Path, help="extracted mit-han-lab/efficientvit; enables the encoder row")
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
     parser.add_argument("--points-per-side", type=int, default=16, help="AMG point grid side (SAM default: 32)")
     parser.add_argument("--repeats", type=int, default=7, help="timed encoder runs per implementation after a warm-up")
@@ -161,8 +154,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.image.is_file():
         raise SystemExit(f"benchmark image {args.image} not found; pass --image")
-    if args.official_repo and not (args.official_repo / "efficientvit" / "sam_model_zoo.py").is_file():
-        raise SystemExit(f"--official-repo {args.official_repo}: not an extracted mit-han-lab/efficientvit")
 
     from PIL import Image
 
@@ -171,13 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         f"automatic mask generation, {args.points_per_side}x{args.points_per_side} grid",
         [("amg", "sam-vit-b", "sam-vit-b (baseline)"), ("amg", "efficientvit-sam-l0", "efficientvit-sam-l0")],
     )]
-    if args.official_repo:
+    if _has_official():
         groups.append((
             "EfficientViT-SAM-L0 image encoder (incl. preprocessing)",
             [("encoder", "official", "official mit-han-lab code (baseline)"), ("encoder", "ours", "retailklip.segment")],
         ))
     else:
-        print("note: no --official-repo, the official-encoder row is skipped", file=sys.stderr)
+        print("note: efficientsam (the official code, a test extra) is not installed: the encoder row is skipped",
+              file=sys.stderr)
 
     rows = []
     threads = None

@@ -3,8 +3,8 @@
 
 No official checkpoint can be downloaded in CI, so compatibility is shown with random weights:
 
-1. build each official model (``mit-han-lab/efficientvit``,
-   ``efficientvit.sam_model_zoo.create_efficientvit_sam_model(name, pretrained=False)``) with a
+1. build each official model (``efficientsam.sam_model_zoo.create_efficientvit_sam_model(name,
+   pretrained=False)``, the pip package of ``mit-han-lab/efficientvit``'s SAM code) with a
    fixed seed, give its norm layers distinct random statistics (default init makes them all
    equal, which would hide swapped keys), save its state dict to a ``.pt`` file exactly as an official checkpoint is stored;
 2. load that file, unchanged, with ``retailklip.segment.create_model(name, checkpoint=...)``;
@@ -15,13 +15,14 @@ No official checkpoint can be downloaded in CI, so compatibility is shown with r
 4. compare state-dict (key, shape) lists, and with ``--write-keys DIR`` write them as the
    committed test data ``tests/data/efficientvit_sam/<variant>.json``.
 
-The official code is read from ``--official-repo`` (an extracted copy of the repository, never
-committed); only the modules the SAM models need are imported, so its heavy optional
-dependencies (onnx, omegaconf, diffusers, ...) are not required.
+The official code is the ``efficientsam`` package (a test extra of pyproject.toml; nothing is
+fetched or committed). ``tests/test_segment_model.py::test_bit_exact_with_the_official_model``
+runs the same comparison for the cheap variants in the normal test suite; this script covers
+all five, automatic mask generation, and prints the table of docs/segmentation.md.
 
 Usage::
 
-    python tools/check_efficientvit_equivalence.py --official-repo /tmp/efficientvit_official \
+    python tools/check_efficientvit_equivalence.py \
         [--variants efficientvit-sam-l0 ...] [--amg] [--write-keys tests/data/efficientvit_sam]
 
 Exit status 1 if any difference exceeds ``--tol`` (default 1e-4) or a key list differs.
@@ -53,42 +54,26 @@ VARIANTS = ("efficientvit-sam-l0", "efficientvit-sam-l1", "efficientvit-sam-l2",
 sys.path.insert(0, str(REPO_ROOT))
 
 
-def import_official(repo: str | Path) -> tuple[types.ModuleType, types.ModuleType]:
-    """Import the official model zoo and SAM module from an extracted ``mit-han-lab/efficientvit``.
+def import_official() -> tuple[types.ModuleType, types.ModuleType]:
+    """The official model zoo and SAM module, from the ``efficientsam`` package (the test extra).
 
-    The package ``__init__`` files pull in every application (diffusion, ONNX export, ...); they
-    are bypassed by registering the package objects with their real ``__path__`` and importing
-    only ``models.nn.{act,norm,ops}``, ``models.utils``, ``models.efficientvit.{backbone,sam}``
-    and ``sam_model_zoo``.
+    ``efficientsam`` is mit-han-lab/efficientvit's EfficientViT-SAM code packaged for pip; its
+    model code equals ``mit-han-lab/efficientvit@de7d7733`` apart from import paths, and it
+    vendors segment_anything as ``efficientsam.segment_anything`` (no clash with the
+    ``segment_anything`` package our model uses).
 
     Returns:
-        ``(sam_model_zoo, models.efficientvit.sam)`` modules.
+        ``(efficientsam.sam_model_zoo, efficientsam.models.efficientvit.sam)`` modules.
 
     Raises:
-        FileNotFoundError: ``repo`` does not contain ``efficientvit/sam_model_zoo.py``.
+        SystemExit: the package is not installed (``pip install -e .[test]``).
     """
-    repo = Path(repo).resolve()
-    if not (repo / "efficientvit" / "sam_model_zoo.py").is_file():
-        raise FileNotFoundError(f"{repo}: not an extracted mit-han-lab/efficientvit (no efficientvit/sam_model_zoo.py)")
-    if str(repo) not in sys.path:
-        sys.path.insert(0, str(repo))
-    for pkg in ("efficientvit", "efficientvit.models", "efficientvit.models.efficientvit", "efficientvit.models.nn"):
-        if pkg not in sys.modules:
-            mod = types.ModuleType(pkg)
-            mod.__path__ = [str(repo / pkg.replace(".", "/"))]
-            sys.modules[pkg] = mod
-    nn_pkg = sys.modules["efficientvit.models.nn"]
-    for sub in ("act", "norm", "ops"):
-        mod = importlib.import_module(f"efficientvit.models.nn.{sub}")
-        for attr in mod.__all__:
-            setattr(nn_pkg, attr, getattr(mod, attr))
-    ev_pkg = sys.modules["efficientvit.models.efficientvit"]
-    for sub in ("backbone", "sam"):
-        mod = importlib.import_module(f"efficientvit.models.efficientvit.{sub}")
-        for attr in mod.__all__:
-            setattr(ev_pkg, attr, getattr(mod, attr))
-    zoo = importlib.import_module("efficientvit.sam_model_zoo")
-    return zoo, sys.modules["efficientvit.models.efficientvit.sam"]
+    try:
+        zoo = importlib.import_module("efficientsam.sam_model_zoo")
+        sam = importlib.import_module("efficientsam.models.efficientvit.sam")
+    except ModuleNotFoundError as exc:
+        raise SystemExit(f"{exc}: install the official code with `pip install efficientsam` (the test extra)") from None
+    return zoo, sam
 
 
 def randomize_norm_layers(model: torch.nn.Module, seed: int) -> None:
@@ -235,8 +220,10 @@ def compare_variant(name: str, zoo, official_sam, photos, args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--official-repo", required=True, help="extracted mit-han-lab/efficientvit (not committed)")
-    parser.add_argument("--official-ref", default="unknown", help="commit of the official code, recorded in --write-keys files")
+    parser.add_argument(
+        "--official-ref", default="de7d7733cc0329f391b33f1f459271562ec27bd5",
+        help="mit-han-lab/efficientvit commit the installed efficientsam model code equals, recorded in --write-keys files",
+    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--images", nargs="+", default=list(DEFAULT_IMAGES), help=f"photos, relative to {DATA_ROOT}")
     parser.add_argument("--points-per-side", type=int, default=4, help="point grid of the mask comparison")
@@ -249,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    zoo, official_sam = import_official(args.official_repo)
+    zoo, official_sam = import_official()
     photos = load_photos(args.images)
     rows = []
     for name in args.variants:

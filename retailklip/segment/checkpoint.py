@@ -93,7 +93,7 @@ def to_official_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
 
 def _no_checkpoint_hint(expected_file: str | None) -> str:
     what = f"the official {expected_file}" if expected_file else "a checkpoint file"
-    return f"pass {what} with --checkpoint FILE (checkpoint=... in load_segmenter); nothing is downloaded"
+    return f"pass {what} with --checkpoint FILE (checkpoint=... in load_segmenter)"
 
 
 def read_state_dict(path: str | os.PathLike, *, name: str, expected_file: str | None) -> dict[str, torch.Tensor]:

@@ -261,7 +261,9 @@ def load_segmenter(
         name: one of :func:`~retailklip.segment.registry.list_segmenters`: ``efficientvit-sam-l0``,
             ``-l1``, ``-l2``, ``-xl0``, ``-xl1``, ``sam-vit-b``, ``sam-vit-l``, ``sam-vit-h``, ``whole-image``,
             or a name added with :func:`~retailklip.segment.registry.register_segmenter`.
-        checkpoint: local weights file (required for model segmenters unless ``random_init``);
+        checkpoint: local weights file; None: the official file from the standard cache,
+            downloaded into it once (Hugging Face hub for EfficientViT-SAM, SAM's published URL
+            into torch's hub cache; :func:`~retailklip.segment.registry.official_checkpoint`);
             must be None for ``whole-image``.
         device: torch device for the model.
         random_init: random weights (tests/benchmarks only; masks are meaningless).
@@ -274,7 +276,8 @@ def load_segmenter(
     Raises:
         UnknownSegmenterError: unknown name (the message lists the registered ones).
         WeightsError: missing/wrong checkpoint (message names the expected file and ``--checkpoint``),
-            or a checkpoint given to ``whole-image``.
+            the official one neither cached nor downloadable (``WeightsUnavailableError``, one
+            line), or a checkpoint given to ``whole-image``.
         SegmenterOptionError: ``checkpoint`` together with ``random_init``, or an unusable device.
     """
     spec = get_spec(name)
