@@ -122,7 +122,7 @@ def test_prompt_strategies():
 
 def test_default_segmenter_uses_the_bounded_generator(l0):
     seg = load_segmenter("efficientvit-sam-l0", random_init=True)
-    assert seg.generator_options.mode == "fast" and seg.generator_options.prompts == "coarse-to-fine"
+    assert seg.generator_options.mode == "fast" and seg.generator_options.prompts == "farthest"
     seg.segment(Image.open(PHOTOS[0]))
     assert 0 < seg.generator.prompts_used <= seg.generator_options.max_prompts
 

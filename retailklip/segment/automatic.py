@@ -26,14 +26,15 @@ from torch import nn
 from .bounded import MODES as BOUNDED_MODES
 from .bounded import BoundedMaskGenerator, BoundedOptions, SamPromptDecoder
 from .errors import SegmenterOptionError
+from .fast_decoder import ImageSharedMaskDecoder
 from .modeling.efficientvit_sam import EfficientViTSam
 from .predictor import EfficientViTSamPredictor
-from .prompts import CoarseToFinePrompts, GridPrompts
+from .prompts import CoarseToFinePrompts, FarthestPointPrompts, GridPrompts
 
 #: Generator modes: the bounded ones and segment_anything's own.
 MODES = (*BOUNDED_MODES, "sam")
 #: Prompt strategies by name.
-PROMPT_STRATEGIES = ("coarse-to-fine", "grid")
+PROMPT_STRATEGIES = ("farthest", "coarse-to-fine", "grid")
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,11 @@ class MaskGeneratorOptions:
             pixels (needs ``opencv-python``); 0 disables (default).
         mode: ``"fast"`` (default), ``"exact"`` or ``"sam"`` (module docstring); crop layers and
             ``min_mask_region_area`` need ``"sam"``.
-        prompts: ``"coarse-to-fine"`` (default: :class:`~retailklip.segment.prompts.CoarseToFinePrompts`
-            over grids of 8, 16 and ``points_per_side``) or ``"grid"`` (SAM's grid); ``"sam"``
-            mode always uses the grid.
+        prompts: ``"farthest"`` (default: :class:`~retailklip.segment.prompts.FarthestPointPrompts`,
+            an 8 x 8 grid, then rounds of 16 farthest points weighted by coverage (0.25), chosen
+            by the simulation of docs/segmentation.md), ``"coarse-to-fine"``
+            (:class:`~retailklip.segment.prompts.CoarseToFinePrompts` over grids of 8, 16 and
+            ``points_per_side``) or ``"grid"`` (SAM's grid); ``"sam"`` mode always uses the grid.
         max_prompts: most prompts per photo of the coarse-to-fine strategy (128 = 1/8 of SAM's 1024).
         max_masks: fast mode: most masks kept and upsampled per photo.
 
@@ -81,7 +84,7 @@ class MaskGeneratorOptions:
     crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 0
     mode: str = "fast"
-    prompts: str = "coarse-to-fine"
+    prompts: str = "farthest"
     max_prompts: int = 128
     max_masks: int = 48
 
@@ -116,6 +119,9 @@ class MaskGeneratorOptions:
         """The prompt strategy these options name."""
         if self.prompts == "grid":
             return GridPrompts(self.points_per_side)
+        if self.prompts == "farthest":
+            return FarthestPointPrompts(first=min(8, self.points_per_side), batch=16, max_prompts=self.max_prompts,
+                                        candidates=self.points_per_side, covered_weight=0.25)
         levels = tuple(n for n in (8, 16) if n < self.points_per_side) + (self.points_per_side,)
         return CoarseToFinePrompts(levels, self.max_prompts)
 
@@ -164,12 +170,19 @@ class BoundedAutomaticMaskGenerator:
             options.strategy(),
         )
         self.prompts_used = 0
+        # fast mode: the decoder that computes the prompt-independent image side once per batch
+        # (logits within 1e-5 of SAM's; 0.78x the time, benchmarks/bench_decoder.py); exact
+        # mode keeps SAM's own decoder so its masks are SAM's.
+        self.mask_decoder = None
+        if options.mode == "fast":
+            d = model.mask_decoder
+            self.mask_decoder = d if isinstance(d, ImageSharedMaskDecoder) else ImageSharedMaskDecoder(d)
 
     def generate(self, rgb: Any) -> list[dict[str, Any]]:
         """Records of a uint8 (H, W, 3) RGB photo (as ``SamAutomaticMaskGenerator.generate``)."""
         self.predictor.set_image(rgb)
         try:
-            records = self._generator.generate(SamPromptDecoder(self.predictor))
+            records = self._generator.generate(SamPromptDecoder(self.predictor, self.mask_decoder))
         finally:
             self.predictor.reset_image()
         self.prompts_used = self._generator.prompts_used

@@ -91,9 +91,11 @@ class SamPromptDecoder:
     Args:
         predictor: a ``segment_anything.SamPredictor`` (or
             :class:`~retailklip.segment.predictor.EfficientViTSamPredictor`) with an image set.
+        mask_decoder: the mask decoder to run (default: the model's own), e.g. a
+            :class:`~retailklip.segment.fast_decoder.ImageSharedMaskDecoder` around it.
     """
 
-    def __init__(self, predictor: Any) -> None:
+    def __init__(self, predictor: Any, mask_decoder: Any = None) -> None:
         if not getattr(predictor, "is_image_set", False):
             raise SegmenterOptionError("the predictor has no image; call set_image first")
         self.predictor = predictor
@@ -102,6 +104,7 @@ class SamPromptDecoder:
         self.input_size = tuple(int(v) for v in predictor.input_size)
         self.low_res_size = (math.ceil(self.input_size[0] * LOW_RES / FRAME), math.ceil(self.input_size[1] * LOW_RES / FRAME))
         self.mask_threshold = float(self.model.mask_threshold)
+        self.mask_decoder = mask_decoder if mask_decoder is not None else self.model.mask_decoder
 
     @torch.no_grad()
     def decode_full_frame(self, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +114,7 @@ class SamPromptDecoder:
         in_points = torch.as_tensor(coords, device=self.predictor.device)[:, None, :]
         labels = torch.ones(in_points.shape[0], dtype=torch.int, device=in_points.device)[:, None]
         sparse, dense = self.model.prompt_encoder(points=(in_points, labels), boxes=None, masks=None)
-        low, iou = self.model.mask_decoder(
+        low, iou = self.mask_decoder(
             image_embeddings=self.predictor.features, image_pe=self.model.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
         )
