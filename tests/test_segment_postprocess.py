@@ -196,3 +196,25 @@ def test_save_segments_round_trip(tmp_path, photo):
     not_a_dir.write_text("x")
     with pytest.raises(NotADirectoryError):
         save_segments(segs, not_a_dir, "x")
+
+
+def test_a_merge_of_products_is_dropped_not_the_products():
+    """Rule 3: SAM's "all products on the tray" mask holds the products (covering most of it) and
+    is dropped; without the rule the contained-parts rule would drop the products instead.  A
+    product holding its own small parts (label, cap) stays, the parts go."""
+    h, w = 200, 300
+    a = np.zeros((h, w), bool)
+    a[20:100, 20:120] = True
+    b = np.zeros((h, w), bool)
+    b[30:110, 150:260] = True
+    tray = a | b
+    tray[60:70, 120:150] = True  # the merge bridges the gap between them
+    bottle = np.zeros((h, w), bool)
+    bottle[120:195, 40:100] = True
+    label = np.zeros((h, w), bool)
+    label[140:160, 45:95] = True
+    cap = np.zeros((h, w), bool)
+    cap[120:128, 60:80] = True
+    options = PostprocessOptions(min_area_fraction=0.001)
+    assert select_masks([tray, a, b, bottle, label, cap], options) == [1, 2, 3]
+    assert select_masks([tray, a, b], PostprocessOptions(min_area_fraction=0.001, composite_coverage=1.5)) == [0]

@@ -43,6 +43,8 @@ class PostprocessOptions:
             >= this fraction of its pixels lie inside that mask (default 0.8: a stem that
             SAM's larger mask covers to 80 % or more). 1 drops only fully contained masks;
             values > 1 disable the rule.
+        composite_coverage: a mask holding >= 2 other masks that cover at least this fraction of
+            it is a merge of products and dropped (default 0.7); values > 1 disable the rule.
         fallback_whole_image: when no mask survives, return the whole image as one segment
             instead of none (default False: an empty result is reported as such).
 
@@ -53,6 +55,7 @@ class PostprocessOptions:
     min_area_fraction: float = 0.002
     max_area_fraction: float = 0.9
     containment_threshold: float = 0.8
+    composite_coverage: float = 0.7
     fallback_whole_image: bool = False
 
     def __post_init__(self) -> None:
@@ -111,6 +114,9 @@ def select_masks(
     background = areas > options.max_area_fraction * total
     candidates = [i for i in range(len(masks)) if not (tiny[i] or empty[i] or background[i])]
 
+    merges = _merges(masks, areas, candidates, options) if options.composite_coverage <= 1.0 else set()
+    candidates = [i for i in candidates if i not in merges]
+
     score = np.zeros(len(masks)) if scores is None else np.asarray(scores, dtype=float)
     candidates.sort(key=lambda i: (-areas[i], -score[i], i))
     kept: list[int] = []
@@ -134,7 +140,38 @@ def select_masks(
         else:
             kept.append(i)
     logger.debug(
-        "post-processing: %d masks -> %d kept (%d tiny/empty, %d background, %d contained parts)",
-        len(masks), len(kept), int(np.count_nonzero(tiny | empty)), int(np.count_nonzero(background & ~tiny)), contained,
+        "post-processing: %d masks -> %d kept (%d tiny/empty, %d background, %d merges, %d contained parts)",
+        len(masks), len(kept), int(np.count_nonzero(tiny | empty)), int(np.count_nonzero(background & ~tiny)),
+        len(merges), contained,
     )
     return sorted(kept)
+
+
+def _merges(masks: list[np.ndarray], areas: np.ndarray, candidates: list[int], options: PostprocessOptions) -> set[int]:
+    """Rule 3: the candidates that hold >= 2 other candidates covering >= ``composite_coverage`` of them."""
+    boxes = {i: _bbox(masks[i]) for i in candidates}
+    out = set()
+    for i in candidates:
+        x0, y0, x1, y1 = boxes[i]
+        inside = []
+        for j in candidates:
+            if j == i or areas[j] >= areas[i]:
+                continue
+            jx0, jy0, jx1, jy1 = boxes[j]
+            if jx0 < x0 or jy0 < y0 or jx1 > x1 or jy1 > y1:
+                # most of j must lie inside i, so its box overlaps i's box a lot; test it exactly
+                ix0, iy0, ix1, iy1 = max(x0, jx0), max(y0, jy0), min(x1, jx1), min(y1, jy1)
+                if ix0 >= ix1 or iy0 >= iy1:
+                    continue
+            else:
+                ix0, iy0, ix1, iy1 = jx0, jy0, jx1, jy1
+            inter = np.count_nonzero(masks[i][iy0:iy1, ix0:ix1] & masks[j][iy0:iy1, ix0:ix1])
+            if inter >= options.containment_threshold * areas[j]:
+                inside.append(j)
+        if len(inside) >= 2:
+            union = np.zeros(masks[i][y0:y1, x0:x1].shape, bool)
+            for j in inside:
+                union |= masks[j][y0:y1, x0:x1]
+            if np.count_nonzero(union & masks[i][y0:y1, x0:x1]) >= options.composite_coverage * areas[i]:
+                out.add(i)
+    return out
