@@ -49,12 +49,12 @@ class OracleSegmenter:
 
     def segment_image(self, image: Image.Image) -> list:
         from retailklip.segment.oracle import OracleDecoder
-        from retailklip.segment.segmenter import SamSegmenter
+        from retailklip.segment.segmenter import segments_from_records
 
         tray = self.trays[hashlib.sha256(np.asarray(image.convert("RGB")).tobytes()).hexdigest()]
         records = self.generator.generate(OracleDecoder(tray))
         self.prompts.append(self.generator.prompts_used)
-        return SamSegmenter.segments_from_records(self, image, records)
+        return segments_from_records(image, records, self.postprocess)
 
     def segment(self, image) -> list:
         from retailklip.images import load_image

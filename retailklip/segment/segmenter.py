@@ -219,14 +219,7 @@ class SamSegmenter(Segmenter):
         Raises:
             ValueError: a record's mask does not match the image size.
         """
-        masks = [r["segmentation"] for r in records]
-        scores = [float(r["predicted_iou"]) for r in records]
-        keep = select_masks(masks, self.postprocess, scores)
-        keep.sort(key=lambda i: (-scores[i], -int(np.count_nonzero(masks[i])), i))
-        segments = [make_segment(image, masks[i], scores[i], float(records[i]["stability_score"])) for i in keep]
-        if not segments and self.postprocess.fallback_whole_image:
-            segments = [whole_image_segment(image)]
-        return segments
+        return segments_from_records(image, records, self.postprocess)
 
 
 class WholeImageSegmenter(Segmenter):
@@ -288,3 +281,23 @@ def load_segmenter(
         return WholeImageSegmenter(postprocess_options)
     model = create_model(name, checkpoint, random_init=random_init, device=device)
     return SamSegmenter(name, model, generator_options, postprocess_options)
+
+
+def segments_from_records(image: Image.Image, records: list[dict[str, Any]], postprocess: PostprocessOptions
+                          ) -> list[Segment]:
+    """Retail post-processing (:func:`~retailklip.segment.postprocess.select_masks`) and parsing
+    of automatic-mask records of ``image`` (any generator's, or a simulation's): segments sorted
+    by descending predicted IoU (ties: larger area first); the whole image when none is left and
+    ``postprocess.fallback_whole_image``.
+
+    Raises:
+        ValueError: a record's mask does not match the image size.
+    """
+    masks = [r["segmentation"] for r in records]
+    scores = [float(r["predicted_iou"]) for r in records]
+    keep = select_masks(masks, postprocess, scores)
+    keep.sort(key=lambda i: (-scores[i], -int(np.count_nonzero(masks[i])), i))
+    segments = [make_segment(image, masks[i], scores[i], float(records[i]["stability_score"])) for i in keep]
+    if not segments and postprocess.fallback_whole_image:
+        segments = [whole_image_segment(image)]
+    return segments
