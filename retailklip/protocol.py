@@ -1,0 +1,201 @@
+"""The evaluation protocol that choices are made by: folds over the train split, bootstrap
+confidence intervals, and McNemar's paired test.
+
+GroceryStore's val split is a development set: choices made on it gained 5.8 points there and
+2.0 on unseen photos (issue 14).  So defaults are chosen by k-fold cross-validation over the
+*train* split, and val is reported once, at the end, with an interval:
+
+* :func:`photo_folds`: k folds of photos, stratified by class, for methods that train nothing
+  on the target classes (the gallery is always each class's one reference image; the fold's
+  photos are the queries);
+* :func:`class_disjoint_folds`: k folds of *classes* (or of groups of classes, e.g.
+  GroceryStore's coarse classes, so that no sibling of a held-out class is trained on), for
+  anything that trains (the finetune) or calibrates on some classes and is judged on others;
+* :func:`bootstrap_ci`: percentile bootstrap interval of a mean (Efron & Tibshirani 1993,
+  ch. 13), resampling photos;
+* :func:`mcnemar`: the exact (binomial) McNemar test for two methods judged on the same photos
+  (McNemar 1947; Dietterich 1998 recommends it for comparing classifiers on one test set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from math import comb
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One fold: indices into the items (photos or classes) being split.
+
+    Attributes:
+        index: fold number, 0 .. k-1.
+        train: int64 indices of the items used for choosing / training.
+        test: int64 indices of the held-out items.
+    """
+
+    index: int
+    train: np.ndarray
+    test: np.ndarray
+
+
+def _check_k(k: int, n: int, what: str) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ValueError(f"k must be an integer >= 2, got {k!r}")
+    if n < k:
+        raise ValueError(f"{k} folds need at least {k} {what}, got {n}")
+
+
+def photo_folds(labels: Sequence[Hashable], k: int = 5, seed: int = 0) -> list[Fold]:
+    """k folds of photos, stratified by class: each class's photos are dealt round-robin (in a
+    seeded random order) over the folds, so every fold holds about 1/k of every class.
+
+    Args:
+        labels: class of each photo (N items).
+        k: folds (>= 2).
+        seed: shuffling seed.
+
+    Returns:
+        k :class:`Fold` s; their ``test`` sets partition range(N).
+
+    Raises:
+        ValueError: k < 2 or fewer photos than folds.
+    """
+    labels = list(labels)
+    _check_k(k, len(labels), "photos")
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(len(labels), np.int64)
+    by_class: dict[Hashable, list[int]] = {}
+    for i, c in enumerate(labels):
+        by_class.setdefault(c, []).append(i)
+    start = 0
+    for c in sorted(by_class, key=str):
+        idx = np.array(by_class[c])[rng.permutation(len(by_class[c]))]
+        fold_of[idx] = (start + np.arange(len(idx))) % k
+        start += len(idx)  # the next class continues the round-robin: fold sizes stay balanced
+    return [Fold(f, np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in range(k)]
+
+
+def class_disjoint_folds(
+    classes: Sequence[Hashable], k: int = 5, seed: int = 0, groups: Sequence[Hashable] | None = None
+) -> list[Fold]:
+    """k folds of classes whose held-out classes are never in the fold's train classes; with
+    ``groups`` whole groups move together (GroceryStore: the coarse class, so Granny-Smith is
+    not trained on when Golden-Delicious is held out).
+
+    Args:
+        classes: the class ids (C items, distinct).
+        k: folds (>= 2).
+        seed: shuffling seed.
+        groups: group of each class (C items), or None (each class its own group).
+
+    Returns:
+        k :class:`Fold` s of indices into ``classes``; their ``test`` sets partition range(C)
+        and no group has classes on both sides of any fold.
+
+    Raises:
+        ValueError: repeated classes, k < 2, fewer groups than folds, wrong ``groups`` length.
+    """
+    classes = list(classes)
+    if len(set(classes)) != len(classes):
+        raise ValueError("class ids must be distinct")
+    groups = list(classes if groups is None else groups)
+    if len(groups) != len(classes):
+        raise ValueError(f"got {len(groups)} groups for {len(classes)} classes")
+    distinct = sorted(set(groups), key=str)
+    _check_k(k, len(distinct), "groups")
+    order = np.random.default_rng(seed).permutation(len(distinct))
+    size = {g: groups.count(g) for g in distinct}
+    # greedy balancing: the largest groups first, each into the fold with the fewest classes
+    fold_of_group: dict[Hashable, int] = {}
+    load = np.zeros(k, np.int64)
+    # (ties in size: in the seeded random order)
+    for _rank, gi in sorted(enumerate(order), key=lambda t: (-size[distinct[t[1]]], t[0])):
+        f = int(np.argmin(load))
+        fold_of_group[distinct[gi]] = f
+        load[f] += size[distinct[gi]]
+    fold_of = np.array([fold_of_group[g] for g in groups])
+    return [Fold(f, np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in range(k)]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean and its bootstrap interval, fractions in [0, 1] for accuracies.
+
+    Attributes:
+        mean: the observed mean; ``low``, ``high``: the interval's bounds; ``level``: its
+        confidence (0.95); ``n``: items resampled.
+    """
+
+    mean: float
+    low: float
+    high: float
+    level: float
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+
+def bootstrap_ci(values: Sequence[float] | np.ndarray, *, level: float = 0.95, n_boot: int = 2000,
+                 seed: int = 0) -> Interval:
+    """Percentile bootstrap interval of the mean of ``values`` (e.g. 1/0 per photo for top-1).
+
+    Args:
+        values: N numbers (N >= 1), e.g. per-photo correctness.
+        level: confidence in (0, 1).
+        n_boot: bootstrap resamples (>= 100).
+        seed: resampling seed.
+
+    Raises:
+        ValueError: empty values, a level outside (0, 1), n_boot < 100.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if not len(v):
+        raise ValueError("no values to bootstrap")
+    if not 0.0 < level < 1.0 or n_boot < 100:
+        raise ValueError(f"level must be in (0, 1) and n_boot >= 100, got {level}, {n_boot}")
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    for b in range(0, n_boot, 500):  # bounded memory: 500 resamples of N at a time
+        m = min(500, n_boot - b)
+        means[b : b + m] = v[rng.integers(0, len(v), (m, len(v)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(float(v.mean()), float(lo), float(hi), level, len(v))
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """Result of :func:`mcnemar`.
+
+    Attributes:
+        only_a: photos method A got right and B wrong; ``only_b``: the reverse.
+        p_value: two-sided exact binomial p-value of "A and B are equally accurate" (in [0, 1]).
+    """
+
+    only_a: int
+    only_b: int
+    p_value: float
+
+
+def mcnemar(correct_a: Sequence[bool] | np.ndarray, correct_b: Sequence[bool] | np.ndarray) -> McNemar:
+    """Exact McNemar test of two methods on the same photos: under "equally accurate" the
+    discordant photos split as Binomial(only_a + only_b, 1/2).
+
+    Args:
+        correct_a, correct_b: N booleans each (photo i right for method A / B).
+
+    Raises:
+        ValueError: different lengths or no photos.
+    """
+    a, b = np.asarray(correct_a, bool).ravel(), np.asarray(correct_b, bool).ravel()
+    if len(a) != len(b) or not len(a):
+        raise ValueError(f"need equally many results (>= 1) for both methods, got {len(a)} and {len(b)}")
+    n01, n10 = int(np.count_nonzero(a & ~b)), int(np.count_nonzero(~a & b))
+    n = n01 + n10
+    if n == 0:
+        return McNemar(n01, n10, 1.0)
+    tail = sum(comb(n, i) for i in range(0, min(n01, n10) + 1)) / 2**n
+    return McNemar(n01, n10, float(min(1.0, 2 * tail)))
