@@ -270,23 +270,21 @@ def write_trays(out_dir: str | os.PathLike, n: int, seed: int = 0, size: tuple[i
 
 
 def read_coco_masks(annotations: str | os.PathLike) -> list[tuple[Path, np.ndarray, list[str]]]:
-    """Read a COCO instances file back: per image (photo path, bool (k, H, W) masks, SKU ids)."""
-    from pycocotools import mask as mask_utils
+    """Read a COCO instances file back (through :mod:`retailklip.coco`, the one COCO reader):
+    per image (photo path, bool (k, H, W) masks, SKU ids), in file order.
 
-    path = Path(annotations)
-    coco = json.loads(path.read_text())
-    names = {c["id"]: c["name"] for c in coco["categories"]}
-    per_image: dict[int, list[dict]] = {im["id"]: [] for im in coco["images"]}
-    for a in coco["annotations"]:
-        per_image[a["image_id"]].append(a)
+    Raises:
+        retailklip.coco.CocoError: a malformed file or segmentation.
+    """
+    from ..coco import decode_segmentation, read_coco
+
+    dataset = read_coco(annotations)
     out = []
-    for im in coco["images"]:
-        anns = per_image[im["id"]]
-        masks = np.zeros((len(anns), im["height"], im["width"]), bool)
-        for k, a in enumerate(anns):
-            seg = dict(a["segmentation"], counts=a["segmentation"]["counts"].encode("ascii"))
-            masks[k] = mask_utils.decode(seg).astype(bool)
-        out.append((path.parent / im["file_name"], masks, [names[a["category_id"]] for a in anns]))
+    for im in dataset.images:
+        masks = np.zeros((len(im.annotations), im.height, im.width), bool)
+        for k, a in enumerate(im.annotations):
+            masks[k] = decode_segmentation(a, im.height, im.width)
+        out.append((dataset.path.parent / im.file_name, masks, [a.category for a in im.annotations]))
     return out
 
 
