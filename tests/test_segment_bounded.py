@@ -59,8 +59,10 @@ def _same(a: list[dict], b: list[dict]) -> bool:
 
 
 @pytest.mark.parametrize("photo", PHOTOS, ids=lambda p: p.stem)
-@pytest.mark.parametrize("thresholds", [KEEP_ALL, dict(pred_iou_thresh=0.0, stability_score_thresh=0.0)],
-                         ids=["keep-all", "nms"])
+@pytest.mark.parametrize("thresholds", [KEEP_ALL, dict(pred_iou_thresh=0.0, stability_score_thresh=0.0),
+                                        dict(pred_iou_thresh=0.0, stability_score_thresh=0.8, stability_score_offset=0.01,
+                                             box_nms_thresh=1.0)],
+                         ids=["keep-all", "nms", "stability"])
 def test_exact_mode_equals_segment_anything(l0, photo, thresholds):
     rgb = _rgb(photo)
     reference = build_mask_generator(l0, MaskGeneratorOptions(points_per_side=4, mode="sam", **thresholds)).generate(rgb)

@@ -249,21 +249,26 @@ class BoundedMaskGenerator:
                                 low=low.flatten(0, 1))
                 if o.pred_iou_thresh > 0.0:
                     part.filter(part["iou_preds"] > o.pred_iou_thresh)
-                rles, stab, boxes = [], [], []
+                # upsampled in chunks; only masks passing the stability filter get boxes and RLEs
+                rles, stab, boxes, keep = [], [], [], []
                 chunk = max(1, o.chunk_pixels // (H * W))
                 for s in range(0, len(part["iou_preds"]), chunk):
                     masks = decoder.upsample_full(part["low"][s : s + chunk])
-                    stab.append(calculate_stability_score(masks, decoder.mask_threshold, o.stability_score_offset))
-                    binary = masks > decoder.mask_threshold
+                    score = calculate_stability_score(masks, decoder.mask_threshold, o.stability_score_offset)
+                    passed = score >= o.stability_score_thresh if o.stability_score_thresh > 0.0 \
+                        else torch.ones_like(score, dtype=torch.bool)
+                    binary = masks[passed] > decoder.mask_threshold
                     del masks
+                    stab.append(score[passed])
                     boxes.append(batched_mask_to_box(binary))
                     rles += mask_to_rle_pytorch(binary)
+                    keep.append(passed)
                 del part["low"]
+                if keep:
+                    part.filter(torch.cat(keep))
                 part["stability_score"] = torch.cat(stab) if stab else torch.zeros(0)
                 part["boxes"] = torch.cat(boxes) if boxes else torch.zeros(0, 4, dtype=torch.int64)
                 part["rles"] = rles
-                if o.stability_score_thresh > 0.0:
-                    part.filter(part["stability_score"] >= o.stability_score_thresh)
                 data.cat(part)
             coverage = None  # exact mode: SAM's grid has one round; coverage is not needed
         if _count(data) == 0:
@@ -322,10 +327,10 @@ class BoundedMaskGenerator:
         # low-res cell j covers photo columns [j * W / w, (j + 1) * W / w)
         x0, x1 = max(0, math.floor((bx0 - m) * W / w)), min(W, math.ceil((bx1 + 1 + m) * W / w))
         y0, y1 = max(0, math.floor((by0 - m) * H / h)), min(H, math.ceil((by1 + 1 + m) * H / h))
-        inside = decoder.upsample(data["low"][i], (x0, y0, x1, y1))
+        inside = decoder.upsample(data["low"][i], (x0, y0, x1, y1)).numpy()
         mask = np.zeros((H, W), bool)
-        mask[y0:y1, x0:x1] = inside.numpy()
-        ys, xs = np.nonzero(inside.numpy().any(1))[0], np.nonzero(inside.numpy().any(0))[0]
+        mask[y0:y1, x0:x1] = inside
+        ys, xs = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
         bbox = [0, 0, 0, 0] if not len(ys) else [int(x0 + xs[0]), int(y0 + ys[0]), int(xs[-1] - xs[0] + 1),
                                                  int(ys[-1] - ys[0] + 1)]
         return {"segmentation": mask, "area": int(inside.sum()), "bbox": bbox,
