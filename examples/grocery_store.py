@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from retailklip.datasets import GroceryStore, read_grocery_store
+from retailklip.protocol import bootstrap_ci
 
 
 def write_import_csv(store: GroceryStore, out_csv: Path) -> None:
@@ -67,10 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     per_class: dict[str, list[bool]] = {}
     for ok, p in zip(correct, photos):
         per_class.setdefault(p.label, []).append(ok)
-    top1 = sum(correct) / len(correct)
-    avg = sum(sum(v) / len(v) for v in per_class.values()) / len(per_class)
+    top1 = bootstrap_ci(correct)  # 95 % percentile bootstrap over photos
+    avg = bootstrap_ci([sum(v) / len(v) for v in per_class.values()])  # ... over classes
     print(f"catalog: {out} ({len(store.classes)} SKUs, encoder {args.encoder})")
-    print(f"{args.split} photos: {len(photos)}  top-1: {top1:.4f}  per-class average: {avg:.4f}  (chance {1 / len(store.classes):.4f})")
+    print(f"{args.split} photos: {len(photos)}  top-1: {top1.mean:.4f} [{top1.low:.4f}, {top1.high:.4f}]  "
+          f"per-class average: {avg.mean:.4f} [{avg.low:.4f}, {avg.high:.4f}]  (chance {1 / len(store.classes):.4f}; 95 % bootstrap intervals)")
     return 0
 
 

@@ -11,6 +11,9 @@ GroceryStore's val split is a development set: choices made on it gained 5.8 poi
 * :func:`class_disjoint_folds`: k folds of *classes* (or of groups of classes, e.g.
   GroceryStore's coarse classes, so that no sibling of a held-out class is trained on), for
   anything that trains (the finetune) or calibrates on some classes and is judged on others;
+* :func:`fold_roles`: for each photo fold, which other-fold photos may serve as the unlabeled
+  centring sample and as extra in-store references, so that no query is ever part of its own
+  centre or gallery;
 * :func:`bootstrap_ci`: percentile bootstrap interval of a mean (Efron & Tibshirani 1993,
   ch. 13), resampling photos;
 * :func:`mcnemar`: the exact (binomial) McNemar test for two methods judged on the same photos
@@ -121,6 +124,75 @@ def class_disjoint_folds(
 
 
 @dataclass(frozen=True)
+class FoldRoles:
+    """What each photo does in one photo fold (:func:`fold_roles`).
+
+    Attributes:
+        index: fold number.
+        queries: int64 indices of the fold's photos (the test set).
+        center: int64 indices of the unlabeled photos whose mean feature centres the embeddings
+            (other folds only).
+        references: class -> int64 indices of its extra in-store reference photos (other folds
+            only, disjoint from ``center``); empty arrays when none are asked for.
+    """
+
+    index: int
+    queries: np.ndarray
+    center: np.ndarray
+    references: dict[Hashable, np.ndarray]
+
+
+def fold_roles(
+    labels: Sequence[Hashable], folds: Sequence[Fold], *, center_size: int | None = None,
+    extra_references: int = 0, seed: int = 0,
+) -> list[FoldRoles]:
+    """Assign, per photo fold, the unlabeled centring sample and the extra reference photos,
+    both drawn from the fold's *train* photos (the other folds), never from its queries.
+
+    The centring sample is a seeded uniform sample of ``center_size`` photos (all train photos
+    when None); then each class's ``extra_references`` reference photos are a seeded sample of
+    its train photos outside the centring sample (fewer when the class has fewer).
+
+    Args:
+        labels: class of each photo (N items).
+        folds: :func:`photo_folds` over ``labels``.
+        center_size: photos in the centring sample (>= 1), or None for all train photos.
+        extra_references: in-store reference photos per class (>= 0).
+        seed: sampling seed.
+
+    Returns:
+        One :class:`FoldRoles` per fold.
+
+    Raises:
+        ValueError: ``center_size`` < 1 or larger than a fold's train photos, negative
+            ``extra_references``, folds that index outside ``labels``.
+    """
+    labels = list(labels)
+    if center_size is not None and (isinstance(center_size, bool) or center_size < 1):
+        raise ValueError(f"center_size must be >= 1 or None, got {center_size!r}")
+    if extra_references < 0:
+        raise ValueError(f"extra_references must be >= 0, got {extra_references}")
+    out = []
+    for f in folds:
+        # one generator per fold and role: the centre does not change with extra_references
+        center_rng = np.random.default_rng([seed, f.index, 0])
+        ref_rng = np.random.default_rng([seed, f.index, 1])
+        train, test = np.asarray(f.train, np.int64), np.asarray(f.test, np.int64)
+        if len(train) and train.max() >= len(labels) or len(test) and test.max() >= len(labels):
+            raise ValueError(f"fold {f.index} indexes beyond the {len(labels)} labels")
+        if center_size is not None and center_size > len(train):
+            raise ValueError(f"center_size {center_size} exceeds fold {f.index}'s {len(train)} train photos")
+        center = np.sort(train if center_size is None else center_rng.choice(train, center_size, replace=False))
+        rest = np.setdiff1d(train, center)
+        refs: dict[Hashable, np.ndarray] = {}
+        for c in sorted(set(labels), key=str):
+            own = rest[[labels[i] == c for i in rest]] if len(rest) else rest
+            refs[c] = np.sort(ref_rng.choice(own, min(extra_references, len(own)), replace=False)).astype(np.int64)
+        out.append(FoldRoles(f.index, test, center.astype(np.int64), refs))
+    return out
+
+
+@dataclass(frozen=True)
 class Interval:
     """A mean and its bootstrap interval, fractions in [0, 1] for accuracies.
 
@@ -197,5 +269,5 @@ def mcnemar(correct_a: Sequence[bool] | np.ndarray, correct_b: Sequence[bool] | 
     n = n01 + n10
     if n == 0:
         return McNemar(n01, n10, 1.0)
-    tail = sum(comb(n, i) for i in range(0, min(n01, n10) + 1)) / 2**n
+    tail = sum(comb(n, i) for i in range(min(n01, n10) + 1)) / 2**n
     return McNemar(n01, n10, float(min(1.0, 2 * tail)))

@@ -231,3 +231,19 @@ def test_offline_pretrained_tag_is_one_line(tmp_path):
     assert len(lines) == 1, r.stderr
     assert "open_clip:ViT-B-32/laion2b_s34b_b79k" in lines[0] and "--weights" in lines[0]
     assert not (tmp_path / "cat" / "catalog.db").exists()
+
+
+def test_timm_input_size_option(mobilenet_encoder, mobilenet_weights, val_photos):
+    """``input_size`` (docs/evaluation.md, issue 14): a 256 px network input, resize 256 / 0.875."""
+    big = create_encoder(MOBILENET_SPEC, weights=mobilenet_weights, input_size=256, **MOBILENET_OPTIONS)
+    path = val_photos[0][0]
+    assert tuple(big.prepare(path).shape) == (3, 256, 256)
+    assert tuple(mobilenet_encoder.prepare(path).shape) == (3, 224, 224)
+    assert '"input_size": [3, 256, 256]' in big.identity.preprocess
+    assert big.identity.key != mobilenet_encoder.identity.key  # another preprocessing, another identity
+    v, w = big.embed([path])[0], mobilenet_encoder.embed([path])[0]
+    assert v.shape == (1280,) and abs(float(np.linalg.norm(v)) - 1) < 1e-5
+    assert 0.5 < float(v @ w) < 0.9999  # the same photo, seen at another scale
+    for bad in (0, 16, 256.0, True, "256"):
+        with pytest.raises(RetailKlipError, match="input_size"):
+            create_encoder(MOBILENET_SPEC, weights=mobilenet_weights, input_size=bad)

@@ -10,7 +10,7 @@ from conftest import GROCERY
 from scipy.stats import binomtest
 
 from retailklip.datasets import read_grocery_store
-from retailklip.protocol import bootstrap_ci, class_disjoint_folds, mcnemar, photo_folds
+from retailklip.protocol import bootstrap_ci, class_disjoint_folds, fold_roles, mcnemar, photo_folds
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +72,35 @@ def test_bootstrap_interval_and_mcnemar():
     assert mcnemar(right, right).p_value == 1.0
     with pytest.raises(ValueError):
         mcnemar(right, right[:10])
+
+
+def test_fold_roles_never_use_a_query_photo_for_the_centre_or_a_reference(store):
+    """The construction of benchmarks/bench_defaults_cv.py on GroceryStore's 2640 train photos:
+    a query photo is never in its fold's centring sample nor among its extra references."""
+    labels = [p.label for p in store.photos("train")]
+    folds = photo_folds(labels, k=5, seed=0)
+    roles = fold_roles(labels, folds, center_size=352, extra_references=2, seed=0)
+    assert [r.index for r in roles] == [f.index for f in folds]
+    for f, r in zip(folds, roles):
+        q, c = set(r.queries.tolist()), set(r.center.tolist())
+        refs = {i for idx in r.references.values() for i in idx.tolist()}
+        assert q == set(f.test.tolist()) and len(c) == 352
+        assert not q & c and not q & refs and not c & refs
+        assert c | refs <= set(f.train.tolist())
+        assert set(r.references) == set(labels)
+        for cls, idx in r.references.items():
+            assert len(idx) == 2 and all(labels[i] == cls for i in idx)
+    # the centre does not depend on how many references are drawn; another seed draws another one
+    again = fold_roles(labels, folds, center_size=352, extra_references=0, seed=0)
+    assert all(np.array_equal(a.center, b.center) for a, b in zip(again, roles))
+    assert all(len(idx) == 0 for idx in again[0].references.values())
+    assert not np.array_equal(fold_roles(labels, folds, center_size=352, seed=1)[0].center, roles[0].center)
+    # all train photos when no size is given; a class with fewer photos gets fewer references
+    (whole,) = fold_roles(labels, folds[:1], extra_references=10_000)
+    assert np.array_equal(whole.center, folds[0].train) and all(len(v) == 0 for v in whole.references.values())
+    with pytest.raises(ValueError, match="center_size"):
+        fold_roles(labels, folds, center_size=0)
+    with pytest.raises(ValueError, match="exceeds"):
+        fold_roles(labels, folds, center_size=len(labels))
+    with pytest.raises(ValueError, match="extra_references"):
+        fold_roles(labels, folds, extra_references=-1)

@@ -101,7 +101,7 @@ def create_encoder(
         seed: seed of ``random_init``.
         center: optional float32 (D,) feature-centering vector (see :class:`Encoder`).
         **options: backend options: open_clip ``resize_mode``, ``model_overrides``,
-            ``cache_dir``; timm ``interpolation``, ``crop_pct``, ``crop_mode``.
+            ``cache_dir``; timm ``interpolation``, ``crop_pct``, ``crop_mode``, ``input_size``.
 
     Returns:
         An :class:`Encoder` producing float32 (N, D) L2-normalised embeddings.

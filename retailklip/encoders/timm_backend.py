@@ -3,7 +3,7 @@
 The classifier is removed (``reset_classifier(0)``), so the model returns its globally pooled
 features, e.g. (N, 1280) for ``mobilenetv2_100``.  Preprocessing is timm's evaluation transform
 (``timm.data.create_transform``) from the model's resolved data config, with optional overrides
-(``interpolation``, ``crop_pct``, ``crop_mode``).
+(``interpolation``, ``crop_pct``, ``crop_mode``, ``input_size``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def create_timm_encoder(
     interpolation: str | None = None,
     crop_pct: float | None = None,
     crop_mode: str | None = None,
+    input_size: int | None = None,
     **encoder_kwargs,
 ) -> Encoder:
     """Build an :class:`Encoder` from a timm model.
@@ -45,6 +46,10 @@ def create_timm_encoder(
         random_init: random weights (tests and benchmarks).
         seed: RNG seed for ``random_init``.
         interpolation, crop_pct, crop_mode: overrides of the model's data config.
+        input_size: side in pixels of the square network input (default: the model's, 224 for
+            ``mobilenetv2_100``); the resize before the centre crop scales with it
+            (``input_size / crop_pct``).  Convolutional models with global pooling accept any
+            size; testing above the training resolution can help (FixRes, Touvron et al. 2019, §3).
         **encoder_kwargs: ``device``, ``precision``, ``batch_size``, ``background`` for :class:`Encoder`.
 
     Raises:
@@ -82,8 +87,12 @@ def create_timm_encoder(
                 f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); pass a local file with --weights FILE"
             ) from None
         weights_id = f"tag:{getattr(model, 'pretrained_cfg', {}).get('tag') or 'default'}"
+    if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 32):
+        raise RetailKlipError(f"input_size must be an integer >= 32 (pixels), got {input_size!r}")
     model.eval()
     cfg = resolve_model_data_config(model)
+    if input_size is not None:
+        cfg["input_size"] = (cfg["input_size"][0], input_size, input_size)
     for k, v in (("interpolation", interpolation), ("crop_pct", crop_pct), ("crop_mode", crop_mode)):
         if v is not None:
             cfg[k] = v
