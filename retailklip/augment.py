@@ -20,7 +20,8 @@ The default K = 1 (no augmented views) was chosen by measurement (docs/augmentat
 (geometric, photometric, both, zoom-out, background replacement, tiled "facings") at K = 4-16
 *lowered* 1-NN top-1 by 0.7-7 points against the packshot alone, with or without feature
 centering.  Augmented views of the wrong SKUs become near neighbours of in-store photos more
-often than they help the right SKU.  Re-measure with ``catalog eval --augmentations K`` for a
+often than they help the right SKU.  Cross-validation over the train split confirms it (K = 4
+and 8 significantly worse than K = 1, K = 16 not better; docs/evaluation.md, issue 14).  Re-measure with ``catalog eval --augmentations K`` for a
 finetuned encoder (trained with ArcFace on augmented data, RetailKLIP §4.1) before raising K.
 """
 
