@@ -112,7 +112,7 @@ def create_encoder(
     """
     s = EncoderSpec.parse(spec)
     builder = get_backend(s.backend, str(s)).builder
-    common = dict(device=device, precision=precision, batch_size=batch_size, background=tuple(background), center=center)
+    common = {"device": device, "precision": precision, "batch_size": batch_size, "background": tuple(background), "center": center}
     try:
         return builder(s.model, s.tag, weights=weights, random_init=random_init, seed=seed, **options, **common)
     except TypeError as e:
