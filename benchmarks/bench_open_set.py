@@ -60,7 +60,7 @@ ZOOM = 0.8
 def views(im: Image.Image) -> list[Image.Image]:
     """The test-time views of a photo: itself, its mirror image, its central ZOOM crop."""
     w, h = im.size
-    dw, dh = int(round(w * (1 - ZOOM) / 2)), int(round(h * (1 - ZOOM) / 2))
+    dw, dh = round(w * (1 - ZOOM) / 2), round(h * (1 - ZOOM) / 2)
     return [im, ImageOps.mirror(im), im.crop((dw, dh, w - dw, h - dh))]
 
 
@@ -185,13 +185,13 @@ def study(args, store, Q: dict, G: np.ndarray, U: np.ndarray, labels: np.ndarray
             known_t, rows_t = per_split[t]
             sc_t, correct_t = rows_t[sname]
             app = halves[t][1].test
-            for op, choose in [
-                ("precision 0.9", lambda: threshold_for_precision(sc[cal], correct[cal], 0.9)),
-                ("precision 0.7", lambda: threshold_for_precision(sc[cal], correct[cal], 0.7)),
-                ("unknown rejection 0.9", lambda: threshold_for_unknown_rejection(sc[cal], known[cal], 0.9)),
-            ]:
+            for op, (choose, target) in {
+                "precision 0.9": (threshold_for_precision, 0.9),
+                "precision 0.7": (threshold_for_precision, 0.7),
+                "unknown rejection 0.9": (threshold_for_unknown_rejection, 0.9),
+            }.items():
                 try:
-                    thr = choose()
+                    thr = choose(sc[cal], (correct if choose is threshold_for_precision else known)[cal], target)
                 except CalibrationError:
                     ops.setdefault(op, []).append(None)
                     decisions.setdefault(op, {}).setdefault(sname, []).append(None)
@@ -222,6 +222,59 @@ def study(args, store, Q: dict, G: np.ndarray, U: np.ndarray, labels: np.ndarray
             if sname != "distance" and both:  # on the splits where both reached the target
                 m = mcnemar(np.concatenate([a for a, _ in both]), np.concatenate([b for _, b in both]))
                 res["mcnemar_vs_distance"][op] = dict(m.__dict__, splits=len(both))
+    return out
+
+
+def auroc_interval(known_scores: np.ndarray, unknown_scores: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict:
+    """AUROC (higher score = known) with a percentile bootstrap interval, photos resampled
+    within each side (Efron & Tibshirani 1993, ch. 13)."""
+    from retailklip.calibration import auroc
+
+    rng = np.random.default_rng(seed)
+    boot = [auroc(rng.choice(known_scores, known_scores.size), rng.choice(unknown_scores, unknown_scores.size))
+            for _ in range(n_boot)]
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return {"mean": auroc(known_scores, unknown_scores), "low": float(lo), "high": float(hi)}
+
+
+def val_result(args, store, G, cenc, center, train, labels_train, train_queries) -> dict:
+    """The one val measurement: catalog = the even-position classes (split_known_unknown's
+    "alternate" rule), thresholds calibrated on the train queries with the library's
+    :func:`retailklip.calibration.calibrate`, applied to the val photos."""
+    from retailklip.calibration import CalibrationError, calibrate, nearest_matches
+    from retailklip.datasets import split_known_unknown
+    from retailklip.open_set import open_set_score
+    from retailklip.protocol import bootstrap_ci
+
+    names = [c.name for c in store.classes]
+    known_cls, _ = split_known_unknown(names)
+    keep = np.array([n in set(known_cls) for n in names])
+    g, gs = G[keep].reshape(-1, G.shape[-1]), [n for n, k in zip(names, keep) for _ in range(G.shape[1]) if k]
+    val = store.photos("val")
+    V = normalise(raw_features(cenc, [q.path for q in val], args.cache, "val")[:, 0] - center)
+    truth = np.array([q.label for q in val])
+    known = np.array([t in set(known_cls) for t in truth])
+    pred, d1, d2 = nearest_matches(g, gs, V)
+    correct = known & (np.array(pred) == truth)
+    out: dict = {"photos": len(val), "known": int(known.sum()), "unknown": int((~known).sum()), "catalog_skus": len(known_cls),
+                 "closed_set_top1": bootstrap_ci(correct[known]).__dict__}
+    for score in (args.val_score, "distance"):
+        sc = open_set_score(score, d1, d2)
+        res = {"auroc": auroc_interval(-sc[known], -sc[~known]),
+               "auroc_correct": auroc_interval(-sc[correct], -sc[~correct])}
+        for op, kw in [("precision 0.9", {"target_precision": 0.9}), ("precision 0.7", {"target_precision": 0.7})]:
+            try:
+                rep = calibrate(g, gs, train_queries, list(labels_train), score=score, **kw)
+            except CalibrationError as e:
+                res[op] = {"error": str(e)}
+                continue
+            acc = sc <= rep.threshold
+            res[op] = {"threshold": rep.threshold, "accepted": int(acc.sum()),
+                       "known_precision": bootstrap_ci(correct[acc]).__dict__ if acc.any() else None,
+                       "known_accepted": bootstrap_ci(acc[known]).__dict__,
+                       "known_accuracy": bootstrap_ci((acc & correct)[known]).__dict__,
+                       "unknown_rejection": bootstrap_ci(~acc[~known]).__dict__}
+        out[score] = res
     return out
 
 
@@ -279,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the study assumes K = 1 vectors per SKU (the catalog default)")
     res.update(encoder=cenc.identity.key, k=K, unlabeled=len(unl))
     if args.val:
-        res["val"] = val_result(args, store, G, cenc, center, train, args.val_score)
+        res["val"] = val_result(args, store, G, cenc, center, train, labels, Q["photo"])
     text = json.dumps(res, indent=1)
     if args.out:
         args.out.write_text(text)
@@ -288,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(res: dict) -> str:
-    f = lambda i: f"{i['mean']:.3f} [{i['low']:.3f}, {i['high']:.3f}]"  # noqa: E731
+    def f(i: dict) -> str:
+        return f"{i['mean']:.3f} [{i['low']:.3f}, {i['high']:.3f}]"
+
     lines = ["| score | AUROC known vs unknown | AUROC - distance (splits better) | AUROC right vs wrong/unknown | closed-set top-1 |",
              "|---|---|---|---|---|"]
     for s, r in res["scores"].items():
@@ -308,7 +363,7 @@ def table(res: dict) -> str:
             else:
                 lines.append(f"| {s} | 0/{res['splits']} | - | - | - | - |")
     if "val" in res:
-        lines += ["", "val: " + json.dumps(res["val"])]
+        lines += ["", "val: " + json.dumps(res["val"], indent=1)]
     return "\n".join(lines)
 
 
