@@ -31,6 +31,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from retailklip.encoders import Encoder, EncoderIdentity
 
 
+#: Default cosine-distance threshold (in [0, 2]); see docs/threshold.md.  ``catalog calibrate``
+#: chooses one from labelled photos.
+DEFAULT_THRESHOLD = 0.5
+
+
 @dataclass(frozen=True)
 class StateSnapshot:
     """What a reader needs to know to be current, read in one query (see :meth:`CatalogConnection.snapshot`).

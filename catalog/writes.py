@@ -33,6 +33,7 @@ from retailklip.images import decode_image_bytes, read_image_bytes
 from retailklip.references import embed_reference
 
 from .codec import encode_vector
+from .connection import DEFAULT_THRESHOLD
 from .database import is_no_space, no_space_error
 from .errors import CatalogError, DuplicateSKUError, UnknownSKUError
 from .faults import crash_point
@@ -136,8 +137,6 @@ class CatalogWriter(CatalogReader):
         found = {}
         # "within the threshold" is a distance; a catalog whose threshold is a ratio warns at the
         # default distance threshold
-        from .store import DEFAULT_THRESHOLD
-
         confusable_within = st["threshold"] if st["open_set_score"] == "distance" else DEFAULT_THRESHOLD
 
         def embed(enc_id: int, enc: Encoder) -> list[PreparedReference]:
