@@ -18,9 +18,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from retailklip.augment import DEFAULT_AUGMENTATIONS
 from retailklip.encoders import DEFAULT_ENCODER_SPEC
 from retailklip.errors import RetailKlipError
+from retailklip.open_set import OPEN_SET_SCORES
 from retailklip.weights import parse_key_value
 
-from .database import is_no_space, no_space_error
 from .commands import (
     catalog_dir,
     cmd_add,
@@ -38,6 +38,7 @@ from .commands import (
     cmd_upgrade,
     cmd_versions,
 )
+from .database import is_no_space, no_space_error
 from .store import DEFAULT_THRESHOLD
 
 logger = logging.getLogger("catalog")
@@ -109,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("recognize", help="recognise the products in photos")
     s.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
     s.add_argument("--json", action="store_true", help="print JSON: one object per image")
-    s.add_argument("--threshold", type=_distance, default=None, metavar="D", help="override the catalog's distance threshold")
+    s.add_argument("--threshold", type=_distance, default=None, metavar="T",
+                   help="override the catalog's threshold (and its score): T on --score, a cosine distance by default")
+    s.add_argument("--score", choices=OPEN_SET_SCORES, default=None,
+                   help="the open-set score --threshold is on: distance (default) or ratio (nearest / runner-up distance)")
     s.add_argument("--segment", default=None, metavar="NAME", help="segmenter (default: the catalog's, else whole image)")
     s.add_argument("--checkpoint", default=None, metavar="FILE", help="segmenter checkpoint file")
     s.add_argument("--save-segments", type=Path, default=None, metavar="DIR", help="save each segment's RGBA crop as [image]_segment_[x].png")
@@ -153,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rollback", help="make an earlier index version active again")
     s.add_argument("version", type=int, nargs="?", default=None, help="version id (default: the one before the active version)")
 
-    s = sub.add_parser("calibrate", help="choose the distance threshold from labelled photos (CSV image,sku)")
+    s = sub.add_parser("calibrate", help="choose the open-set threshold from labelled photos (CSV image,sku)")
     s.add_argument("csv", type=Path, metavar="PHOTOS_CSV",
                    help="CSV with columns image,sku (paths relative to the CSV); an sku not in the catalog = should be unknown")
     g = s.add_mutually_exclusive_group(required=True)
@@ -161,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest threshold whose known precision on the photos is >= P (0 < P <= 1)")
     g.add_argument("--match-softmax-cutoff", type=float, default=None, metavar="C",
                    help="reject at least as many unknown photos as a softmax head with confidence cutoff C (the old system: 0.78)")
+    s.add_argument("--score", choices=OPEN_SET_SCORES, default="ratio",
+                   help="the open-set score to threshold, stored with the threshold: ratio (default; nearest / runner-up "
+                        "distance, better on unknown sibling products, docs/threshold.md) or distance (the 1-NN cosine distance)")
     s.add_argument("--dry-run", "--no-store", dest="dry_run", action="store_true", help="report only; keep the stored threshold")
     s.add_argument("--json", action="store_true", help="print JSON")
 

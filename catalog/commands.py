@@ -16,7 +16,6 @@ from retailklip.images import IMAGE_SUFFIXES
 
 from .store import Catalog, default_catalog_dir
 
-
 _FIELD_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
 _FIELD_ESCAPES.update({ord("\\"): "\\\\", ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"})
 
@@ -159,6 +158,7 @@ def cmd_recognize(args) -> int:
     rec = Recognizer.open(
         catalog_dir(args), db_url=args.db_url, device=args.device, threshold=args.threshold,
         segmenter=args.segment, checkpoint=args.checkpoint, segmenter_options=seg_options or None,
+        open_set_score=_threshold_score(args),
     )
     if args.save_segments is not None and rec.segmenter is None and args.boxes is None:
         raise RetailKlipError("--save-segments needs a segmenter (--segment NAME) or --boxes")
@@ -200,6 +200,13 @@ def cmd_recognize(args) -> int:
     return 1 if failed else 0
 
 
+def _threshold_score(args) -> str | None:
+    """The score of ``--threshold`` (``--score``; a bare threshold is a distance)."""
+    if args.score is not None and args.threshold is None:
+        raise RetailKlipError("--score is the score of --threshold: give --threshold too")
+    return args.score
+
+
 def _fraction(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -210,14 +217,15 @@ def cmd_calibrate(args) -> int:
 
     cat = Catalog.open(catalog_dir(args), db_url=args.db_url, device=args.device)
     photos = read_photos_csv(args.csv)
-    previous = cat.threshold
+    previous, previous_score = cat.threshold, cat.open_set_score
     report = calibrate_catalog(
         cat, photos, progress=sys.stderr.isatty() or args.verbose > 0,
-        target_precision=args.target_precision, match_softmax_cutoff=args.match_softmax_cutoff,
+        target_precision=args.target_precision, match_softmax_cutoff=args.match_softmax_cutoff, score=args.score,
     )
     if not args.dry_run:
-        cat.set_threshold(report.threshold)
-    out = dict(report.to_dict(), previous_threshold=previous, stored=not args.dry_run, generation=cat.generation)
+        cat.set_threshold(report.threshold, report.open_set_score)
+    out = dict(report.to_dict(), previous_threshold=previous, previous_open_set_score=previous_score,
+               stored=not args.dry_run, generation=cat.generation)
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -225,9 +233,10 @@ def cmd_calibrate(args) -> int:
     why = (f"known precision >= {report.target:g}" if report.mode == "target-precision"
            else f"unknown rejection >= {report.target:.3f}, the softmax head's at cutoff {report.softmax_cutoff:g}")
     where = "stored in the catalog" if not args.dry_run else "not stored (--dry-run)"
-    print(f"threshold {report.threshold:.4f} ({why}); {where}, previous {previous:.4f}")
+    print(f"threshold {report.threshold:.4f} on {report.open_set_score} ({why}); {where}, "
+          f"previous {previous:.4f} on {previous_score}")
     print(f"photos: {report.photos} ({nn.known_photos} of catalog SKUs, {nn.unknown_photos} unknown); catalog: {report.skus} SKUs")
-    print(f"{'':20}{'1-NN + threshold':>18}{f'softmax >= {report.softmax_cutoff:g}':>18}")
+    print(f"{'':20}{f'1-NN + {report.open_set_score}':>18}{f'softmax >= {report.softmax_cutoff:g}':>18}")
     for label, key in [("known accuracy", "known_accuracy"), ("known precision", "known_precision"),
                        ("unknown rejection", "unknown_rejection"), ("known rejection", "known_rejection"),
                        ("closed-set top-1", "closed_set_top1"), ("AUROC", "auroc")]:

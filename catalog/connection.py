@@ -20,6 +20,8 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from retailklip.open_set import OPEN_SET_SCORES, score_range
+
 from .database import read_only_error
 from .encoders import EncoderRegistry
 from .errors import CatalogError
@@ -27,6 +29,11 @@ from .models import CatalogState, EncoderRow
 
 if TYPE_CHECKING:  # pragma: no cover
     from retailklip.encoders import Encoder, EncoderIdentity
+
+
+#: Default cosine-distance threshold (in [0, 2]); see docs/threshold.md.  ``catalog calibrate``
+#: chooses one from labelled photos.
+DEFAULT_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -37,8 +44,10 @@ class StateSnapshot:
         generation: the change counter.
         encoder_id: ``encoders`` row id of the active encoder.
         version_id: ``index_versions`` row id of the active index version (None: none built).
-        threshold: cosine-distance threshold in [0, 2].
+        threshold: the open-set threshold, on ``open_set_score``.
         augmentations: views per reference image K.
+        open_set_score: the score ``threshold`` is on (:data:`retailklip.open_set.OPEN_SET_SCORES`;
+            ``"distance"``: a cosine distance in [0, 2]).
     """
 
     generation: int
@@ -46,6 +55,7 @@ class StateSnapshot:
     version_id: int | None
     threshold: float
     augmentations: int
+    open_set_score: str = "distance"
 
 
 class CatalogConnection:
@@ -86,15 +96,15 @@ class CatalogConnection:
             return int(c.execute(select(CatalogState.generation).where(CatalogState.id == 1)).scalar_one())
 
     def snapshot(self) -> StateSnapshot:
-        """Generation, active encoder and index version, threshold and K in one query."""
+        """Generation, active encoder and index version, threshold (and its score) and K in one query."""
         with self.engine.connect() as c:
             r = c.execute(
                 select(
                     CatalogState.generation, CatalogState.encoder_id, CatalogState.active_version_id,
-                    CatalogState.threshold, CatalogState.augmentations,
+                    CatalogState.threshold, CatalogState.augmentations, CatalogState.open_set_score,
                 ).where(CatalogState.id == 1)
             ).one()
-        return StateSnapshot(int(r[0]), int(r[1]), None if r[2] is None else int(r[2]), float(r[3]), int(r[4]))
+        return StateSnapshot(int(r[0]), int(r[1]), None if r[2] is None else int(r[2]), float(r[3]), int(r[4]), str(r[5]))
 
     def require_writable(self, what: str = "write") -> None:
         """Raise :class:`~catalog.errors.ReadOnlyCatalogError` (naming ``what``) if this catalog is read-only."""
@@ -124,7 +134,8 @@ class CatalogConnection:
         return int(r[0]), int(r[1])
 
     def settings(self) -> dict:
-        """Catalog settings: encoder identity and spec, K, seed, threshold, segmenter, generation."""
+        """Catalog settings: encoder identity and spec, K, seed, threshold and the open-set score it
+        is on, segmenter, generation."""
         with self.sessions() as s:
             st = self.state(s)
             enc = s.get(EncoderRow, st.encoder_id)
@@ -136,6 +147,7 @@ class CatalogConnection:
                 "augmentations": st.augmentations,
                 "seed": st.seed,
                 "threshold": st.threshold,
+                "open_set_score": st.open_set_score,
                 "segmenter": st.segmenter,
                 "segmenter_checkpoint": st.segmenter_checkpoint,
                 "generation": st.generation,
@@ -144,21 +156,39 @@ class CatalogConnection:
 
     @property
     def threshold(self) -> float:
-        """The catalog's cosine-distance threshold in [0, 2]."""
+        """The catalog's open-set threshold (a cosine distance in [0, 2] unless
+        :attr:`open_set_score` is ``"ratio"``: then a distance ratio in [0, 1])."""
         with self.sessions() as s:
             return float(self.state(s).threshold)
 
-    def set_threshold(self, threshold: float) -> None:
-        """Store a new cosine-distance threshold (in [0, 2]).
+    @property
+    def open_set_score(self) -> str:
+        """The score the threshold is on: ``"distance"`` or ``"ratio"`` (:mod:`retailklip.open_set`)."""
+        with self.sessions() as s:
+            return str(self.state(s).open_set_score)
+
+    def set_threshold(self, threshold: float, open_set_score: str = "distance") -> None:
+        """Store a new threshold and the score it is on, in one write (recognizers apply both
+        from their next call).
+
+        Args:
+            threshold: a cosine distance in [0, 2] (``"distance"``) or a ratio in [0, 1] (``"ratio"``).
+            open_set_score: one of :data:`retailklip.open_set.OPEN_SET_SCORES`; default
+                ``"distance"``, what a bare threshold always meant.
 
         Raises:
-            CatalogError: outside [0, 2].  ReadOnlyCatalogError.
+            CatalogError: unknown score, or a threshold outside its range.  ReadOnlyCatalogError.
         """
-        if not 0.0 <= threshold <= 2.0:
-            raise CatalogError(f"threshold is a cosine distance in [0, 2], got {threshold}")
+        if open_set_score not in OPEN_SET_SCORES:
+            raise CatalogError(f"unknown open-set score {open_set_score!r}; choose one of {', '.join(OPEN_SET_SCORES)}")
+        low, high = score_range(open_set_score)
+        if not low <= threshold <= high:
+            what = "a cosine distance" if open_set_score == "distance" else "a distance ratio"
+            raise CatalogError(f"threshold is {what} in [{low:g}, {high:g}], got {threshold}")
         with self.sessions.begin() as s:
             self.lock_writers(s)
-            s.execute(update(CatalogState).where(CatalogState.id == 1).values(threshold=float(threshold)))
+            s.execute(update(CatalogState).where(CatalogState.id == 1).values(
+                threshold=float(threshold), open_set_score=open_set_score))
 
     def set_segmenter(self, name: str | None, checkpoint: str | os.PathLike | None = None) -> None:
         """Remember a default segmenter (name and checkpoint path) for ``recognize``."""

@@ -146,6 +146,8 @@ class CatalogState(Base):
     augmentations: Mapped[int] = mapped_column(Integer)
     seed: Mapped[int] = mapped_column(Integer, default=0)
     threshold: Mapped[float] = mapped_column(Float)
+    # the score ``threshold`` is on (retailklip.open_set; migration 0003)
+    open_set_score: Mapped[str] = mapped_column(String(20), default="distance", server_default="distance")
     generation: Mapped[int] = mapped_column(Integer, default=0)
     segmenter: Mapped[str | None] = mapped_column(String(100))
     segmenter_checkpoint: Mapped[str | None] = mapped_column(Text)

@@ -9,7 +9,7 @@
 Catalogs created before schema versioning have the tables of revision ``0001`` but no
 ``alembic_version`` table; :func:`upgrade` stamps them ``0001`` and migrates them from there,
 keeping every row.  (A development catalog made with ``create_all`` that already has the
-``index_versions`` table is stamped ``0002``.)  On PostgreSQL an upgrade is one transaction (DDL is transactional) under an
+``index_versions`` table is stamped ``0002``, or ``0003`` with ``catalog_state.open_set_score``.)  On PostgreSQL an upgrade is one transaction (DDL is transactional) under an
 advisory lock, so concurrent ``catalog upgrade`` runs serialise; on SQLite likewise (``BEGIN
 IMMEDIATE``), and migrations that alter a table copy it in batch mode (SQLite's ALTER TABLE
 cannot add constraints).  A failed upgrade leaves the database as it was.
@@ -57,7 +57,7 @@ def script_directory() -> ScriptDirectory:
 
 
 def head_revision() -> str:
-    """The newest schema revision this retailklip knows (e.g. ``"0002"``)."""
+    """The newest schema revision this retailklip knows (e.g. ``"0003"``)."""
     head = script_directory().get_current_head()
     assert head is not None, "catalog/migrations has no revisions"
     return head
@@ -76,7 +76,10 @@ def _unversioned_revision(conn: Connection) -> str | None:
     tables = _tables(conn)
     if _MARKER_TABLE not in tables:
         return None
-    return "0002" if "index_versions" in tables else LEGACY_REVISION
+    if "index_versions" not in tables:
+        return LEGACY_REVISION
+    columns = {c["name"] for c in inspect(conn).get_columns("catalog_state")}
+    return "0003" if "open_set_score" in columns else "0002"
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -37,6 +37,7 @@ from retailklip.augment import DEFAULT_AUGMENTATIONS
 from retailklip.encoders import DEFAULT_ENCODER_SPEC, create_encoder
 
 from . import index_store, schema
+from .connection import DEFAULT_THRESHOLD
 from .database import DB_FILE, create_catalog_engine, is_no_space, no_space_error, read_only_error, writable
 from .errors import CatalogError
 from .imagestore import IMAGES_DIR, remove_new_entries
@@ -50,9 +51,6 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "catalog.json"
-#: Default cosine-distance threshold (in [0, 2]); see docs/threshold.md.  ``catalog calibrate``
-#: chooses one from labelled photos.
-DEFAULT_THRESHOLD = 0.5
 
 
 def default_catalog_dir() -> Path:

@@ -33,6 +33,7 @@ from retailklip.images import decode_image_bytes, read_image_bytes
 from retailklip.references import embed_reference
 
 from .codec import encode_vector
+from .connection import DEFAULT_THRESHOLD
 from .database import is_no_space, no_space_error
 from .errors import CatalogError, DuplicateSKUError, UnknownSKUError
 from .faults import crash_point
@@ -134,10 +135,13 @@ class CatalogWriter(CatalogReader):
         sku_id = validate_sku_id(sku if sku is not None else Path(image).stem)
         self._check_can_add([(sku_id, None)], append)
         found = {}
+        # "within the threshold" is a distance; a catalog whose threshold is a ratio warns at the
+        # default distance threshold
+        confusable_within = st["threshold"] if st["open_set_score"] == "distance" else DEFAULT_THRESHOLD
 
         def embed(enc_id: int, enc: Encoder) -> list[PreparedReference]:
             p = prepare_reference(image, sku_id, name, enc, st["augmentations"], st["seed"], enc_id)
-            found["confusable"] = self._confusable(p, st["threshold"])
+            found["confusable"] = self._confusable(p, confusable_within)
             return [p]
 
         prepared = self._embed_and_write(embed, append=append, what="add")[0]
@@ -145,7 +149,7 @@ class CatalogWriter(CatalogReader):
         info = self.get(prepared.sku)
         for n in confusable:
             logger.info("SKU %r: its reference image is within the threshold (%.3f) of SKU %r (cosine distance "
-                        "%.3f): photos of one may be recognised as the other", info.sku, st["threshold"], n.sku,
+                        "%.3f): photos of one may be recognised as the other", info.sku, confusable_within, n.sku,
                         n.distance)
         return AddedSKU(**vars(info), confusable_with=confusable)
 

@@ -1,8 +1,12 @@
-"""Choosing the open-set distance threshold from labelled photos, and the metrics that judge it.
+"""Choosing the open-set threshold from labelled photos, and the metrics that judge it.
 
 A photo is *known* when its true SKU is in the catalog, *unknown* otherwise.  With threshold
-``t`` a photo is *accepted* (named as an SKU) when its 1-NN cosine distance is ``<= t``, else
-rejected ("unknown").  Metrics (:func:`open_set_metrics`; all fractions in [0, 1]):
+``t`` a photo is *accepted* (named as an SKU) when its open-set score is ``<= t``, else
+rejected ("unknown").  The score (:mod:`retailklip.open_set`) is the 1-NN cosine distance
+(``"distance"``, the default here) or Lowe's ratio of the nearest to the runner-up SKU's distance
+(``"ratio"``, the default of ``catalog calibrate``: it names more photos right at the same
+precision on unknown sibling products, docs/threshold.md); the selection below is the same for
+both, "distance" standing for the score.  Metrics (:func:`open_set_metrics`; all fractions in [0, 1]):
 
 * **known accuracy**: known photos accepted *and* named correctly / known photos;
 * **closed-set top-1**: known photos whose nearest SKU is right, whatever the threshold;
@@ -35,6 +39,7 @@ from .datasets import LabelledImage
 from .errors import InvalidImageError, RetailKlipError
 from .index import VectorIndex
 from .matching import SKUMatcher
+from .open_set import DEFAULT_OPEN_SET_SCORE, check_score, open_set_score, score_range
 
 logger = logging.getLogger(__name__)
 
@@ -155,13 +160,14 @@ def threshold_for_precision(distance: np.ndarray, correct: np.ndarray, target: f
     """The largest threshold whose known precision on these photos is ``>= target``.
 
     Args:
-        distance: float (M,) 1-NN cosine distances in [0, 2].
+        distance: float (M,) open-set scores, lower = more likely known: 1-NN cosine distances in
+            [0, 2], or distance ratios in [0, 1] (:mod:`retailklip.open_set`).
         correct: bool (M,) the nearest SKU is the photo's true SKU (False for unknown photos).
         target: precision in (0, 1].
 
     Returns:
-        A cosine distance in [0, 2]: midway between the largest accepted distance and the next
-        observed distance (the largest distance when every photo is accepted).
+        A score value (a cosine distance in [0, 2] for distances): midway between the largest
+        accepted score and the next observed one (the largest when every photo is accepted).
 
     Raises:
         CalibrationError: ``target`` outside (0, 1], or no threshold reaches it (the message
@@ -180,7 +186,7 @@ def threshold_for_precision(distance: np.ndarray, correct: np.ndarray, target: f
     if ok.size == 0:
         best = float(precision[cut].max()) if cut.any() else 0.0
         raise CalibrationError(
-            f"no distance threshold reaches known precision {target:g} on these photos (best: {best:.3f}); "
+            f"no threshold reaches known precision {target:g} on these photos (best: {best:.3f}); "
             "lower --target-precision or improve the catalog"
         )
     return _midway(d, int(ok[-1]))
@@ -190,12 +196,12 @@ def threshold_for_unknown_rejection(distance: np.ndarray, known: np.ndarray, rej
     """The largest threshold that rejects at least ``rejection`` of the unknown photos.
 
     Args:
-        distance: float (M,) 1-NN cosine distances in [0, 2].
+        distance: float (M,) open-set scores (see :func:`threshold_for_precision`).
         known: bool (M,) the photo's true SKU is in the catalog.
         rejection: target unknown-rejection rate in [0, 1].
 
     Returns:
-        A cosine distance in [0, 2] (see :func:`threshold_for_precision` for the placement).
+        A score value (see :func:`threshold_for_precision` for the placement).
 
     Raises:
         CalibrationError: no unknown photo, or ``rejection`` outside [0, 1].
@@ -225,12 +231,14 @@ class CalibrationReport:
     Attributes:
         mode: ``"target-precision"`` or ``"match-softmax"``.
         target: the target precision, or the softmax head's unknown-rejection rate matched.
-        threshold: the chosen cosine-distance threshold in [0, 2].
+        threshold: the chosen threshold on ``open_set_score`` (a cosine distance in [0, 2], or
+            a distance ratio in [0, 1]).
         nearest_neighbour: 1-NN metrics at ``threshold``.
         softmax: the softmax head's metrics at ``softmax_cutoff`` on the same photos.
         softmax_cutoff: the head's confidence cutoff.
         skus: SKUs in the gallery; ``photos``: labelled photos used.
         head: softmax-head training facts (vectors, iterations, seconds, train accuracy, l2).
+        open_set_score: the score the threshold is on (``"distance"`` or ``"ratio"``).
     """
 
     mode: str
@@ -242,12 +250,14 @@ class CalibrationReport:
     skus: int
     photos: int
     head: dict = field(default_factory=dict)
+    open_set_score: str = DEFAULT_OPEN_SET_SCORE
 
     def to_dict(self) -> dict:
         return {
             "mode": self.mode,
             "target": round(self.target, 6),
             "threshold": round(self.threshold, 6),
+            "open_set_score": self.open_set_score,
             "skus": self.skus,
             "photos": self.photos,
             "nearest_neighbour": self.nearest_neighbour.to_dict(),
@@ -255,23 +265,39 @@ class CalibrationReport:
         }
 
 
-def nearest_skus(
+def nearest_matches(
     gallery: np.ndarray, gallery_skus: Sequence[str], queries: np.ndarray
-) -> tuple[list[str], np.ndarray]:
-    """1-NN SKU of each query through the product's own index and matcher.
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """1-NN SKU and runner-up distance of each query through the product's own index and matcher.
 
     Args:
         gallery: float32 (N, D) unit vectors; ``gallery_skus``: their N SKU ids.
         queries: float32 (M, D) unit vectors.
 
     Returns:
-        ``(skus, distances)``: M nearest SKU ids and float32 (M,) cosine distances in [0, 2].
+        ``(skus, distances, runner_up)``: M nearest SKU ids, float32 (M,) cosine distances in
+        [0, 2] to them, float32 (M,) cosine distances to the nearest other SKU (NaN with a
+        one-SKU gallery).
     """
     index = VectorIndex(gallery.shape[1])
     ids = np.arange(len(gallery_skus), dtype=np.int64)
     index.add(ids, gallery)
     matches = SKUMatcher(index, dict(zip(ids.tolist(), gallery_skus))).match(queries, 2.0)
-    return [m.nearest.sku for m in matches], np.array([m.nearest.distance for m in matches], np.float32)
+    runner = [m.runner_up.distance if m.runner_up is not None else np.nan for m in matches]
+    return ([m.nearest.sku for m in matches], np.array([m.nearest.distance for m in matches], np.float32),
+            np.array(runner, np.float32))
+
+
+def nearest_skus(
+    gallery: np.ndarray, gallery_skus: Sequence[str], queries: np.ndarray
+) -> tuple[list[str], np.ndarray]:
+    """1-NN SKU of each query (:func:`nearest_matches` without the runner-up).
+
+    Returns:
+        ``(skus, distances)``: M nearest SKU ids and float32 (M,) cosine distances in [0, 2].
+    """
+    skus, distance, _ = nearest_matches(gallery, gallery_skus, queries)
+    return skus, distance
 
 
 def calibrate(
@@ -284,8 +310,9 @@ def calibrate(
     match_softmax_cutoff: float | None = None,
     softmax_cutoff: float = DEFAULT_SOFTMAX_CUTOFF,
     l2: float = DEFAULT_L2,
+    score: str = DEFAULT_OPEN_SET_SCORE,
 ) -> CalibrationReport:
-    """Choose the 1-NN distance threshold and compare with the softmax-head baseline.
+    """Choose the 1-NN open-set threshold and compare with the softmax-head baseline.
 
     Exactly one of ``target_precision`` and ``match_softmax_cutoff`` is given.  The softmax head
     is trained on ``gallery`` (the catalog's reference views) and judged on the same ``queries``
@@ -300,11 +327,15 @@ def calibrate(
             the threshold must reach.
         softmax_cutoff: the baseline's cutoff in target-precision mode.
         l2: L2 penalty of the softmax head (:meth:`SoftmaxHead.fit`).
+        score: the open-set score the threshold is on, ``"distance"`` or ``"ratio"``
+            (:mod:`retailklip.open_set`).
 
     Raises:
         CalibrationError: both or neither mode, bad values, no known photo, no unknown photo in
             match-softmax mode, or an unreachable precision target.
+        RetailKlipError: unknown score.
     """
+    check_score(score)
     if (target_precision is None) == (match_softmax_cutoff is None):
         raise CalibrationError("give exactly one of --target-precision and --match-softmax-cutoff")
     if match_softmax_cutoff is not None:
@@ -317,7 +348,8 @@ def calibrate(
     known = np.array([t in catalog_skus for t in truth], bool)
     if not known.any():
         raise CalibrationError("none of the photos shows an SKU of the catalog (check the sku column)")
-    predicted, distance = nearest_skus(gallery, gallery_skus, queries)
+    predicted, distance, runner_up = nearest_matches(gallery, gallery_skus, queries)
+    value = open_set_score(score, distance, runner_up)
     correct = known & (np.asarray(predicted, dtype=object) == np.asarray(truth, dtype=object))
 
     head = SoftmaxHead.fit(gallery, gallery_skus, l2=l2)
@@ -326,17 +358,18 @@ def calibrate(
 
     if target_precision is not None:
         mode, target = "target-precision", float(target_precision)
-        threshold = threshold_for_precision(distance, correct, target)
+        threshold = threshold_for_precision(value, correct, target)
     else:
         if softmax.unknown_rejection is None:
             raise CalibrationError(
                 "--match-softmax-cutoff needs photos of SKUs outside the catalog (rows whose sku is not in it)"
             )
         mode, target = "match-softmax", softmax.unknown_rejection
-        threshold = threshold_for_unknown_rejection(distance, known, target)
-    threshold = min(max(threshold, 0.0), 2.0)
-    nn = open_set_metrics(predicted, truth, known, distance <= threshold, -distance)
-    logger.info("calibrated threshold %.4f (%s, target %.4f)", threshold, mode, target)
+        threshold = threshold_for_unknown_rejection(value, known, target)
+    low, high = score_range(score)
+    threshold = min(max(threshold, low), high)
+    nn = open_set_metrics(predicted, truth, known, value <= threshold, -value)
+    logger.info("calibrated threshold %.4f on %s (%s, target %.4f)", threshold, score, mode, target)
     return CalibrationReport(
         mode=mode, target=target, threshold=threshold, nearest_neighbour=nn, softmax=softmax,
         softmax_cutoff=float(softmax_cutoff), skus=len(catalog_skus), photos=len(truth),
@@ -344,6 +377,7 @@ def calibrate(
             "vectors": len(gallery_skus), "l2": l2, "iterations": head.iterations,
             "seconds": round(head.fit_seconds, 3), "train_accuracy": round(head.train_accuracy, 6),
         },
+        open_set_score=score,
     )
 
 
@@ -369,7 +403,7 @@ def calibrate_catalog(
 ) -> CalibrationReport:
     """Embed labelled whole-image photos with the catalog's encoder and run :func:`calibrate`
     against the catalog's vectors.  Reads only; storing the threshold is the caller's choice
-    (``catalog.set_threshold(report.threshold)``).
+    (``catalog.set_threshold(report.threshold, report.open_set_score)``).
 
     Args:
         catalog: an open :class:`catalog.store.Catalog` (at least 2 SKUs for the softmax head).

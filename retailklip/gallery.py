@@ -34,13 +34,16 @@ class GalleryState(Protocol):
         generation: change counter (bumped by every change the recognizer must see).
         encoder_id: id of the encoder whose vectors are served.
         version_id: id of the active index snapshot (None: serve from :meth:`Gallery.existing_vectors` alone).
-        threshold: cosine-distance threshold in [0, 2].
+        threshold: the open-set threshold, on ``open_set_score``.
+        open_set_score: the score the threshold is on (:mod:`retailklip.open_set`); a state
+            without this attribute is on ``"distance"``, a cosine distance in [0, 2].
     """
 
     generation: int
     encoder_id: int
     version_id: int | None
     threshold: float
+    open_set_score: str
 
 
 class Gallery(Protocol):

@@ -31,6 +31,7 @@ from .errors import EmptyCatalogError, RetailKlipError
 from .images import ImageSource, load_image
 from .index import VectorIndex
 from .matching import Neighbour, SKUMatcher
+from .open_set import DEFAULT_OPEN_SET_SCORE, check_score, distance_ratio
 
 if TYPE_CHECKING:  # pragma: no cover
     from .gallery import Gallery
@@ -63,16 +64,18 @@ class Recognition:
     """One recognised segment of an image.
 
     Attributes:
-        sku: the recognised SKU id, or None ("unknown") when the nearest SKU is farther than
-            the threshold.
+        sku: the recognised SKU id, or None ("unknown") when the open-set score is above the
+            threshold.
         nearest_sku: the 1-NN SKU id, always set.
         name: display name of ``nearest_sku``.
         distance: cosine distance (in [0, 2]) from the segment's embedding to ``nearest_sku``.
-        threshold: the cosine-distance threshold applied.
+        threshold: the threshold applied, on ``open_set_score``.
         runner_up: the nearest other SKU and its distance (None with a one-SKU catalog).
         bbox: (x0, y0, x1, y1) of the segment in image pixels, x1/y1 exclusive.
         mask: bool (H, W) segment mask in image pixels, or None for a whole-image recognition.
         score: the segmenter's quality score of the segment (1.0 for the whole image).
+        open_set_score: the score ``threshold`` is on: ``"distance"`` (``distance``) or
+            ``"ratio"`` (:attr:`ratio`); see :mod:`retailklip.open_set`.
     """
 
     sku: str | None
@@ -84,11 +87,18 @@ class Recognition:
     bbox: tuple[int, int, int, int]
     mask: np.ndarray | None = field(default=None, repr=False, compare=False)
     score: float = 1.0
+    open_set_score: str = DEFAULT_OPEN_SET_SCORE
 
     @property
     def known(self) -> bool:
         """True when :attr:`sku` is set (the match is within the threshold)."""
         return self.sku is not None
+
+    @property
+    def ratio(self) -> float:
+        """Lowe's ratio ``distance / runner_up.distance`` in [0, 1] (runner-up distance 2 with a
+        one-SKU catalog; :func:`retailklip.open_set.distance_ratio`)."""
+        return float(distance_ratio(self.distance, self.runner_up.distance if self.runner_up else None))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form used by ``catalog recognize --json``."""
@@ -97,6 +107,9 @@ class Recognition:
             "nearest_sku": self.nearest_sku,
             "name": self.name,
             "distance": round(self.distance, 6),
+            "ratio": round(self.ratio, 6),
+            "open_set_score": self.open_set_score,
+            "threshold": round(float(self.threshold), 6),
             "runner_up": (
                 {"sku": self.runner_up.sku, "distance": round(self.runner_up.distance, 6)} if self.runner_up else None
             ),
@@ -118,6 +131,7 @@ class _View:
     present: np.ndarray  # int64 ids in the index (including vectors of removed SKUs it cannot delete)
     names: dict
     threshold: float
+    open_set_score: str
 
 
 class Recognizer:
@@ -125,7 +139,12 @@ class Recognizer:
 
     Args:
         catalog: a :class:`retailklip.gallery.Gallery`, e.g. an open :class:`catalog.store.Catalog`.
-        threshold: cosine-distance threshold in [0, 2]; default: the catalog's.
+        threshold: threshold on ``open_set_score``; default: the catalog's threshold, on the
+            catalog's score.
+        open_set_score: the score ``threshold`` is on, ``"distance"`` (cosine distance in
+            [0, 2]) or ``"ratio"`` (:mod:`retailklip.open_set`); default: ``"distance"`` when
+            ``threshold`` is given (what a bare threshold always meant), else the catalog's;
+            only together with ``threshold``.
         segmenter: object with ``segment(image) -> list[Segment]`` (see
             :func:`retailklip.segment.load_segmenter`); default: the catalog's remembered
             segmenter, else the whole image is one segment.
@@ -143,9 +162,17 @@ class Recognizer:
         *,
         threshold: float | None = None,
         segmenter: SegmenterLike | None = None,
+        open_set_score: str | None = None,
     ) -> None:
         self.catalog = catalog
         self._threshold = threshold
+        if open_set_score is not None:
+            check_score(open_set_score)
+            if threshold is None:
+                raise RetailKlipError("an open-set score goes with the threshold on it: give threshold too")
+        elif threshold is not None:
+            open_set_score = DEFAULT_OPEN_SET_SCORE
+        self._score = open_set_score  # None: the catalog's, with the catalog's threshold
         self.segmenter = segmenter
         self._lock = threading.Lock()  # guards searches and in-place index updates
         self._refresh_lock = threading.Lock()  # one refresher at a time
@@ -162,6 +189,7 @@ class Recognizer:
         segmenter: SegmenterLike | str | None = None,
         checkpoint: str | None = None,
         segmenter_options: dict | None = None,
+        open_set_score: str | None = None,
     ) -> Recognizer:
         """Open the catalog in ``catalog_dir`` and build a recognizer on it.
 
@@ -172,6 +200,7 @@ class Recognizer:
             segmenter_options: automatic mask generation parameters for a named segmenter
                 (fields of :class:`retailklip.segment.MaskGeneratorOptions`, e.g.
                 ``{"points_per_side": 16}``).
+            threshold, open_set_score: as in :class:`Recognizer`.
 
         Raises:
             CatalogError: no catalog there.
@@ -190,7 +219,7 @@ class Recognizer:
             segmenter = load_segmenter(segmenter, checkpoint=checkpoint, device=device, generator_options=options)
         elif segmenter_options:
             raise RetailKlipError("segmenter options need a named segmenter (--segment NAME)")
-        return cls(cat, threshold=threshold, segmenter=segmenter)
+        return cls(cat, threshold=threshold, segmenter=segmenter, open_set_score=open_set_score)
 
     # ------------------------------------------------------------------ index sync
     def refresh(self) -> None:
@@ -236,7 +265,7 @@ class Recognizer:
         logger.debug("loaded index version %s (%d vectors, +%d since the snapshot)", snap.version_id, index.ntotal, len(new))
         return _View(
             snap.generation, snap.encoder_id, snap.version_id, encoder, SKUMatcher(index, dict(zip(ids.tolist(), skus))),
-            present, self.catalog.names(), snap.threshold,
+            present, self.catalog.names(), snap.threshold, _snapshot_score(snap),
         )
 
     def _apply_changes(self, view: _View, snap) -> None:
@@ -249,7 +278,7 @@ class Recognizer:
             present = self._apply(index, view.present, new, vectors, gone)
             self._view = replace(
                 view, generation=snap.generation, matcher=SKUMatcher(index, dict(zip(ids.tolist(), skus))),
-                present=present, names=names, threshold=snap.threshold,
+                present=present, names=names, threshold=snap.threshold, open_set_score=_snapshot_score(snap),
             )
         logger.debug("index synced to generation %d: +%d -%d vectors", snap.generation, len(new), len(gone))
 
@@ -285,20 +314,34 @@ class Recognizer:
 
     @property
     def threshold(self) -> float:
-        """The cosine-distance threshold in use."""
+        """The threshold in use, on :attr:`open_set_score`."""
         if self._threshold is not None:
             return self._threshold
         return self._current().threshold
 
+    @property
+    def open_set_score(self) -> str:
+        """The score the threshold is on (``"distance"`` or ``"ratio"``, :mod:`retailklip.open_set`)."""
+        return self._score if self._score is not None else self._current().open_set_score
+
+    def _operating_point(self, view: _View) -> tuple[float, str]:
+        """(threshold, score) of this recognizer on ``view``: both given, or both the catalog's."""
+        if self._threshold is not None:
+            return self._threshold, self._score
+        return view.threshold, view.open_set_score
+
     # ------------------------------------------------------------------ recognition
-    def match_embeddings(self, embeddings: np.ndarray, encoder_key: str, threshold: float | None = None) -> list | None:
+    def match_embeddings(self, embeddings: np.ndarray, encoder_key: str, threshold: float | None = None,
+                         open_set_score: str = DEFAULT_OPEN_SET_SCORE) -> list | None:
         """1-NN matches (:class:`retailklip.matching.Match`: nearest SKU, runner-up, known) of
         embeddings made elsewhere, e.g. a new reference image's before it is stored.
 
         Args:
             embeddings: float32 (N, D) L2-normalised embeddings.
             encoder_key: :attr:`EncoderIdentity.key` of the encoder that made them.
-            threshold: cosine-distance threshold in [0, 2] (default: the recognizer's).
+            threshold: threshold on ``open_set_score`` (default: the recognizer's threshold, on
+                the recognizer's score).
+            open_set_score: the score of a given ``threshold`` (``"distance"``: cosine distance).
 
         Returns:
             One match per row, or None when the catalog's current encoder is not ``encoder_key``
@@ -307,9 +350,9 @@ class Recognizer:
         view = self._current()
         if view.encoder.identity.key != encoder_key or not view.matcher.sku_of:
             return None
-        t = threshold if threshold is not None else (self._threshold if self._threshold is not None else view.threshold)
+        t, score = (threshold, open_set_score) if threshold is not None else self._operating_point(view)
         with self._lock:
-            return view.matcher.match(np.asarray(embeddings, np.float32), t)
+            return view.matcher.match(np.asarray(embeddings, np.float32), t, score=score)
 
     def recognize(
         self, image: ImageSource, *, boxes: object = None, points: object = None, masks: object = None,
@@ -373,14 +416,14 @@ class Recognizer:
                 if current.encoder_id == view.encoder_id:
                     if not current.matcher.sku_of:
                         raise EmptyCatalogError("the catalog holds no SKU; add one with `catalog add IMAGE`")
-                    threshold = self._threshold if self._threshold is not None else current.threshold
-                    matches = current.matcher.match(queries, threshold)
+                    threshold, score = self._operating_point(current)
+                    matches = current.matcher.match(queries, threshold, score=score)
                     names = current.names
                     break
             view = current  # a rebuild switched encoders while we embedded: embed again
         else:
             raise RetailKlipError("the catalog's encoder kept changing during recognition; try again")
-        return self._recognitions(matches, names, threshold, boxes, masks, scores), segments
+        return self._recognitions(matches, names, threshold, score, boxes, masks, scores), segments
 
     def _given_segments(self, im: Image.Image, boxes, points, masks) -> list[SegmentLike] | None:
         """The segments of prompts or given masks (None when there are none: the segmenter's
@@ -405,7 +448,7 @@ class Recognizer:
         return box_segments(im, boxes if boxes is not None else [])
 
     @staticmethod
-    def _recognitions(matches, names, threshold, boxes, masks, scores) -> list[Recognition]:
+    def _recognitions(matches, names, threshold, open_set_score, boxes, masks, scores) -> list[Recognition]:
         return [
             Recognition(
                 sku=m.nearest.sku if m.known else None,
@@ -417,6 +460,7 @@ class Recognizer:
                 bbox=b,
                 mask=mk,
                 score=sc,
+                open_set_score=open_set_score,
             )
             for m, b, mk, sc in zip(matches, boxes, masks, scores)
         ]
@@ -425,3 +469,8 @@ class Recognizer:
 def _sorted_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Sorted int64 ids in ``a`` but not in ``b``."""
     return np.setdiff1d(np.asarray(a, np.int64), np.asarray(b, np.int64)).astype(np.int64)
+
+
+def _snapshot_score(snap) -> str:
+    """The open-set score of a gallery state (``"distance"`` for galleries that predate it)."""
+    return check_score(getattr(snap, "open_set_score", DEFAULT_OPEN_SET_SCORE))

@@ -21,6 +21,8 @@ from retailklip.calibration import (
 )
 from retailklip.datasets import LabelledImage
 from retailklip.errors import RetailKlipError
+from retailklip.open_set import distance_ratio, open_set_score
+from retailklip.recognizer import Recognizer
 
 
 # ---------------------------------------------------------------------------- AUROC
@@ -181,6 +183,27 @@ def test_calibrate_match_softmax_rejects_at_least_as_many_unknowns():
         calibrate(gallery, skus, queries[24:], truth[24:], target_precision=0.9)
 
 
+def test_distance_ratio_by_hand():
+    r = distance_ratio([0.2, 0.5, 0.0, 0.4, 0.6], [0.4, 0.5, 0.0, np.nan, 0.5])
+    # d1/d2; equal distances -> 1; 0/0 -> 1; no runner-up -> d2 = 2; d1 > d2 (approximate index) -> 1
+    assert r.tolist() == pytest.approx([0.5, 1.0, 1.0, 0.2, 1.0])
+    assert open_set_score("distance", [0.3], [0.6]).tolist() == [0.3]
+    assert open_set_score("ratio", [0.3], None).tolist() == [pytest.approx(0.15)]
+    with pytest.raises(RetailKlipError, match="unknown open-set score 'cosine'"):
+        open_set_score("cosine", [0.3], [0.6])
+
+
+def test_calibrate_ratio_thresholds_the_ratio():
+    gallery, skus, queries, truth = _open_set_problem(2)
+    rep = calibrate(gallery, skus, queries, truth, target_precision=0.9, score="ratio")
+    assert rep.open_set_score == "ratio" and rep.to_dict()["open_set_score"] == "ratio"
+    assert 0.0 <= rep.threshold <= 1.0 and rep.nearest_neighbour.known_precision >= 0.9
+    dist = calibrate(gallery, skus, queries, truth, target_precision=0.9)
+    assert dist.open_set_score == "distance"
+    with pytest.raises(RetailKlipError, match="unknown open-set score"):
+        calibrate(gallery, skus, queries, truth, target_precision=0.9, score="lowe")
+
+
 # ---------------------------------------------------------------------------- catalog calibrate
 @pytest.fixture(scope="module")
 def photos_csv(tmp_path_factory, iconic, val_photos):
@@ -233,6 +256,12 @@ def test_cli_calibrate_stores_threshold_json_and_dry_run(cli_tiny_catalog, photo
     assert main(["--catalog", d, "calibrate", str(csv_path), "--target-precision", "0.5", "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "known precision" in text and "not stored" in text
+    # the default score is the ratio, stored with the threshold; --score distance as before
+    assert stored["open_set_score"] == "ratio" and Catalog.open(d).open_set_score == "ratio"
+    assert main(["--catalog", d, "calibrate", str(csv_path), "--target-precision", "0.5", "--score", "distance", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["previous_open_set_score"] == "ratio" and out["open_set_score"] == "distance"
+    assert Catalog.open(d).settings()["open_set_score"] == "distance"
 
 
 @pytest.mark.parametrize(
@@ -279,6 +308,30 @@ def test_calibrate_real_encoder_reduced(tmp_path, mobilenet_weights, iconic, val
     assert nn.closed_set_top1 > 1 / 6  # better than chance among 6 SKUs
     assert nn.auroc > 0.5
     assert sm.closed_set_top1 > 1 / 6
+    # the ratio: calibrated on it, stored with it, and the recognizer applies it
+    rr = calibrate_catalog(cat, photos, target_precision=0.5, score="ratio")
+    assert rr.open_set_score == "ratio" and rr.nearest_neighbour.known_precision >= 0.5
+    assert rr.nearest_neighbour.closed_set_top1 == nn.closed_set_top1  # the same 1-NN
+    cat.set_threshold(rr.threshold, "ratio")
+    rec = Recognizer(cat)
+    assert (rec.threshold, rec.open_set_score) == (pytest.approx(rr.threshold), "ratio")
+    results = [rec.recognize(p.path)[0] for p in photos]
+    for r in results:
+        assert r.runner_up is not None and r.ratio == pytest.approx(r.distance / r.runner_up.distance)
+        assert r.known == (r.ratio <= rr.threshold) and r.open_set_score == "ratio"
+        d = r.to_dict()
+        assert d["ratio"] == pytest.approx(r.ratio, abs=1e-6) and d["open_set_score"] == "ratio"
+        assert d["distance"] == pytest.approx(r.distance, abs=1e-6) and d["runner_up"]["sku"] == r.runner_up.sku
+    assert sum(r.known for r in results) == rr.nearest_neighbour.accepted
+    assert any(r.known for r in results) and not all(r.known for r in results)
+    # an explicit threshold: a bare one is a distance; with a score, on that score
+    assert all(not r.known for r in Recognizer(cat, threshold=0.0, open_set_score="ratio").recognize(photos[0].path))
+    bare = Recognizer(cat, threshold=2.0).recognize(photos[0].path)[0]
+    assert bare.known and bare.open_set_score == "distance"
+    with pytest.raises(Exception, match="ratio in \\[0, 1\\]"):
+        cat.set_threshold(1.5, "ratio")
+    with pytest.raises(RetailKlipError, match="give threshold too"):
+        Recognizer(cat, open_set_score="ratio")
 
 
 def _import_csv(path, skus):

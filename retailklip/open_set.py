@@ -1,0 +1,93 @@
+"""Open-set scores: how likely a 1-NN match is to be a product that is not in the catalog.
+
+A recognition is accepted (named as its nearest SKU) when its open-set score is ``<=`` the
+catalog's threshold; the catalog records which score the threshold is on (the catalog setting
+``open_set_score``).  Scores, both "higher = more likely unknown":
+
+* ``"distance"``: the 1-NN cosine distance d1 in [0, 2] (the only score before issue 14; the
+  default, so catalogs calibrated before it keep their meaning);
+* ``"ratio"``: d1 / d2 in [0, 1], d2 = the cosine distance to the nearest *other* SKU (the
+  runner-up): the nearest-neighbour distance ratio test (Lowe, "Distinctive image features from
+  scale-invariant keypoints", IJCV 2004, §7.1).  Near 1 the photo is about as close to two SKUs,
+  e.g. an unknown sibling variety between two known ones; near 0 one SKU is much closer than
+  any other.  With no runner-up (a one-SKU catalog) d2 is taken as 2, the largest cosine
+  distance; d1 = d2 = 0 gives 1.
+
+Which score separates unknown siblings better was measured on GroceryStore
+(benchmarks/bench_open_set.py, docs/threshold.md "Unknown rejection for siblings (issue 14)").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import RetailKlipError
+
+#: The open-set scores a threshold can be on.
+OPEN_SET_SCORES = ("distance", "ratio")
+
+#: The score of a catalog that never recorded one (all catalogs before issue 14).
+DEFAULT_OPEN_SET_SCORE = "distance"
+
+#: Largest cosine distance; the runner-up distance used when there is none.
+MAX_DISTANCE = 2.0
+
+
+def check_score(score: str) -> str:
+    """Return ``score`` if it is one of :data:`OPEN_SET_SCORES`.
+
+    Raises:
+        RetailKlipError: any other value (one line naming the valid ones).
+    """
+    if score not in OPEN_SET_SCORES:
+        raise RetailKlipError(f"unknown open-set score {score!r}; choose one of {', '.join(OPEN_SET_SCORES)}")
+    return score
+
+
+def score_range(score: str) -> tuple[float, float]:
+    """The interval a score's values (and its thresholds) lie in: (0, 2) for ``distance``, (0, 1)
+    for ``ratio``.
+
+    Raises:
+        RetailKlipError: unknown score name.
+    """
+    return (0.0, MAX_DISTANCE) if check_score(score) == "distance" else (0.0, 1.0)
+
+
+def distance_ratio(distance: np.ndarray | float, runner_up: np.ndarray | float | None) -> np.ndarray:
+    """Lowe's ratio d1 / d2 (module docstring).
+
+    Args:
+        distance: float (M,) 1-NN cosine distances d1 in [0, 2] (or a scalar).
+        runner_up: float (M,) cosine distances d2 to the nearest other SKU, NaN where there is
+            none (or a scalar, or None for "none").
+
+    Returns:
+        float64 (M,) ratios in [0, 1] (d1 clipped to >= 0; d1 > d2, possible with approximate
+        indexes, gives 1).
+    """
+    d1 = np.clip(np.asarray(distance, np.float64), 0.0, MAX_DISTANCE)
+    d2 = np.full_like(d1, np.nan) if runner_up is None else np.asarray(runner_up, np.float64)
+    d2 = np.where(np.isnan(d2), MAX_DISTANCE, d2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(d2 > 0, d1 / np.where(d2 > 0, d2, 1.0), 1.0)
+    return np.clip(r, 0.0, 1.0)
+
+
+def open_set_score(score: str, distance: np.ndarray | float, runner_up: np.ndarray | float | None) -> np.ndarray:
+    """The named score of 1-NN matches (higher = more likely unknown).
+
+    Args:
+        score: one of :data:`OPEN_SET_SCORES`.
+        distance: float (M,) 1-NN cosine distances in [0, 2].
+        runner_up: float (M,) runner-up cosine distances, NaN where none (only ``ratio`` uses it).
+
+    Returns:
+        float64 (M,) scores: the distances themselves, or :func:`distance_ratio`.
+
+    Raises:
+        RetailKlipError: unknown score name.
+    """
+    if check_score(score) == "distance":
+        return np.asarray(distance, np.float64)
+    return distance_ratio(distance, runner_up)
