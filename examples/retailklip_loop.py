@@ -3,7 +3,8 @@ the catalog with the new weights, calibrate, and compare before / after on held-
 
     python3 examples/retailklip_loop.py --data ../shared/data/grocery-store --out /tmp/loop
 
-Steps (everything from the dataset's **train** split; val and test are never read):
+Steps (everything from the dataset's **train** split; test is never read, val only by
+``--final-val``, the protocol's one final report on the held-out classes' val photos):
 
 1. Split the 81 fine classes by coarse class, as ``python -m finetune.grocery`` does (odd coarse
    ids train, even ones are held out; ``--held-out-parity``): 46 training classes, 35 held-out
@@ -90,8 +91,9 @@ def split(args) -> dict:
     known, unknown = [held[i] for i in f.train], [held[i] for i in f.test]
     g = class_disjoint_folds(unknown, k=2, seed=args.seed, groups=[coarse[c] for c in unknown])[0]
     unknown_cal, unknown_eval = [unknown[i] for i in g.train], [unknown[i] for i in g.test]
+    val = [p for p in store.photos("val") if p.label in set(held)] if args.final_val else []
     return {
-        "store": store, "coarse": coarse, "trained": trained, "held": held, "known": known,
+        "val": val, "store": store, "coarse": coarse, "trained": trained, "held": held, "known": known,
         "unknown_calibration": unknown_cal, "unknown_evaluation": unknown_eval,
         "train_photos": train_photos, "evaluation": evaluation,
         "calibration": [p for p in calibration if p.label in set(known) | set(unknown_cal)],
@@ -170,9 +172,14 @@ def measure(cat_all: Catalog, cat_known: Catalog, s: dict, calibration: dict) ->
     m = open_set_metrics(o_pred, o_truth, known, accepted, -o_dist)
     right = known & (np.array(o_pred, dtype=object) == np.array(o_truth, dtype=object))
     ci = lambda v: (bootstrap_ci(v) if len(v) else None)
+    val_correct = np.zeros(0, bool)
+    if s["val"]:
+        v_pred, _ = nearest_skus(g_all, sku_all, enc.embed([p.path for p in s["val"]]))
+        val_correct = np.array([a == p.label for a, p in zip(v_pred, s["val"])])
     return {
         "encoder": enc.identity.key,
         "correct": correct,
+        "val_correct": val_correct,
         "embed_seconds": round(embed_s, 1),
         "closed_set": {"photos": len(photos), "classes": len(per_class), "top1": ci(correct.astype(float)),
                        "per_class_average": float(np.mean([np.mean(v) for v in per_class.values()])),
@@ -268,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--match-softmax-cutoff", type=float, default=0.78)
     g.add_argument("--target-precision", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--final-val", action="store_true",
+                   help="also report closed-set top-1 on the held-out classes' val photos (the protocol's one final "
+                        "report: val is a development set, never used for choices)")
     args = p.parse_args(argv)
     if not args.weights.is_file():
         print(f"retailklip_loop: error: {args.weights}: no such weights file", file=sys.stderr)
@@ -320,13 +330,19 @@ def main(argv: list[str] | None = None) -> int:
                   "known_classes": s["known"], "unknown_calibration_classes": s["unknown_calibration"],
                   "unknown_evaluation_classes": s["unknown_evaluation"], "open_set_evaluation_photos": len(s["open_evaluation"])},
         "finetune": ft,
-        "before": {k: v for k, v in before.items() if k != "correct"},
-        "after": {k: v for k, v in after.items() if k != "correct"},
+        "before": {k: v for k, v in before.items() if k not in ("correct", "val_correct")},
+        "after": {k: v for k, v in after.items() if k not in ("correct", "val_correct")},
         "mcnemar_after_vs_before": {"only_after": mc.only_a, "only_before": mc.only_b, "p_value": mc.p_value},
         "encoder_changed": before["encoder"] != after["encoder"],
         "vectors_max_abs_change": float(np.abs(vectors_after - vectors_before).max()),
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
+    if s["val"]:
+        vm = mcnemar(after["val_correct"], before["val_correct"])
+        res["final_val"] = {"photos": len(s["val"]), "classes": len({p.label for p in s["val"]}),
+                            "before": bootstrap_ci(before["val_correct"].astype(float)),
+                            "after": bootstrap_ci(after["val_correct"].astype(float)),
+                            "mcnemar_after_vs_before": {"only_after": vm.only_a, "only_before": vm.only_b, "p_value": vm.p_value}}
     (out / "loop.json").write_text(json.dumps(jsonable(res), indent=1) + "\n")
 
     sp = res["split"]
@@ -342,6 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| class | photos | before | after |\n|---|---|---|---|")
     for c, r in before["closed_set"]["per_class"].items():
         print(f"| {c} | {r['photos']} | {r['top1']:.3f} | {after['closed_set']['per_class'][c]['top1']:.3f} |")
+    if s["val"]:
+        fv = res["final_val"]
+        m = fv["mcnemar_after_vs_before"]
+        print(f"\nfinal report, held-out classes' val photos ({fv['photos']} photos, {fv['classes']} classes; closed set): "
+              f"{fmt(fv['before'])} -> {fmt(fv['after'])}, McNemar {m['only_after']} vs {m['only_before']}, p = {m['p_value']:.3g}")
     print(f"\nseconds: {json.dumps(res['seconds'])}; results: {out / 'loop.json'}")
     return 0
 
