@@ -1,0 +1,371 @@
+"""The RetailKLIP loop on GroceryStore in one command: split by coarse class, finetune, rebuild
+the catalog with the new weights, calibrate, and compare before / after on held-out classes.
+
+    python3 examples/retailklip_loop.py --data ../shared/data/grocery-store --out /tmp/loop
+
+Steps (everything from the dataset's **train** split; test is never read, val only by
+``--final-val``, the protocol's one final report on the held-out classes' val photos):
+
+1. Split the 81 fine classes by coarse class, as ``python -m finetune.grocery`` does (odd coarse
+   ids train, even ones are held out; ``--held-out-parity``): 46 training classes, 35 held-out
+   classes, no coarse class on both sides.  The held-out classes' train photos are dealt into
+   *evaluation* and *calibration* photos (:func:`retailklip.protocol.photo_folds`, k = 2).  For
+   the open-set part the held-out classes are split by coarse class
+   (:func:`retailklip.protocol.class_disjoint_folds`, k = 2) into *known* (in the open-set
+   catalog) and *unknown* classes, and the unknown ones again into those seen at calibration and
+   those seen at evaluation, so the threshold is judged on products it was not calibrated on.
+2. Finetune the MobileNetV2 on the training classes' photos and packshots (``finetune``: ArcFace, blockwise
+   learning-rate decay, class-balanced sampling; RetailKLIP, Srivastava 2023, §4.1) ->
+   ``OUT/encoder.safetensors``.
+3. Two catalogs of iconic packshots (``catalog.Catalog.init`` + ``import_csv``, features centred
+   on unlabeled training-class photos as examples/grocery_store.py does): ``catalog-all`` (the 35
+   held-out classes: closed-set top-1) and ``catalog-known`` (the known half: open set).  Measured
+   with the raw encoder (before), then ``Catalog.rebuild(encoder=..., weights=OUT/encoder.safetensors)``
+   (= ``catalog rebuild --encoder timm:mobilenetv2_100 --weights OUT/encoder.safetensors``) and
+   measured again (after).
+4. ``catalog --catalog OUT/catalog-known calibrate OUT/calibration.csv --match-softmax-cutoff 0.78 --json``
+   (or ``--target-precision P``) stores the threshold, before and after the rebuild.
+5. Prints a before / after table (closed-set top-1 with bootstrap intervals and McNemar's test,
+   per-class top-1, AUROC known vs unknown, accepted fraction, known precision and unknown
+   rejection at the calibrated threshold) and writes it to ``OUT/loop.json``.
+
+Evaluation photos are embedded once per encoder with the catalog's own encoder
+(``Catalog.encoder().embed``, what ``catalog recognize`` runs on a whole image) and matched by
+:func:`retailklip.calibration.nearest_skus` against each catalog's vectors, the functions
+``catalog calibrate`` uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from catalog import Catalog
+from finetune.cli import build_parser, config_from_args
+from finetune.cli import run as finetune_run
+from retailklip.calibration import catalog_gallery, nearest_skus, open_set_metrics
+from retailklip.datasets import LabelledImage, read_grocery_store
+from retailklip.protocol import bootstrap_ci, class_disjoint_folds, mcnemar, photo_folds
+
+ENCODER = "timm:mobilenetv2_100"
+OPTIONS = {"interpolation": "bilinear"}
+RAW_WEIGHTS = Path("../shared/models/mobilenetv2_100.imagenet.safetensors")
+
+
+def write_csv(path: Path, header: list[str], rows) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def split(args) -> dict:
+    """The class and photo split of step 1 (deterministic in ``args.seed``)."""
+    store = read_grocery_store(args.data)
+    coarse = {c.name: c.coarse_name for c in store.classes}
+    held = [c.name for c in store.classes if c.coarse_id % 2 == args.held_out_parity]
+    trained = [c.name for c in store.classes if c.coarse_id % 2 != args.held_out_parity]
+    count: dict[str, int] = defaultdict(int)
+    train_photos, held_photos = [], []
+    for p in store.photos("train"):
+        cap = args.max_held_out_photos if p.label in held else args.max_train_photos
+        if cap and count[p.label] >= cap:
+            continue
+        count[p.label] += 1
+        (held_photos if p.label in held else train_photos).append(p)
+    fold = photo_folds([p.label for p in held_photos], k=2, seed=args.seed)[0]
+    evaluation = [held_photos[i] for i in fold.test]
+    calibration = [held_photos[i] for i in fold.train]
+    f = class_disjoint_folds(held, k=2, seed=args.seed, groups=[coarse[c] for c in held])[0]
+    known, unknown = [held[i] for i in f.train], [held[i] for i in f.test]
+    g = class_disjoint_folds(unknown, k=2, seed=args.seed, groups=[coarse[c] for c in unknown])[0]
+    unknown_cal, unknown_eval = [unknown[i] for i in g.train], [unknown[i] for i in g.test]
+    val = [p for p in store.photos("val") if p.label in set(held)] if args.final_val else []
+    return {
+        "val": val, "store": store, "coarse": coarse, "trained": trained, "held": held, "known": known,
+        "unknown_calibration": unknown_cal, "unknown_evaluation": unknown_eval,
+        "train_photos": train_photos, "evaluation": evaluation,
+        "calibration": [p for p in calibration if p.label in set(known) | set(unknown_cal)],
+        "open_evaluation": [p for p in evaluation if p.label in set(known) | set(unknown_eval)],
+    }
+
+
+def write_inputs(s: dict, out: Path, center_stride: int, train_iconic: bool) -> dict[str, Path]:
+    """CSVs and lists the steps read, all under ``out``."""
+    store = s["store"]
+    iconic = {c.name: c.iconic.resolve() for c in store.classes}
+    train_rows = [(str(p.path.resolve()), p.label) for p in s["train_photos"]]
+    if train_iconic:  # the training classes' packshots too (chosen by benchmarks/bench_loop_recipe.py)
+        train_rows += [(str(iconic[c]), c) for c in s["trained"]]
+    files = {
+        "train": write_csv(out / "train.csv", ["image", "label"], train_rows),
+        "all": write_csv(out / "catalog-all.csv", ["image", "sku", "name"], [(str(iconic[c]), c, c) for c in s["held"]]),
+        "known": write_csv(out / "catalog-known.csv", ["image", "sku", "name"], [(str(iconic[c]), c, c) for c in s["known"]]),
+        "calibration": write_csv(out / "calibration.csv", ["image", "sku"],
+                                 [(str(p.path.resolve()), p.label) for p in s["calibration"]]),
+        "evaluation": write_csv(out / "evaluation.csv", ["image", "sku"],
+                                [(str(p.path.resolve()), p.label) for p in s["evaluation"]]),
+    }
+    # the finetune's own zero-shot check (information only): packshot + 2 calibration photos per held-out class
+    rows, per = [], defaultdict(list)
+    for p in s["calibration"]:
+        per[p.label].append(p.path)
+    by_class = defaultdict(list)
+    for p in s["evaluation"] + s["calibration"]:
+        by_class[p.label].append(p.path)
+    for c in s["held"]:
+        rows.append((str(iconic[c]), c, "reference"))
+        rows += [(str(q.resolve()), c, "query") for q in (per[c] or by_class[c])[:2]]
+    files["finetune_eval"] = write_csv(out / "finetune-eval.csv", ["image", "label", "role"], rows)
+    center = [p.path.resolve() for p in s["train_photos"]][::center_stride] if center_stride else []
+    files["center"] = out / "center.txt"
+    files["center"].write_text("".join(f"{p}\n" for p in center))
+    return files
+
+
+def calibrate_cli(catalog_dir: Path, photos_csv: Path, args) -> dict:
+    """``catalog calibrate ... --json`` (stores the threshold); its JSON output."""
+    mode = (["--target-precision", str(args.target_precision)] if args.target_precision is not None
+            else ["--match-softmax-cutoff", str(args.match_softmax_cutoff)])
+    cmd = [sys.executable, "-m", "catalog", "--catalog", str(catalog_dir), "calibrate", str(photos_csv), *mode, "--json"]
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"retailklip_loop: error: catalog calibrate failed: {res.stderr.strip()}")
+    return json.loads(res.stdout)
+
+
+def measure(cat_all: Catalog, cat_known: Catalog, s: dict, calibration: dict) -> dict:
+    """Closed-set and open-set results of one encoder (both catalogs hold its vectors)."""
+    enc = cat_all.encoder()
+    if enc.identity.key != cat_known.encoder().identity.key:
+        raise SystemExit("retailklip_loop: error: the two catalogs have different encoders")
+    photos: list[LabelledImage] = s["evaluation"]
+    t = time.perf_counter()
+    emb = enc.embed([p.path for p in photos])
+    embed_s = time.perf_counter() - t
+    truth = [p.label for p in photos]
+    g_all, sku_all = catalog_gallery(cat_all)
+    pred, _ = nearest_skus(g_all, sku_all, emb)
+    correct = np.array([a == b for a, b in zip(pred, truth)])
+    per_class: dict[str, list[bool]] = defaultdict(list)
+    for ok, c in zip(correct, truth):
+        per_class[c].append(bool(ok))
+    # open set: the known half in the catalog, evaluation photos of known + evaluation-unknown classes
+    use = np.array([p.label in set(s["known"]) | set(s["unknown_evaluation"]) for p in photos])
+    o_truth = [c for c, u in zip(truth, use) if u]
+    g_known, sku_known = catalog_gallery(cat_known)
+    o_pred, o_dist = nearest_skus(g_known, sku_known, emb[use])
+    threshold = cat_known.threshold
+    known = np.array([c in set(s["known"]) for c in o_truth])
+    accepted = o_dist <= threshold
+    m = open_set_metrics(o_pred, o_truth, known, accepted, -o_dist)
+    right = known & (np.array(o_pred, dtype=object) == np.array(o_truth, dtype=object))
+    ci = lambda v: (bootstrap_ci(v) if len(v) else None)
+    val_correct = np.zeros(0, bool)
+    if s["val"]:
+        v_pred, _ = nearest_skus(g_all, sku_all, enc.embed([p.path for p in s["val"]]))
+        val_correct = np.array([a == p.label for a, p in zip(v_pred, s["val"])])
+    return {
+        "encoder": enc.identity.key,
+        "correct": correct,
+        "val_correct": val_correct,
+        "embed_seconds": round(embed_s, 1),
+        "closed_set": {"photos": len(photos), "classes": len(per_class), "top1": ci(correct.astype(float)),
+                       "per_class_average": float(np.mean([np.mean(v) for v in per_class.values()])),
+                       "per_class": {c: {"photos": len(v), "top1": float(np.mean(v))} for c, v in sorted(per_class.items())}},
+        "open_set": {
+            "threshold": threshold, "calibration": calibration, "known_photos": m.known_photos,
+            "unknown_photos": m.unknown_photos, "auroc": m.auroc,
+            "accepted_fraction": ci(accepted.astype(float)),
+            "known_precision": ci(right[accepted].astype(float)),
+            "unknown_rejection": ci((~accepted[~known]).astype(float)),
+            "known_accuracy": ci((right & accepted)[known].astype(float)),
+            "closed_set_top1_known": m.closed_set_top1,
+        },
+    }
+
+
+def finetune(s: dict, files: dict, out: Path, args) -> dict:
+    """Step 2 through the finetune's own command-line API (= ``python -m finetune ...``)."""
+    argv = ["--data", str(files["train"]), "--eval-data", str(files["finetune_eval"]), "--out", str(out / "finetune"),
+            "--encoder", ENCODER, "--weights", str(args.weights), "--encoder-option", "interpolation=bilinear",
+            "--epochs", str(args.epochs), "--depth", str(args.depth), "--batch-size", str(args.batch_size),
+            "--freeze-blocks", str(args.freeze_blocks), "--lr", str(args.lr), "--margin", str(args.margin),
+            "--eval-every", str(args.epochs), "--threads", str(args.threads), "--seed", str(args.seed), "--no-progress"]
+    if args.train_size:
+        argv += ["--train-size", str(args.train_size)]
+    threads = torch.get_num_threads()
+    metrics = finetune_run(config_from_args(build_parser().parse_args(argv)))
+    torch.set_num_threads(threads)
+    shutil.copyfile(out / "finetune" / "encoder.safetensors", out / "encoder.safetensors")
+    return {"argv": argv, "train_images_per_s": metrics.get("train_images_per_s"),
+            "zero_shot_top1_before": metrics["zero_shot_top1_before"], "zero_shot_top1_after": metrics["zero_shot_top1_after"]}
+
+
+def fmt(v) -> str:
+    """A number, or an interval's ``mean [low, high]``, at 3 decimals; ``-`` for none."""
+    if v is None:
+        return "-"
+    if hasattr(v, "mean"):
+        return f"{v.mean:.3f} [{v.low:.3f}, {v.high:.3f}]"
+    return f"{v:.3f}"
+
+
+ROWS = [  # (label, path into a measure() result)
+    ("closed-set top-1", ("closed_set", "top1")),
+    ("closed-set per-class average", ("closed_set", "per_class_average")),
+    ("AUROC known vs unknown", ("open_set", "auroc")),
+    ("calibrated threshold", ("open_set", "threshold")),
+    ("accepted fraction", ("open_set", "accepted_fraction")),
+    ("known precision", ("open_set", "known_precision")),
+    ("unknown rejection", ("open_set", "unknown_rejection")),
+    ("known accuracy", ("open_set", "known_accuracy")),
+]
+
+
+def get(res: dict, path: tuple[str, str]):
+    return res[path[0]][path[1]]
+
+
+def jsonable(v):
+    if hasattr(v, "mean") and hasattr(v, "low"):
+        return {"mean": round(v.mean, 6), "low": round(v.low, 6), "high": round(v.high, 6), "level": v.level, "n": v.n}
+    if isinstance(v, dict):
+        return {k: jsonable(x) for k, x in v.items()}
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, float):
+        return round(v, 6)
+    return v
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=Path("../shared/data/grocery-store"))
+    p.add_argument("--out", type=Path, required=True, help="output folder (emptied first)")
+    p.add_argument("--weights", type=Path, default=RAW_WEIGHTS, help="raw encoder weights (ImageNet MobileNetV2)")
+    p.add_argument("--held-out-parity", type=int, default=0, choices=(0, 1), help="hold out coarse ids with id %% 2 == this")
+    p.add_argument("--max-train-photos", type=int, default=0, metavar="N", help="at most N training photos per class (0: all)")
+    p.add_argument("--max-held-out-photos", type=int, default=0, metavar="N", help="at most N photos per held-out class (0: all)")
+    p.add_argument("--center-stride", type=int, default=6, help="centre features on every N-th training photo, unlabeled (0: none)")
+    g = p.add_argument_group("finetune (docs/finetune.md)")
+    g.add_argument("--epochs", type=int, default=3)
+    g.add_argument("--depth", type=int, default=12)
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--freeze-blocks", type=int, default=3)
+    g.add_argument("--lr", type=float, default=2e-4)
+    g.add_argument("--margin", type=float, default=28.6, help="ArcFace margin, degrees")
+    g.add_argument("--train-size", type=int, default=None)
+    g.add_argument("--threads", type=int, default=1, help="torch threads while training")
+    g.add_argument("--train-iconic", action=argparse.BooleanOptionalAction, default=True,
+                   help="also train on the training classes' packshots (chosen by class-disjoint CV on the training "
+                        "classes, benchmarks/bench_loop_recipe.py)")
+    g = p.add_argument_group("calibration (docs/threshold.md)").add_mutually_exclusive_group()
+    g.add_argument("--match-softmax-cutoff", type=float, default=0.78)
+    g.add_argument("--target-precision", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--final-val", action="store_true",
+                   help="also report closed-set top-1 on the held-out classes' val photos (the protocol's one final "
+                        "report: val is a development set, never used for choices)")
+    args = p.parse_args(argv)
+    if not args.weights.is_file():
+        print(f"retailklip_loop: error: {args.weights}: no such weights file", file=sys.stderr)
+        return 1
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = args.out
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+    s = split(args)
+    files = write_inputs(s, out, args.center_stride, args.train_iconic)
+    center = [Path(x) for x in files["center"].read_text().split("\n") if x] or None
+    catalogs = {}
+    t = time.perf_counter()
+    for name in ("all", "known"):
+        d = out / f"catalog-{name}"
+        Catalog.init(d, encoder=ENCODER, weights=args.weights, encoder_options=OPTIONS, center_photos=center)
+        Catalog.open(d).import_csv(files[name], progress=False)
+        catalogs[name] = d
+    timings["catalogs"] = time.perf_counter() - t
+    t = time.perf_counter()
+    cal_before = calibrate_cli(catalogs["known"], files["calibration"], args)
+    before = measure(Catalog.open(catalogs["all"]), Catalog.open(catalogs["known"]), s, cal_before)
+    timings["measure_before"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ft = finetune(s, files, out, args)
+    timings["finetune"] = time.perf_counter() - t
+
+    vectors_before, _ = catalog_gallery(Catalog.open(catalogs["all"]))
+    t = time.perf_counter()
+    for d in catalogs.values():  # = catalog --catalog D rebuild --encoder ... --weights OUT/encoder.safetensors
+        Catalog.open(d).rebuild(encoder=ENCODER, weights=out / "encoder.safetensors", encoder_options=OPTIONS,
+                                center_photos=center)
+    timings["rebuild"] = time.perf_counter() - t
+    t = time.perf_counter()
+    cal_after = calibrate_cli(catalogs["known"], files["calibration"], args)
+    after = measure(Catalog.open(catalogs["all"]), Catalog.open(catalogs["known"]), s, cal_after)
+    timings["measure_after"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - start
+
+    mc = mcnemar(after["correct"], before["correct"])
+    vectors_after, _ = catalog_gallery(Catalog.open(catalogs["all"]))
+    res = {
+        "split": {"train_iconic": args.train_iconic, "rule": f"coarse class id % 2 == {args.held_out_parity} held out", "training_classes": len(s["trained"]),
+                  "training_photos": len(s["train_photos"]), "held_out_classes": len(s["held"]),
+                  "evaluation_photos": len(s["evaluation"]), "calibration_photos": len(s["calibration"]),
+                  "known_classes": s["known"], "unknown_calibration_classes": s["unknown_calibration"],
+                  "unknown_evaluation_classes": s["unknown_evaluation"], "open_set_evaluation_photos": len(s["open_evaluation"])},
+        "finetune": ft,
+        "before": {k: v for k, v in before.items() if k not in ("correct", "val_correct")},
+        "after": {k: v for k, v in after.items() if k not in ("correct", "val_correct")},
+        "mcnemar_after_vs_before": {"only_after": mc.only_a, "only_before": mc.only_b, "p_value": mc.p_value},
+        "encoder_changed": before["encoder"] != after["encoder"],
+        "vectors_max_abs_change": float(np.abs(vectors_after - vectors_before).max()),
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+    }
+    if s["val"]:
+        vm = mcnemar(after["val_correct"], before["val_correct"])
+        res["final_val"] = {"photos": len(s["val"]), "classes": len({p.label for p in s["val"]}),
+                            "before": bootstrap_ci(before["val_correct"].astype(float)),
+                            "after": bootstrap_ci(after["val_correct"].astype(float)),
+                            "mcnemar_after_vs_before": {"only_after": vm.only_a, "only_before": vm.only_b, "p_value": vm.p_value}}
+    (out / "loop.json").write_text(json.dumps(jsonable(res), indent=1) + "\n")
+
+    sp = res["split"]
+    print(f"split: {sp['training_classes']} training classes ({sp['training_photos']} photos), {sp['held_out_classes']} held-out "
+          f"classes: {sp['evaluation_photos']} evaluation + {sp['calibration_photos']} calibration photos; open set: "
+          f"{len(s['known'])} known, {len(s['unknown_calibration'])} + {len(s['unknown_evaluation'])} unknown classes")
+    print(f"encoder: {before['encoder']} -> {after['encoder']}")
+    print("\n| held-out classes | before | after |\n|---|---|---|")
+    for label, path in ROWS:
+        print(f"| {label} | {fmt(get(before, path))} | {fmt(get(after, path))} |")
+    print(f"\nMcNemar after vs before (closed set, {sp['evaluation_photos']} photos): {mc.only_a} right only after, "
+          f"{mc.only_b} only before, p = {mc.p_value:.3g}")
+    print("\n| class | photos | before | after |\n|---|---|---|---|")
+    for c, r in before["closed_set"]["per_class"].items():
+        print(f"| {c} | {r['photos']} | {r['top1']:.3f} | {after['closed_set']['per_class'][c]['top1']:.3f} |")
+    if s["val"]:
+        fv = res["final_val"]
+        m = fv["mcnemar_after_vs_before"]
+        print(f"\nfinal report, held-out classes' val photos ({fv['photos']} photos, {fv['classes']} classes; closed set): "
+              f"{fmt(fv['before'])} -> {fmt(fv['after'])}, McNemar {m['only_after']} vs {m['only_before']}, p = {m['p_value']:.3g}")
+    print(f"\nseconds: {json.dumps(res['seconds'])}; results: {out / 'loop.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""examples/retailklip_loop.py end to end on real GroceryStore train photos and the real
+MobileNetV2, in its small fast variant (1 epoch, depth 2, 2 photos per class): it writes the
+finetuned encoder, rebuilds the catalogs onto it, keeps the protocol's splits apart, and what it
+prints is what it writes to loop.json."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from safetensors.torch import load_file
+
+from catalog import Catalog
+
+pytestmark = pytest.mark.slow
+
+
+def rows(path: Path, column: str) -> list[str]:
+    with open(path, newline="") as f:
+        return [r[column] for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory, grocery, mobilenet_weights):
+    out = tmp_path_factory.mktemp("loop") / "out"
+    cmd = [sys.executable, str(REPO / "examples" / "retailklip_loop.py"), "--data", str(grocery.parent),
+           "--weights", str(mobilenet_weights), "--out", str(out), "--epochs", "1", "--depth", "2",
+           "--max-train-photos", "2", "--max-held-out-photos", "2", "--center-stride", "0", "--threads", "2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res.stdout, json.loads((out / "loop.json").read_text())
+
+
+def test_writes_finetuned_encoder_and_rebuilds_onto_it(loop):
+    out, _, res = loop
+    weights = load_file(out / "encoder.safetensors")
+    assert any(k.startswith("conv_stem") for k in weights) and not any(k.startswith("classifier") for k in weights)
+    for name in ("all", "known"):
+        cat = Catalog.open(out / f"catalog-{name}")
+        assert cat.encoder_identity().key == res["after"]["encoder"]
+        assert Path(cat.encoder_kwargs()["weights"]).resolve() == (out / "encoder.safetensors").resolve()
+        assert len(cat.versions()) == 2  # init + rebuild
+    assert res["encoder_changed"] and res["before"]["encoder"] != res["after"]["encoder"]
+    assert res["vectors_max_abs_change"] > 1e-4
+    # the stored threshold is the one `catalog calibrate` chose for the new encoder
+    cal = res["after"]["open_set"]["calibration"]
+    assert Catalog.open(out / "catalog-known").threshold == pytest.approx(cal["threshold"], abs=1e-6)
+    assert res["after"]["open_set"]["threshold"] == pytest.approx(cal["threshold"], abs=1e-6)
+
+
+def test_splits_follow_the_protocol(loop, grocery_store):
+    out, _, res = loop
+    coarse = {c.name: c.coarse_name for c in grocery_store.classes}
+    train_split = {str(p.path.resolve()) for p in grocery_store.photos("train")}
+    trained = set(rows(out / "train.csv", "label"))
+    evaluation, calibration = rows(out / "evaluation.csv", "image"), rows(out / "calibration.csv", "image")
+    packshots = {str(c.iconic.resolve()) for c in grocery_store.classes if c.name in trained}
+    assert set(rows(out / "train.csv", "image")) <= train_split | packshots  # val is never read
+    assert packshots <= set(rows(out / "train.csv", "image"))  # --train-iconic, the default
+    for f in (out / "evaluation.csv", out / "calibration.csv"):
+        assert set(rows(f, "image")) <= train_split
+    held = set(rows(out / "evaluation.csv", "sku")) | set(rows(out / "calibration.csv", "sku"))
+    assert len(trained) == res["split"]["training_classes"] == 46 and len(held) == 35
+    assert not {coarse[c] for c in trained} & {coarse[c] for c in held}
+    assert not set(evaluation) & set(calibration)
+    sp = res["split"]
+    assert not set(sp["unknown_evaluation_classes"]) & set(rows(out / "calibration.csv", "sku"))
+    assert not set(sp["known_classes"]) & set(sp["unknown_evaluation_classes"] + sp["unknown_calibration_classes"])
+    assert set(rows(out / "catalog-known.csv", "sku")) == set(sp["known_classes"])
+
+
+def test_printed_table_matches_json(loop):
+    _, stdout, res = loop
+    printed = {m.group(1): (m.group(2), m.group(3)) for m in re.finditer(r"^\| ([a-zA-Z][^|]*?) \| ([^|]+) \| ([^|]+) \|$",
+                                                                         stdout, re.MULTILINE)}
+
+    def text(v):
+        if v is None:
+            return "-"
+        if isinstance(v, dict):
+            return f"{v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
+        return f"{v:.3f}"
+
+    for label, part, key in [("closed-set top-1", "closed_set", "top1"), ("AUROC known vs unknown", "open_set", "auroc"),
+                             ("calibrated threshold", "open_set", "threshold"),
+                             ("accepted fraction", "open_set", "accepted_fraction"),
+                             ("known precision", "open_set", "known_precision"),
+                             ("unknown rejection", "open_set", "unknown_rejection")]:
+        assert printed[label] == (text(res["before"][part][key]), text(res["after"][part][key])), label
+    n = res["split"]["evaluation_photos"]
+    top1 = {w: res[w]["closed_set"]["top1"]["mean"] for w in ("before", "after")}
+    mc = res["mcnemar_after_vs_before"]
+    assert mc["only_after"] - mc["only_before"] == round((top1["after"] - top1["before"]) * n)
+    assert re.search(rf"{mc['only_after']} right only after, {mc['only_before']} only before", stdout)
+    per_class = res["after"]["closed_set"]["per_class"]
+    assert sum(r["photos"] for r in per_class.values()) == n
+    assert sum(r["top1"] * r["photos"] for r in per_class.values()) == pytest.approx(top1["after"] * n)
