@@ -19,6 +19,8 @@ warm-up; the minimum over rounds is the least disturbed figure):
   ``nn.Linear`` layers (int8 weights, dynamically quantised activations).
 * ``compile`` / ``shared+compile``: ``torch.compile`` (inductor) of the plain / shared decoder
   (skipped if it fails here; the warm-up column shows the compilation time).
+* ``shared+onnxruntime``: the shared decoder exported to ONNX and run by ONNX Runtime (CPU
+  provider; skipped without ``onnxruntime``/``onnx``; the warm-up column includes the export).
 * ``shared/bN``: the shared decoder on batches of N prompts (same prompts, concatenated).
 
 Agreement with ``fp32`` on the same prompts: max |mask logit difference| (and the largest
@@ -49,8 +51,52 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 DEFAULT_IMAGE = REPO_ROOT.parent / "shared" / "data" / "grocery-store" / "dataset" / "train" / "Fruit" / "Kiwi" / "Kiwi_013.jpg"
 ALL_VARIANTS = (
-    "fp32", "shared", "bf16", "shared+bf16", "int8", "shared+int8", "compile", "shared+compile", "shared/b16", "shared/b256",
+    "fp32", "shared", "bf16", "shared+bf16", "int8", "shared+int8", "compile", "shared+compile", "shared+onnxruntime",
+    "shared/b16", "shared/b256",
 )
+
+
+def _onnxruntime_call(model, shared, emb: torch.Tensor, points: torch.Tensor, batch: int) -> Callable:
+    """The shared decoder exported to ONNX (TorchScript exporter, opset 17, dynamic prompt batch)
+    and run by ONNX Runtime's CPU provider with the process's torch thread count; the prompt
+    encoder stays in torch. Needs ``onnxruntime`` and ``onnx`` (not project dependencies)."""
+    import io
+
+    import onnxruntime as ort
+
+    class Decode(torch.nn.Module):
+        def __init__(self, decoder):
+            super().__init__()
+            self.decoder = decoder
+
+        def forward(self, e, p, sp, de):
+            masks, iou = self.decoder.predict_masks(e, p, sp, de)
+            return masks[:, 1:], iou[:, 1:]  # multimask outputs, as MaskDecoder.forward
+
+    labels = torch.ones(points.shape[0], 1, dtype=torch.int)
+    pe = model.prompt_encoder.get_dense_pe().detach()
+    with torch.no_grad():
+        sparse, dense = model.prompt_encoder(points=(points[:batch], labels[:batch]), boxes=None, masks=None)
+        buf = io.BytesIO()
+        torch.onnx.export(Decode(shared).eval(), (emb, pe, sparse, dense[:1]), buf, input_names=["e", "p", "sp", "de"],
+                          output_names=["m", "q"], dynamic_axes={"sp": {0: "b"}, "m": {0: "b"}, "q": {0: "b"}},
+                          opset_version=17, dynamo=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+    session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
+    e, p = emb.detach().numpy(), pe.numpy()
+
+    def run():
+        masks, ious = [], []
+        with torch.no_grad():
+            for i in range(0, points.shape[0], batch):
+                sparse, dense = model.prompt_encoder(points=(points[i : i + batch], labels[i : i + batch]), boxes=None, masks=None)
+                m, q = session.run(None, {"e": e, "p": p, "sp": sparse.numpy(), "de": dense[:1].contiguous().numpy()})
+                masks.append(torch.from_numpy(m))
+                ious.append(torch.from_numpy(q))
+        return torch.cat(masks), torch.cat(ious)
+
+    return run
 
 
 def _decoder_call(model, decoder, emb: torch.Tensor, points: torch.Tensor, batch: int, autocast: bool) -> Callable:
@@ -91,6 +137,8 @@ def build_variants(names: list[str], model, emb: torch.Tensor, points: torch.Ten
             quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(plain), {torch.nn.Linear}, dtype=torch.qint8)
             decoder = ImageSharedMaskDecoder(quantized) if base.startswith("shared") else quantized
             runs[name] = _decoder_call(model, decoder, emb, pts, batch, False)
+        elif base == "shared+onnxruntime":
+            runs[name] = _onnxruntime_call(model, shared, emb, pts, batch)
         elif base in ("compile", "shared+compile"):
             compiled = torch.compile(shared if base.startswith("shared") else plain)
             runs[name] = _decoder_call(model, compiled, emb, pts, batch, False)

@@ -23,7 +23,7 @@ Steps (everything from the dataset's **train** split; test is never read, val on
    with the raw encoder (before), then ``Catalog.rebuild(encoder=..., weights=OUT/encoder.safetensors)``
    (= ``catalog rebuild --encoder timm:mobilenetv2_100 --weights OUT/encoder.safetensors``) and
    measured again (after).
-4. ``catalog --catalog OUT/catalog-known calibrate OUT/calibration.csv --match-softmax-cutoff 0.78 --json``
+4. ``catalog --catalog OUT/catalog-known calibrate OUT/calibration.csv --match-softmax-cutoff 0.78 --score distance --json``
    (or ``--target-precision P``) stores the threshold, before and after the rebuild.
 5. Prints a before / after table (closed-set top-1 with bootstrap intervals and McNemar's test,
    per-class top-1, AUROC known vs unknown, accepted fraction, known precision and unknown
@@ -138,7 +138,10 @@ def calibrate_cli(catalog_dir: Path, photos_csv: Path, args) -> dict:
     """``catalog calibrate ... --json`` (stores the threshold); its JSON output."""
     mode = (["--target-precision", str(args.target_precision)] if args.target_precision is not None
             else ["--match-softmax-cutoff", str(args.match_softmax_cutoff)])
-    cmd = [sys.executable, "-m", "catalog", "--catalog", str(catalog_dir), "calibrate", str(photos_csv), *mode, "--json"]
+    # The loop thresholds the 1-NN cosine distance (its figures in docs/finetune.md were measured so);
+    # ``catalog calibrate``'s own default score is Lowe's ratio (docs/threshold.md).
+    cmd = [sys.executable, "-m", "catalog", "--catalog", str(catalog_dir), "calibrate", str(photos_csv), *mode,
+           "--score", "distance", "--json"]
     res = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(f"retailklip_loop: error: catalog calibrate failed: {res.stderr.strip()}")
