@@ -19,8 +19,9 @@ warm-up; the minimum over rounds is the least disturbed figure):
   ``nn.Linear`` layers (int8 weights, dynamically quantised activations).
 * ``compile`` / ``shared+compile``: ``torch.compile`` (inductor) of the plain / shared decoder
   (skipped if it fails here; the warm-up column shows the compilation time).
-* ``shared+onnxruntime``: the shared decoder exported to ONNX and run by ONNX Runtime (CPU
-  provider; skipped without ``onnxruntime``/``onnx``; the warm-up column includes the export).
+* ``shared+onnxruntime``: :class:`~retailklip.segment.onnx_decoder.OnnxMaskDecoder` (the
+  shared decoder exported to ONNX, run by ONNX Runtime's CPU provider; no graph cache, so the
+  warm-up column includes the export and its agreement check; needs ``retailklip[onnx]``).
 * ``shared/bN``: the shared decoder on batches of N prompts (same prompts, concatenated).
 
 Agreement with ``fp32`` on the same prompts: max |mask logit difference| (and the largest
@@ -56,49 +57,6 @@ ALL_VARIANTS = (
 )
 
 
-def _onnxruntime_call(model, shared, emb: torch.Tensor, points: torch.Tensor, batch: int) -> Callable:
-    """The shared decoder exported to ONNX (TorchScript exporter, opset 17, dynamic prompt batch)
-    and run by ONNX Runtime's CPU provider with the process's torch thread count; the prompt
-    encoder stays in torch. Needs ``onnxruntime`` and ``onnx`` (not project dependencies)."""
-    import io
-
-    import onnxruntime as ort
-
-    class Decode(torch.nn.Module):
-        def __init__(self, decoder):
-            super().__init__()
-            self.decoder = decoder
-
-        def forward(self, e, p, sp, de):
-            masks, iou = self.decoder.predict_masks(e, p, sp, de)
-            return masks[:, 1:], iou[:, 1:]  # multimask outputs, as MaskDecoder.forward
-
-    labels = torch.ones(points.shape[0], 1, dtype=torch.int)
-    pe = model.prompt_encoder.get_dense_pe().detach()
-    with torch.no_grad():
-        sparse, dense = model.prompt_encoder(points=(points[:batch], labels[:batch]), boxes=None, masks=None)
-        buf = io.BytesIO()
-        torch.onnx.export(Decode(shared).eval(), (emb, pe, sparse, dense[:1]), buf, input_names=["e", "p", "sp", "de"],
-                          output_names=["m", "q"], dynamic_axes={"sp": {0: "b"}, "m": {0: "b"}, "q": {0: "b"}},
-                          opset_version=17, dynamo=False)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
-    session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
-    e, p = emb.detach().numpy(), pe.numpy()
-
-    def run():
-        masks, ious = [], []
-        with torch.no_grad():
-            for i in range(0, points.shape[0], batch):
-                sparse, dense = model.prompt_encoder(points=(points[i : i + batch], labels[i : i + batch]), boxes=None, masks=None)
-                m, q = session.run(None, {"e": e, "p": p, "sp": sparse.numpy(), "de": dense[:1].contiguous().numpy()})
-                masks.append(torch.from_numpy(m))
-                ious.append(torch.from_numpy(q))
-        return torch.cat(masks), torch.cat(ious)
-
-    return run
-
-
 def _decoder_call(model, decoder, emb: torch.Tensor, points: torch.Tensor, batch: int, autocast: bool) -> Callable:
     """A zero-argument callable decoding all ``points`` ((P, 1, 2), SAM's 1024 frame) in batches
     of ``batch``; returns (masks (P, 3, 256, 256), iou (P, 3)) as float32."""
@@ -119,6 +77,7 @@ def _decoder_call(model, decoder, emb: torch.Tensor, points: torch.Tensor, batch
 
 def build_variants(names: list[str], model, emb: torch.Tensor, points: torch.Tensor, prompts: int) -> dict[str, Callable]:
     from retailklip.segment.fast_decoder import ImageSharedMaskDecoder
+    from retailklip.segment.onnx_decoder import OnnxMaskDecoder, onnxruntime_available
 
     plain = model.mask_decoder
     shared = ImageSharedMaskDecoder(plain)
@@ -138,7 +97,9 @@ def build_variants(names: list[str], model, emb: torch.Tensor, points: torch.Ten
             decoder = ImageSharedMaskDecoder(quantized) if base.startswith("shared") else quantized
             runs[name] = _decoder_call(model, decoder, emb, pts, batch, False)
         elif base == "shared+onnxruntime":
-            runs[name] = _onnxruntime_call(model, shared, emb, pts, batch)
+            if not onnxruntime_available():
+                raise SystemExit("variant shared+onnxruntime needs pip install 'retailklip[onnx]'")
+            runs[name] = _decoder_call(model, OnnxMaskDecoder(shared, cache_dir=""), emb, pts, batch, False)
         elif base in ("compile", "shared+compile"):
             compiled = torch.compile(shared if base.startswith("shared") else plain)
             runs[name] = _decoder_call(model, compiled, emb, pts, batch, False)

@@ -4,12 +4,16 @@ their absence is an error (not a skip), so a run without them cannot pass silent
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 # No hub is reachable here: make download attempts fail at once instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Exported decoder graphs (retailklip.segment.onnx_decoder) go to a cache of the test runs, not
+# the user's ~/.cache; shared by the xdist workers (files are keyed by the weights' digest).
+os.environ.setdefault("RETAILKLIP_CACHE", os.path.join(tempfile.gettempdir(), f"retailklip-test-cache-{os.getuid()}"))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # scripts/test.sh runs one pytest worker per core: one torch thread each, no oversubscription.

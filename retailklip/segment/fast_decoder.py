@@ -153,7 +153,7 @@ class ImageSharedMaskDecoder(nn.Module):
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )
         b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, self.num_mask_tokens, h, w)  # b may be 0
         return masks, self.iou_prediction_head(hs[:, 0, :])
 
 

@@ -1,0 +1,256 @@
+"""SAM's image-shared mask decoder run by ONNX Runtime on the CPU.
+
+On a 2-core CPU the mask decoder is memory-bound: the per-prompt (B, 4096, 256) tensors go
+through many small element-wise kernels (adds, softmax over 7 tokens, GELU, LayerNorm) between
+the matrix products. ONNX Runtime's CPU provider fuses them (its graph optimisations: LayerNorm,
+GELU, attention and MatMul+Add fusions) and runs the same arithmetic in float32, so the masks
+stay within the exact-mode tolerance (measured: max |logit difference| ~4e-7) while a prompt
+costs ~0.35x of :class:`~retailklip.segment.fast_decoder.ImageSharedMaskDecoder` in eager
+torch (``benchmarks/bench_decoder.py``). Unlike ``torch.compile`` it needs no C++ compiler and
+no per-batch-size compilation: the graph is exported once, with a dynamic prompt batch.
+
+:class:`OnnxMaskDecoder` is a drop-in for ``model.mask_decoder`` in calls without a mask prompt
+on one image on the CPU (what automatic mask generation and box/point prompts do); any other
+call, and any call when ONNX Runtime is not installed, goes to the image-shared torch decoder.
+The exported graph (~16 MB: it holds the decoder's weights) is cached on disk under
+:func:`onnx_cache_dir`, keyed by a digest of the weights and the torch version, so a process
+pays the export (~5 s on 2 cores) once per checkpoint, not once per start. A freshly exported
+graph is checked against the torch decoder on random prompts before it is used or cached; a
+graph that disagrees by more than :data:`TOLERANCE` is not used (one warning, torch decoder).
+
+Needs the optional dependencies ``onnxruntime`` and ``onnx`` (``pip install
+'retailklip[onnx]'``); :func:`onnxruntime_available` tells whether they are importable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import logging
+import os
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .fast_decoder import ImageSharedMaskDecoder
+
+logger = logging.getLogger(__name__)
+
+#: Largest |mask logit| or |IoU| difference against the torch decoder a graph may show (the
+#: exact mode's tolerance of tests/test_segment_model.py).
+TOLERANCE = 1e-5
+#: ONNX opset of the export (17: LayerNormalization is a standard op).
+OPSET = 17
+#: Bumped when the exported graph's inputs/outputs change (part of the cache key).
+GRAPH_VERSION = 1
+
+
+def onnxruntime_available() -> bool:
+    """Whether ``onnxruntime`` and ``onnx`` (the exporter's dependency) are importable."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
+
+
+def onnx_cache_dir() -> Path:
+    """Where exported decoder graphs are cached: ``$RETAILKLIP_CACHE/onnx`` if set, else
+    ``$XDG_CACHE_HOME/retailklip/onnx`` (default ``~/.cache/retailklip/onnx``)."""
+    root = os.environ.get("RETAILKLIP_CACHE")
+    if root:
+        return Path(root) / "onnx"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "retailklip" / "onnx"
+
+
+class _AllMasks(nn.Module):
+    """The exported function: ``ImageSharedMaskDecoder.predict_masks`` (all 4 mask tokens)."""
+
+    def __init__(self, decoder: ImageSharedMaskDecoder) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, image: torch.Tensor, pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
+        return self.decoder.predict_masks(image, pe, sparse, dense)
+
+
+def _weights_digest(decoder: nn.Module) -> str:
+    """sha256 over the decoder's state dict (names, shapes, float32 bytes) and the torch version."""
+    h = hashlib.sha256(f"{torch.__version__}|opset{OPSET}|v{GRAPH_VERSION}".encode())
+    for name, tensor in sorted(decoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _example_inputs(decoder: ImageSharedMaskDecoder, batch: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Random (image embedding, dense PE, sparse prompts (batch, 2, C), dense prompt) of the
+    decoder's width: export and agreement-check inputs (a point prompt has 2 sparse tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    c = decoder.transformer_dim
+    return (torch.randn(1, c, 64, 64, generator=g), torch.randn(1, c, 64, 64, generator=g),
+            torch.randn(batch, 2, c, generator=g), torch.randn(1, c, 64, 64, generator=g))
+
+
+def export_decoder(decoder: ImageSharedMaskDecoder) -> bytes:
+    """The decoder's ``predict_masks`` as an ONNX graph (inputs ``image`` (1, C, 64, 64), ``pe``
+    (1, C, 64, 64), ``sparse`` (B, N, C) with B and N dynamic, ``dense`` (1, C, 64, 64); outputs
+    ``masks`` float32 (B, 4, 256, 256) and ``iou`` (B, 4)), serialised.
+
+    Uses torch's TorchScript exporter (available on every torch the project supports) and falls
+    back to the ``torch.export``-based one where that is removed.
+    """
+    module = _AllMasks(decoder).eval()
+    args = _example_inputs(decoder, 2, seed=0)
+    names = {"input_names": ["image", "pe", "sparse", "dense"], "output_names": ["masks", "iou"]}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporters' deprecation and tracer warnings
+        try:
+            buf = io.BytesIO()
+            torch.onnx.export(module, args, buf, opset_version=OPSET, dynamo=False,
+                              dynamic_axes={"sparse": {0: "prompts", 1: "tokens"}, "masks": {0: "prompts"},
+                                            "iou": {0: "prompts"}}, **names)
+            return buf.getvalue()
+        except Exception as exc:  # noqa: BLE001 - a torch without the TorchScript exporter
+            logger.info("TorchScript ONNX export failed (%s); using torch.export", exc)
+            prompts, tokens = torch.export.Dim("prompts", min=1, max=65536), torch.export.Dim("tokens", min=1, max=64)
+            program = torch.onnx.export(module, args, None, opset_version=max(OPSET, 18), dynamo=True,
+                                        dynamic_shapes={"image": None, "pe": None, "sparse": {0: prompts, 1: tokens},
+                                                        "dense": None}, **names)
+            return program.model_proto.SerializeToString()
+
+
+class OnnxMaskDecoder:
+    """Drop-in for ``model.mask_decoder`` that runs the image-shared decoder in ONNX Runtime.
+
+    Same call as ``segment_anything``'s ``MaskDecoder.forward``. Handled by ONNX Runtime: one
+    image (``image_embeddings`` (1, C, 64, 64)) on the CPU, no mask prompt (the dense prompt
+    embedding a broadcast of ``no_mask_embed``); everything else by the torch decoder
+    :attr:`fallback`. The graph is built on the first call (from the cache, else exported and
+    checked), so constructing one is cheap.
+
+    Args:
+        decoder: SAM's ``MaskDecoder`` or an :class:`ImageSharedMaskDecoder` around it.
+        threads: ONNX Runtime intra-op threads (default: ``torch.get_num_threads()`` when the
+            graph is built).
+        cache_dir: where graphs are cached (default :func:`onnx_cache_dir`); None-like ``""``
+            disables the cache.
+
+    Attributes:
+        fallback: the :class:`ImageSharedMaskDecoder` used for the calls ONNX Runtime does not take.
+        active: True once a graph runs in ONNX Runtime; False if ONNX Runtime is unavailable or
+            the graph failed its check (then every call is the torch decoder's); None before the
+            first call.
+
+    Raises:
+        TypeError: ``decoder`` is not a ``segment_anything`` ``MaskDecoder``.
+    """
+
+    def __init__(self, decoder: nn.Module, *, threads: int | None = None, cache_dir: str | os.PathLike | None = None) -> None:
+        self.fallback = decoder if isinstance(decoder, ImageSharedMaskDecoder) else ImageSharedMaskDecoder(decoder)
+        self.threads = threads
+        self.cache_dir = onnx_cache_dir() if cache_dir is None else (Path(cache_dir) if str(cache_dir) else None)
+        self.active: bool | None = None
+        self._session = None
+        self._lock = threading.Lock()
+
+    # -- the graph -------------------------------------------------------------------------------
+    def _session_from(self, data: bytes):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only
+        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+    def _agrees(self, session) -> float:
+        """Max |difference| of masks and IoUs against the torch decoder on 3 random prompts."""
+        image, pe, sparse, dense = _example_inputs(self.fallback, 3, seed=1)
+        with torch.no_grad():
+            masks, iou = self.fallback.predict_masks(image, pe, sparse, dense)
+        got = session.run(None, {"image": image.numpy(), "pe": pe.numpy(), "sparse": sparse.numpy(), "dense": dense.numpy()})
+        return float(max(np.abs(got[0] - masks.numpy()).max(), np.abs(got[1] - iou.numpy()).max()))
+
+    def _build(self) -> None:
+        if not onnxruntime_available():
+            logger.info("onnxruntime/onnx not installed: mask decoder runs in torch (pip install 'retailklip[onnx]')")
+            self.active = False
+            return
+        digest = _weights_digest(self.fallback)
+        path = self.cache_dir / f"mask-decoder-{digest}.onnx" if self.cache_dir is not None else None
+        if path is not None and path.is_file():
+            try:
+                self._session = self._session_from(path.read_bytes())
+                self.active = True
+                logger.debug("mask decoder graph from %s", path)
+                return
+            except Exception as exc:  # noqa: BLE001 - a damaged cache file: export again
+                logger.warning("ignoring unreadable cached decoder graph %s (%s)", path, exc)
+        try:
+            data = export_decoder(self.fallback)
+            session = self._session_from(data)
+            diff = self._agrees(session)
+        except Exception as exc:  # noqa: BLE001 - any export/runtime failure: torch decoder
+            logger.warning("ONNX export of the mask decoder failed (%s: %s); using torch", type(exc).__name__, exc)
+            self.active = False
+            return
+        if not diff <= TOLERANCE:
+            logger.warning("ONNX Runtime mask decoder differs from torch by %.2g (> %.0e); using torch", diff, TOLERANCE)
+            self.active = False
+            return
+        self._session, self.active = session, True
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+                    f.write(data)
+                os.replace(f.name, path)
+            except OSError as exc:
+                logger.info("could not cache the decoder graph in %s (%s)", path.parent, exc)
+
+    # -- the call --------------------------------------------------------------------------------
+    def __call__(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks and IoU predictions, as ``MaskDecoder.forward``.
+
+        Args:
+            image_embeddings: float32 (1, C, 64, 64) embedding of one image.
+            image_pe: float32 (1, C, 64, 64) dense positional encoding (``get_dense_pe()``).
+            sparse_prompt_embeddings: float32 (B, N, C) point/box embeddings of B prompts.
+            dense_prompt_embeddings: float32 (B, C, 64, 64), a broadcast (batch stride 0) or
+                B == 1 unless a mask prompt was given.
+            multimask_output: three masks per prompt (True) or one.
+
+        Returns:
+            ``(masks, iou_pred)``: float32 (B, 3 or 1, 256, 256) mask logits (SAM's 1024 frame
+            at 1/4 resolution) and float32 (B, 3 or 1) predicted IoU, on the CPU.
+        """
+        d = dense_prompt_embeddings
+        ours = (image_embeddings.device.type == "cpu" and image_embeddings.shape[0] == 1
+                and image_embeddings.dtype == torch.float32 and (d.shape[0] == 1 or d.stride(0) == 0)
+                and self.fallback.shares_first_block)
+        if ours and self.active is None:
+            with self._lock:
+                if self.active is None:
+                    self._build()
+        if not (ours and self.active) or sparse_prompt_embeddings.shape[0] == 0:
+            return self.fallback(image_embeddings, image_pe, sparse_prompt_embeddings, d, multimask_output)
+        feeds = {"image": image_embeddings.detach().contiguous().numpy(), "pe": image_pe.detach().contiguous().numpy(),
+                 "sparse": sparse_prompt_embeddings.detach().contiguous().numpy(),
+                 "dense": d[:1].detach().contiguous().numpy()}
+        masks, iou = (torch.from_numpy(a) for a in self._session.run(None, feeds))
+        mask_slice = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, mask_slice], iou[:, mask_slice]
+
+
+__all__ = ["GRAPH_VERSION", "OPSET", "TOLERANCE", "OnnxMaskDecoder", "export_decoder", "onnx_cache_dir", "onnxruntime_available"]
