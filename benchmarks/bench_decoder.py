@@ -19,7 +19,7 @@ warm-up; the minimum over rounds is the least disturbed figure):
   ``nn.Linear`` layers (int8 weights, dynamically quantised activations).
 * ``compile`` / ``shared+compile``: ``torch.compile`` (inductor) of the plain / shared decoder
   (skipped if it fails here; the warm-up column shows the compilation time).
-* ``shared+onnxruntime``: :class:`~retailklip.segment.onnx_decoder.OnnxMaskDecoder` (the
+* ``shared+onnxruntime``: :class:`~retailklip.segment.onnx_runtime.OnnxMaskDecoder` (the
   shared decoder exported to ONNX, run by ONNX Runtime's CPU provider; no graph cache, so the
   warm-up column includes the export and its agreement check; needs ``retailklip[onnx]``).
 * ``shared/bN``: the shared decoder on batches of N prompts (same prompts, concatenated).
@@ -77,7 +77,7 @@ def _decoder_call(model, decoder, emb: torch.Tensor, points: torch.Tensor, batch
 
 def build_variants(names: list[str], model, emb: torch.Tensor, points: torch.Tensor, prompts: int) -> dict[str, Callable]:
     from retailklip.segment.fast_decoder import ImageSharedMaskDecoder
-    from retailklip.segment.onnx_decoder import OnnxMaskDecoder, onnxruntime_available
+    from retailklip.segment.onnx_runtime import OnnxMaskDecoder, onnxruntime_available
 
     plain = model.mask_decoder
     shared = ImageSharedMaskDecoder(plain)

@@ -11,7 +11,7 @@ import pytest
 
 # No hub is reachable here: make download attempts fail at once instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Exported decoder graphs (retailklip.segment.onnx_decoder) go to a cache of the test runs, not
+# Exported decoder graphs (retailklip.segment.onnx_runtime) go to a cache of the test runs, not
 # the user's ~/.cache; shared by the xdist workers (files are keyed by the weights' digest).
 os.environ.setdefault("RETAILKLIP_CACHE", os.path.join(tempfile.gettempdir(), f"retailklip-test-cache-{os.getuid()}"))
 

@@ -28,7 +28,7 @@ from .bounded import BoundedMaskGenerator, BoundedOptions, SamPromptDecoder
 from .errors import SegmenterOptionError
 from .fast_decoder import ImageSharedMaskDecoder
 from .modeling.efficientvit_sam import EfficientViTSam
-from .onnx_decoder import OnnxMaskDecoder, onnxruntime_available
+from .onnx_runtime import OnnxImageEncoder, OnnxMaskDecoder, onnxruntime_available
 from .predictor import EfficientViTSamPredictor
 from .prompts import CoarseToFinePrompts, FarthestPointPrompts, GridPrompts
 
@@ -36,8 +36,8 @@ from .prompts import CoarseToFinePrompts, FarthestPointPrompts, GridPrompts
 MODES = (*BOUNDED_MODES, "sam")
 #: Prompt strategies by name.
 PROMPT_STRATEGIES = ("farthest", "coarse-to-fine", "grid")
-#: Mask decoder backends of fast mode.
-DECODERS = ("auto", "onnxruntime", "torch")
+#: Runtimes of fast mode's image encoder and mask decoder.
+RUNTIMES = ("auto", "onnxruntime", "torch")
 
 
 @dataclass(frozen=True)
@@ -70,12 +70,13 @@ class MaskGeneratorOptions:
             ``points_per_side``) or ``"grid"`` (SAM's grid); ``"sam"`` mode always uses the grid.
         max_prompts: most prompts per photo of the coarse-to-fine strategy (128 = 1/8 of SAM's 1024).
         max_masks: fast mode: most masks kept and upsampled per photo.
-        decoder: fast mode's mask decoder: ``"onnxruntime"``
-            (:class:`~retailklip.segment.onnx_decoder.OnnxMaskDecoder`, ~0.35x the time per
-            prompt, logits within 1e-5; needs ``pip install 'retailklip[onnx]'``), ``"torch"``
-            (:class:`~retailklip.segment.fast_decoder.ImageSharedMaskDecoder`) or ``"auto"``
+        runtime: what runs fast mode's image encoder and image-shared mask decoder:
+            ``"onnxruntime"`` (:mod:`~retailklip.segment.onnx_runtime`: decoder ~0.27x the time
+            per prompt, logits within 1e-5; EfficientViT encoder ~0.7x; needs ``pip install
+            'retailklip[onnx]'``), ``"torch"`` (the model's encoder,
+            :class:`~retailklip.segment.fast_decoder.ImageSharedMaskDecoder`) or ``"auto"``
             (default: onnxruntime for a model on the CPU when it is installed, else torch).
-            Exact and sam modes always run SAM's own decoder.
+            Exact and sam modes always run the model's own encoder and SAM's decoder in torch.
 
     Raises:
         SegmenterOptionError: a value out of range.
@@ -96,17 +97,17 @@ class MaskGeneratorOptions:
     prompts: str = "farthest"
     max_prompts: int = 128
     max_masks: int = 48
-    decoder: str = "auto"
+    runtime: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise SegmenterOptionError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.prompts not in PROMPT_STRATEGIES:
             raise SegmenterOptionError(f"prompts must be one of {', '.join(PROMPT_STRATEGIES)}, got {self.prompts!r}")
-        if self.decoder not in DECODERS:
-            raise SegmenterOptionError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
-        if self.decoder == "onnxruntime" and not onnxruntime_available():
-            raise SegmenterOptionError("decoder='onnxruntime' needs onnxruntime and onnx: pip install 'retailklip[onnx]'")
+        if self.runtime not in RUNTIMES:
+            raise SegmenterOptionError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.runtime == "onnxruntime" and not onnxruntime_available():
+            raise SegmenterOptionError("runtime='onnxruntime' needs onnxruntime and onnx: pip install 'retailklip[onnx]'")
         if self.max_prompts < 1 or self.max_masks < 1:
             raise SegmenterOptionError(f"max_prompts and max_masks must be >= 1, got {self.max_prompts}, {self.max_masks}")
         if self.mode != "sam" and (self.crop_n_layers > 0 or self.min_mask_region_area > 0):
@@ -126,7 +127,7 @@ class MaskGeneratorOptions:
 
     def as_kwargs(self) -> dict[str, Any]:
         """The options ``SamAutomaticMaskGenerator`` takes, as keyword arguments."""
-        own = ("mode", "prompts", "max_prompts", "max_masks", "decoder")
+        own = ("mode", "prompts", "max_prompts", "max_masks", "runtime")
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in own}
 
     def strategy(self) -> GridPrompts | CoarseToFinePrompts:
@@ -174,7 +175,15 @@ class BoundedAutomaticMaskGenerator:
     def __init__(self, model: nn.Module, options: MaskGeneratorOptions) -> None:
         from segment_anything import SamPredictor
 
-        self.predictor = EfficientViTSamPredictor(model) if isinstance(model, EfficientViTSam) else SamPredictor(model)
+        # fast mode: the decoder that computes the prompt-independent image side once per batch
+        # (logits within 1e-5 of SAM's; benchmarks/bench_decoder.py), and both it and the
+        # encoder in ONNX Runtime where options.runtime allows; exact mode keeps the model's own
+        # encoder and SAM's decoder so its masks are SAM's.
+        encoder, self.mask_decoder = fast_modules(model, options.runtime) if options.mode == "fast" else (None, None)
+        if isinstance(model, EfficientViTSam):
+            self.predictor = EfficientViTSamPredictor(model, image_encoder=encoder)
+        else:
+            self.predictor = SamPredictor(model)
         self.options = options
         self._generator = BoundedMaskGenerator(
             BoundedOptions(mode=options.mode, points_per_batch=options.points_per_batch,
@@ -184,12 +193,6 @@ class BoundedAutomaticMaskGenerator:
             options.strategy(),
         )
         self.prompts_used = 0
-        # fast mode: the decoder that computes the prompt-independent image side once per batch
-        # (logits within 1e-5 of SAM's; benchmarks/bench_decoder.py), in ONNX Runtime where
-        # options.decoder allows; exact mode keeps SAM's own decoder so its masks are SAM's.
-        self.mask_decoder = None
-        if options.mode == "fast":
-            self.mask_decoder = fast_mask_decoder(model, options.decoder)
 
     def generate(self, rgb: Any) -> list[dict[str, Any]]:
         """Records of a uint8 (H, W, 3) RGB photo (as ``SamAutomaticMaskGenerator.generate``)."""
@@ -202,30 +205,36 @@ class BoundedAutomaticMaskGenerator:
         return records
 
 
-def fast_mask_decoder(model: nn.Module, decoder: str = "auto") -> ImageSharedMaskDecoder | OnnxMaskDecoder:
-    """Fast mode's mask decoder for ``model`` (see :attr:`MaskGeneratorOptions.decoder`).
+def fast_modules(model: nn.Module, runtime: str = "auto"
+                 ) -> tuple[OnnxImageEncoder | None, ImageSharedMaskDecoder | OnnxMaskDecoder]:
+    """Fast mode's image encoder and mask decoder for ``model`` (see
+    :attr:`MaskGeneratorOptions.runtime`).
 
     Args:
         model: :class:`EfficientViTSam` or ``segment_anything`` ``Sam``.
-        decoder: ``"auto"``, ``"onnxruntime"`` or ``"torch"``.
+        runtime: ``"auto"``, ``"onnxruntime"`` or ``"torch"``.
 
     Returns:
-        An :class:`~retailklip.segment.onnx_decoder.OnnxMaskDecoder` (onnxruntime; auto with a
-        CPU model and onnxruntime installed) or an :class:`ImageSharedMaskDecoder`.
+        ``(encoder, decoder)``: an :class:`~retailklip.segment.onnx_runtime.OnnxImageEncoder`
+        (onnxruntime, EfficientViT-SAM only) or None (the model's own encoder), and an
+        :class:`~retailklip.segment.onnx_runtime.OnnxMaskDecoder` (onnxruntime) or an
+        :class:`ImageSharedMaskDecoder`. ``"auto"`` is onnxruntime for a model on the CPU when
+        it is installed.
 
     Raises:
-        SegmenterOptionError: unknown ``decoder``, or ``"onnxruntime"`` without onnxruntime.
+        SegmenterOptionError: unknown ``runtime``, or ``"onnxruntime"`` without onnxruntime.
     """
-    if decoder not in DECODERS:
-        raise SegmenterOptionError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    if runtime not in RUNTIMES:
+        raise SegmenterOptionError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     d = model.mask_decoder
     shared = d if isinstance(d, ImageSharedMaskDecoder) else ImageSharedMaskDecoder(d)
-    on_cpu = all(p.device.type == "cpu" for p in shared.parameters())
-    if decoder == "onnxruntime" or (decoder == "auto" and on_cpu and onnxruntime_available()):
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if runtime == "onnxruntime" or (runtime == "auto" and on_cpu and onnxruntime_available()):
         if not onnxruntime_available():
-            raise SegmenterOptionError("decoder='onnxruntime' needs onnxruntime and onnx: pip install 'retailklip[onnx]'")
-        return OnnxMaskDecoder(shared)
-    return shared
+            raise SegmenterOptionError("runtime='onnxruntime' needs onnxruntime and onnx: pip install 'retailklip[onnx]'")
+        encoder = OnnxImageEncoder(model.image_encoder) if isinstance(model, EfficientViTSam) else None
+        return encoder, OnnxMaskDecoder(shared)
+    return None, shared
 
 
 def build_mask_generator(model: nn.Module, options: MaskGeneratorOptions | None = None
