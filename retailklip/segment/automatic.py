@@ -28,7 +28,7 @@ from .bounded import BoundedMaskGenerator, BoundedOptions, SamPromptDecoder
 from .errors import SegmenterOptionError
 from .fast_decoder import ImageSharedMaskDecoder
 from .modeling.efficientvit_sam import EfficientViTSam
-from .onnx_runtime import OnnxImageEncoder, OnnxMaskDecoder, onnxruntime_available
+from .onnx_runtime import OnnxMaskDecoder, onnxruntime_available
 from .predictor import EfficientViTSamPredictor
 from .prompts import CoarseToFinePrompts, FarthestPointPrompts, GridPrompts
 
@@ -70,13 +70,14 @@ class MaskGeneratorOptions:
             ``points_per_side``) or ``"grid"`` (SAM's grid); ``"sam"`` mode always uses the grid.
         max_prompts: most prompts per photo of the coarse-to-fine strategy (128 = 1/8 of SAM's 1024).
         max_masks: fast mode: most masks kept and upsampled per photo.
-        runtime: what runs fast mode's image encoder and image-shared mask decoder:
-            ``"onnxruntime"`` (:mod:`~retailklip.segment.onnx_runtime`: decoder ~0.27x the time
-            per prompt, logits within 1e-5; EfficientViT encoder ~0.7x; needs ``pip install
-            'retailklip[onnx]'``), ``"torch"`` (the model's encoder,
-            :class:`~retailklip.segment.fast_decoder.ImageSharedMaskDecoder`) or ``"auto"``
+        runtime: what runs fast mode's image-shared mask decoder: ``"onnxruntime"``
+            (:class:`~retailklip.segment.onnx_runtime.OnnxMaskDecoder`: ~0.27x the time per
+            prompt, logits within 1e-5; needs ``pip install 'retailklip[onnx]'``), ``"torch"``
+            (:class:`~retailklip.segment.fast_decoder.ImageSharedMaskDecoder`) or ``"auto"``
             (default: onnxruntime for a model on the CPU when it is installed, else torch).
-            Exact and sam modes always run the model's own encoder and SAM's decoder in torch.
+            Exact and sam modes always run SAM's decoder in torch. (The image encoder stays in
+            torch: in ONNX Runtime it cost ~500 MiB peak RSS, over the 12 MP bound, for no
+            end-to-end gain; docs/segmentation.md.)
 
     Raises:
         SegmenterOptionError: a value out of range.
@@ -176,14 +177,10 @@ class BoundedAutomaticMaskGenerator:
         from segment_anything import SamPredictor
 
         # fast mode: the decoder that computes the prompt-independent image side once per batch
-        # (logits within 1e-5 of SAM's; benchmarks/bench_decoder.py), and both it and the
-        # encoder in ONNX Runtime where options.runtime allows; exact mode keeps the model's own
-        # encoder and SAM's decoder so its masks are SAM's.
-        encoder, self.mask_decoder = fast_modules(model, options.runtime) if options.mode == "fast" else (None, None)
-        if isinstance(model, EfficientViTSam):
-            self.predictor = EfficientViTSamPredictor(model, image_encoder=encoder)
-        else:
-            self.predictor = SamPredictor(model)
+        # (logits within 1e-5 of SAM's; benchmarks/bench_decoder.py), in ONNX Runtime where
+        # options.runtime allows; exact mode keeps SAM's decoder so its masks are SAM's.
+        self.mask_decoder = fast_mask_decoder(model, options.runtime) if options.mode == "fast" else None
+        self.predictor = EfficientViTSamPredictor(model) if isinstance(model, EfficientViTSam) else SamPredictor(model)
         self.options = options
         self._generator = BoundedMaskGenerator(
             BoundedOptions(mode=options.mode, points_per_batch=options.points_per_batch,
@@ -205,21 +202,16 @@ class BoundedAutomaticMaskGenerator:
         return records
 
 
-def fast_modules(model: nn.Module, runtime: str = "auto"
-                 ) -> tuple[OnnxImageEncoder | None, ImageSharedMaskDecoder | OnnxMaskDecoder]:
-    """Fast mode's image encoder and mask decoder for ``model`` (see
-    :attr:`MaskGeneratorOptions.runtime`).
+def fast_mask_decoder(model: nn.Module, runtime: str = "auto") -> ImageSharedMaskDecoder | OnnxMaskDecoder:
+    """Fast mode's mask decoder for ``model`` (see :attr:`MaskGeneratorOptions.runtime`).
 
     Args:
         model: :class:`EfficientViTSam` or ``segment_anything`` ``Sam``.
         runtime: ``"auto"``, ``"onnxruntime"`` or ``"torch"``.
 
     Returns:
-        ``(encoder, decoder)``: an :class:`~retailklip.segment.onnx_runtime.OnnxImageEncoder`
-        (onnxruntime, EfficientViT-SAM only) or None (the model's own encoder), and an
-        :class:`~retailklip.segment.onnx_runtime.OnnxMaskDecoder` (onnxruntime) or an
-        :class:`ImageSharedMaskDecoder`. ``"auto"`` is onnxruntime for a model on the CPU when
-        it is installed.
+        An :class:`~retailklip.segment.onnx_runtime.OnnxMaskDecoder` (onnxruntime; auto with a
+        model on the CPU and onnxruntime installed) or an :class:`ImageSharedMaskDecoder`.
 
     Raises:
         SegmenterOptionError: unknown ``runtime``, or ``"onnxruntime"`` without onnxruntime.
@@ -228,13 +220,12 @@ def fast_modules(model: nn.Module, runtime: str = "auto"
         raise SegmenterOptionError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     d = model.mask_decoder
     shared = d if isinstance(d, ImageSharedMaskDecoder) else ImageSharedMaskDecoder(d)
-    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    on_cpu = all(p.device.type == "cpu" for p in shared.parameters())
     if runtime == "onnxruntime" or (runtime == "auto" and on_cpu and onnxruntime_available()):
         if not onnxruntime_available():
             raise SegmenterOptionError("runtime='onnxruntime' needs onnxruntime and onnx: pip install 'retailklip[onnx]'")
-        encoder = OnnxImageEncoder(model.image_encoder) if isinstance(model, EfficientViTSam) else None
-        return encoder, OnnxMaskDecoder(shared)
-    return None, shared
+        return OnnxMaskDecoder(shared)
+    return shared
 
 
 def build_mask_generator(model: nn.Module, options: MaskGeneratorOptions | None = None

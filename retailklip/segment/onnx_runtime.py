@@ -1,4 +1,4 @@
-"""EfficientViT-SAM's image encoder and SAM's image-shared mask decoder run by ONNX Runtime on the CPU.
+"""SAM's image-shared mask decoder run by ONNX Runtime on the CPU.
 
 On a 2-core CPU the mask decoder is memory-bound: the per-prompt (B, 4096, 256) tensors go
 through many small element-wise kernels (adds, softmax over 7 tokens, GELU, LayerNorm) between
@@ -6,23 +6,22 @@ the matrix products. ONNX Runtime's CPU provider fuses them (its graph optimisat
 GELU, attention and MatMul+Add fusions) and runs the same arithmetic in float32, so the masks
 stay within the exact-mode tolerance (measured: max |logit difference| ~4e-7) while a prompt
 costs ~0.27x of :class:`~retailklip.segment.fast_decoder.ImageSharedMaskDecoder` in eager
-torch (``benchmarks/bench_decoder.py``); the EfficientViT image encoder ~0.7x. Unlike
-``torch.compile`` it needs no C++ compiler and no per-batch-size compilation: each graph is
-exported once, the decoder's with a dynamic prompt batch.
+torch (``benchmarks/bench_decoder.py``). Unlike ``torch.compile`` it needs no C++ compiler and
+no per-batch-size compilation: the graph is exported once, with a dynamic prompt batch.
 
 :class:`OnnxMaskDecoder` is a drop-in for ``model.mask_decoder`` in calls without a mask prompt
-on one image on the CPU (what automatic mask generation and box/point prompts do), and
-:class:`OnnxImageEncoder` for ``model.image_encoder`` on one (1, 3, S, S) CPU image; any other
-call, and any call when ONNX Runtime is not installed, goes to the torch module.
+on one image on the CPU (what automatic mask generation and box/point prompts do); any other
+call, and any call when ONNX Runtime is not installed, goes to the torch decoder. (The
+EfficientViT image encoder was tried too: 0.68x its torch time alone, but ~500 MiB more peak
+RSS and no end-to-end gain in ``benchmarks/bench_checkout.py``, so it stays in torch.)
 
-:class:`CachedGraph` holds what both share: the exported graph (it holds the module's weights;
-the decoder's is ~16 MB, the L0 encoder's ~140 MB) is cached on disk under
+:class:`CachedGraph` holds the graph's life cycle: the exported graph (~16 MB: it holds the
+decoder's weights) is cached on disk under
 :func:`onnx_cache_dir`, keyed by a digest of the weights, the torch version and the graph's
 kind, so a process pays the export (a few seconds on 2 cores) once per checkpoint, not once
 per start. A freshly exported graph is checked against the torch module on random inputs
-before it is used or cached; one that disagrees by more than its tolerance (:data:`TOLERANCE`
-for the decoder's logits, :data:`ENCODER_TOLERANCE` for the embedding) is not used (one
-warning, torch module).
+before it is used or cached; one that disagrees by more than :data:`TOLERANCE` is not used
+(one warning, torch module).
 
 Needs the optional dependencies ``onnxruntime`` and ``onnx`` (``pip install
 'retailklip[onnx]'``); :func:`onnxruntime_available` tells whether they are importable.
@@ -50,8 +49,6 @@ logger = logging.getLogger(__name__)
 #: Largest |mask logit| or |IoU| difference against the torch decoder a graph may show (the
 #: exact mode's tolerance of tests/test_segment_model.py).
 TOLERANCE = 1e-5
-#: Largest |embedding difference| an image-encoder graph may show (its outputs reach ~3; measured 3e-6).
-ENCODER_TOLERANCE = 1e-4
 #: ONNX opset of the export (17: LayerNormalization is a standard op).
 OPSET = 17
 #: Bumped when the exported graph's inputs/outputs change (part of the cache key).
@@ -134,14 +131,6 @@ def export_decoder(decoder: ImageSharedMaskDecoder) -> bytes:
     ``masks`` float32 (B, 4, 256, 256) and ``iou`` (B, 4)), serialised."""
     return export_graph(_AllMasks(decoder), _decoder_inputs(decoder, 2, seed=0), ["image", "pe", "sparse", "dense"],
                         ["masks", "iou"], {"sparse": {0: "prompts", 1: "tokens"}, "masks": {0: "prompts"}, "iou": {0: "prompts"}})
-
-
-def export_encoder(encoder: nn.Module) -> bytes:
-    """The image encoder as an ONNX graph: input ``image`` float32 (1, 3, S, S) (S =
-    ``encoder.input_size``), output ``embedding`` float32 (1, 256, 64, 64), serialised."""
-    size = int(encoder.input_size)
-    return export_graph(encoder, (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)),),
-                        ["image"], ["embedding"])
 
 
 class CachedGraph:
@@ -317,53 +306,7 @@ class OnnxMaskDecoder:
         return masks[:, mask_slice], iou[:, mask_slice]
 
 
-class OnnxImageEncoder:
-    """Drop-in for ``model.image_encoder`` of an EfficientViT-SAM that runs it in ONNX Runtime.
-
-    Called as the encoder: float32 (B, 3, S, S) normalised, padded image -> float32
-    (B, 256, 64, 64) embedding. ONNX Runtime takes B == 1 on the CPU; anything else goes to
-    :attr:`fallback`. The embedding agrees with torch's within :data:`ENCODER_TOLERANCE`
-    (measured ~3e-6 on values up to ~3), not bit for bit: only the fast mode uses it.
-
-    Args:
-        encoder: the model's image encoder (with ``input_size``, e.g.
-            :class:`~retailklip.segment.modeling.image_encoder.EfficientViTSamImageEncoder`).
-        threads, cache_dir: as :class:`OnnxMaskDecoder`.
-
-    Attributes:
-        fallback: the torch encoder. input_size, img_size: the encoder's.
-    """
-
-    def __init__(self, encoder: nn.Module, *, threads: int | None = None, cache_dir: str | os.PathLike | None = None) -> None:
-        self.fallback = encoder
-        self.input_size, self.img_size = int(encoder.input_size), getattr(encoder, "img_size", 1024)
-
-        def check_inputs():
-            g = torch.Generator().manual_seed(1)
-            return {"image": torch.randn(1, 3, self.input_size, self.input_size, generator=g)}
-
-        def reference(inputs):
-            return [encoder(inputs["image"]).numpy()]
-
-        self.graph = CachedGraph(encoder, "image-encoder", export_encoder, check_inputs, reference, ENCODER_TOLERANCE,
-                                 threads=threads, cache_dir=cache_dir)
-
-    @property
-    def active(self) -> bool | None:
-        """Whether ONNX Runtime runs the calls (None before the first)."""
-        return self.graph.active
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        """float32 (1, 3, S, S) -> float32 (1, 256, 64, 64) (see the class docstring)."""
-        ours = (image.device.type == "cpu" and image.dtype == torch.float32
-                and tuple(image.shape) == (1, 3, self.input_size, self.input_size))
-        session = self.graph.session() if ours else None
-        if session is None:
-            return self.fallback(image)
-        return torch.from_numpy(session.run(None, {"image": image.detach().contiguous().numpy()})[0])
-
-
 __all__ = [
-    "ENCODER_TOLERANCE", "GRAPH_VERSION", "OPSET", "TOLERANCE", "CachedGraph", "OnnxImageEncoder", "OnnxMaskDecoder",
-    "export_decoder", "export_encoder", "export_graph", "onnx_cache_dir", "onnxruntime_available",
+    "GRAPH_VERSION", "OPSET", "TOLERANCE", "CachedGraph", "OnnxMaskDecoder", "export_decoder", "export_graph",
+    "onnx_cache_dir", "onnxruntime_available",
 ]

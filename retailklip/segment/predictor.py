@@ -10,8 +10,6 @@ everything else of ``SamPredictor``: prompt coordinates still go to the 1024 fra
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from segment_anything import SamPredictor
@@ -25,19 +23,15 @@ class EfficientViTSamPredictor(SamPredictor):
 
     Args:
         sam_model: the EfficientViT-SAM model.
-        image_encoder: what computes the embedding of the preprocessed image (float32
-            (1, 3, S, S) -> (1, 256, 64, 64)); default the model's own ``image_encoder``, e.g.
-            an :class:`~retailklip.segment.onnx_runtime.OnnxImageEncoder` around it.
 
     Raises:
         TypeError: ``sam_model`` is not an :class:`EfficientViTSam`.
     """
 
-    def __init__(self, sam_model: EfficientViTSam, image_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(self, sam_model: EfficientViTSam) -> None:
         if not isinstance(sam_model, EfficientViTSam):
             raise TypeError(f"EfficientViTSamPredictor needs an EfficientViTSam model, got {type(sam_model).__name__}")
         super().__init__(sam_model)
-        self.image_encoder = image_encoder if image_encoder is not None else sam_model.image_encoder
 
     @torch.no_grad()
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
@@ -59,7 +53,7 @@ class EfficientViTSamPredictor(SamPredictor):
         self.reset_image()
         self.original_size = image.shape[:2]
         self.input_size = preprocess_shape(*self.original_size, self.transform.target_length)
-        self.features = self.image_encoder(self.model.preprocess(image))
+        self.features = self.model.image_encoder(self.model.preprocess(image))
         self.is_image_set = True
 
     @torch.no_grad()
@@ -79,5 +73,5 @@ class EfficientViTSamPredictor(SamPredictor):
         self.reset_image()
         self.original_size = tuple(original_image_size)
         self.input_size = preprocess_shape(*self.original_size, self.transform.target_length)
-        self.features = self.image_encoder(transformed_image.to(self.device))
+        self.features = self.model.image_encoder(transformed_image.to(self.device))
         self.is_image_set = True
