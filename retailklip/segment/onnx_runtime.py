@@ -268,7 +268,7 @@ class OnnxMaskDecoder:
         """Whether ONNX Runtime runs the calls (None before the first)."""
         return self.graph.active
 
-# -- the call --------------------------------------------------------------------------------
+    # -- the call --------------------------------------------------------------------------------
     def __call__(
         self,
         image_embeddings: torch.Tensor,
