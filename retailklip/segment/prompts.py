@@ -234,9 +234,9 @@ class RetryPrompts:
     whose outputs passed, it takes the largest rejected output mask that is *compact*
     (``retry_min_cells`` .. ``retry_max_area`` of the photo: a part of a small object, not a
     background region) and queues one new prompt at that mask's interior point farthest from
-    its edge and from every decoded point (a distance-transform maximum, as the point sampling
-    of SAM's interactive training and of RITM puts corrective clicks at the error region's
-    interior).  A retry that fails again may retry once more, up to ``retries`` generations.
+    its edge and from every decoded point (a distance-transform maximum, as RITM, Sofiiuk et
+    al. 2022, places its corrective clicks in the error region; SAM's interactive training
+    samples them from the error region too).  A retry that fails again may retry once more, up to ``retries`` generations.
     Queued retries whose pixel is covered by then are dropped; they go first in each round, the
     rest of the round is farthest-point samples as in :class:`FarthestPointPrompts`.  The hard
     bound ``max_prompts`` covers retries too.  Uses only what the product has: the decoder's
