@@ -30,7 +30,7 @@ from retailklip.datasets import read_grocery_store
 from retailklip.segment.automatic import MaskGeneratorOptions
 from retailklip.segment.bounded import BoundedMaskGenerator, BoundedOptions
 from retailklip.segment.oracle import OracleDecoder, OracleRates
-from retailklip.segment.prompts import CoarseToFinePrompts, FarthestPointPrompts, GridPrompts
+from retailklip.segment.prompts import CoarseToFinePrompts, FarthestPointPrompts, GridPrompts, RetryPrompts
 from retailklip.segment.synthetic import TrayMaker, default_root
 
 
@@ -52,7 +52,35 @@ def strategies() -> list:
         FarthestPointPrompts(8, 16, 128, covered_weight=0.25),
         FarthestPointPrompts(6, 8, 128, covered_weight=0.25),
         FarthestPointPrompts(6, 16, 128, covered_weight=0.0, stop_covered=True),
+        RetryPrompts(8, 16, 128, retries=1),
+        RetryPrompts(8, 16, 128, retries=2),
+        RetryPrompts(8, 16, 128, retries=3),
+        RetryPrompts(8, 16, 128, retries=2, retry_max_area=0.01),
+        RetryPrompts(8, 16, 128, retries=2, retry_max_area=0.04),
+        RetryPrompts(8, 16, 128, retries=2, retry_share=0.5),
+        RetryPrompts(6, 16, 128, retries=2),
+        RetryPrompts(6, 8, 128, retries=2),
     ]
+
+
+def paired(a: np.ndarray, b: np.ndarray, tray: np.ndarray, n_boot: int = 10000) -> str:
+    """Per-object paired comparison of two strategies (bool found arrays): discordant counts,
+    exact two-sided McNemar p (binomial on the discordant pairs) and a 95 % bootstrap interval
+    of the recall difference a - b resampling whole trays (objects of a tray are not independent)."""
+    from scipy.stats import binomtest
+
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    p = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
+    rng = np.random.default_rng(0)
+    trays = np.unique(tray)
+    idx = [np.flatnonzero(tray == t) for t in trays]
+    diffs = []
+    for _ in range(n_boot):
+        pick = np.concatenate([idx[i] for i in rng.integers(len(trays), size=len(trays))])
+        diffs.append(a[pick].mean() - b[pick].mean())
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return (f"{a.mean() - b.mean():+.4f} [{lo:+.4f}, {hi:+.4f}] (tray bootstrap 95 %); only first {only_a}, "
+            f"only second {only_b}, McNemar exact p = {p:.3g}")
 
 
 def found_iou(labels: np.ndarray, n_objects: int, records: list[dict]) -> np.ndarray:
@@ -77,6 +105,10 @@ def main() -> None:
     p.add_argument("--max-masks", type=int, default=MaskGeneratorOptions().max_masks,
                    help="masks kept per photo (default: the segmenter's, MaskGeneratorOptions.max_masks)")
     p.add_argument("--no-tray", action="store_true", help="oracle never answers the whole-tray mask")
+    p.add_argument("--only", default=None,
+                   help="semicolon-separated strategy names (as printed) to run, default all")
+    p.add_argument("--paired", action="append", default=[], metavar="A;B",
+                   help="print a per-object paired comparison of strategies A and B (names as printed); repeatable")
     a = p.parse_args()
     W, H = (int(v) for v in a.size.lower().split("x"))
     rates = OracleRates()
@@ -84,6 +116,14 @@ def main() -> None:
         rates = dataclasses.replace(rates, tray_on_object=0.0, tray_on_background=0.0)
     maker = TrayMaker(read_grocery_store(a.root or default_root()))
     strats = strategies()
+    if a.only:
+        wanted = a.only.split(";")
+        strats = [s for s in strats if s.name in wanted]
+        missing = set(wanted) - {s.name for s in strats}
+        if missing:
+            raise SystemExit(f"unknown strategies: {sorted(missing)}; known: {[s.name for s in strategies()]}")
+    hits = {s.name: [] for s in strats}
+    tray_of: list[int] = []
     best = {s.name: {50: [], 75: []} for s in strats}
     prompts = {s.name: [] for s in strats}
     kept = {s.name: [] for s in strats}
@@ -92,10 +132,12 @@ def main() -> None:
         tray = maker.make(a.seed + i, (W, H))
         decoder = OracleDecoder(tray, rates, seed=a.seed + i)
         n_objects += len(tray.skus)
+        tray_of += [i] * len(tray.skus)
         for s in strats:
             gen = BoundedMaskGenerator(BoundedOptions(max_masks=a.max_masks), s)
             records = gen.generate(decoder)
             iou = found_iou(tray.labels, len(tray.skus), records)
+            hits[s.name].append(iou >= 0.5)
             best[s.name][50].append(int((iou >= 0.5).sum()))
             best[s.name][75].append(int((iou >= 0.75).sum()))
             prompts[s.name].append(gen.prompts_used)
@@ -108,6 +150,10 @@ def main() -> None:
         pr = np.asarray(prompts[s.name])
         print(f"| `{s.name}` | {sum(best[s.name][50]) / n_objects:.3f} | {sum(best[s.name][75]) / n_objects:.3f} | "
               f"{pr.mean():.1f} | {pr.max()} | {pr.mean() / 1024:.3f} | {np.mean(kept[s.name]):.1f} |")
+    for pair in a.paired:
+        x, y = pair.split(";", 1)
+        print(f"\npaired recall IoU>=0.5, `{x}` - `{y}`: "
+              f"{paired(np.concatenate(hits[x]), np.concatenate(hits[y]), np.asarray(tray_of))}")
     print(f"\noracle rates: {rates}")
 
 

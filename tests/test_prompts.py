@@ -9,7 +9,7 @@ import pytest
 from retailklip.segment.bounded import BoundedMaskGenerator, BoundedOptions
 from retailklip.segment.errors import SegmenterOptionError
 from retailklip.segment.oracle import OracleDecoder, OracleRates
-from retailklip.segment.prompts import CoarseToFinePrompts, FarthestPointPrompts, GridPrompts, grid_points
+from retailklip.segment.prompts import CoarseToFinePrompts, FarthestPointPrompts, GridPrompts, RetryPrompts, grid_points
 from retailklip.segment.synthetic import TrayMaker
 
 
@@ -86,3 +86,62 @@ def test_strategies_find_the_objects_of_a_simulated_tray(grocery_store):
     assert sims["default", "grid32"][0] > sims["default", "grid4"][0]
     assert sims["default", FarthestPointPrompts().name][1] == 128
     assert sims["default", CoarseToFinePrompts().name][1] <= 128
+
+
+def _retry_rounds(strategy, answer, coverage, width=640, height=480, h=120, w=160):
+    """Rounds of a RetryPrompts session fed by ``answer(points) -> (logits (n, 3, h, w), passed (n, 3))``."""
+    session = strategy.start(width, height)
+    rounds, cov = [], None
+    while (pts := session.next_points(cov)) is not None:
+        rounds.append(pts)
+        session.feedback(pts, *answer(pts))
+        cov = coverage
+    return rounds
+
+
+def _small_object_answer(h=120, w=160, width=640, height=480):
+    """Every answer rejected; a prompt inside the 14 x 14-cell square at cells (30..44, 62..76)
+    gets that square (a small object's rejected mask) as output 1, others a huge mask."""
+    square = np.zeros((h, w), bool)
+    square[30:44, 62:76] = True
+
+    def answer(pts):
+        n = len(pts)
+        logits = np.full((n, 3, h, w), 20.0, np.float32)  # everything: too large to retry
+        cx, cy = (pts[:, 0] * w / width).astype(int), (pts[:, 1] * h / height).astype(int)
+        inside = square[np.clip(cy, 0, h - 1), np.clip(cx, 0, w - 1)]
+        logits[inside, 1] = np.where(square, 20.0, -20.0)
+        return logits, np.zeros((n, 3), bool)
+    return answer, square
+
+
+def test_retry_reprompts_inside_a_rejected_small_mask_first():
+    answer, square = _small_object_answer()
+    s = RetryPrompts(first=8, batch=16, max_prompts=128, retries=2)
+    rounds = _retry_rounds(s, answer, np.zeros((120, 160), bool))
+    first_hits = [p for p in rounds[0] if square[int(p[1] * 120 / 480), int(p[0] * 160 / 640)]]
+    assert len(first_hits) == 1  # the 8 x 8 grid hits the small object once
+    cells = lambda r: [square[int(y * 120 / 480), int(x * 160 / 640)] for x, y in r]
+    assert cells(rounds[1])[0] and cells(rounds[2])[0]  # a retry inside it opens the next 2 rounds
+    assert sum(cells(np.concatenate(rounds[1:]))) >= 2  # ... at 2 generations, then no more
+    pts = np.concatenate(rounds)
+    assert len(pts) == 128 and len(np.unique(np.round(pts, 3), axis=0)) == 128
+    again = _retry_rounds(s, answer, np.zeros((120, 160), bool))
+    assert all(np.array_equal(a, b) for a, b in zip(rounds, again))  # deterministic
+
+
+def test_retry_skips_covered_retries_and_holds_the_budget_when_nothing_is_accepted():
+    answer, square = _small_object_answer()
+    covered = np.zeros((120, 160), bool)
+    covered[square] = True  # an accepted mask covers the small object by the next round
+    rounds = _retry_rounds(RetryPrompts(first=8, retries=2), answer, covered)
+    later = np.concatenate(rounds[1:])
+    assert not any(square[int(y * 120 / 480), int(x * 160 / 640)] for x, y in later)
+    # nothing accepted, nothing compact (random weights, an empty tray): plain farthest points to the cap
+    def nothing(pts):
+        return np.full((len(pts), 3, 120, 160), 20.0, np.float32), np.zeros((len(pts), 3), bool)
+    rounds = _retry_rounds(RetryPrompts(), nothing, np.zeros((120, 160), bool))
+    plain = _run(FarthestPointPrompts(8, 16, 128, covered_weight=0.25), lambda i: np.zeros((120, 160), bool))
+    assert sum(map(len, rounds)) == 128 and all(np.array_equal(a, b) for a, b in zip(rounds, plain))
+    with pytest.raises(SegmenterOptionError):
+        RetryPrompts(retries=-1)

@@ -30,7 +30,7 @@ PHOTOS = [
     GROCERY / "train" / "Fruit" / "Kiwi" / "Kiwi_013.jpg",
 ]
 #: every mask survives: thresholds at 0 and no NMS suppression (IoU > 1 never happens)
-KEEP_ALL = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+KEEP_ALL = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +59,9 @@ def _same(a: list[dict], b: list[dict]) -> bool:
 
 
 @pytest.mark.parametrize("photo", PHOTOS, ids=lambda p: p.stem)
-@pytest.mark.parametrize("thresholds", [KEEP_ALL, dict(pred_iou_thresh=0.0, stability_score_thresh=0.0),
-                                        dict(pred_iou_thresh=0.0, stability_score_thresh=0.8, stability_score_offset=0.01,
-                                             box_nms_thresh=1.0)],
+@pytest.mark.parametrize("thresholds", [KEEP_ALL, {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0},
+                                        {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.8, "stability_score_offset": 0.01,
+                                             "box_nms_thresh": 1.0}],
                          ids=["keep-all", "nms", "stability"])
 def test_exact_mode_equals_segment_anything(l0, photo, thresholds):
     rgb = _rgb(photo)
@@ -124,7 +124,7 @@ def test_prompt_strategies():
 
 def test_default_segmenter_uses_the_bounded_generator(l0):
     seg = load_segmenter("efficientvit-sam-l0", random_init=True)
-    assert seg.generator_options.mode == "fast" and seg.generator_options.prompts == "farthest"
+    assert seg.generator_options.mode == "fast" and seg.generator_options.prompts == "retry"
     seg.segment(Image.open(PHOTOS[0]))
     assert 0 < seg.generator.prompts_used <= seg.generator_options.max_prompts
 
@@ -147,7 +147,7 @@ def test_a_12_megapixel_photo_is_segmented_in_bounded_memory():
     """SAM's generator upsamples each batch to full resolution as float32 (16 prompts x 3 masks x
     12 MP x 4 bytes = 2.3 GB per batch, 9 GB at its default 64); the bounded one keeps the peak of
     the whole process (torch, model, photo, kept masks) under 2.5 GiB with every mask kept."""
-    r = subprocess.run([sys.executable, "-c", _CHILD, str(PHOTOS[0])], capture_output=True, text=True, cwd=REPO,
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(PHOTOS[0])], check=False, capture_output=True, text=True, cwd=REPO,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])

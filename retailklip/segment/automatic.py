@@ -30,13 +30,13 @@ from .fast_decoder import ImageSharedMaskDecoder
 from .modeling.efficientvit_sam import EfficientViTSam
 from .onnx_runtime import OnnxMaskDecoder, onnxruntime_available
 from .predictor import EfficientViTSamPredictor
-from .prompts import CoarseToFinePrompts, FarthestPointPrompts, GridPrompts
+from .prompts import CoarseToFinePrompts, FarthestPointPrompts, GridPrompts, RetryPrompts
 
 #: Generator modes: the bounded ones and segment_anything's own.
 MODES = (*BOUNDED_MODES, "sam")
 #: Prompt strategies by name.
-PROMPT_STRATEGIES = ("farthest", "coarse-to-fine", "grid")
-#: Runtimes of fast mode's image encoder and mask decoder.
+PROMPT_STRATEGIES = ("retry", "farthest", "coarse-to-fine", "grid")
+#: Runtimes of fast mode's mask decoder.
 RUNTIMES = ("auto", "onnxruntime", "torch")
 
 
@@ -63,12 +63,16 @@ class MaskGeneratorOptions:
             pixels (needs ``opencv-python``); 0 disables (default).
         mode: ``"fast"`` (default), ``"exact"`` or ``"sam"`` (module docstring); crop layers and
             ``min_mask_region_area`` need ``"sam"``.
-        prompts: ``"farthest"`` (default: :class:`~retailklip.segment.prompts.FarthestPointPrompts`,
-            an 8 x 8 grid, then rounds of 16 farthest points weighted by coverage (0.25), chosen
-            by the simulation of docs/segmentation.md), ``"coarse-to-fine"``
+        prompts: ``"retry"`` (default: :class:`~retailklip.segment.prompts.RetryPrompts`, the
+            ``"farthest"`` strategy plus up to 2 re-prompts inside a compact rejected mask, i.e.
+            where the decoder saw something small but no answer passed the filters; chosen by the
+            simulation of docs/segmentation.md), ``"farthest"``
+            (:class:`~retailklip.segment.prompts.FarthestPointPrompts`, an 8 x 8 grid, then
+            rounds of 16 farthest points weighted by coverage (0.25)), ``"coarse-to-fine"``
             (:class:`~retailklip.segment.prompts.CoarseToFinePrompts` over grids of 8, 16 and
             ``points_per_side``) or ``"grid"`` (SAM's grid); ``"sam"`` mode always uses the grid.
-        max_prompts: most prompts per photo of the coarse-to-fine strategy (128 = 1/8 of SAM's 1024).
+        max_prompts: most prompts per photo of the retry, farthest and coarse-to-fine strategies
+            (128 = 1/8 of SAM's 1024).
         max_masks: fast mode: most masks kept and upsampled per photo.
         runtime: what runs fast mode's image-shared mask decoder: ``"onnxruntime"``
             (:class:`~retailklip.segment.onnx_runtime.OnnxMaskDecoder`: ~0.27x the time per
@@ -95,7 +99,7 @@ class MaskGeneratorOptions:
     crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 0
     mode: str = "fast"
-    prompts: str = "farthest"
+    prompts: str = "retry"
     max_prompts: int = 128
     max_masks: int = 48
     runtime: str = "auto"
@@ -131,10 +135,13 @@ class MaskGeneratorOptions:
         own = ("mode", "prompts", "max_prompts", "max_masks", "runtime")
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in own}
 
-    def strategy(self) -> GridPrompts | CoarseToFinePrompts:
+    def strategy(self) -> GridPrompts | CoarseToFinePrompts | FarthestPointPrompts | RetryPrompts:
         """The prompt strategy these options name."""
         if self.prompts == "grid":
             return GridPrompts(self.points_per_side)
+        if self.prompts == "retry":
+            return RetryPrompts(first=min(8, self.points_per_side), batch=16, max_prompts=self.max_prompts,
+                                candidates=self.points_per_side, covered_weight=0.25, retries=2, retry_max_area=0.02)
         if self.prompts == "farthest":
             return FarthestPointPrompts(first=min(8, self.points_per_side), batch=16, max_prompts=self.max_prompts,
                                         candidates=self.points_per_side, covered_weight=0.25)

@@ -19,7 +19,9 @@ the photo's valid area), and :class:`BoundedMaskGenerator` has two modes:
   in docs/segmentation.md and tested.
 
 Prompts come from a strategy of :mod:`~retailklip.segment.prompts`, round by round, each round
-told which pixels the masks accepted so far cover.
+told which pixels the masks accepted so far cover; in fast mode a session with a ``feedback``
+method is also shown every decoded batch (points, low-resolution logits, which outputs passed
+the predicted-IoU and stability filters).
 """
 
 from __future__ import annotations
@@ -292,6 +294,7 @@ class BoundedMaskGenerator:
         H, W = decoder.image_size
         h, w = decoder.low_res_size
         session = self.strategy.start(W, H)
+        feedback = getattr(session, "feedback", None)
         kept = MaskData()  # at most max_masks candidates between rounds: memory does not grow with prompts
         coverage = None
         while (points := session.next_points(coverage)) is not None:
@@ -300,11 +303,15 @@ class BoundedMaskGenerator:
                 low, iou = decoder.decode(batch)
                 part = MaskData(low=low.flatten(0, 1), iou_preds=iou.flatten(0, 1),
                                 points=torch.as_tensor(batch.repeat(low.shape[1], axis=0)))
-                if o.pred_iou_thresh > 0.0:
-                    part.filter(part["iou_preds"] > o.pred_iou_thresh)
                 part["stability_score"] = calculate_stability_score(part["low"], 0.0, o.stability_score_offset)
+                passed = torch.ones_like(part["iou_preds"], dtype=torch.bool)
+                if o.pred_iou_thresh > 0.0:
+                    passed &= part["iou_preds"] > o.pred_iou_thresh
                 if o.stability_score_thresh > 0.0:
-                    part.filter(part["stability_score"] >= o.stability_score_thresh)
+                    passed &= part["stability_score"] >= o.stability_score_thresh
+                if feedback is not None:  # the strategy may re-prompt where every answer was rejected
+                    feedback(batch, low, passed.view(low.shape[:2]))
+                part.filter(passed)
                 part["boxes"] = batched_mask_to_box(part["low"] > 0.0)
                 kept.cat(part)
                 kept = self._nms(kept)
