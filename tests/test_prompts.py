@@ -32,6 +32,16 @@ def test_farthest_first_round_is_the_coarse_grid_and_the_budget_holds():
     assert pts.dtype == np.float64 and (pts[:, 0] < 640).all() and (pts[:, 1] < 480).all()
 
 
+@pytest.mark.parametrize("strategy", [FarthestPointPrompts(first=6, batch=16, max_prompts=100),
+                                      RetryPrompts(first=6, batch=16, max_prompts=100)])
+def test_without_a_coverage_map_the_rounds_are_fresh_points(strategy):
+    """A generator that never passes a coverage map (exact mode): the first grid once, then
+    farthest points, never a point twice (it used to resend the first grid every round)."""
+    rounds = _run(strategy, lambda i: None)
+    assert [len(r) for r in rounds] == [36, 16, 16, 16, 16]
+    assert len(np.unique(np.round(np.concatenate(rounds), 3), axis=0)) == 100
+
+
 def test_farthest_goes_to_uncovered_pixels_first():
     left = np.zeros((120, 160), bool)
     left[:, :80] = True  # the left half is covered

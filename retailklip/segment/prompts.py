@@ -197,10 +197,12 @@ class _FarthestSession:
     def next_points(self, coverage: np.ndarray | None) -> np.ndarray | None:
         if self.used >= self.s.max_prompts:
             return None
-        if coverage is None:
+        if self.used == 0:
             pts = grid_points(self.s.first, self.width, self.height)[: self.s.max_prompts].astype(np.float64)
             self._mark(pts)
             return pts
+        if coverage is None:  # a generator without a coverage map (exact mode): nothing covered
+            coverage = np.zeros((1, 1), bool)
         h, w = coverage.shape
         cx = np.clip((self.cand[:, 0] * w / self.width).astype(int), 0, w - 1)
         cy = np.clip((self.cand[:, 1] * h / self.height).astype(int), 0, h - 1)
@@ -324,7 +326,7 @@ class _RetrySession(_FarthestSession):
             self.queue.append((x, y, gen + 1))
 
     def next_points(self, coverage: np.ndarray | None) -> np.ndarray | None:
-        if self.used >= self.s.max_prompts or coverage is None:
+        if self.used >= self.s.max_prompts or self.used == 0 or coverage is None:
             return super().next_points(coverage)
         h, w = coverage.shape
         room = min(self.s.batch, self.s.max_prompts - self.used)
