@@ -8,7 +8,7 @@ Rows, for a 1920x1080 and a 4000x3000 (12 MP) photo (a real GroceryStore photo r
 * ``segment``: ``SamSegmenter.segment`` with EfficientViT-SAM-L0 (random weights) for
   ``sam`` mode (segment_anything's ``SamAutomaticMaskGenerator``, the baseline; skipped for
   12 MP, where it needs > 6 GiB), ``exact`` and ``fast`` with SAM's 16 x 16 and 32 x 32 grids,
-  and the default (fast, farthest-point prompts, 128 at most, the mask decoder in ONNX
+  and the default (fast, the default prompt strategy, 128 at most, the mask decoder in ONNX
   Runtime) and the same with the torch decoder (``decoder="torch"``).
   (the 32 x 32 row at 1080p only.)
 * ``recognize``: ``Recognizer.recognize`` end to end (segment + embed + match) with the
@@ -119,8 +119,8 @@ def main() -> None:
         ("exact, grid 16x16", {"mode": "exact", "prompts": "grid", "points_per_side": 16}),
         ("fast, grid 16x16", {"mode": "fast", "prompts": "grid", "points_per_side": 16}),
         ("fast, grid 32x32", {"mode": "fast", "prompts": "grid", "points_per_side": 32}),
-        ("fast, farthest <= 128, torch", {"runtime": "torch"}),
-        ("default: fast, farthest <= 128, ORT", {}),
+        ("fast, default prompts <= 128, torch", {"runtime": "torch"}),
+        ("default: fast, prompts <= 128, ORT", {}),
     ]
     if args.quick:
         configs = [c for c in configs if "32x32" not in c[0]]
