@@ -120,7 +120,7 @@ def test_printed_table_matches_json(loop):
     assert re.search(rf"{mc['only_after']} right only after, {mc['only_before']} only before", stdout)
     per_class = res["after"]["closed_set"]["per_class"]
     assert sum(r["photos"] for r in per_class.values()) == n
-    assert sum(r["top1"] * r["photos"] for r in per_class.values()) == pytest.approx(top1["after"] * n)
+    assert sum(r["top1"] * r["photos"] for r in per_class.values()) == pytest.approx(top1["after"] * n, abs=n * 1e-6)  # loop.json rounds to 6 decimals
 
 
 def test_oracle_operating_point_on_a_hand_made_example():
