@@ -15,19 +15,26 @@ Steps (everything from the dataset's **train** split; test is never read, val on
    catalog) and *unknown* classes, and the unknown ones again into those seen at calibration and
    those seen at evaluation, so the threshold is judged on products it was not calibrated on.
 2. Finetune the MobileNetV2 on the training classes' photos and packshots (``finetune``: ArcFace, blockwise
-   learning-rate decay, class-balanced sampling; RetailKLIP, Srivastava 2023, §4.1) ->
-   ``OUT/encoder.safetensors``.
+   learning-rate decay, 0.9 per lower block, class-balanced sampling; RetailKLIP, Srivastava 2023, §4.1;
+   packshots and decay chosen by class-disjoint CV on the training classes,
+   benchmarks/bench_loop_recipe.py) -> ``OUT/encoder.safetensors``.
 3. Two catalogs of iconic packshots (``catalog.Catalog.init`` + ``import_csv``, features centred
    on unlabeled training-class photos as examples/grocery_store.py does): ``catalog-all`` (the 35
    held-out classes: closed-set top-1) and ``catalog-known`` (the known half: open set).  Measured
    with the raw encoder (before), then ``Catalog.rebuild(encoder=..., weights=OUT/encoder.safetensors)``
    (= ``catalog rebuild --encoder timm:mobilenetv2_100 --weights OUT/encoder.safetensors``) and
    measured again (after).
-4. ``catalog --catalog OUT/catalog-known calibrate OUT/calibration.csv --match-softmax-cutoff 0.78 --score distance --json``
-   (or ``--target-precision P``) stores the threshold, before and after the rebuild.
+4. ``catalog --catalog OUT/catalog-known calibrate OUT/calibration.csv --match-softmax-cutoff 0.78 --score S --json``
+   (or ``--target-precision P``) for both open-set scores S (``ratio`` and ``distance``), the
+   ``--score`` one (default ``distance``) last, so its threshold is the one stored; before and
+   after the rebuild.
 5. Prints a before / after table (closed-set top-1 with bootstrap intervals and McNemar's test,
-   per-class top-1, AUROC known vs unknown, accepted fraction, known precision and unknown
-   rejection at the calibrated threshold) and writes it to ``OUT/loop.json``.
+   per-class top-1, AUROC known vs unknown with a bootstrap interval over photos, accepted
+   fraction, known precision and unknown rejection at the calibrated threshold), a per-score
+   open-set table (AUROC, the calibrated threshold judged on the evaluation photos, and the
+   *oracle* operating point: the largest acceptance with known precision >= ``--oracle-precision``
+   read off the evaluation photos themselves, an upper bound for any calibration) and writes it
+   all to ``OUT/loop.json``.
 
 Evaluation photos are embedded once per encoder with the catalog's own encoder
 (``Catalog.encoder().embed``, what ``catalog recognize`` runs on a whole image) and matched by
@@ -53,9 +60,18 @@ import torch
 from catalog import Catalog
 from finetune.cli import build_parser, config_from_args
 from finetune.cli import run as finetune_run
-from retailklip.calibration import catalog_gallery, nearest_skus, open_set_metrics
+from retailklip.calibration import (
+    CalibrationError,
+    auroc,
+    catalog_gallery,
+    nearest_matches,
+    nearest_skus,
+    open_set_metrics,
+    threshold_for_precision,
+)
 from retailklip.datasets import LabelledImage, read_grocery_store
-from retailklip.protocol import bootstrap_ci, class_disjoint_folds, mcnemar, photo_folds
+from retailklip.open_set import OPEN_SET_SCORES, open_set_score
+from retailklip.protocol import bootstrap_ci, bootstrap_statistic, class_disjoint_folds, mcnemar, photo_folds
 
 ENCODER = "timm:mobilenetv2_100"
 OPTIONS = {"interpolation": "bilinear"}
@@ -134,22 +150,52 @@ def write_inputs(s: dict, out: Path, center_stride: int, train_iconic: bool) -> 
     return files
 
 
-def calibrate_cli(catalog_dir: Path, photos_csv: Path, args) -> dict:
-    """``catalog calibrate ... --json`` (stores the threshold); its JSON output."""
+def calibrate_cli(catalog_dir: Path, photos_csv: Path, args, score: str) -> dict:
+    """``catalog calibrate ... --score SCORE --json`` (stores the threshold); its JSON output."""
     mode = (["--target-precision", str(args.target_precision)] if args.target_precision is not None
             else ["--match-softmax-cutoff", str(args.match_softmax_cutoff)])
-    # The loop thresholds the 1-NN cosine distance (its figures in docs/finetune.md were measured so);
-    # ``catalog calibrate``'s own default score is Lowe's ratio (docs/threshold.md).
+    # The loop thresholds the 1-NN cosine distance by default (--score; its figures in docs/finetune.md
+    # were measured so); ``catalog calibrate``'s own default score is Lowe's ratio (docs/threshold.md).
     cmd = [sys.executable, "-m", "catalog", "--catalog", str(catalog_dir), "calibrate", str(photos_csv), *mode,
-           "--score", "distance", "--json"]
+           "--score", score, "--json"]
     res = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(f"retailklip_loop: error: catalog calibrate failed: {res.stderr.strip()}")
     return json.loads(res.stdout)
 
 
-def measure(cat_all: Catalog, cat_known: Catalog, s: dict, calibration: dict) -> dict:
-    """Closed-set and open-set results of one encoder (both catalogs hold its vectors)."""
+def calibrate_all(catalog_dir: Path, photos_csv: Path, args) -> dict[str, dict]:
+    """``catalog calibrate`` on every open-set score, ``--score`` last, so that the threshold the
+    catalog keeps is the one on ``--score``; score -> its JSON output."""
+    order = [x for x in OPEN_SET_SCORES if x != args.score] + [args.score]
+    return {x: calibrate_cli(catalog_dir, photos_csv, args, x) for x in order}
+
+
+def oracle_operating_point(score: np.ndarray, right: np.ndarray, known: np.ndarray, precision: float) -> dict | None:
+    """The largest-acceptance threshold whose known precision *on these photos* is >= ``precision``
+    (:func:`retailklip.calibration.threshold_for_precision` applied to the photos it is judged on:
+    an oracle operating point, read off the evaluation photos, not a calibrated one); None when no
+    threshold reaches it.  Photos are accepted when ``score <= threshold``.
+
+    Returns:
+        threshold, accepted_fraction (all photos), known_accepted (accepted known photos / known
+        photos), known_precision, unknown_rejection, known_accuracy, accepted (photos).
+    """
+    score, right, known = np.asarray(score, np.float64), np.asarray(right, bool), np.asarray(known, bool)
+    try:
+        t = threshold_for_precision(score, right, precision)
+    except CalibrationError:
+        return None
+    acc = score <= t
+    return {"threshold": t, "accepted": int(acc.sum()), "accepted_fraction": float(acc.mean()),
+            "known_accepted": float(acc[known].mean()), "known_precision": float(right[acc].mean()),
+            "unknown_rejection": float((~acc[~known]).mean()) if (~known).any() else None,
+            "known_accuracy": float((right & acc)[known].mean())}
+
+
+def measure(cat_all: Catalog, cat_known: Catalog, s: dict, calibration: dict[str, dict], args) -> dict:
+    """Closed-set and open-set results of one encoder (both catalogs hold its vectors);
+    ``calibration``: score -> ``catalog calibrate --json`` output on the known catalog."""
     enc = cat_all.encoder()
     if enc.identity.key != cat_known.encoder().identity.key:
         raise SystemExit("retailklip_loop: error: the two catalogs have different encoders")
@@ -168,13 +214,30 @@ def measure(cat_all: Catalog, cat_known: Catalog, s: dict, calibration: dict) ->
     use = np.array([p.label in set(s["known"]) | set(s["unknown_evaluation"]) for p in photos])
     o_truth = [c for c, u in zip(truth, use) if u]
     g_known, sku_known = catalog_gallery(cat_known)
-    o_pred, o_dist = nearest_skus(g_known, sku_known, emb[use])
+    o_pred, o_dist, o_runner = nearest_matches(g_known, sku_known, emb[use])
+    scores = {x: open_set_score(x, o_dist, o_runner) for x in OPEN_SET_SCORES}
     threshold = cat_known.threshold
+    if cat_known.open_set_score != args.score:
+        raise SystemExit(f"retailklip_loop: error: the catalog's threshold is on {cat_known.open_set_score}, not {args.score}")
     known = np.array([c in set(s["known"]) for c in o_truth])
-    accepted = o_dist <= threshold
-    m = open_set_metrics(o_pred, o_truth, known, accepted, -o_dist)
+    accepted = scores[args.score] <= threshold
+    m = open_set_metrics(o_pred, o_truth, known, accepted, -scores[args.score])
     right = known & (np.array(o_pred, dtype=object) == np.array(o_truth, dtype=object))
     ci = lambda v: (bootstrap_ci(v) if len(v) else None)
+    auroc_ci = lambda sc: bootstrap_statistic(lambda x, k: auroc(-x[k], -x[~k]), sc, known) if (~known).any() else None
+    per_score = {}
+    for x, sc in scores.items():  # every score: AUROC, its calibrated threshold, the oracle operating point
+        t = calibration[x]["threshold"]
+        acc = sc <= t
+        per_score[x] = {
+            "auroc": auroc_ci(sc),
+            "calibrated": {"threshold": t, "mode": calibration[x]["mode"], "target": calibration[x]["target"],
+                           "accepted_fraction": ci(acc.astype(float)), "known_accepted": ci(acc[known].astype(float)),
+                           "known_precision": ci(right[acc].astype(float)),
+                           "unknown_rejection": ci((~acc[~known]).astype(float)),
+                           "known_accuracy": ci((right & acc)[known].astype(float))},
+            "oracle": oracle_operating_point(sc, right, known, args.oracle_precision),
+        }
     val_correct = np.zeros(0, bool)
     if s["val"]:
         v_pred, _ = nearest_skus(g_all, sku_all, enc.embed([p.path for p in s["val"]]))
@@ -188,13 +251,15 @@ def measure(cat_all: Catalog, cat_known: Catalog, s: dict, calibration: dict) ->
                        "per_class_average": float(np.mean([np.mean(v) for v in per_class.values()])),
                        "per_class": {c: {"photos": len(v), "top1": float(np.mean(v))} for c, v in sorted(per_class.items())}},
         "open_set": {
-            "threshold": threshold, "calibration": calibration, "known_photos": m.known_photos,
-            "unknown_photos": m.unknown_photos, "auroc": m.auroc,
-            "accepted_fraction": ci(accepted.astype(float)),
+            "score": args.score, "threshold": threshold, "calibration": calibration[args.score],
+            "known_photos": m.known_photos, "unknown_photos": m.unknown_photos, "auroc": per_score[args.score]["auroc"],
+            "accepted_fraction": ci(accepted.astype(float)), "known_accepted": ci(accepted[known].astype(float)),
             "known_precision": ci(right[accepted].astype(float)),
             "unknown_rejection": ci((~accepted[~known]).astype(float)),
             "known_accuracy": ci((right & accepted)[known].astype(float)),
             "closed_set_top1_known": m.closed_set_top1,
+            "oracle_precision": args.oracle_precision,
+            "scores": per_score,
         },
     }
 
@@ -204,7 +269,8 @@ def finetune(s: dict, files: dict, out: Path, args) -> dict:
     argv = ["--data", str(files["train"]), "--eval-data", str(files["finetune_eval"]), "--out", str(out / "finetune"),
             "--encoder", ENCODER, "--weights", str(args.weights), "--encoder-option", "interpolation=bilinear",
             "--epochs", str(args.epochs), "--depth", str(args.depth), "--batch-size", str(args.batch_size),
-            "--freeze-blocks", str(args.freeze_blocks), "--lr", str(args.lr), "--margin", str(args.margin),
+            "--freeze-blocks", str(args.freeze_blocks), "--lr", str(args.lr), "--lr-decay", str(args.lr_decay),
+            "--margin", str(args.margin),
             "--eval-every", str(args.epochs), "--threads", str(args.threads), "--seed", str(args.seed), "--no-progress"]
     if args.train_size:
         argv += ["--train-size", str(args.train_size)]
@@ -231,14 +297,37 @@ ROWS = [  # (label, path into a measure() result)
     ("AUROC known vs unknown", ("open_set", "auroc")),
     ("calibrated threshold", ("open_set", "threshold")),
     ("accepted fraction", ("open_set", "accepted_fraction")),
+    ("known photos accepted", ("open_set", "known_accepted")),
     ("known precision", ("open_set", "known_precision")),
     ("unknown rejection", ("open_set", "unknown_rejection")),
     ("known accuracy", ("open_set", "known_accuracy")),
 ]
 
 
-def get(res: dict, path: tuple[str, str]):
-    return res[path[0]][path[1]]
+def score_rows(score: str, precision: float) -> list[tuple[str, tuple[str, ...]]]:
+    """Rows of the per-score open-set table (every score, whichever ``--score`` stores)."""
+    cal, orc = ("open_set", "scores", score, "calibrated"), ("open_set", "scores", score, "oracle")
+    return [
+        (f"{score}: AUROC known vs unknown", ("open_set", "scores", score, "auroc")),
+        (f"{score}: calibrated threshold", (*cal, "threshold")),
+        (f"{score}: calibrated, accepted fraction", (*cal, "accepted_fraction")),
+        (f"{score}: calibrated, known photos accepted", (*cal, "known_accepted")),
+        (f"{score}: calibrated, known precision", (*cal, "known_precision")),
+        (f"{score}: calibrated, unknown rejection", (*cal, "unknown_rejection")),
+        (f"{score}: oracle precision >= {precision:g}, threshold", (*orc, "threshold")),
+        (f"{score}: oracle precision >= {precision:g}, known photos accepted", (*orc, "known_accepted")),
+        (f"{score}: oracle precision >= {precision:g}, known precision", (*orc, "known_precision")),
+        (f"{score}: oracle precision >= {precision:g}, unknown rejection", (*orc, "unknown_rejection")),
+    ]
+
+
+def get(res: dict, path: tuple[str, ...]):
+    """``res[path[0]][path[1]]...``; None where a step is None (an oracle point no threshold reaches)."""
+    for key in path:
+        if res is None:
+            return None
+        res = res[key]
+    return res
 
 
 def jsonable(v):
@@ -268,15 +357,25 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--freeze-blocks", type=int, default=3)
     g.add_argument("--lr", type=float, default=2e-4)
+    g.add_argument("--lr-decay", type=float, default=0.9,
+                   help="learning-rate factor per lower block (0.9, not the finetune default 0.7: chosen by class-disjoint CV on "
+                        "the training classes, benchmarks/bench_loop_recipe.py)")
     g.add_argument("--margin", type=float, default=28.6, help="ArcFace margin, degrees")
     g.add_argument("--train-size", type=int, default=None)
     g.add_argument("--threads", type=int, default=1, help="torch threads while training")
     g.add_argument("--train-iconic", action=argparse.BooleanOptionalAction, default=True,
                    help="also train on the training classes' packshots (chosen by class-disjoint CV on the training "
                         "classes, benchmarks/bench_loop_recipe.py)")
-    g = p.add_argument_group("calibration (docs/threshold.md)").add_mutually_exclusive_group()
+    c = p.add_argument_group("calibration (docs/threshold.md)")
+    g = c.add_mutually_exclusive_group()
     g.add_argument("--match-softmax-cutoff", type=float, default=0.78)
     g.add_argument("--target-precision", type=float, default=None)
+    c.add_argument("--score", choices=OPEN_SET_SCORES, default="distance",
+                   help="open-set score of the threshold the catalog keeps (catalog calibrate --score); the other "
+                        "score is calibrated and reported too")
+    c.add_argument("--oracle-precision", type=float, default=0.9, metavar="P",
+                   help="report the oracle operating point: the largest acceptance whose known precision on the "
+                        "evaluation photos themselves is >= P (read off the photos judged, not calibrated)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--final-val", action="store_true",
                    help="also report closed-set top-1 on the held-out classes' val photos (the protocol's one final "
@@ -304,8 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         catalogs[name] = d
     timings["catalogs"] = time.perf_counter() - t
     t = time.perf_counter()
-    cal_before = calibrate_cli(catalogs["known"], files["calibration"], args)
-    before = measure(Catalog.open(catalogs["all"]), Catalog.open(catalogs["known"]), s, cal_before)
+    cal_before = calibrate_all(catalogs["known"], files["calibration"], args)
+    before = measure(Catalog.open(catalogs["all"]), Catalog.open(catalogs["known"]), s, cal_before, args)
     timings["measure_before"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -319,8 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                                 center_photos=center)
     timings["rebuild"] = time.perf_counter() - t
     t = time.perf_counter()
-    cal_after = calibrate_cli(catalogs["known"], files["calibration"], args)
-    after = measure(Catalog.open(catalogs["all"]), Catalog.open(catalogs["known"]), s, cal_after)
+    cal_after = calibrate_all(catalogs["known"], files["calibration"], args)
+    after = measure(Catalog.open(catalogs["all"]), Catalog.open(catalogs["known"]), s, cal_after, args)
     timings["measure_after"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - start
 
@@ -356,6 +455,16 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| held-out classes | before | after |\n|---|---|---|")
     for label, path in ROWS:
         print(f"| {label} | {fmt(get(before, path))} | {fmt(get(after, path))} |")
+    mode = (f"--target-precision {args.target_precision:g}" if args.target_precision is not None
+            else f"--match-softmax-cutoff {args.match_softmax_cutoff:g}")
+    print(f"\nopen set by score ({sp['open_set_evaluation_photos']} evaluation photos; 'calibrated': threshold from "
+          f"catalog calibrate {mode} --score SCORE on the calibration photos, judged on the evaluation photos; 'oracle': the threshold read off the evaluation photos themselves, the largest "
+          f"acceptance with known precision >= {args.oracle_precision:g} there -- an upper bound, not a calibration; "
+          f"the catalog keeps the {args.score} threshold)")
+    print("\n| open set, held-out classes | before | after |\n|---|---|---|")
+    for x in OPEN_SET_SCORES:
+        for label, path in score_rows(x, args.oracle_precision):
+            print(f"| {label} | {fmt(get(before, path))} | {fmt(get(after, path))} |")
     print(f"\nMcNemar after vs before (closed set, {sp['evaluation_photos']} photos): {mc.only_a} right only after, "
           f"{mc.only_b} only before, p = {mc.p_value:.3g}")
     print("\n| class | photos | before | after |\n|---|---|---|---|")

@@ -10,7 +10,14 @@ from conftest import GROCERY
 from scipy.stats import binomtest
 
 from retailklip.datasets import read_grocery_store
-from retailklip.protocol import bootstrap_ci, class_disjoint_folds, fold_roles, mcnemar, photo_folds
+from retailklip.protocol import (
+    bootstrap_ci,
+    bootstrap_statistic,
+    class_disjoint_folds,
+    fold_roles,
+    mcnemar,
+    photo_folds,
+)
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +111,45 @@ def test_fold_roles_never_use_a_query_photo_for_the_centre_or_a_reference(store)
         fold_roles(labels, folds, center_size=len(labels))
     with pytest.raises(ValueError, match="extra_references"):
         fold_roles(labels, folds, extra_references=-1)
+
+
+def test_bootstrap_statistic_mean_is_bootstrap_ci_and_auroc_interval():
+    from retailklip.calibration import auroc
+
+    rng = np.random.default_rng(0)
+    right = rng.random(400) < 0.6
+    assert bootstrap_statistic(np.mean, right, seed=1) == bootstrap_ci(right, seed=1)  # same resamples
+    # AUROC of two unit-variance normals 1 sd apart: 0.760; Hanley & McNeil's (1982) standard error
+    pos, neg = rng.normal(1.0, 1.0, 300), rng.normal(0.0, 1.0, 150)
+    score, known = np.concatenate([pos, neg]), np.r_[np.ones(300, bool), np.zeros(150, bool)]
+    ci = bootstrap_statistic(lambda s, k: auroc(s[k], s[~k]), score, known)
+    a = auroc(pos, neg)
+    assert ci.mean == a and ci.low < a < ci.high and ci.n == 450
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    se = np.sqrt((a * (1 - a) + 299 * (q1 - a * a) + 149 * (q2 - a * a)) / (300 * 150))
+    assert 0.7 < (ci.high - ci.low) / (2 * 1.96 * se) < 1.3
+    # perfectly separated: every resample that has both sides is 1
+    sep = bootstrap_statistic(lambda s, k: auroc(s[k], s[~k]), np.r_[np.ones(5), np.zeros(5)], np.r_[[True] * 5, [False] * 5])
+    assert (sep.mean, sep.low, sep.high) == (1.0, 1.0, 1.0)
+
+
+def test_bootstrap_statistic_drops_undefined_resamples_and_checks_inputs():
+    def needs_both(k):
+        if k.all() or not k.any():
+            raise ValueError("one side")
+        return float(k.mean())
+
+    k = np.array([True, True, False, False])  # 1 resample in 8 has one side only: dropped
+    ci = bootstrap_statistic(needs_both, k, n_boot=400)
+    assert ci.mean == 0.5 and ci.low == 0.25 and ci.high == 0.75  # never 0 or 1
+    def all_items(i):  # defined on the full array only (almost never on a resample)
+        return 1.0 if len(set(i.tolist())) == len(i) else float("nan")
+
+    with pytest.raises(ValueError, match="undefined on"):
+        bootstrap_statistic(all_items, np.arange(20), n_boot=200)
+    with pytest.raises(ValueError):
+        bootstrap_statistic(np.mean, [1.0, 2.0], [1.0])
+    with pytest.raises(ValueError):
+        bootstrap_statistic(np.mean)
+    with pytest.raises(ValueError):
+        bootstrap_statistic(needs_both, np.ones(3, bool))  # undefined on the full arrays

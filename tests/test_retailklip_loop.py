@@ -6,12 +6,14 @@ prints is what it writes to loop.json."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO
 from safetensors.torch import load_file
@@ -24,6 +26,14 @@ pytestmark = pytest.mark.slow
 def rows(path: Path, column: str) -> list[str]:
     with open(path, newline="") as f:
         return [r[column] for r in csv.DictReader(f)]
+
+
+def load_loop_module():
+    """examples/retailklip_loop.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("retailklip_loop", REPO / "examples" / "retailklip_loop.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +98,21 @@ def test_printed_table_matches_json(loop):
         return f"{v:.3f}"
 
     for label, part, key in [("closed-set top-1", "closed_set", "top1"), ("AUROC known vs unknown", "open_set", "auroc"),
+                             ("known photos accepted", "open_set", "known_accepted"),
                              ("calibrated threshold", "open_set", "threshold"),
                              ("accepted fraction", "open_set", "accepted_fraction"),
                              ("known precision", "open_set", "known_precision"),
                              ("unknown rejection", "open_set", "unknown_rejection")]:
         assert printed[label] == (text(res["before"][part][key]), text(res["after"][part][key])), label
+    loop_module = load_loop_module()
+    for score in ("distance", "ratio"):  # the per-score table; the stored threshold is --score's (distance)
+        for label, path in loop_module.score_rows(score, 0.9):
+            assert printed[label] == tuple(text(loop_module.get(res[w], path)) for w in ("before", "after")), label
+        a = res["after"]["open_set"]["scores"][score]["auroc"]
+        assert a["low"] <= a["mean"] <= a["high"]
+    os = res["after"]["open_set"]
+    assert os["score"] == "distance" and os["auroc"] == os["scores"]["distance"]["auroc"]
+    assert os["threshold"] == pytest.approx(os["scores"]["distance"]["calibrated"]["threshold"], abs=1e-6)
     n = res["split"]["evaluation_photos"]
     top1 = {w: res[w]["closed_set"]["top1"]["mean"] for w in ("before", "after")}
     mc = res["mcnemar_after_vs_before"]
@@ -100,4 +120,20 @@ def test_printed_table_matches_json(loop):
     assert re.search(rf"{mc['only_after']} right only after, {mc['only_before']} only before", stdout)
     per_class = res["after"]["closed_set"]["per_class"]
     assert sum(r["photos"] for r in per_class.values()) == n
-    assert sum(r["top1"] * r["photos"] for r in per_class.values()) == pytest.approx(top1["after"] * n)
+    assert sum(r["top1"] * r["photos"] for r in per_class.values()) == pytest.approx(top1["after"] * n, abs=n * 1e-6)  # loop.json rounds to 6 decimals
+
+
+def test_oracle_operating_point_on_a_hand_made_example():
+    mod = load_loop_module()
+    score = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    right = np.array([1, 1, 0, 1, 1, 0], bool)  # photo 2: known, wrong SKU; photo 5: unknown
+    known = np.array([1, 1, 1, 1, 1, 0], bool)
+    # precision of the prefixes: 1, 1, 2/3, 3/4, 4/5, 4/6
+    p9 = mod.oracle_operating_point(score, right, known, 0.9)
+    assert p9 == {"threshold": pytest.approx(0.25), "accepted": 2, "accepted_fraction": pytest.approx(2 / 6),
+                  "known_accepted": pytest.approx(2 / 5), "known_precision": 1.0, "unknown_rejection": 1.0,
+                  "known_accuracy": pytest.approx(2 / 5)}
+    p75 = mod.oracle_operating_point(score, right, known, 0.75)  # the largest acceptance, not the first
+    assert p75["accepted"] == 5 and p75["known_precision"] == pytest.approx(0.8) and p75["known_accepted"] == 1.0
+    assert p75["threshold"] == pytest.approx(0.55) and p75["unknown_rejection"] == 1.0
+    assert mod.oracle_operating_point(score, ~right, known, 0.9) is None  # the best photo is wrong
