@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from realphotos import grocery_rgb
 
 from retailklip.errors import InvalidImageError, RetailKlipError, WeightsError
 from retailklip.segment import (
@@ -33,15 +33,10 @@ from retailklip.segment import (
 from retailklip.segment.transforms import preprocess
 
 KEYS_DIR = Path(__file__).resolve().parent / "data" / "efficientvit_sam"
-GROCERY = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery-store" / "dataset"
 VARIANTS = tuple(EFFICIENTVIT_SAM_CONFIGS)
 
 
-def _photo(rel: str) -> np.ndarray:
-    path = GROCERY / rel
-    if not path.is_file():
-        raise FileNotFoundError(f"test data missing: {path} (expected ../shared beside the repository)")
-    return np.asarray(Image.open(path).convert("RGB"))
+_photo = grocery_rgb
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from realphotos import grocery_rgb
 
 from retailklip.segment import (
     MaskGeneratorOptions,
@@ -25,17 +24,11 @@ from retailklip.segment.fast_decoder import ImageSharedMaskDecoder
 from retailklip.segment.onnx_runtime import OnnxMaskDecoder, onnxruntime_available
 from retailklip.segment.predictor import EfficientViTSamPredictor
 
-GROCERY = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery-store" / "dataset"
-
 # onnxruntime and onnx are in the test extra: CI must run these, not skip them.
 assert onnxruntime_available(), "pip install -e '.[test]' installs onnxruntime and onnx"
 
 
-def _photo(rel: str) -> np.ndarray:
-    path = GROCERY / rel
-    if not path.is_file():
-        raise FileNotFoundError(f"test data missing: {path} (expected ../shared beside the repository)")
-    return np.asarray(Image.open(path).convert("RGB"))
+_photo = grocery_rgb
 
 
 @pytest.fixture(scope="module")

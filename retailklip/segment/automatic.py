@@ -109,10 +109,7 @@ class MaskGeneratorOptions:
             raise SegmenterOptionError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.prompts not in PROMPT_STRATEGIES:
             raise SegmenterOptionError(f"prompts must be one of {', '.join(PROMPT_STRATEGIES)}, got {self.prompts!r}")
-        if self.runtime not in RUNTIMES:
-            raise SegmenterOptionError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
-        if self.runtime == "onnxruntime" and not onnxruntime_available():
-            raise SegmenterOptionError("runtime='onnxruntime' needs onnxruntime and onnx: pip install 'retailklip[onnx]'")
+        check_runtime(self.runtime)
         if self.max_prompts < 1 or self.max_masks < 1:
             raise SegmenterOptionError(f"max_prompts and max_masks must be >= 1, got {self.max_prompts}, {self.max_masks}")
         if self.mode != "sam" and (self.crop_n_layers > 0 or self.min_mask_region_area > 0):
@@ -223,16 +220,22 @@ def fast_mask_decoder(model: nn.Module, runtime: str = "auto") -> ImageSharedMas
     Raises:
         SegmenterOptionError: unknown ``runtime``, or ``"onnxruntime"`` without onnxruntime.
     """
-    if runtime not in RUNTIMES:
-        raise SegmenterOptionError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    check_runtime(runtime)
     d = model.mask_decoder
     shared = d if isinstance(d, ImageSharedMaskDecoder) else ImageSharedMaskDecoder(d)
     on_cpu = all(p.device.type == "cpu" for p in shared.parameters())
     if runtime == "onnxruntime" or (runtime == "auto" and on_cpu and onnxruntime_available()):
-        if not onnxruntime_available():
-            raise SegmenterOptionError("runtime='onnxruntime' needs onnxruntime and onnx: pip install 'retailklip[onnx]'")
         return OnnxMaskDecoder(shared)
     return shared
+
+
+def check_runtime(runtime: str) -> None:
+    """Raise :class:`SegmenterOptionError` (one line) for an unknown ``runtime`` or for
+    ``"onnxruntime"`` without onnxruntime and onnx installed."""
+    if runtime not in RUNTIMES:
+        raise SegmenterOptionError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "onnxruntime" and not onnxruntime_available():
+        raise SegmenterOptionError("runtime='onnxruntime' needs onnxruntime and onnx: pip install 'retailklip[onnx]'")
 
 
 def build_mask_generator(model: nn.Module, options: MaskGeneratorOptions | None = None

@@ -181,10 +181,10 @@ class CachedGraph:
 
     def _agreement(self, session) -> float:
         """Max |difference| of every output against the torch module on the check inputs."""
-        feeds = {k: v.numpy() for k, v in self.check_inputs().items()}
+        inputs = self.check_inputs()
         with torch.no_grad():
-            ref = self.reference(self.check_inputs())
-        got = session.run(None, feeds)
+            ref = self.reference(inputs)
+        got = session.run(None, {k: v.numpy() for k, v in inputs.items()})
         return float(max(np.abs(a - np.asarray(b)).max() for a, b in zip(got, ref)))
 
     def _build(self) -> None:
