@@ -36,6 +36,7 @@ from retailklip.segment.synthetic import TrayMaker, default_root
 
 def strategies() -> list:
     """The strategies compared (SAM's grids first)."""
+    v1 = dict(candidates=32, retry_partial=False, explored_weight=1.0)  # RetryPrompts as first shipped
     return [
         GridPrompts(32),
         GridPrompts(16),
@@ -52,14 +53,25 @@ def strategies() -> list:
         FarthestPointPrompts(8, 16, 128, covered_weight=0.25),
         FarthestPointPrompts(6, 8, 128, covered_weight=0.25),
         FarthestPointPrompts(6, 16, 128, covered_weight=0.0, stop_covered=True),
-        RetryPrompts(8, 16, 128, retries=1),
-        RetryPrompts(8, 16, 128, retries=2),
-        RetryPrompts(8, 16, 128, retries=3),
-        RetryPrompts(8, 16, 128, retries=2, retry_max_area=0.01),
-        RetryPrompts(8, 16, 128, retries=2, retry_max_area=0.04),
-        RetryPrompts(8, 16, 128, retries=2, retry_share=0.5),
-        RetryPrompts(6, 16, 128, retries=2),
-        RetryPrompts(6, 8, 128, retries=2),
+        RetryPrompts(8, 16, 128, retries=1, **v1),
+        RetryPrompts(8, 16, 128, retries=2, **v1),
+        RetryPrompts(8, 16, 128, retries=3, **v1),
+        RetryPrompts(8, 16, 128, retries=2, retry_max_area=0.01, **v1),
+        RetryPrompts(8, 16, 128, retries=2, retry_max_area=0.04, **v1),
+        RetryPrompts(8, 16, 128, retries=2, retry_share=0.5, **v1),
+        RetryPrompts(6, 16, 128, retries=2, **v1),
+        RetryPrompts(6, 8, 128, retries=2, **v1),
+        # second round: partial retries, a finer candidate grid, unexplored places first
+        RetryPrompts(candidates=32, retry_partial=True, explored_weight=1.0),
+        RetryPrompts(candidates=64, retry_partial=True, explored_weight=1.0),
+        RetryPrompts(candidates=32, retry_partial=True, explored_weight=0.5),
+        RetryPrompts(candidates=32, retry_partial=True, explored_weight=0.75),
+        RetryPrompts(candidates=64, retry_partial=True, explored_weight=0.35),
+        RetryPrompts(candidates=64, retry_partial=True, explored_weight=0.5, explore_max_area=0.2),
+        RetryPrompts(candidates=96, retry_partial=True, explored_weight=0.5),
+        RetryPrompts(candidates=64, retry_partial=False, explored_weight=0.5),
+        RetryPrompts(candidates=64, retry_partial=True, explored_weight=0.5, retry_max_area=0.04),
+        RetryPrompts(),  # the default (prompts="retry")
     ]
 
 

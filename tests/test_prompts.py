@@ -151,7 +151,64 @@ def test_retry_skips_covered_retries_and_holds_the_budget_when_nothing_is_accept
     def nothing(pts):
         return np.full((len(pts), 3, 120, 160), 20.0, np.float32), np.zeros((len(pts), 3), bool)
     rounds = _retry_rounds(RetryPrompts(), nothing, np.zeros((120, 160), bool))
-    plain = _run(FarthestPointPrompts(8, 16, 128, covered_weight=0.25), lambda i: np.zeros((120, 160), bool))
+    plain = _run(FarthestPointPrompts(8, 16, 128, candidates=64, covered_weight=0.25), lambda i: np.zeros((120, 160), bool))
     assert sum(map(len, rounds)) == 128 and all(np.array_equal(a, b) for a, b in zip(rounds, plain))
     with pytest.raises(SegmenterOptionError):
         RetryPrompts(retries=-1)
+
+
+def _cell_of(pts, grid, width=640, height=480):
+    h, w = grid.shape
+    return grid[np.clip((pts[:, 1] * h / height).astype(int), 0, h - 1), np.clip((pts[:, 0] * w / width).astype(int), 0, w - 1)]
+
+
+def test_retry_partial_reprompts_when_only_a_part_passed():
+    """A prompt inside the small object gets a 4 x 4-cell part that passes and the object's
+    14 x 14-cell mask that is rejected: with ``retry_partial`` the next round opens with a
+    re-prompt inside the object, without it the object is not prompted again."""
+    inner, square = _small_object_answer()
+    part = np.zeros((120, 160), bool)
+    part[36:40, 67:71] = True
+
+    def answer(pts):
+        logits, passed = inner(pts)
+        inside = _cell_of(pts, square)
+        logits[inside, 0] = np.where(part, 20.0, -20.0)
+        passed[inside, 0] = True
+        return logits, passed
+
+    none = np.zeros((120, 160), bool)
+    on = _retry_rounds(RetryPrompts(retry_partial=True), answer, none)
+    off = _retry_rounds(RetryPrompts(retry_partial=False), answer, none)
+    assert _cell_of(on[0], square).sum() == 1 and _cell_of(off[0], square).sum() == 1
+    assert _cell_of(on[1], square)[0] and _cell_of(on[1][:1], part).sum() == 0  # inside the object, off the part
+    assert not _cell_of(off[1], square).any()
+
+
+def test_explored_places_are_prompted_after_unexplored_ones():
+    """Prompts in the left half are answered with the left half (rejected, 50 % of the photo);
+    prompts in the right half with the whole photo (too large to count as explored).  At a small
+    ``explored_weight`` the next round goes to the right half only; at 1 (off) it does not."""
+    left = np.zeros((120, 160), bool)
+    left[:, :80] = True
+
+    def answer(pts):
+        n = len(pts)
+        logits = np.full((n, 3, 120, 160), 20.0, np.float32)
+        logits[_cell_of(pts, left)] = np.where(left, 20.0, -20.0)
+        return logits, np.zeros((n, 3), bool)
+
+    none = np.zeros((120, 160), bool)
+    low = _retry_rounds(RetryPrompts(explored_weight=0.01, explore_max_area=0.6, retries=0), answer, none)
+    off = _retry_rounds(RetryPrompts(explored_weight=1.0, explore_max_area=0.6, retries=0), answer, none)
+    assert np.array_equal(low[0], off[0])  # the same first grid
+    assert len(low[1]) == 16 and not _cell_of(low[1], left).any()
+    assert _cell_of(off[1], left).sum() >= 4
+    assert sum(map(len, low)) == 128  # the budget still holds
+
+
+@pytest.mark.parametrize("bad", [dict(explored_weight=-0.1), dict(explored_weight=1.5), dict(explore_max_area=0.0),
+                                 dict(explore_max_area=2.0)])
+def test_bad_retry_options_are_refused(bad):
+    with pytest.raises(SegmenterOptionError, match="explore"):
+        RetryPrompts(**bad)

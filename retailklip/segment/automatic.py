@@ -138,7 +138,7 @@ class MaskGeneratorOptions:
             return GridPrompts(self.points_per_side)
         if self.prompts == "retry":
             return RetryPrompts(first=min(8, self.points_per_side), batch=16, max_prompts=self.max_prompts,
-                                candidates=self.points_per_side, covered_weight=0.25, retries=2, retry_max_area=0.02)
+                                candidates=2 * self.points_per_side)
         if self.prompts == "farthest":
             return FarthestPointPrompts(first=min(8, self.points_per_side), batch=16, max_prompts=self.max_prompts,
                                         candidates=self.points_per_side, covered_weight=0.25)

@@ -194,6 +194,10 @@ class _FarthestSession:
         self.dist = np.minimum(self.dist, d)
         self.used += len(points)
 
+    def _weights(self, covered: np.ndarray) -> np.ndarray:
+        """Distance factor of each candidate (``covered``: bool per candidate)."""
+        return np.where(covered, self.s.covered_weight, 1.0)
+
     def next_points(self, coverage: np.ndarray | None) -> np.ndarray | None:
         if self.used >= self.s.max_prompts:
             return None
@@ -209,7 +213,7 @@ class _FarthestSession:
         covered = coverage[cy, cx]
         if self.s.stop_covered and covered.all():
             return None
-        weight = np.where(covered, self.s.covered_weight, 1.0)
+        weight = self._weights(covered)
         picked = []
         for _ in range(min(self.s.batch, self.s.max_prompts - self.used)):
             priority = self.dist * weight
@@ -241,39 +245,61 @@ class RetryPrompts:
     samples them from the error region too).  A retry that fails again may retry once more, up to ``retries`` generations.
     Queued retries whose pixel is covered by then are dropped; they go first in each round, the
     rest of the round is farthest-point samples as in :class:`FarthestPointPrompts`.  The hard
-    bound ``max_prompts`` covers retries too.  Uses only what the product has: the decoder's
-    outputs and the generator's filters (no ground truth).
+    bound ``max_prompts`` covers retries too.  Farthest-point samples also prefer places no
+    decoded output mask has explained yet (``explored_weight``), and a prompt whose only
+    accepted output is a part of a larger rejected compact mask is retried too
+    (``retry_partial``); both chosen on simulated trays (docs/segmentation.md).  Uses only what
+    the product has: the decoder's outputs and the generator's filters (no ground truth).
 
     Attributes:
         first, batch, max_prompts, candidates, covered_weight: as :class:`FarthestPointPrompts`
-            (defaults 8, 16, 128, 32, 0.25: the previous default).
+            (defaults 8, 16, 128, 64, 0.25; a 64 x 64 candidate grid places points more finely).
         retries: generations of retries per original prompt (default 2; 0 = FarthestPointPrompts).
         retry_max_area: largest rejected mask retried, as a fraction of the photo's area (0.02).
         retry_min_cells: smallest rejected mask retried, low-resolution cells (default 16).
         retry_share: most of a round's ``batch`` given to retries, in [0, 1] (default 1).
+        retry_partial: also retry a prompt some output of which passed, when a rejected compact
+            output is larger than 1.5 x every passed one (only a part of the object, a label or a
+            stem, was accepted; the object itself scored just under the threshold).
+        explored_weight: distance factor, in [0, 1], of uncovered candidates that some decoded
+            output mask (accepted or not, at most ``explore_max_area`` of the photo) already
+            contains: the decoder has answered about that place (a background blob, a rejected
+            part), while pixels outside every answer (e.g. a small object between two background
+            blobs) were never explained by any mask.  1 = off (covered candidates keep
+            ``covered_weight``).
+        explore_max_area: largest output mask counted as explored, fraction of the photo (0.1;
+            larger masks such as the whole tray would mark everything explored).
     """
 
     first: int = 8
     batch: int = 16
     max_prompts: int = 128
-    candidates: int = 32
+    candidates: int = 64
     covered_weight: float = 0.25
     retries: int = 2
     retry_max_area: float = 0.02
     retry_min_cells: int = 16
     retry_share: float = 1.0
+    retry_partial: bool = True
+    explored_weight: float = 0.5
+    explore_max_area: float = 0.1
 
     def __post_init__(self) -> None:
         FarthestPointPrompts(self.first, self.batch, self.max_prompts, self.candidates, self.covered_weight)
         if self.retries < 0 or not 0 < self.retry_max_area <= 1 or self.retry_min_cells < 1 \
-                or not 0 <= self.retry_share <= 1:
+                or not 0 <= self.retry_share <= 1 or not 0 <= self.explored_weight <= 1 \
+                or not 0 < self.explore_max_area <= 1:
             raise SegmenterOptionError(
-                f"retries must be >= 0, retry_max_area in (0, 1], retry_min_cells >= 1 and retry_share in [0, 1], got "
-                f"{self.retries}, {self.retry_max_area}, {self.retry_min_cells}, {self.retry_share}")
+                f"retries must be >= 0, retry_max_area and explore_max_area in (0, 1], retry_min_cells >= 1, "
+                f"retry_share and explored_weight in [0, 1], got {self.retries}, {self.retry_max_area}, "
+                f"{self.explore_max_area}, {self.retry_min_cells}, {self.retry_share}, {self.explored_weight}")
 
     @property
     def name(self) -> str:
         extra = "" if self.retry_share == 1 else f",share={self.retry_share:g}"
+        extra += ",partial" if self.retry_partial else ""
+        extra += f",c={self.candidates}" if self.candidates != 32 else ""
+        extra += f",x={self.explored_weight:g}/{self.explore_max_area:g}" if self.explored_weight != 1 else ""
         return (f"retry{self.first}+{self.batch}:{self.max_prompts}(w={self.covered_weight:g},r={self.retries},"
                 f"a={self.retry_max_area:g}{extra})")
 
@@ -290,6 +316,16 @@ class _RetrySession(_FarthestSession):
         self.queue: list[tuple[float, float, int]] = []  # (x, y, generation)
         self.decoded: list[np.ndarray] = []
         self.generation: dict[tuple[int, int], int] = {}
+        self.explored: np.ndarray | None = None  # low-res cells inside some decoded (non-huge) output mask
+
+    def _weights(self, covered: np.ndarray) -> np.ndarray:
+        weight = super()._weights(covered)
+        if self.explored is None or self.r.explored_weight == 1.0:
+            return weight
+        h, w = self.explored.shape
+        ex = self.explored[np.clip((self.cand[:, 1] * h / self.height).astype(int), 0, h - 1),
+                           np.clip((self.cand[:, 0] * w / self.width).astype(int), 0, w - 1)]
+        return np.where(~covered & ex, self.r.explored_weight, weight)
 
     def _key(self, x: float, y: float) -> tuple[int, int]:
         return int(np.floor(x)), int(np.floor(y))
@@ -303,15 +339,22 @@ class _RetrySession(_FarthestSession):
         points = np.asarray(points, np.float64)
         self.decoded.append(points)
         masks = np.asarray(logits) > 0.0
-        ok = np.asarray(passed).any(1)
+        accepted = np.asarray(passed, bool)
+        ok = accepted.any(1)
         n, _, h, w = masks.shape
         sx, sy = w / self.width, h / self.height
+        if self.r.explored_weight != 1.0 and n:
+            small = masks.reshape(n, 3, -1).sum(-1) <= self.r.explore_max_area * h * w
+            seen = (masks & small[:, :, None, None]).any((0, 1))
+            self.explored = seen if self.explored is None or self.explored.shape != seen.shape else self.explored | seen
         for i in range(n):
             gen = self.generation.get(self._key(*points[i]), 0)
-            if ok[i] or gen >= self.r.retries:
+            if gen >= self.r.retries or (ok[i] and not self.r.retry_partial):
                 continue
             area = masks[i].reshape(3, -1).sum(1)
-            fits = (area >= self.r.retry_min_cells) & (area <= self.r.retry_max_area * h * w)
+            fits = (area >= self.r.retry_min_cells) & (area <= self.r.retry_max_area * h * w) & ~accepted[i]
+            if ok[i]:  # a part passed: retry only a rejected compact mask larger than every passed one
+                fits &= area > 1.5 * area[accepted[i]].max()
             if not fits.any():
                 continue
             j = int(np.argmax(np.where(fits, area, -1)))
