@@ -36,7 +36,7 @@ from retailklip.segment.synthetic import TrayMaker, default_root
 
 def strategies() -> list:
     """The strategies compared (SAM's grids first)."""
-    v1 = dict(candidates=32, retry_partial=False, explored_weight=1.0)  # RetryPrompts as first shipped
+    v1 = {"candidates": 32, "retry_partial": False, "explored_weight": 1.0}  # RetryPrompts as first shipped
     return [
         GridPrompts(32),
         GridPrompts(16),

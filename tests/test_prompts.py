@@ -207,8 +207,8 @@ def test_explored_places_are_prompted_after_unexplored_ones():
     assert sum(map(len, low)) == 128  # the budget still holds
 
 
-@pytest.mark.parametrize("bad", [dict(explored_weight=-0.1), dict(explored_weight=1.5), dict(explore_max_area=0.0),
-                                 dict(explore_max_area=2.0)])
+@pytest.mark.parametrize("bad", [{"explored_weight": -0.1}, {"explored_weight": 1.5}, {"explore_max_area": 0.0},
+                                 {"explore_max_area": 2.0}])
 def test_bad_retry_options_are_refused(bad):
     with pytest.raises(SegmenterOptionError, match="explore"):
         RetryPrompts(**bad)

@@ -346,7 +346,7 @@ class _RetrySession(_FarthestSession):
         if self.r.explored_weight != 1.0 and n:
             small = masks.reshape(n, 3, -1).sum(-1) <= self.r.explore_max_area * h * w
             seen = (masks & small[:, :, None, None]).any((0, 1))
-            self.explored = seen if self.explored is None or self.explored.shape != seen.shape else self.explored | seen
+            self.explored = seen if self.explored is None else self.explored | seen
         for i in range(n):
             gen = self.generation.get(self._key(*points[i]), 0)
             if gen >= self.r.retries or (ok[i] and not self.r.retry_partial):
