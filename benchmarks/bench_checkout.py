@@ -120,7 +120,8 @@ def main() -> None:
         ("fast, grid 16x16", {"mode": "fast", "prompts": "grid", "points_per_side": 16}),
         ("fast, grid 32x32", {"mode": "fast", "prompts": "grid", "points_per_side": 32}),
         ("fast, default prompts <= 128, torch", {"runtime": "torch"}),
-        ("default: fast, prompts <= 128, ORT", {}),
+        ("fast, default prompts <= 128, ORT", {"runtime": "onnxruntime"}),
+        ("fast, default prompts <= 128, factored", {"runtime": "factored"}),
     ]
     if args.quick:
         configs = [c for c in configs if "32x32" not in c[0]]

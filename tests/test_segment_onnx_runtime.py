@@ -152,7 +152,7 @@ def test_runtime_option_of_the_mask_generator(l0, monkeypatch):
     assert isinstance(build_mask_generator(l0).mask_decoder, OnnxMaskDecoder)
     assert type(build_mask_generator(l0, MaskGeneratorOptions(runtime="torch")).mask_decoder) is ImageSharedMaskDecoder
     assert build_mask_generator(l0, MaskGeneratorOptions(mode="exact")).mask_decoder is None
-    with pytest.raises(SegmenterOptionError, match="runtime must be one of auto, onnxruntime, torch"):
+    with pytest.raises(SegmenterOptionError, match="runtime must be one of auto, factored, onnxruntime, torch"):
         MaskGeneratorOptions(runtime="tensorrt")
     monkeypatch.setattr(automatic_module, "onnxruntime_available", lambda: False)
     with pytest.raises(SegmenterOptionError, match=r"pip install 'retailklip\[onnx\]'"):

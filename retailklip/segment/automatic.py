@@ -26,6 +26,7 @@ from torch import nn
 from .bounded import MODES as BOUNDED_MODES
 from .bounded import BoundedMaskGenerator, BoundedOptions, SamPromptDecoder
 from .errors import SegmenterOptionError
+from .factored_decoder import FactoredMaskDecoder
 from .fast_decoder import ImageSharedMaskDecoder
 from .modeling.efficientvit_sam import EfficientViTSam
 from .onnx_runtime import OnnxMaskDecoder, onnxruntime_available
@@ -37,7 +38,7 @@ MODES = (*BOUNDED_MODES, "sam")
 #: Prompt strategies by name.
 PROMPT_STRATEGIES = ("retry", "farthest", "coarse-to-fine", "grid")
 #: Runtimes of fast mode's mask decoder.
-RUNTIMES = ("auto", "onnxruntime", "torch")
+RUNTIMES = ("auto", "factored", "onnxruntime", "torch")
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,8 @@ class BoundedAutomaticMaskGenerator:
         return records
 
 
-def fast_mask_decoder(model: nn.Module, runtime: str = "auto") -> ImageSharedMaskDecoder | OnnxMaskDecoder:
+def fast_mask_decoder(model: nn.Module, runtime: str = "auto"
+                      ) -> FactoredMaskDecoder | ImageSharedMaskDecoder | OnnxMaskDecoder:
     """Fast mode's mask decoder for ``model`` (see :attr:`MaskGeneratorOptions.runtime`).
 
     Args:
@@ -222,6 +224,8 @@ def fast_mask_decoder(model: nn.Module, runtime: str = "auto") -> ImageSharedMas
     """
     check_runtime(runtime)
     d = model.mask_decoder
+    if runtime == "factored":
+        return FactoredMaskDecoder(d)
     shared = d if isinstance(d, ImageSharedMaskDecoder) else ImageSharedMaskDecoder(d)
     on_cpu = all(p.device.type == "cpu" for p in shared.parameters())
     if runtime == "onnxruntime" or (runtime == "auto" and on_cpu and onnxruntime_available()):

@@ -46,6 +46,7 @@ from segment_anything.utils.amg import (
 from torchvision.ops.boxes import batched_nms
 
 from .errors import SegmenterOptionError
+from .factored_decoder import FactoredMaskDecoder
 
 #: Generator modes.
 MODES = ("fast", "exact")
@@ -109,23 +110,25 @@ class SamPromptDecoder:
         self.mask_decoder = mask_decoder if mask_decoder is not None else self.model.mask_decoder
 
     @torch.no_grad()
-    def decode_full_frame(self, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_full_frame(self, points: np.ndarray, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder outputs as ``SamPredictor.predict_torch`` computes them before upsampling:
-        (logits float32 (n, 3, 256, 256), predicted IoU (n, 3)), one positive point per prompt."""
+        (logits float32 (n, 3, 256, 256), predicted IoU (n, 3)), one positive point per prompt;
+        with ``size`` = (h, w) the logits' top-left (n, 3, h, w) only (a
+        :class:`~retailklip.segment.factored_decoder.FactoredMaskDecoder` then upscales only
+        that area)."""
         coords = self.predictor.transform.apply_coords(np.asarray(points), self.image_size)
         in_points = torch.as_tensor(coords, device=self.predictor.device)[:, None, :]
         labels = torch.ones(in_points.shape[0], dtype=torch.int, device=in_points.device)[:, None]
         sparse, dense = self.model.prompt_encoder(points=(in_points, labels), boxes=None, masks=None)
-        low, iou = self.mask_decoder(
-            image_embeddings=self.predictor.features, image_pe=self.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
-        )
-        return low, iou
+        args = (self.predictor.features, self.model.prompt_encoder.get_dense_pe(), sparse, dense, True)
+        if size is not None and isinstance(self.mask_decoder, FactoredMaskDecoder):
+            return self.mask_decoder.predict(*args, size=size)
+        low, iou = self.mask_decoder(*args)
+        return (low if size is None else low[..., : size[0], : size[1]]), iou
 
     def decode(self, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        low, iou = self.decode_full_frame(points)
-        h, w = self.low_res_size
-        return low[..., :h, :w].float().cpu(), iou.float().cpu()
+        low, iou = self.decode_full_frame(points, self.low_res_size)
+        return low.float().cpu(), iou.float().cpu()
 
     @torch.no_grad()
     def upsample_full(self, logits: torch.Tensor) -> torch.Tensor:
