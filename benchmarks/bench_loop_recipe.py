@@ -49,6 +49,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# the repository's own packages first (not an installed copy of them)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from finetune.cli import build_parser, config_from_args
 from finetune.cli import run as finetune_run
 from PIL import ImageOps
@@ -57,7 +60,7 @@ from retailklip.calibration import CalibrationError, auroc, nearest_matches, nea
 from retailklip.datasets import read_grocery_store
 from retailklip.encoders import create_encoder
 from retailklip.images import load_image
-from retailklip.open_set import distance_ratio
+from retailklip.open_set import distance_ratio, outlier_ratio
 from retailklip.protocol import bootstrap_ci, bootstrap_statistic, class_disjoint_folds, mcnemar
 from retailklip.references import embed_reference
 
@@ -147,8 +150,8 @@ def open_measure(enc, iconic: dict[str, Path], test: list[str], known: list[str]
     radius = {c: float((1.0 - views[c][1:] @ views[c][0]).mean()) for c in known}
     out["score:distance"] = d1
     out["score:ratio"] = distance_ratio(d1, d2)
-    out["score:neg-packshots"] = d1 / (1.0 - e @ neg_pack.T).min(1)
-    out["score:neg-photos"] = d1 / (1.0 - e @ neg_photo.T).min(1)
+    out["score:neg-packshots"] = outlier_ratio(d1, (1.0 - e @ neg_pack.T).min(1))
+    out["score:neg-photos"] = outlier_ratio(d1, (1.0 - e @ neg_photo.T).min(1))
     out["score:view-scale"] = d1 / np.array([radius[c] for c in pred])
     pred_f, d1_f, d2_f = nearest_matches(gk, known, e_flip)
     out["right_flip"] = out["known"] & (np.array(pred_f) == labels)
