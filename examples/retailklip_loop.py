@@ -34,7 +34,9 @@ Steps (everything from the dataset's **train** split; test is never read, val on
    open-set table (AUROC, the calibrated threshold judged on the evaluation photos, and the
    *oracle* operating point: the largest acceptance with known precision >= ``--oracle-precision``
    read off the evaluation photos themselves, an upper bound for any calibration) and writes it
-   all to ``OUT/loop.json``.
+   all to ``OUT/loop.json``.  The per-score table also has ``outlier-ratio``
+   (:func:`retailklip.open_set.outlier_ratio`, the training classes' packshots as outliers: AUROC
+   and oracle point only, as ``catalog calibrate`` has no such score yet).
 
 Evaluation photos are embedded once per encoder with the catalog's own encoder
 (``Catalog.encoder().embed``, what ``catalog recognize`` runs on a whole image) and matched by
