@@ -13,6 +13,27 @@ the loop's shipped recipe), and writes ``OUT/cv.json`` (after every recipe: each
 its folds before the next starts, so an interrupted run keeps whole recipes).  Each run's per-photo
 results are kept in ``OUT/correct.json``; a later run into the same OUT keeps the recipes it
 holds (the runs are deterministic: seed 0, 1 thread) and runs only the others.
+
+Open set and query/gallery options (issue 14, item 3), measured on every recipe's encoders with
+the same photos (``--open-set``, on by default; ``OUT/open.json`` keeps the per-photo arrays, so
+a later run re-measures only what is missing, from the encoders left in ``OUT/fold*/RECIPE``):
+
+* closed set, the same 1-NN with the query embedding averaged with its mirror image's
+  (``flip``: test-time augmentation, 2 forward passes per query) and with K = 8 catalog views per
+  packshot (``k8``: :func:`retailklip.references.embed_reference`);
+* open set: the fold's held-out classes are split again by coarse class
+  (``class_disjoint_folds(k = 2, groups = coarse)``) into *known* (their packshots are the
+  gallery) and *unknown*; every query is scored (higher = more likely unknown) by
+  ``distance`` (d1), ``ratio`` (d1 / d2, Lowe's ratio), ``neg-packshots`` (d1 / distance to the
+  nearest packshot of the fold's *training* classes: other products used as outliers),
+  ``neg-photos`` (the same with up to ``--negatives`` train photos per training class),
+  ``view-scale`` (d1 / the nearest SKU's mean distance from its packshot to its 7 augmented views:
+  a per-SKU threshold from the catalog's own views), ``flip distance`` and ``k8 distance``.
+  Reported per score: AUROC known vs unknown (mean of the folds' AUROCs; bootstrap interval over
+  photos, resampled together with their fold), its paired difference to ``distance`` and to the
+  reference recipe's ``distance``, and the *oracle* operating point per fold: the largest share of
+  known photos accepted at known precision >= 0.9 read off the photos themselves (an upper bound
+  for any calibration; the loop's goal is >= 0.30).
 """
 
 from __future__ import annotations
@@ -28,12 +49,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# the repository's own packages first (not an installed copy of them)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from finetune.cli import build_parser, config_from_args
 from finetune.cli import run as finetune_run
-from retailklip.calibration import nearest_skus
+from PIL import ImageOps
+
+from retailklip.calibration import CalibrationError, auroc, nearest_matches, nearest_skus, threshold_for_precision
 from retailklip.datasets import read_grocery_store
 from retailklip.encoders import create_encoder
-from retailklip.protocol import bootstrap_ci, class_disjoint_folds, mcnemar
+from retailklip.images import load_image
+from retailklip.open_set import distance_ratio, outlier_ratio
+from retailklip.protocol import bootstrap_ci, bootstrap_statistic, class_disjoint_folds, mcnemar
+from retailklip.references import embed_reference
+
+#: Open-set scores of :func:`open_measure` (module docstring), higher = more likely unknown.
+OPEN_SCORES = ("distance", "ratio", "neg-packshots", "neg-photos", "view-scale", "flip distance", "flip ratio",
+               "k8 distance")
+#: Closed-set variants of :func:`open_measure` besides the plain 1-NN.
+CLOSED_VARIANTS = ("flip", "k8")
+#: Catalog views per packshot of the ``k8`` variant.
+K_VIEWS = 8
 
 RECIPES = {  # name -> extra finetune arguments on top of the loop's (3 epochs, depth 12, lr 2e-4, 3 stages frozen)
     "baseline": [],
@@ -56,6 +93,12 @@ RECIPES = {  # name -> extra finetune arguments on top of the loop's (3 epochs, 
     "iconic-decay0.9-epochs5": ["+iconic", "--lr-decay", "0.9", "--epochs", "5"],
     "iconic-decay0.9-lr1e-4": ["+iconic", "--lr-decay", "0.9", "--lr", "1e-4"],
     "iconic-decay0.9-margin17": ["+iconic", "--lr-decay", "0.9", "--margin", "17.2"],
+    # third round (issue 14, item 3): against iconic-decay0.9, the loop's shipped recipe
+    "iconic-decay0.9-subcenter3": ["+iconic", "--lr-decay", "0.9", "--sub-centers", "3"],
+    "iconic-decay0.9-subcenter2": ["+iconic", "--lr-decay", "0.9", "--sub-centers", "2"],
+    "iconic-decay0.9-depth24": ["+iconic", "--lr-decay", "0.9", "--depth", "24"],
+    "iconic-decay0.9-size160-epochs6": ["+iconic", "--lr-decay", "0.9", "--train-size", "160", "--epochs", "6"],
+    "iconic-decay0.9-freeze5": ["+iconic", "--lr-decay", "0.9", "--freeze-blocks", "5"],
 }
 
 
@@ -63,6 +106,148 @@ def score(enc, references: list[Path], classes: list[str], queries: list[tuple[P
     """bool (M,): 1-NN over the classes' packshots names each query's class."""
     pred, _ = nearest_skus(enc.embed(references), classes, enc.embed([q for q, _ in queries]))
     return np.array([a == c for a, (_, c) in zip(pred, queries)])
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def open_measure(enc, iconic: dict[str, Path], test: list[str], known: list[str], train: list[str],
+                 queries: list[tuple[Path, str]], negatives: list[Path]) -> dict[str, np.ndarray]:
+    """Per-photo arrays of one encoder on one fold (module docstring), all of length M = queries.
+
+    Args:
+        enc: the encoder (1-NN by cosine distance of its unit embeddings).
+        iconic: class -> packshot path; test: the fold's held-out classes; known: the subset in
+            the open-set gallery; train: the fold's training classes (outliers); queries: (photo,
+            class) pairs of the test classes; negatives: train photos of the training classes.
+
+    Returns:
+        bool arrays ``correct_flip``, ``correct_k8`` (closed set over ``test``), ``known``,
+        ``right`` (known and named right by the known gallery), ``right_flip``, ``right_k8``,
+        and float64 score arrays ``score:NAME`` for NAME in :data:`OPEN_SCORES`.
+    """
+    labels = np.array([c for _, c in queries])
+    photos = [load_image(q) for q, _ in queries]
+    e = enc.embed(photos, decoded=True)
+    e_flip = _unit(e + enc.embed([ImageOps.mirror(im) for im in photos], decoded=True))
+    views = {c: embed_reference(enc, iconic[c], K_VIEWS) for c in test}  # (K, D) each, view 0 = the packshot
+    out: dict[str, np.ndarray] = {}
+    g1 = np.stack([views[c][0] for c in test])
+    pred, _ = nearest_skus(g1, test, e_flip)
+    out["correct_flip"] = np.array([a == c for a, c in zip(pred, labels)])
+    pred, _ = nearest_skus(np.concatenate([views[c] for c in test]), [c for c in test for _ in range(K_VIEWS)], e)
+    out["correct_k8"] = np.array([a == c for a, c in zip(pred, labels)])
+    # open set: gallery = the known classes' packshots
+    kset = set(known)
+    out["known"] = np.array([c in kset for c in labels])
+    gk = np.stack([views[c][0] for c in known])
+    pred, d1, d2 = nearest_matches(gk, known, e)
+    out["right"] = out["known"] & (np.array(pred) == labels)
+    d1 = d1.astype(np.float64)
+    neg_pack = enc.embed([iconic[c] for c in train])
+    neg_photo = enc.embed(negatives)
+    radius = {c: float((1.0 - views[c][1:] @ views[c][0]).mean()) for c in known}
+    out["score:distance"] = d1
+    out["score:ratio"] = distance_ratio(d1, d2)
+    out["score:neg-packshots"] = outlier_ratio(d1, (1.0 - e @ neg_pack.T).min(1))
+    out["score:neg-photos"] = outlier_ratio(d1, (1.0 - e @ neg_photo.T).min(1))
+    out["score:view-scale"] = d1 / np.array([radius[c] for c in pred])
+    pred_f, d1_f, d2_f = nearest_matches(gk, known, e_flip)
+    out["right_flip"] = out["known"] & (np.array(pred_f) == labels)
+    out["score:flip distance"] = d1_f.astype(np.float64)
+    out["score:flip ratio"] = distance_ratio(d1_f, d2_f)
+    pred_k, d1_k, _ = nearest_matches(np.concatenate([views[c] for c in known]), [c for c in known for _ in range(K_VIEWS)], e)
+    out["right_k8"] = out["known"] & (np.array(pred_k) == labels)
+    out["score:k8 distance"] = d1_k.astype(np.float64)
+    return out
+
+
+def _right_of(score: str) -> str:
+    return "right_flip" if score.startswith("flip") else "right_k8" if score.startswith("k8") else "right"
+
+
+def oracle_known_accepted(score: np.ndarray, right: np.ndarray, known: np.ndarray, precision: float = 0.9) -> float:
+    """Largest share of known photos accepted (score <= threshold) at known precision >= ``precision``
+    on these very photos (:func:`retailklip.calibration.threshold_for_precision`); 0 when none."""
+    try:
+        t = threshold_for_precision(score, right, precision)
+    except CalibrationError:
+        return 0.0
+    return float((score <= t)[known].mean())
+
+
+def fold_auroc(score: np.ndarray, known: np.ndarray, fold: np.ndarray) -> float:
+    """Mean over folds of AUROC known vs unknown (known = low score); ValueError when a fold lacks a side."""
+    vals = []
+    for f in np.unique(fold):
+        m = fold == f
+        k, u = score[m & known], score[m & ~known]
+        if not len(k) or not len(u):
+            raise ValueError("a fold without known or unknown photos")
+        vals.append(auroc(-k, -u))
+    return float(np.mean(vals))
+
+
+def summarize_open(opens: dict[str, list[dict]], correct: dict[str, list[np.ndarray]], args) -> dict:
+    """Closed-set flip / k8 variants and the open-set scores per recipe (module docstring); writes open_set.json."""
+    res: dict = {}
+    ref = opens.get(args.reference)
+    for name, parts in opens.items():
+        fold = np.concatenate([np.full(len(p["known"]), i) for i, p in enumerate(parts)])
+        cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        plain = np.concatenate(correct[name])
+        row: dict = {"closed": {}, "open": {}}
+        for v in CLOSED_VARIANTS:
+            c = cat[f"correct_{v}"]
+            m = mcnemar(c, plain)
+            row["closed"][v] = {"top1": bootstrap_ci(c.astype(float)).__dict__,
+                                "mcnemar_vs_plain": {"only_this": m.only_a, "only_plain": m.only_b, "p_value": m.p_value}}
+            if ref is not None and name != args.reference:
+                rc = np.concatenate([p[f"correct_{v}"] for p in ref])
+                m = mcnemar(c, rc)
+                row["closed"][v]["mcnemar_vs_reference"] = {"only_this": m.only_a, "only_reference": m.only_b, "p_value": m.p_value}
+        known = cat["known"]
+        base = cat["score:distance"]
+        rbase = np.concatenate([p["score:distance"] for p in ref]) if ref is not None else None
+        for sc in OPEN_SCORES:
+            x, right = cat[f"score:{sc}"], cat[_right_of(sc)]
+            r = {"auroc": bootstrap_statistic(fold_auroc, x, known, fold).__dict__,
+                 "oracle_known_accepted_per_fold": [oracle_known_accepted(p[f"score:{sc}"], p[_right_of(sc)], p["known"])
+                                                    for p in parts]}
+            r["oracle_known_accepted"] = float(np.mean(r["oracle_known_accepted_per_fold"]))
+            if sc != "distance":
+                r["auroc_minus_distance"] = bootstrap_statistic(
+                    lambda a, b, k, f: fold_auroc(a, k, f) - fold_auroc(b, k, f), x, base, known, fold).__dict__
+            if rbase is not None and name != args.reference:
+                r["auroc_minus_reference_distance"] = bootstrap_statistic(
+                    lambda a, b, k, f: fold_auroc(a, k, f) - fold_auroc(b, k, f), x, rbase, known, fold).__dict__
+            row["open"][sc] = r
+        row["known_photos"], row["unknown_photos"] = int(known.sum()), int((~known).sum())
+        res[name] = row
+    (args.out / "open_set.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(open_table(res))
+    return res
+
+
+def open_table(res: dict) -> str:
+    """Markdown tables of :func:`summarize_open`'s result."""
+    def f(i: dict) -> str:
+        return f"{i['mean']:.3f} [{i['low']:.3f}, {i['high']:.3f}]"
+
+    lines = ["| recipe | variant | top-1 | vs plain 1-NN (only this / only plain, p) |", "|---|---|---|---|"]
+    for name, row in res.items():
+        for v, r in row["closed"].items():
+            m = r["mcnemar_vs_plain"]
+            lines.append(f"| {name} | {v} | {f(r['top1'])} | {m['only_this']} / {m['only_plain']}, p = {m['p_value']:.2g} |")
+    lines += ["", "| recipe | score | AUROC known vs unknown | minus distance | minus reference's distance | oracle known accepted at precision 0.9 (per fold) |",
+              "|---|---|---|---|---|---|"]
+    for name, row in res.items():
+        for sc, r in row["open"].items():
+            lines.append(f"| {name} | {sc} | {f(r['auroc'])} | {f(r['auroc_minus_distance']) if 'auroc_minus_distance' in r else '-'} "
+                         f"| {f(r['auroc_minus_reference_distance']) if 'auroc_minus_reference_distance' in r else '-'} "
+                         f"| {r['oracle_known_accepted']:.3f} ({', '.join(f'{a:.3f}' for a in r['oracle_known_accepted_per_fold'])}) |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=10, help="train photos per evaluated class")
     p.add_argument("--recipes", default="baseline,train-iconic,epochs-5")
     p.add_argument("--reference", default="train-iconic", help="recipe McNemar's test compares against")
+    p.add_argument("--open-set", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the flip / k8 closed-set variants and the open-set scores (module docstring)")
+    p.add_argument("--negatives", type=int, default=5, help="train photos per training class as outliers (neg-photos)")
     args = p.parse_args(argv)
     bad = [r for r in args.recipes.split(",") if r not in RECIPES]
     if bad:
@@ -95,14 +283,45 @@ def main(argv: list[str] | None = None) -> int:
     queries = [[(q, c) for c in test for q in photos[c][: args.queries]] for test in tests]
     for fold, test in zip(folds, tests):
         correct["raw"].append(score(raw, [iconic[c] for c in test], test, queries[fold.index]))
+    coarse = {c.name: c.coarse_name for c in trained}
+    knowns = []
+    for test in tests:  # the open-set known half of each fold's held-out classes, by coarse class
+        f = class_disjoint_folds(test, k=2, seed=0, groups=[coarse[c] for c in test])[0]
+        knowns.append([test[i] for i in f.train])
+    negatives = [[q for c in train for q in photos[c][: args.negatives]] for train in trains]
+    opened = args.out / "open.json"
+    opens: dict[str, list[dict]] = {}
+    if opened.is_file():
+        opens = {k: [{a: np.array(b) for a, b in part.items()} for part in v] for k, v in json.loads(opened.read_text()).items()}
+
+    def measure_open(name: str, enc_of) -> None:
+        if not args.open_set or name in opens:
+            return
+        parts = []
+        for fold, test, train in zip(folds, tests, trains):
+            t = time.perf_counter()
+            parts.append(open_measure(enc_of(fold.index), iconic, test, knowns[fold.index], train, queries[fold.index],
+                                      negatives[fold.index]))
+            print(f"fold {fold.index} {name}: open set measured, {time.perf_counter() - t:.0f} s", flush=True)
+        opens[name] = parts
+        opened.write_text(json.dumps({k: [{a: b.tolist() for a, b in part.items()} for part in v]
+                                      for k, v in opens.items()}) + "\n")
+
+    measure_open("raw", lambda i: raw)
     done = args.out / "correct.json"  # recipes of an earlier run into the same OUT are kept, not rerun
     if done.is_file():
         for name, parts in json.loads(done.read_text()).items():
             if name != "raw":
                 correct[name] = [np.array(x, bool) for x in parts]
+    def trained_encoder(name: str):
+        return lambda i: create_encoder("timm:mobilenetv2_100", weights=args.out / f"fold{i}" / name / "encoder.safetensors",
+                                        interpolation="bilinear")
+
     for name in args.recipes.split(","):
         if name in correct:
             print(f"{name}: kept from {done}", flush=True)
+            if name not in opens and all((args.out / f"fold{f.index}" / name / "encoder.safetensors").is_file() for f in folds):
+                measure_open(name, trained_encoder(name))
             continue
         for fold, test, train in zip(folds, tests, trains):
             d = args.out / f"fold{fold.index}"
@@ -130,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fold {fold.index} {name}: {correct[name][-1].mean():.3f} (raw {correct['raw'][fold.index].mean():.3f}), "
                   f"{time.perf_counter() - t:.0f} s", flush=True)
         summarize(correct, args)
+        measure_open(name, trained_encoder(name))
+    summarize(correct, args)
+    if args.open_set:
+        summarize_open({k: v for k, v in opens.items() if k in correct}, correct, args)
     return 0
 
 

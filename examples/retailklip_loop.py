@@ -34,7 +34,9 @@ Steps (everything from the dataset's **train** split; test is never read, val on
    open-set table (AUROC, the calibrated threshold judged on the evaluation photos, and the
    *oracle* operating point: the largest acceptance with known precision >= ``--oracle-precision``
    read off the evaluation photos themselves, an upper bound for any calibration) and writes it
-   all to ``OUT/loop.json``.
+   all to ``OUT/loop.json``.  The per-score table also has ``outlier-ratio``
+   (:func:`retailklip.open_set.outlier_ratio`, the training classes' packshots as outliers: AUROC
+   and oracle point only, as ``catalog calibrate`` has no such score yet).
 
 Evaluation photos are embedded once per encoder with the catalog's own encoder
 (``Catalog.encoder().embed``, what ``catalog recognize`` runs on a whole image) and matched by
@@ -57,6 +59,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# the repository's own packages first (not an installed copy of them)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from catalog import Catalog
 from finetune.cli import build_parser, config_from_args
 from finetune.cli import run as finetune_run
@@ -70,12 +75,14 @@ from retailklip.calibration import (
     threshold_for_precision,
 )
 from retailklip.datasets import LabelledImage, read_grocery_store
-from retailklip.open_set import OPEN_SET_SCORES, open_set_score
+from retailklip.open_set import OPEN_SET_SCORES, open_set_score, outlier_ratio
 from retailklip.protocol import bootstrap_ci, bootstrap_statistic, class_disjoint_folds, mcnemar, photo_folds
 
 ENCODER = "timm:mobilenetv2_100"
 OPTIONS = {"interpolation": "bilinear"}
 RAW_WEIGHTS = Path("../shared/models/mobilenetv2_100.imagenet.safetensors")
+#: The measured-only open-set score: d1 / distance to the nearest training-class packshot.
+OUTLIER_SCORE = "outlier-ratio"
 
 
 def write_csv(path: Path, header: list[str], rows) -> Path:
@@ -216,6 +223,11 @@ def measure(cat_all: Catalog, cat_known: Catalog, s: dict, calibration: dict[str
     g_known, sku_known = catalog_gallery(cat_known)
     o_pred, o_dist, o_runner = nearest_matches(g_known, sku_known, emb[use])
     scores = {x: open_set_score(x, o_dist, o_runner) for x in OPEN_SET_SCORES}
+    # the training classes' packshots as outliers (retailklip.open_set.outlier_ratio; measured, not a
+    # catalog setting: no calibration, AUROC and oracle operating point only)
+    store = s["store"]
+    outliers = enc.embed([c.iconic for c in store.classes if c.name in set(s["trained"])])
+    scores[OUTLIER_SCORE] = outlier_ratio(o_dist, (1.0 - emb[use].astype(np.float64) @ outliers.T.astype(np.float64)).min(1))
     threshold = cat_known.threshold
     if cat_known.open_set_score != args.score:
         raise SystemExit(f"retailklip_loop: error: the catalog's threshold is on {cat_known.open_set_score}, not {args.score}")
@@ -227,6 +239,10 @@ def measure(cat_all: Catalog, cat_known: Catalog, s: dict, calibration: dict[str
     auroc_ci = lambda sc: bootstrap_statistic(lambda x, k: auroc(-x[k], -x[~k]), sc, known) if (~known).any() else None
     per_score = {}
     for x, sc in scores.items():  # every score: AUROC, its calibrated threshold, the oracle operating point
+        if x not in calibration:
+            per_score[x] = {"auroc": auroc_ci(sc), "calibrated": None,
+                            "oracle": oracle_operating_point(sc, right, known, args.oracle_precision)}
+            continue
         t = calibration[x]["threshold"]
         acc = sc <= t
         per_score[x] = {
@@ -462,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
           f"acceptance with known precision >= {args.oracle_precision:g} there -- an upper bound, not a calibration; "
           f"the catalog keeps the {args.score} threshold)")
     print("\n| open set, held-out classes | before | after |\n|---|---|---|")
-    for x in OPEN_SET_SCORES:
+    for x in (*OPEN_SET_SCORES, OUTLIER_SCORE):
         for label, path in score_rows(x, args.oracle_precision):
             print(f"| {label} | {fmt(get(before, path))} | {fmt(get(after, path))} |")
     print(f"\nMcNemar after vs before (closed set, {sp['evaluation_photos']} photos): {mc.only_a} right only after, "

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("loss and optimizer (RetailKLIP 4.1, 4.1.2)")
     g.add_argument("--margin", type=float, default=DEFAULT_MARGIN_DEGREES, help="ArcFace angular margin, degrees")
     g.add_argument("--scale", type=float, default=DEFAULT_SCALE, help="ArcFace logit scale")
+    g.add_argument("--sub-centers", type=int, default=d.sub_centers, metavar="K",
+                   help="ArcFace proxies per class (> 1: Sub-center ArcFace, Deng et al. ECCV 2020)")
     g.add_argument("--init-class-weights", choices=("mean", "random"), default=d.init_class_weights,
                    help="ArcFace W from class-mean embeddings (imprinting) or random")
     g.add_argument("--lr", type=float, default=DEFAULT_LR, help="learning rate of the top block, final norm and projection")
@@ -125,7 +127,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         sweep_depth=args.sweep_depth, sweep_epochs=args.sweep_epochs, sweep_eval_data=args.sweep_eval_data,
         batch_size=args.batch_size, accum_steps=args.accum_steps, lr=args.lr, lr_decay=args.lr_decay, loss_lr=args.loss_lr,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, min_lr_ratio=args.min_lr_ratio,
-        clip_grad=args.clip_grad or None, margin=args.margin, scale=args.scale, init_class_weights=args.init_class_weights,
+        clip_grad=args.clip_grad or None, margin=args.margin, scale=args.scale, sub_centers=args.sub_centers, init_class_weights=args.init_class_weights,
         freeze_bn=args.freeze_bn, freeze_blocks=args.freeze_blocks, grad_checkpointing=args.grad_checkpointing,
         precision=args.precision, device=args.device, train_size=args.train_size, crop_scale=args.crop_scale,
         augmentations=args.augmentations, eval_seed=args.eval_seed, eval_every=args.eval_every,

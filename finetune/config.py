@@ -45,6 +45,7 @@ class TrainConfig:
         clip_grad: gradient-norm clipping threshold, or None.
         margin: ArcFace additive angular margin [degrees].
         scale: ArcFace logit scale.
+        sub_centers: ArcFace proxies per class (1: ArcFace; > 1: Sub-center ArcFace, ECCV 2020).
         init_class_weights: ``"mean"`` (imprint W with class-mean embeddings) or ``"random"``.
         freeze_bn: ``auto`` / ``on`` / ``off`` (auto: CNN at batch < 32 or folded statistics).
         freeze_blocks: freeze the embeddings and this many lowest blocks.
@@ -93,6 +94,7 @@ class TrainConfig:
     clip_grad: float | None = 1.0
     margin: float = DEFAULT_MARGIN_DEGREES
     scale: float = DEFAULT_SCALE
+    sub_centers: int = 1
     init_class_weights: str = "mean"
     freeze_bn: str = "auto"
     freeze_blocks: int = 0
@@ -125,7 +127,7 @@ class TrainConfig:
         positive = {"--epochs": self.epochs, "--depth": self.depth, "--batch-size": self.batch_size,
                     "--accum-steps": self.accum_steps, "--augmentations": self.augmentations,
                     "--eval-every": self.eval_every, "--eval-batch-size": self.eval_batch_size,
-                    "--log-every": self.log_every}
+                    "--log-every": self.log_every, "--sub-centers": self.sub_centers}
         for flag, v in positive.items():
             if v < 1:
                 raise FinetuneError(f"{flag} must be >= 1, got {v}")

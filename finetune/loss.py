@@ -7,12 +7,18 @@ proxies; the cosine logits are multiplied by ``scale`` before the softmax cross-
 proxies are only a training device: the catalog matches embeddings to augmented reference
 images, never to ``W``.  ``W`` starts random and has to move much faster than the pretrained
 encoder, so it gets its own learning rate (see :mod:`finetune.optim`).
+
+Sub-center ArcFace (Deng et al., "Sub-center ArcFace: boosting face recognition by large-scale
+noisy web faces", ECCV 2020, §3.1): each class has ``sub_centers`` proxies and a sample's cosine to
+its class is the largest over them (pytorch-metric-learning ``SubCenterArcFaceLoss``), so a class
+whose photos form several modes (packshot vs shelf photo, front vs side) need not be pulled onto
+one direction.  ``W`` is then (D, C * k), class c's sub-centers in columns ``c*k .. c*k + k - 1``.
 """
 
 from __future__ import annotations
 
 import torch
-from pytorch_metric_learning.losses import ArcFaceLoss
+from pytorch_metric_learning.losses import ArcFaceLoss, SubCenterArcFaceLoss
 
 from .errors import FinetuneError
 
@@ -22,8 +28,9 @@ DEFAULT_SCALE = 64.0
 
 
 def create_arcface(num_classes: int, embedding_size: int, *, margin: float = DEFAULT_MARGIN_DEGREES,
-                   scale: float = DEFAULT_SCALE) -> ArcFaceLoss:
-    """Build pytorch-metric-learning's ``ArcFaceLoss``.
+                   scale: float = DEFAULT_SCALE, sub_centers: int = 1) -> ArcFaceLoss:
+    """Build pytorch-metric-learning's ``ArcFaceLoss`` (``SubCenterArcFaceLoss`` when
+    ``sub_centers`` > 1; module docstring).
 
     Call it as ``loss(embeddings, targets)`` with float32 embeddings (N, D) (they are
     L2-normalised inside; pass float32, because the loss casts ``W`` to the embeddings' dtype)
@@ -34,6 +41,8 @@ def create_arcface(num_classes: int, embedding_size: int, *, margin: float = DEF
         embedding_size: D, the encoder's output dimension.
         margin: additive angular margin in **degrees** (PML's unit), in [0, 90).
         scale: logit scale s > 0.
+        sub_centers: proxies per class k >= 1 (1: plain ArcFace; Sub-center ArcFace, ECCV 2020,
+            uses k = 3).
 
     Raises:
         FinetuneError: out-of-range arguments.
@@ -46,6 +55,11 @@ def create_arcface(num_classes: int, embedding_size: int, *, margin: float = DEF
         raise FinetuneError(f"--margin is an angle in degrees in [0, 90), got {margin}")
     if not scale > 0:
         raise FinetuneError(f"--scale must be > 0, got {scale}")
+    if sub_centers < 1:
+        raise FinetuneError(f"--sub-centers must be >= 1, got {sub_centers}")
+    if sub_centers > 1:
+        return SubCenterArcFaceLoss(num_classes=num_classes, embedding_size=embedding_size, margin=margin, scale=scale,
+                                    sub_centers=sub_centers)
     return ArcFaceLoss(num_classes=num_classes, embedding_size=embedding_size, margin=margin, scale=scale)
 
 
@@ -56,7 +70,10 @@ def imprint_class_weights(loss: ArcFaceLoss, embeddings: torch.Tensor, targets: 
 
     "Weight imprinting" (Qi et al. 2018): starting ArcFace from class means rather than random
     directions avoids the first steps' large, random gradients into a pretrained encoder.
-    Classes without an embedding keep their random column.
+    Classes without an embedding keep their random column.  With k sub-centers per class
+    (``SubCenterArcFaceLoss``) the class's embeddings are dealt round-robin in their given order:
+    sub-center j is the mean direction of embeddings j, j + k, ... of the class (the class mean
+    where the class has fewer than j + 1 embeddings), so the sub-centers start apart.
 
     Args:
         loss: the ArcFace loss whose ``W`` (D, C) is overwritten in place.
@@ -70,14 +87,29 @@ def imprint_class_weights(loss: ArcFaceLoss, embeddings: torch.Tensor, targets: 
         FinetuneError: shape mismatch.
     """
     W = loss.W
+    k = int(getattr(loss, "sub_centers", 1))
     if embeddings.ndim != 2 or embeddings.shape[1] != W.shape[0] or embeddings.shape[0] != targets.shape[0]:
         raise FinetuneError(f"imprinting: embeddings {tuple(embeddings.shape)} do not fit W {tuple(W.shape)} / targets {tuple(targets.shape)}")
+    n_classes = W.shape[1] // k
     e = torch.nn.functional.normalize(embeddings.float(), dim=1).to(W.device)
     t = targets.to(W.device)
-    sums = torch.zeros(W.shape[1], W.shape[0], device=W.device).index_add_(0, t, e)
-    present = torch.bincount(t, minlength=W.shape[1]) > 0
+    sums = torch.zeros(n_classes, W.shape[0], device=W.device).index_add_(0, t, e)
+    counts = torch.bincount(t, minlength=n_classes)
+    present = counts > 0
     # Keep the column norms PML's init gave W (the loss normalises W anyway).
     norms = W.norm(dim=0, keepdim=True)
-    means = torch.nn.functional.normalize(sums, dim=1).T * norms
-    W[:, present] = means[:, present].to(W.dtype)
+    means = torch.nn.functional.normalize(sums, dim=1)  # (C, D)
+    cols = means.repeat_interleave(k, dim=0)  # (C * k, D): every sub-center starts at its class mean
+    if k > 1:  # then sub-center j = mean of the class's embeddings j, j + k, ...
+        rank = torch.zeros_like(t)
+        for c in t.unique():
+            idx = (t == c).nonzero().flatten()
+            rank[idx] = torch.arange(len(idx), device=W.device)
+        sub = t * k + rank % k
+        sub_sums = torch.zeros(n_classes * k, W.shape[0], device=W.device).index_add_(0, sub, e)
+        filled = torch.bincount(sub, minlength=n_classes * k) > 0
+        cols[filled] = torch.nn.functional.normalize(sub_sums[filled], dim=1)
+    cols = cols.T * norms
+    col_present = present.repeat_interleave(k)
+    W[:, col_present] = cols[:, col_present].to(W.dtype)
     return int(present.sum())

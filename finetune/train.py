@@ -121,7 +121,8 @@ class Trainer:
         n_classes = len(self.data.train.classes)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            self.loss_fn = create_arcface(n_classes, self.embedding_size, margin=cfg.margin, scale=cfg.scale).to(self.device)
+            self.loss_fn = create_arcface(n_classes, self.embedding_size, margin=cfg.margin, scale=cfg.scale,
+                                          sub_centers=cfg.sub_centers).to(self.device)
         self.groups = param_groups(self.model, lr=cfg.lr, decay=cfg.lr_decay, weight_decay=cfg.weight_decay,
                                    loss=self.loss_fn, loss_lr=cfg.loss_lr, frozen_blocks=cfg.freeze_blocks)
         logger.info("AdamW parameter groups (blockwise learning-rate decay, RetailKLIP 4.1.2):\n%s", format_lr_table(self.groups))

@@ -15,6 +15,11 @@ catalog's threshold; the catalog records which score the threshold is on (the ca
 
 Which score separates unknown siblings better was measured on GroceryStore
 (benchmarks/bench_open_set.py, docs/threshold.md "Unknown rejection for siblings (issue 14)").
+
+A third score, measured but not (yet) a catalog setting, needs references of products that are
+*not* in the catalog ("outliers", e.g. the packshots of the classes the encoder was finetuned
+on): :func:`outlier_ratio`, d1 / (distance to the nearest outlier) (benchmarks/bench_loop_recipe.py,
+docs/finetune.md "Third round").
 """
 
 from __future__ import annotations
@@ -91,3 +96,36 @@ def open_set_score(score: str, distance: np.ndarray | float, runner_up: np.ndarr
     if check_score(score) == "distance":
         return np.asarray(distance, np.float64)
     return distance_ratio(distance, runner_up)
+
+
+def outlier_ratio(distance: np.ndarray | float, outlier_distance: np.ndarray | float) -> np.ndarray:
+    """Open-set score d1 / d_out: the 1-NN distance to the catalog over the distance to the
+    nearest *outlier* reference (a product known not to be in the catalog); higher = more likely
+    unknown, > 1 when an outlier is nearer than every catalog SKU.
+
+    The nearest-neighbour distance ratio of Lowe (IJCV 2004, §7.1) and of the open-set NNDR
+    classifier (Mendes Júnior et al., "Nearest neighbors distance ratio open-set classifier",
+    Machine Learning 106, 2017, §3), with the second neighbour taken from outlier products instead
+    of the catalog's own runner-up: a photo far from every packshot (a loose fruit on a shelf)
+    is far from the outliers too, so the ratio removes the product type's distance scale that the
+    plain distance keeps.
+
+    Args:
+        distance: float (M,) 1-NN cosine distances d1 to the catalog, in [0, 2] (or a scalar).
+        outlier_distance: float (M,) cosine distances to the nearest outlier reference, in [0, 2].
+
+    Returns:
+        float64 (M,) ratios in [0, inf): d1 clipped to [0, 2]; where d_out is 0, the ratio is
+        ``inf`` for d1 > 0 (the photo is an outlier's image) and 1 for d1 = 0.
+
+    Raises:
+        ValueError: the two arrays differ in shape, or a value is NaN.
+    """
+    d1 = np.clip(np.asarray(distance, np.float64), 0.0, MAX_DISTANCE)
+    d_out = np.clip(np.asarray(outlier_distance, np.float64), 0.0, MAX_DISTANCE)
+    if d1.shape != d_out.shape:
+        raise ValueError(f"distance {d1.shape} and outlier_distance {d_out.shape} differ in shape")
+    if np.isnan(d1).any() or np.isnan(d_out).any():
+        raise ValueError("NaN distance")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(d_out > 0, d1 / np.where(d_out > 0, d_out, 1.0), np.where(d1 > 0, np.inf, 1.0))

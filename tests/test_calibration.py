@@ -21,7 +21,7 @@ from retailklip.calibration import (
 )
 from retailklip.datasets import LabelledImage
 from retailklip.errors import RetailKlipError
-from retailklip.open_set import distance_ratio, open_set_score
+from retailklip.open_set import distance_ratio, open_set_score, outlier_ratio
 from retailklip.recognizer import Recognizer
 
 
@@ -191,6 +191,16 @@ def test_distance_ratio_by_hand():
     assert open_set_score("ratio", [0.3], None).tolist() == [pytest.approx(0.15)]
     with pytest.raises(RetailKlipError, match="unknown open-set score 'cosine'"):
         open_set_score("cosine", [0.3], [0.6])
+
+
+def test_outlier_ratio_by_hand():
+    r = outlier_ratio([0.2, 0.5, 0.0, 0.3, 2.5], [0.4, 0.25, 0.0, 0.0, 1.0])
+    # d1/d_out; an outlier nearer than the catalog -> > 1; 0/0 -> 1; d_out = 0 < d1 -> inf; d1 clipped to 2
+    assert r.tolist() == pytest.approx([0.5, 2.0, 1.0, np.inf, 2.0])
+    with pytest.raises(ValueError, match="shape"):
+        outlier_ratio([0.2, 0.3], [0.4])
+    with pytest.raises(ValueError, match="NaN"):
+        outlier_ratio([0.2], [np.nan])
 
 
 def test_calibrate_ratio_thresholds_the_ratio():

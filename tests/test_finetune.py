@@ -210,6 +210,31 @@ def test_arcface_imprinting_points_proxies_at_class_means():
         create_arcface(3, 8, margin=120)
 
 
+def test_subcenter_arcface_imprints_each_sub_center_from_its_own_images():
+    from pytorch_metric_learning.losses import SubCenterArcFaceLoss
+
+    torch.manual_seed(0)
+    loss = create_arcface(3, 8, sub_centers=2)
+    assert isinstance(loss, SubCenterArcFaceLoss) and tuple(loss.W.shape) == (8, 6)
+    emb = torch.randn(9, 8)
+    y = torch.tensor([0, 1, 0, 1, 0, 2, 1, 2, 0])  # class 0: rows 0, 2, 4, 8; class 2: rows 5, 7
+    before = float(loss(emb, y).detach())
+    assert imprint_class_weights(loss, emb, y) == 3
+    w = torch.nn.functional.normalize(loss.W.detach(), dim=0)
+    unit = torch.nn.functional.normalize(emb, dim=1)
+
+    def direction(rows):
+        return torch.nn.functional.normalize(unit[rows].mean(0), dim=0)
+
+    # class c's sub-center j is column c * 2 + j, the mean of the class's embeddings j, j + 2, ...
+    for col, rows in {0: [0, 4], 1: [2, 8], 2: [1, 6], 3: [3], 4: [5], 5: [7]}.items():
+        assert float(w[:, col] @ direction(rows)) == pytest.approx(1.0, abs=1e-5), col
+    assert float(w[:, 0] @ w[:, 1]) < 0.99  # the sub-centers start apart
+    assert float(loss(emb, y).detach()) < before
+    with pytest.raises(FinetuneError, match="sub-centers"):
+        create_arcface(3, 8, sub_centers=0)
+
+
 # ---------------------------------------------------------------- data
 def test_csv_roles_folders_and_bad_images(tmp_path):
     for i in range(4):

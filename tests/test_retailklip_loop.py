@@ -105,7 +105,9 @@ def test_printed_table_matches_json(loop):
                              ("unknown rejection", "open_set", "unknown_rejection")]:
         assert printed[label] == (text(res["before"][part][key]), text(res["after"][part][key])), label
     loop_module = load_loop_module()
-    for score in ("distance", "ratio"):  # the per-score table; the stored threshold is --score's (distance)
+    # the per-score table; the stored threshold is --score's (distance); outlier-ratio is measured, not calibrated
+    assert res["after"]["open_set"]["scores"]["outlier-ratio"]["calibrated"] is None
+    for score in ("distance", "ratio", "outlier-ratio"):
         for label, path in loop_module.score_rows(score, 0.9):
             assert printed[label] == tuple(text(loop_module.get(res[w], path)) for w in ("before", "after")), label
         a = res["after"]["open_set"]["scores"][score]["auroc"]
