@@ -23,6 +23,11 @@ warm-up; the minimum over rounds is the least disturbed figure):
   shared decoder exported to ONNX, run by ONNX Runtime's CPU provider; no graph cache, so the
   warm-up column includes the export and its agreement check; needs ``retailklip[onnx]``).
 * ``shared/bN``: the shared decoder on batches of N prompts (same prompts, concatenated).
+* ``factored``: :class:`~retailklip.segment.factored_decoder.FactoredMaskDecoder` (image tokens
+  in factored form, per prompt only low-rank work; its per-image terms are computed once per
+  photo, on the warm-up call, and cached); ``factored+terms`` clears that cache before every
+  call, so the per-image work is in its time (a photo gets up to 128 prompts, this run's batch
+  counts as the whole photo).
 
 Agreement with ``fp32`` on the same prompts: max |mask logit difference| (and the largest
 |logit| for scale), max |IoU prediction difference|, and the mean IoU of the binary masks
@@ -53,7 +58,7 @@ sys.path.insert(0, str(REPO_ROOT))
 DEFAULT_IMAGE = REPO_ROOT.parent / "shared" / "data" / "grocery-store" / "dataset" / "train" / "Fruit" / "Kiwi" / "Kiwi_013.jpg"
 ALL_VARIANTS = (
     "fp32", "shared", "bf16", "shared+bf16", "int8", "shared+int8", "compile", "shared+compile", "shared+onnxruntime",
-    "shared/b16", "shared/b256",
+    "shared/b16", "shared/b256", "factored", "factored+terms",
 )
 
 
@@ -76,6 +81,7 @@ def _decoder_call(model, decoder, emb: torch.Tensor, points: torch.Tensor, batch
 
 
 def build_variants(names: list[str], model, emb: torch.Tensor, points: torch.Tensor, prompts: int) -> dict[str, Callable]:
+    from retailklip.segment.factored_decoder import FactoredMaskDecoder
     from retailklip.segment.fast_decoder import ImageSharedMaskDecoder
     from retailklip.segment.onnx_runtime import OnnxMaskDecoder, onnxruntime_available
 
@@ -100,6 +106,13 @@ def build_variants(names: list[str], model, emb: torch.Tensor, points: torch.Ten
             if not onnxruntime_available():
                 raise SystemExit("variant shared+onnxruntime needs pip install 'retailklip[onnx]'")
             runs[name] = _decoder_call(model, OnnxMaskDecoder(shared, cache_dir=""), emb, pts, batch, False)
+        elif base in ("factored", "factored+terms"):
+            factored = FactoredMaskDecoder(plain)
+            call = _decoder_call(model, factored, emb, pts, batch, False)
+            if base == "factored":
+                runs[name] = call
+            else:
+                runs[name] = lambda call=call, factored=factored: (factored.clear_cache(), call())[1]
         elif base in ("compile", "shared+compile"):
             compiled = torch.compile(shared if base.startswith("shared") else plain)
             runs[name] = _decoder_call(model, compiled, emb, pts, batch, False)

@@ -20,6 +20,7 @@ from retailklip.segment import (
     onnx_runtime,
 )
 from retailklip.segment import automatic as automatic_module
+from retailklip.segment.factored_decoder import FactoredMaskDecoder
 from retailklip.segment.fast_decoder import ImageSharedMaskDecoder
 from retailklip.segment.onnx_runtime import OnnxMaskDecoder, onnxruntime_available
 from retailklip.segment.predictor import EfficientViTSamPredictor
@@ -146,10 +147,12 @@ def test_a_graph_that_disagrees_is_not_used(l0, orange, tmp_path, monkeypatch, c
 
 
 def test_runtime_option_of_the_mask_generator(l0, monkeypatch):
-    """fast mode: auto -> ONNX Runtime's decoder on the CPU, torch on request; exact mode keeps
-    SAM's decoder; an unknown name or onnxruntime without it installed is a one-line error."""
+    """fast mode: auto -> the factored decoder, ONNX Runtime's or the image-shared torch decoder
+    on request; exact mode keeps SAM's decoder; an unknown name or onnxruntime without it
+    installed is a one-line error."""
     assert MaskGeneratorOptions().runtime == "auto"
-    assert isinstance(build_mask_generator(l0).mask_decoder, OnnxMaskDecoder)
+    assert isinstance(build_mask_generator(l0).mask_decoder, FactoredMaskDecoder)
+    assert isinstance(build_mask_generator(l0, MaskGeneratorOptions(runtime="onnxruntime")).mask_decoder, OnnxMaskDecoder)
     assert type(build_mask_generator(l0, MaskGeneratorOptions(runtime="torch")).mask_decoder) is ImageSharedMaskDecoder
     assert build_mask_generator(l0, MaskGeneratorOptions(mode="exact")).mask_decoder is None
     with pytest.raises(SegmenterOptionError, match="runtime must be one of auto, factored, onnxruntime, torch"):
@@ -157,7 +160,7 @@ def test_runtime_option_of_the_mask_generator(l0, monkeypatch):
     monkeypatch.setattr(automatic_module, "onnxruntime_available", lambda: False)
     with pytest.raises(SegmenterOptionError, match=r"pip install 'retailklip\[onnx\]'"):
         MaskGeneratorOptions(runtime="onnxruntime")
-    assert type(build_mask_generator(l0).mask_decoder) is ImageSharedMaskDecoder  # auto without it: torch
+    assert isinstance(build_mask_generator(l0).mask_decoder, FactoredMaskDecoder)  # auto needs no onnxruntime
 
 
 @pytest.mark.slow

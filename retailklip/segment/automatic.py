@@ -75,14 +75,16 @@ class MaskGeneratorOptions:
         max_prompts: most prompts per photo of the retry, farthest and coarse-to-fine strategies
             (128 = 1/8 of SAM's 1024).
         max_masks: fast mode: most masks kept and upsampled per photo.
-        runtime: what runs fast mode's image-shared mask decoder: ``"onnxruntime"``
-            (:class:`~retailklip.segment.onnx_runtime.OnnxMaskDecoder`: ~0.27x the time per
-            prompt, logits within 1e-5; needs ``pip install 'retailklip[onnx]'``), ``"torch"``
+        runtime: what runs fast mode's mask decoder: ``"factored"``
+            (:class:`~retailklip.segment.factored_decoder.FactoredMaskDecoder`: the image tokens
+            kept in factored form, per prompt only low-rank work, and only the photo's valid
+            area upscaled; as accurate as SAM's float32 decoder; ~0.23x the torch decoder's
+            segment time and ~0.4x ONNX Runtime's on a 1080p photo, with less memory), ``"onnxruntime"``
+            (:class:`~retailklip.segment.onnx_runtime.OnnxMaskDecoder`, the image-shared decoder
+            exported to ONNX; needs ``pip install 'retailklip[onnx]'``), ``"torch"``
             (:class:`~retailklip.segment.fast_decoder.ImageSharedMaskDecoder`) or ``"auto"``
-            (default: onnxruntime for a model on the CPU when it is installed, else torch).
-            Exact and sam modes always run SAM's decoder in torch. (The image encoder stays in
-            torch: in ONNX Runtime it cost ~500 MiB peak RSS, over the 12 MP bound, for no
-            end-to-end gain; docs/segmentation.md.)
+            (default: factored). Exact and sam modes always run SAM's decoder. Measured in
+            ``benchmarks/bench_checkout.py`` and docs/segmentation.md.
 
     Raises:
         SegmenterOptionError: a value out of range.
@@ -181,9 +183,8 @@ class BoundedAutomaticMaskGenerator:
     def __init__(self, model: nn.Module, options: MaskGeneratorOptions) -> None:
         from segment_anything import SamPredictor
 
-        # fast mode: the decoder that computes the prompt-independent image side once per batch
-        # (logits within 1e-5 of SAM's; benchmarks/bench_decoder.py), in ONNX Runtime where
-        # options.runtime allows; exact mode keeps SAM's decoder so its masks are SAM's.
+        # fast mode: the decoder of options.runtime (default: factored, SAM's arithmetic up to
+        # rounding; benchmarks/bench_decoder.py); exact mode keeps SAM's decoder so its masks are SAM's.
         self.mask_decoder = fast_mask_decoder(model, options.runtime) if options.mode == "fast" else None
         self.predictor = EfficientViTSamPredictor(model) if isinstance(model, EfficientViTSam) else SamPredictor(model)
         self.options = options
@@ -213,24 +214,22 @@ def fast_mask_decoder(model: nn.Module, runtime: str = "auto"
 
     Args:
         model: :class:`EfficientViTSam` or ``segment_anything`` ``Sam``.
-        runtime: ``"auto"``, ``"onnxruntime"`` or ``"torch"``.
+        runtime: ``"auto"``, ``"factored"``, ``"onnxruntime"`` or ``"torch"``.
 
     Returns:
-        An :class:`~retailklip.segment.onnx_runtime.OnnxMaskDecoder` (onnxruntime; auto with a
-        model on the CPU and onnxruntime installed) or an :class:`ImageSharedMaskDecoder`.
+        A :class:`~retailklip.segment.factored_decoder.FactoredMaskDecoder` (auto, factored),
+        an :class:`~retailklip.segment.onnx_runtime.OnnxMaskDecoder` (onnxruntime) or an
+        :class:`ImageSharedMaskDecoder` (torch), each around ``model.mask_decoder``.
 
     Raises:
         SegmenterOptionError: unknown ``runtime``, or ``"onnxruntime"`` without onnxruntime.
     """
     check_runtime(runtime)
     d = model.mask_decoder
-    if runtime == "factored":
+    if runtime in ("auto", "factored"):
         return FactoredMaskDecoder(d)
     shared = d if isinstance(d, ImageSharedMaskDecoder) else ImageSharedMaskDecoder(d)
-    on_cpu = all(p.device.type == "cpu" for p in shared.parameters())
-    if runtime == "onnxruntime" or (runtime == "auto" and on_cpu and onnxruntime_available()):
-        return OnnxMaskDecoder(shared)
-    return shared
+    return OnnxMaskDecoder(shared) if runtime == "onnxruntime" else shared
 
 
 def check_runtime(runtime: str) -> None:

@@ -148,8 +148,14 @@ class FactoredMaskDecoder(nn.Module):
         self.num_mask_tokens = decoder.num_mask_tokens
         object.__setattr__(self, "plain", decoder)  # SAM's code path, not a second registration
         self._cache: tuple | None = None
+        #: prompts upscaled together (memory and cache locality; the result does not change)
+        self.upscale_chunk = 1
 
     # ------------------------------------------------------------------ per image
+    def clear_cache(self) -> None:
+        """Forget the cached per-image terms (the next call computes them again)."""
+        self._cache = None
+
     def image_terms(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
                     dense_prompt_embedding: torch.Tensor) -> ImageTerms:
         """The per-image terms, cached for the last image: ``image_embeddings`` and
@@ -303,11 +309,17 @@ class FactoredMaskDecoder(nn.Module):
         # the first transposed convolution is a per-token linear map C -> (2, 2, c1): factored
         base = terms.up.view(gh, gw, -1)[:rows, :cols].reshape(rows * cols, -1)
         y = state.project(base, _conv_weight(conv1), conv1.bias.repeat(4), (rows, cols, gw))  # (B, M, 4 * c1)
-        y = act1(nn.functional.layer_norm(y.view(-1, c1), (c1,), norm.weight, norm.bias, norm.eps))  # LayerNorm2d
-        z = act2(torch.addmm(conv2.bias.repeat(4), y, _conv_weight(conv2)))  # (B * M * 4, 4 * c2)
-        masks = torch.bmm(z.view(b, -1, c2), hyper.transpose(1, 2))  # (B, M * 16, K)
-        masks = masks.view(b, rows, cols, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)
-        return masks.reshape(b, k, 4 * rows, 4 * cols)[..., : size[0], : size[1]]
+        w2, b2 = _conv_weight(conv2), conv2.bias.repeat(4)
+        out = y.new_empty(b, k, rows, 4, cols, 4)
+        step = self.upscale_chunk
+        for s in range(0, b, step):  # a few prompts at a time: the activations stay in the cache
+            e = min(s + step, b)
+            z = act1(nn.functional.layer_norm(y[s:e].view(-1, c1), (c1,), norm.weight, norm.bias, norm.eps))
+            z = act2(torch.addmm(b2, z, w2))  # (n * M * 4, 4 * c2): LayerNorm2d, GELU, conv, GELU
+            masks = torch.bmm(z.view(e - s, -1, c2), hyper[s:e].transpose(1, 2))  # (n, M * 16, K)
+            out[s:e].view(e - s, k, rows, 2, 2, cols, 2, 2).copy_(
+                masks.view(e - s, rows, cols, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6))
+        return out.view(b, k, 4 * rows, 4 * cols)[..., : size[0], : size[1]]
 
 
 class _State:

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..images import to_rgb
 from .errors import SegmenterOptionError
+from .factored_decoder import FactoredMaskDecoder
 from .modeling.efficientvit_sam import EfficientViTSam
 from .parsing import Segment, make_segment
 from .predictor import EfficientViTSamPredictor
@@ -172,7 +173,10 @@ class PromptedSegmenter:
         clip_to_box: keep only the mask pixels inside a box prompt's box (default True: a
             detector's box bounds its product, and what SAM adds outside it belongs to a
             neighbour or the background); False keeps SAM's mask as decoded, pixel for pixel
-            ``SamPredictor.predict(box=..., multimask_output=False)``.
+            ``SamPredictor.predict(box=..., multimask_output=False)`` (up to float rounding).
+        mask_decoder: the mask decoder to run (default: a
+            :class:`~retailklip.segment.factored_decoder.FactoredMaskDecoder` around the model's,
+            SAM's arithmetic up to rounding with per prompt only low-rank work).
 
     Calls from several threads are serialised (the predictor caches one image).
 
@@ -182,10 +186,12 @@ class PromptedSegmenter:
 
     def __init__(
         self, model: nn.Module, *, batch_size: int = 64, stability_score_offset: float = 1.0, clip_to_box: bool = True,
+        mask_decoder: nn.Module | None = None,
     ) -> None:
         if batch_size < 1:
             raise SegmenterOptionError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
+        self.mask_decoder = mask_decoder if mask_decoder is not None else FactoredMaskDecoder(model.mask_decoder)
         self.predictor = build_predictor(model)
         self.batch_size = batch_size
         self.stability_score_offset = stability_score_offset
@@ -242,7 +248,7 @@ class PromptedSegmenter:
             coords = p.transform.apply_coords_torch(t, p.original_size)[:, None, :]
             points, box_t, multimask = (coords, torch.ones(len(t), 1, dtype=torch.int, device=p.device)), None, True
         sparse, dense = model.prompt_encoder(points=points, boxes=box_t, masks=None)
-        low_res, iou = model.mask_decoder(
+        low_res, iou = self.mask_decoder(
             image_embeddings=p.features, image_pe=model.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
         )
