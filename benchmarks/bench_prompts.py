@@ -16,27 +16,62 @@ with its visible mask; recall = found / objects over all trays.  Prompts are cou
 
     python benchmarks/bench_prompts.py --n 50                 # the table in docs/segmentation.md
     python benchmarks/bench_prompts.py --n 50 --no-tray       # sensitivity: no whole-tray answers
+    python benchmarks/bench_prompts.py --n 50 --whole-cover   # the coverage map before the third round
+
+Since the third round (docs/segmentation.md) the generator's coverage map counts only each kept
+mask's connected components at its own prompt (``BoundedOptions.cover_at_prompt``); the tables
+of the earlier rounds were measured with whole masks (``--whole-cover``, or a row wrapped in
+:class:`WholeCover`, named ``...[whole]``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from retailklip.datasets import read_grocery_store
-from retailklip.segment.automatic import MaskGeneratorOptions
-from retailklip.segment.bounded import BoundedMaskGenerator, BoundedOptions
-from retailklip.segment.oracle import OracleDecoder, OracleRates
-from retailklip.segment.prompts import CoarseToFinePrompts, FarthestPointPrompts, GridPrompts, RetryPrompts
-from retailklip.segment.synthetic import TrayMaker, default_root
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # this checkout's retailklip, not another installed copy
+
+from retailklip.datasets import read_grocery_store  # noqa: E402
+from retailklip.segment.automatic import MaskGeneratorOptions  # noqa: E402
+from retailklip.segment.bounded import BoundedMaskGenerator, BoundedOptions  # noqa: E402
+from retailklip.segment.oracle import OracleDecoder, OracleRates  # noqa: E402
+from retailklip.segment.prompts import (  # noqa: E402
+    CoarseToFinePrompts,
+    FarthestPointPrompts,
+    GridPrompts,
+    RetryPrompts,
+)
+from retailklip.segment.synthetic import TrayMaker, default_root  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class WholeCover:
+    """A strategy run with the coverage map before the third round: each kept mask counts whole
+    (``BoundedOptions(cover_at_prompt=False)``), e.g. the previous default as it shipped."""
+
+    strategy: Any
+
+    @property
+    def name(self) -> str:
+        return f"{self.strategy.name}[whole]"
+
+    def start(self, width: int, height: int) -> Any:
+        return self.strategy.start(width, height)
 
 
 def strategies() -> list:
     """The strategies compared (SAM's grids first)."""
-    v1 = {"candidates": 32, "retry_partial": False, "explored_weight": 1.0}  # RetryPrompts as first shipped
+    v1 = {"candidates": 32, "retry_partial": False, "explored_weight": 1.0, "suspect_weight": None}
+    # ^ RetryPrompts as first shipped; r2: the second round's settings of what the third round changed
+    r2 = {"retries": 2, "suspect_weight": None}
+    v2 = RetryPrompts(**r2)  # the default of the second round
     return [
         GridPrompts(32),
         GridPrompts(16),
@@ -62,17 +97,32 @@ def strategies() -> list:
         RetryPrompts(6, 16, 128, retries=2, **v1),
         RetryPrompts(6, 8, 128, retries=2, **v1),
         # second round: partial retries, a finer candidate grid, unexplored places first
-        RetryPrompts(candidates=32, retry_partial=True, explored_weight=1.0),
-        RetryPrompts(candidates=64, retry_partial=True, explored_weight=1.0),
-        RetryPrompts(candidates=32, retry_partial=True, explored_weight=0.5),
-        RetryPrompts(candidates=32, retry_partial=True, explored_weight=0.75),
-        RetryPrompts(candidates=64, retry_partial=True, explored_weight=0.35),
-        RetryPrompts(candidates=64, retry_partial=True, explored_weight=0.5, explore_max_area=0.2),
-        RetryPrompts(candidates=96, retry_partial=True, explored_weight=0.5),
-        RetryPrompts(candidates=64, retry_partial=False, explored_weight=0.5),
-        RetryPrompts(candidates=64, retry_partial=True, explored_weight=0.5, retry_max_area=0.04),
-        RetryPrompts(),  # the default (prompts="retry")
+        RetryPrompts(candidates=32, retry_partial=True, explored_weight=1.0, **r2),
+        RetryPrompts(candidates=64, retry_partial=True, explored_weight=1.0, **r2),
+        RetryPrompts(candidates=32, retry_partial=True, explored_weight=0.5, **r2),
+        RetryPrompts(candidates=32, retry_partial=True, explored_weight=0.75, **r2),
+        RetryPrompts(candidates=64, retry_partial=True, explored_weight=0.35, **r2),
+        RetryPrompts(candidates=64, retry_partial=True, explored_weight=0.5, explore_max_area=0.2, **r2),
+        RetryPrompts(candidates=96, retry_partial=True, explored_weight=0.5, **r2),
+        RetryPrompts(candidates=64, retry_partial=False, explored_weight=0.5, **r2),
+        RetryPrompts(candidates=64, retry_partial=True, explored_weight=0.5, retry_max_area=0.04, **r2),
+        # third round: coverage at the prompt (the generator's), rejected small answers first, more retries
+        WholeCover(v2),  # the default of the second round, as it shipped
+        v2,
+        RetryPrompts(retries=3, suspect_weight=None),
+        RetryPrompts(retries=4, suspect_weight=None),
+        RetryPrompts(retries=2, suspect_weight=0.75),
+        RetryPrompts(retries=2, suspect_weight=1.0),
+        RetryPrompts(retries=2, suspect_weight=1.5),
+        RetryPrompts(first=7, retries=2, suspect_weight=None),
+        RetryPrompts(first=6, retries=2, suspect_weight=None),
+        RetryPrompts(retries=3, suspect_weight=1.0),
+        RetryPrompts(retries=4, suspect_weight=1.0, covered_weight=0.1),
+        RetryPrompts(retries=2, suspect_weight=1.0, covered_weight=0.1),
+        RetryPrompts(retries=4, suspect_weight=1.5),
+        RetryPrompts(),  # the default (prompts="retry"): retries=4, suspect_weight=1.0
     ]
+
 
 
 def paired(a: np.ndarray, b: np.ndarray, tray: np.ndarray, n_boot: int = 10000) -> str:
@@ -117,6 +167,8 @@ def main() -> None:
     p.add_argument("--max-masks", type=int, default=MaskGeneratorOptions().max_masks,
                    help="masks kept per photo (default: the segmenter's, MaskGeneratorOptions.max_masks)")
     p.add_argument("--no-tray", action="store_true", help="oracle never answers the whole-tray mask")
+    p.add_argument("--whole-cover", action="store_true",
+                   help="coverage map of whole kept masks for every strategy (before the third round)")
     p.add_argument("--only", default=None,
                    help="semicolon-separated strategy names (as printed) to run, default all")
     p.add_argument("--paired", action="append", default=[], metavar="A;B",
@@ -146,7 +198,8 @@ def main() -> None:
         n_objects += len(tray.skus)
         tray_of += [i] * len(tray.skus)
         for s in strats:
-            gen = BoundedMaskGenerator(BoundedOptions(max_masks=a.max_masks), s)
+            whole = a.whole_cover or isinstance(s, WholeCover)
+            gen = BoundedMaskGenerator(BoundedOptions(max_masks=a.max_masks, cover_at_prompt=not whole), s)
             records = gen.generate(decoder)
             iou = found_iou(tray.labels, len(tray.skus), records)
             hits[s.name].append(iou >= 0.5)

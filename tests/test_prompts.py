@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from retailklip.segment.bounded import BoundedMaskGenerator, BoundedOptions
+from retailklip.segment.automatic import MaskGeneratorOptions
+from retailklip.segment.bounded import BoundedMaskGenerator, BoundedOptions, _coverage
 from retailklip.segment.errors import SegmenterOptionError
 from retailklip.segment.oracle import OracleDecoder, OracleRates
-from retailklip.segment.prompts import CoarseToFinePrompts, FarthestPointPrompts, GridPrompts, RetryPrompts, grid_points
+from retailklip.segment.prompts import (
+    CoarseToFinePrompts,
+    FarthestPointPrompts,
+    GridPrompts,
+    RetryPrompts,
+    grid_points,
+    point_components,
+)
 from retailklip.segment.synthetic import TrayMaker
 
 
@@ -212,3 +221,94 @@ def test_explored_places_are_prompted_after_unexplored_ones():
 def test_bad_retry_options_are_refused(bad):
     with pytest.raises(SegmenterOptionError, match="explore"):
         RetryPrompts(**bad)
+
+
+def test_point_components_keep_what_the_prompt_is_about():
+    mask = np.zeros((40, 40), bool)
+    mask[5:15, 5:15] = True  # the product under the prompt
+    mask[25:35, 25:35] = True  # another product of the same (whole-tray) answer
+    own = point_components(mask, 10, 10)
+    assert own[5:15, 5:15].all() and not own[25:35, 25:35].any()
+    assert point_components(mask, 15, 15)[10, 10]  # one cell off the mask still reaches it
+    assert not point_components(mask, 20, 20).any()  # a prompt away from every component: nothing
+    mask[15:25, 15:25] = True  # now connected: all of it
+    assert point_components(mask, 10, 10)[30, 30]
+
+
+def test_coverage_is_the_part_of_each_kept_mask_at_its_prompt():
+    """A whole-tray answer holding fewer than 2 kept masks (a 3-product tray, 2 products not yet
+    found) used to mark every product covered, so the strategy never asked about them again
+    (docs/segmentation.md, "Third round"); it now covers the product under its prompt only."""
+    masks = torch.zeros(2, 40, 40, dtype=torch.bool)
+    masks[0, 5:15, 5:15] = True  # the whole tray: products A and B, prompted on A
+    masks[0, 25:35, 25:35] = True
+    masks[1, 5:15, 5:15] = True  # product A's own mask
+    points = np.array([[40.0, 40.0], [41.0, 39.0]])  # photo pixels, 4 per cell
+    cover = _coverage(masks, points, (160, 160))
+    assert cover[10, 10] and not cover[30, 30]
+    assert _coverage(masks)[30, 30]  # the old map (no prompts given): B counted as covered
+    outside = _coverage(masks[:1], np.array([[80.0, 80.0]]), (160, 160))
+    assert not outside.any()  # an answer that does not contain its prompt covers nothing
+
+
+def test_a_whole_tray_answer_no_longer_hides_the_products_never_found(grocery_store):
+    """Simulated 3-product trays (seeds 1021, 1129: their whole-tray answer is accepted in the
+    first round and holds < 2 kept masks, so it is not composite): with the whole mask as
+    coverage every product looks found and the default strategy misses 2-3 of them; with
+    coverage at the prompt it finds them, at the same 128 prompts (docs/segmentation.md,
+    "Third round")."""
+    maker = TrayMaker(grocery_store)
+    for seed in (1021, 1129):
+        tray = maker.make(seed, (1024, 768))
+        decoder = OracleDecoder(tray, OracleRates(), seed=seed)
+        found = {}
+        for at_prompt in (False, True):
+            gen = BoundedMaskGenerator(BoundedOptions(max_masks=48, cover_at_prompt=at_prompt), RetryPrompts())
+            found[at_prompt] = _recall(tray, gen.generate(decoder)) * len(tray.skus)
+            assert gen.prompts_used == 128
+        assert found[True] >= found[False] + 1 and found[True] >= 2, (seed, found)
+
+
+def test_retry_default_retries_a_small_object_four_generations():
+    """Every answer about the small object is rejected: the default (4 generations) opens the
+    next 4 rounds with a re-prompt inside it; the second round's 2 generations stop after 2."""
+    answer, square = _small_object_answer()
+    inside = lambda r: bool(square[int(r[0, 1] * 120 / 480), int(r[0, 0] * 160 / 640)])  # noqa: E731
+    rounds = _retry_rounds(RetryPrompts(), answer, np.zeros((120, 160), bool))
+    assert [inside(r) for r in rounds[1:5]] == [True] * 4
+    two = _retry_rounds(RetryPrompts(retries=2, suspect_weight=None), answer, np.zeros((120, 160), bool))
+    assert [inside(r) for r in two[1:5]] == [True, True, False, False]
+    assert sum(map(len, rounds)) == sum(map(len, two)) == 128
+    shipped = MaskGeneratorOptions().strategy()  # what the segmenter runs
+    assert shipped == RetryPrompts() and (shipped.retries, shipped.suspect_weight, shipped.max_prompts) == (4, 1.0, 128)
+
+
+def test_suspect_places_rank_as_unexplored():
+    """The left half is answered (its mask, rejected, 50 % of the photo: explored, not compact);
+    a prompt inside the 18 x 18-cell square there gets the square, rejected and compact: the
+    decoder saw something small.  Explored places count 0.01 of their distance, so without
+    ``suspect_weight`` no later prompt goes back to the square; with 1 (the default) some do."""
+    left = np.zeros((120, 160), bool)
+    left[:, :80] = True
+    square = np.zeros((120, 160), bool)
+    square[30:48, 62:80] = True
+
+    def answer(pts):
+        n = len(pts)
+        logits = np.full((n, 3, 120, 160), 20.0, np.float32)  # the whole photo: neither explored nor compact
+        logits[_cell_of(pts, left), 1] = np.where(left, 20.0, -20.0)
+        on = _cell_of(pts, square)
+        logits[on, 0] = np.where(left, 20.0, -20.0)
+        logits[on, 1] = np.where(square, 20.0, -20.0)
+        return logits, np.zeros((n, 3), bool)
+
+    none = np.zeros((120, 160), bool)
+    kw = {"explored_weight": 0.01, "explore_max_area": 0.6, "retries": 0}
+    on = _retry_rounds(RetryPrompts(suspect_weight=1.0, **kw), answer, none)
+    off = _retry_rounds(RetryPrompts(suspect_weight=None, **kw), answer, none)
+    assert _cell_of(on[0], square).sum() == _cell_of(off[0], square).sum() == 1  # the same first grid
+    assert _cell_of(np.concatenate(on[1:]), square).sum() >= 1
+    assert _cell_of(np.concatenate(off[1:]), square).sum() == 0
+    assert sum(map(len, on)) == 128
+    with pytest.raises(SegmenterOptionError, match="suspect"):
+        RetryPrompts(suspect_weight=2.5)

@@ -65,9 +65,10 @@ class MaskGeneratorOptions:
         mode: ``"fast"`` (default), ``"exact"`` or ``"sam"`` (module docstring); crop layers and
             ``min_mask_region_area`` need ``"sam"``.
         prompts: ``"retry"`` (default: :class:`~retailklip.segment.prompts.RetryPrompts`, the
-            ``"farthest"`` strategy plus up to 2 re-prompts inside a compact rejected mask, i.e.
-            where the decoder saw something small but no answer passed the filters; chosen by the
-            simulation of docs/segmentation.md), ``"farthest"``
+            ``"farthest"`` strategy plus up to 4 generations of re-prompts inside a compact
+            rejected mask, i.e. where the decoder saw something small but no answer passed the
+            filters, such places ranking as unexplored; chosen by the simulation of
+            docs/segmentation.md, "Third round"), ``"farthest"``
             (:class:`~retailklip.segment.prompts.FarthestPointPrompts`, an 8 x 8 grid, then
             rounds of 16 farthest points weighted by coverage (0.25)), ``"coarse-to-fine"``
             (:class:`~retailklip.segment.prompts.CoarseToFinePrompts` over grids of 8, 16 and

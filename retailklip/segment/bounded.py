@@ -19,7 +19,8 @@ the photo's valid area), and :class:`BoundedMaskGenerator` has two modes:
   in docs/segmentation.md and tested.
 
 Prompts come from a strategy of :mod:`~retailklip.segment.prompts`, round by round, each round
-told which pixels the masks accepted so far cover; in fast mode a session with a ``feedback``
+told which pixels the masks accepted so far cover (each kept mask only where it meets its own
+prompt, composite masks not at all: ``_coverage``); in fast mode a session with a ``feedback``
 method is also shown every decoded batch (points, low-resolution logits, which outputs passed
 the predicted-IoU and stability filters).
 """
@@ -47,6 +48,7 @@ from torchvision.ops.boxes import batched_nms
 
 from .errors import SegmenterOptionError
 from .factored_decoder import FactoredMaskDecoder
+from .prompts import point_components
 
 #: Generator modes.
 MODES = ("fast", "exact")
@@ -169,6 +171,9 @@ class BoundedOptions:
         max_masks: fast mode: most masks kept (by predicted IoU) and upsampled per photo (64).
         chunk_pixels: exact mode: most mask pixels upsampled at once (float32: x 4 bytes).
         box_margin: fast mode: low-resolution cells added around a mask's box before upsampling.
+        cover_at_prompt: fast mode: in the coverage map the prompt strategy is steered by, a kept
+            mask covers only its connected components at its own prompt (default True; False =
+            the whole mask, as before; docs/segmentation.md, "Third round").
     """
 
     mode: str = "fast"
@@ -180,6 +185,7 @@ class BoundedOptions:
     max_masks: int = 64
     chunk_pixels: int = 64_000_000
     box_margin: int = 2
+    cover_at_prompt: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -197,18 +203,33 @@ def _count(data: MaskData) -> int:
     return len(stats["iou_preds"]) if "iou_preds" in stats else 0
 
 
-def _coverage(masks: torch.Tensor, contained: float = 0.8) -> np.ndarray:
+def _coverage(masks: torch.Tensor, points: Any = None, image_size: tuple[int, int] | None = None,
+              contained: float = 0.8) -> np.ndarray:
     """Pixels covered by the kept masks (bool (k, h, w) -> (h, w)), leaving out *composite*
     masks: a mask holding >= 2 other kept masks (each >= ``contained`` inside it), e.g. SAM's
     whole-tray answer.  Such a mask would mark every object on the tray as found and stop the
-    prompt strategy from asking about the objects themselves."""
+    prompt strategy from asking about the objects themselves.
+
+    With ``points`` (each mask's prompt, float (k, 2) ``(x, y)`` photo pixels) and
+    ``image_size`` (H, W), a mask covers only its connected components at its prompt
+    (:func:`~retailklip.segment.prompts.point_components`): a whole-tray answer that holds fewer
+    than 2 kept masks (a tray of 3 products, 2 not found yet) then covers the product under its
+    prompt, not the products that were never found."""
     flat = masks.flatten(1).float()
     area = flat.sum(1)
     inter = flat @ flat.T  # (k, k): pixels of mask j inside mask i
     holds = (inter >= contained * area[None, :]) & (area[None, :] > 0)
     holds.fill_diagonal_(False)
     composite = holds.sum(1) >= 2
-    return masks[~composite].any(0).numpy()
+    if points is None or image_size is None:
+        return masks[~composite].any(0).numpy()
+    h, w = masks.shape[1:]
+    H, W = image_size
+    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    cover = np.zeros((h, w), bool)
+    for i in np.flatnonzero(~composite.numpy()):
+        cover |= point_components(masks[i].numpy(), int(pts[i, 0] * w / W), int(pts[i, 1] * h / H))
+    return cover
 
 
 def _batches(points: np.ndarray, size: int) -> Iterator[np.ndarray]:
@@ -318,7 +339,12 @@ class BoundedMaskGenerator:
                 part["boxes"] = batched_mask_to_box(part["low"] > 0.0)
                 kept.cat(part)
                 kept = self._nms(kept)
-            coverage = _coverage(kept["low"] > 0.0) if _count(kept) else np.zeros((h, w), bool)
+            if not _count(kept):
+                coverage = np.zeros((h, w), bool)
+            elif o.cover_at_prompt:
+                coverage = _coverage(kept["low"] > 0.0, kept["points"], (H, W))
+            else:
+                coverage = _coverage(kept["low"] > 0.0)
         return [self._full_record(decoder, kept, i) for i in range(_count(kept))]
 
     def _nms(self, data: MaskData) -> MaskData:

@@ -12,8 +12,8 @@ Interface: ``strategy.start(width, height)`` returns a session;
 ``session.next_points(coverage)`` returns float64 (n, 2) ``(x, y)`` photo pixels (float64 as
 SAM's own grid, so the exact mode prompts the very same coordinates) to decode
 next, or ``None`` when done.  ``coverage`` is a bool (h, w) map at any resolution (the
-generator's low working resolution) of the pixels covered by accepted masks, None before the
-first round.
+generator's low working resolution) of the pixels covered by accepted masks (the generator
+counts each where it meets its own prompt), None before the first round.
 """
 
 from __future__ import annotations
@@ -51,6 +51,36 @@ def _uncovered(points: np.ndarray, coverage: np.ndarray | None, width: int, heig
     cx = np.clip((points[:, 0] * w / width).astype(int), 0, w - 1)
     cy = np.clip((points[:, 1] * h / height).astype(int), 0, h - 1)
     return points[~coverage[cy, cx]]
+
+
+def point_components(mask: np.ndarray, cx: int, cy: int) -> np.ndarray:
+    """The part of an answer that is about its prompt: the connected components (8-connected)
+    of ``mask`` that reach within one cell of the prompt's cell (``cx``, ``cy``).
+
+    A point prompt asks about the thing under the point; other components of the same answer
+    (e.g. the other products of SAM's whole-tray mask, or a disconnected same-texture region)
+    say nothing about what is there.  The generator's coverage map counts only these
+    (:class:`~retailklip.segment.bounded.BoundedOptions` ``cover_at_prompt``; docs/segmentation.md,
+    "Third round").
+
+    Args:
+        mask: bool (h, w) low-resolution mask.
+        cx, cy: the prompt's cell, clipped to the mask.
+    Returns:
+        bool (h, w); all False when no component reaches the prompt.
+    """
+    from scipy import ndimage as ndi
+
+    h, w = mask.shape
+    cx, cy = min(max(int(cx), 0), w - 1), min(max(int(cy), 0), h - 1)
+    window = mask[max(cy - 1, 0) : cy + 2, max(cx - 1, 0) : cx + 2]
+    if not window.any():
+        return np.zeros_like(mask)
+    labels, n = ndi.label(mask, structure=np.ones((3, 3), bool))
+    if n == 1:
+        return mask.copy()
+    ids = np.unique(labels[max(cy - 1, 0) : cy + 2, max(cx - 1, 0) : cx + 2])
+    return np.isin(labels, ids[ids > 0])
 
 
 @dataclass(frozen=True)
@@ -242,19 +272,23 @@ class RetryPrompts:
     background region) and queues one new prompt at that mask's interior point farthest from
     its edge and from every decoded point (a distance-transform maximum, as RITM, Sofiiuk et
     al. 2022, places its corrective clicks in the error region; SAM's interactive training
-    samples them from the error region too).  A retry that fails again may retry once more, up to ``retries`` generations.
+    samples them from the error region too).  A retry that fails again may retry again, up to
+    ``retries`` generations.
     Queued retries whose pixel is covered by then are dropped; they go first in each round, the
     rest of the round is farthest-point samples as in :class:`FarthestPointPrompts`.  The hard
     bound ``max_prompts`` covers retries too.  Farthest-point samples also prefer places no
     decoded output mask has explained yet (``explored_weight``), and a prompt whose only
     accepted output is a part of a larger rejected compact mask is retried too
-    (``retry_partial``); both chosen on simulated trays (docs/segmentation.md).  Uses only what
-    the product has: the decoder's outputs and the generator's filters (no ground truth).
+    (``retry_partial``); both chosen on simulated trays (docs/segmentation.md).  Third round
+    (docs/segmentation.md): uncovered places inside a rejected compact answer rank as unexplored
+    (``suspect_weight``) and a retry may be retried up to 4 generations: small objects whose
+    answers were parts get more draws, as the grid's 4-10 prompts on them give it.  Uses only
+    what the product has: the decoder's outputs and the generator's filters (no ground truth).
 
     Attributes:
         first, batch, max_prompts, candidates, covered_weight: as :class:`FarthestPointPrompts`
             (defaults 8, 16, 128, 64, 0.25; a 64 x 64 candidate grid places points more finely).
-        retries: generations of retries per original prompt (default 2; 0 = FarthestPointPrompts).
+        retries: generations of retries per original prompt (default 4; 0 = FarthestPointPrompts).
         retry_max_area: largest rejected mask retried, as a fraction of the photo's area (0.02).
         retry_min_cells: smallest rejected mask retried, low-resolution cells (default 16).
         retry_share: most of a round's ``batch`` given to retries, in [0, 1] (default 1).
@@ -269,6 +303,11 @@ class RetryPrompts:
             ``covered_weight``).
         explore_max_area: largest output mask counted as explored, fraction of the photo (0.1;
             larger masks such as the whole tray would mark everything explored).
+        suspect_weight: distance factor, in [0, 2], of uncovered candidates inside some rejected
+            compact output (a retry-sized mask, ``retry_min_cells`` .. ``retry_max_area``): the
+            decoder saw something small there that no accepted mask explains yet, so such a place
+            ranks as never explored (default 1.0) rather than as explored; ``None`` = off (the
+            second round's behaviour).
     """
 
     first: int = 8
@@ -276,23 +315,26 @@ class RetryPrompts:
     max_prompts: int = 128
     candidates: int = 64
     covered_weight: float = 0.25
-    retries: int = 2
+    retries: int = 4
     retry_max_area: float = 0.02
     retry_min_cells: int = 16
     retry_share: float = 1.0
     retry_partial: bool = True
     explored_weight: float = 0.5
     explore_max_area: float = 0.1
+    suspect_weight: float | None = 1.0
 
     def __post_init__(self) -> None:
         FarthestPointPrompts(self.first, self.batch, self.max_prompts, self.candidates, self.covered_weight)
         if self.retries < 0 or not 0 < self.retry_max_area <= 1 or self.retry_min_cells < 1 \
                 or not 0 <= self.retry_share <= 1 or not 0 <= self.explored_weight <= 1 \
-                or not 0 < self.explore_max_area <= 1:
+                or not 0 < self.explore_max_area <= 1 \
+                or (self.suspect_weight is not None and not 0 <= self.suspect_weight <= 2):
             raise SegmenterOptionError(
                 f"retries must be >= 0, retry_max_area and explore_max_area in (0, 1], retry_min_cells >= 1, "
-                f"retry_share and explored_weight in [0, 1], got {self.retries}, {self.retry_max_area}, "
-                f"{self.explore_max_area}, {self.retry_min_cells}, {self.retry_share}, {self.explored_weight}")
+                f"retry_share and explored_weight in [0, 1], suspect_weight None or in [0, 2], got {self.retries}, "
+                f"{self.retry_max_area}, {self.explore_max_area}, {self.retry_min_cells}, {self.retry_share}, "
+                f"{self.explored_weight}, {self.suspect_weight}")
 
     @property
     def name(self) -> str:
@@ -300,6 +342,7 @@ class RetryPrompts:
         extra += ",partial" if self.retry_partial else ""
         extra += f",c={self.candidates}" if self.candidates != 32 else ""
         extra += f",x={self.explored_weight:g}/{self.explore_max_area:g}" if self.explored_weight != 1 else ""
+        extra += f",s={self.suspect_weight:g}" if self.suspect_weight is not None else ""
         return (f"retry{self.first}+{self.batch}:{self.max_prompts}(w={self.covered_weight:g},r={self.retries},"
                 f"a={self.retry_max_area:g}{extra})")
 
@@ -317,15 +360,18 @@ class _RetrySession(_FarthestSession):
         self.decoded: list[np.ndarray] = []
         self.generation: dict[tuple[int, int], int] = {}
         self.explored: np.ndarray | None = None  # low-res cells inside some decoded (non-huge) output mask
+        self.suspect: np.ndarray | None = None  # low-res cells inside some rejected compact output
 
     def _weights(self, covered: np.ndarray) -> np.ndarray:
         weight = super()._weights(covered)
-        if self.explored is None or self.r.explored_weight == 1.0:
-            return weight
-        h, w = self.explored.shape
-        ex = self.explored[np.clip((self.cand[:, 1] * h / self.height).astype(int), 0, h - 1),
+        for cells, factor in ((self.explored, self.r.explored_weight), (self.suspect, self.r.suspect_weight)):
+            if cells is None or factor is None:
+                continue
+            h, w = cells.shape
+            inside = cells[np.clip((self.cand[:, 1] * h / self.height).astype(int), 0, h - 1),
                            np.clip((self.cand[:, 0] * w / self.width).astype(int), 0, w - 1)]
-        return np.where(~covered & ex, self.r.explored_weight, weight)
+            weight = np.where(~covered & inside, factor, weight)  # a suspect place outranks an explored one
+        return weight
 
     def _key(self, x: float, y: float) -> tuple[int, int]:
         return int(np.floor(x)), int(np.floor(y))
@@ -347,6 +393,11 @@ class _RetrySession(_FarthestSession):
             small = masks.reshape(n, 3, -1).sum(-1) <= self.r.explore_max_area * h * w
             seen = (masks & small[:, :, None, None]).any((0, 1))
             self.explored = seen if self.explored is None else self.explored | seen
+        if self.r.suspect_weight is not None and n:
+            area = masks.reshape(n, 3, -1).sum(-1)
+            compact = (area >= self.r.retry_min_cells) & (area <= self.r.retry_max_area * h * w) & ~accepted
+            seen = (masks & compact[:, :, None, None]).any((0, 1))
+            self.suspect = seen if self.suspect is None else self.suspect | seen
         for i in range(n):
             gen = self.generation.get(self._key(*points[i]), 0)
             if gen >= self.r.retries or (ok[i] and not self.r.retry_partial):
