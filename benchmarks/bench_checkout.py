@@ -8,8 +8,9 @@ Rows, for a 1920x1080 and a 4000x3000 (12 MP) photo (a real GroceryStore photo r
 * ``segment``: ``SamSegmenter.segment`` with EfficientViT-SAM-L0 (random weights) for
   ``sam`` mode (segment_anything's ``SamAutomaticMaskGenerator``, the baseline; skipped for
   12 MP, where it needs > 6 GiB), ``exact`` and ``fast`` with SAM's 16 x 16 and 32 x 32 grids,
-  and the default (fast, the default prompt strategy, 128 at most, the mask decoder in ONNX
-  Runtime) and the same with the torch decoder (``decoder="torch"``).
+  and the default (fast, the default prompt strategy, 128 at most, the factored mask decoder)
+  and the same with the image-shared torch decoder (``runtime="torch"``) and in ONNX Runtime
+  (``runtime="onnxruntime"``).
   (the 32 x 32 row at 1080p only.)
 * ``recognize``: ``Recognizer.recognize`` end to end (segment + embed + match) with the
   default segmenter options on a catalog of the 81 GroceryStore packshots (MobileNetV2).
@@ -17,7 +18,7 @@ Rows, for a 1920x1080 and a 4000x3000 (12 MP) photo (a real GroceryStore photo r
 Every measurement runs in a fresh subprocess (peak RSS = the child's ``VmHWM``, so one
 configuration's memory cannot hide another's); time is the median of ``--repeats`` calls after
 one warm-up call ("first s": that first call, which also builds the ONNX Runtime decoder
-graph or loads it from its cache).  Random weights: the thresholds (0.88 / 0.95) reject almost every mask, which
+graph or loads it from its cache, in the onnxruntime row).  Random weights: the thresholds (0.88 / 0.95) reject almost every mask, which
 is the worst case for the prompt budget (nothing found: every round runs) — the time a trained
 model needs is at most this.
 
@@ -121,7 +122,7 @@ def main() -> None:
         ("fast, grid 32x32", {"mode": "fast", "prompts": "grid", "points_per_side": 32}),
         ("fast, default prompts <= 128, torch", {"runtime": "torch"}),
         ("fast, default prompts <= 128, ORT", {"runtime": "onnxruntime"}),
-        ("fast, default prompts <= 128, factored", {"runtime": "factored"}),
+        ("default: fast, prompts <= 128, factored", {}),
     ]
     if args.quick:
         configs = [c for c in configs if "32x32" not in c[0]]

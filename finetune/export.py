@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from retailklip.onnx_export import export_graph
+
 from .errors import FinetuneError
 from .model import unfreeze_batchnorm
 
@@ -81,7 +83,8 @@ def export_torchscript(module: torch.nn.Module, path: str | os.PathLike, size: t
 
 def export_onnx(module: torch.nn.Module, path: str | os.PathLike, size: tuple[int, int], opset: int = 17) -> Path:
     """Export the encoder to ONNX (float32, dynamic batch): input ``images`` (N, 3, H, W),
-    output ``features`` (N, D).
+    output ``features`` (N, D); through :func:`retailklip.onnx_export.export_graph` (torch's
+    TorchScript exporter, which needs only ``onnx``, else the ``torch.export`` one).
 
     Raises:
         FinetuneError: the ``onnx`` package is not installed, or the export fails.
@@ -89,14 +92,15 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike, size: tuple[in
     try:
         import onnx  # noqa: F401 - torch.onnx needs it
     except ImportError:
-        raise FinetuneError("ONNX export needs the onnx package (pip install onnx onnxscript)") from None
+        raise FinetuneError("ONNX export needs the onnx package (pip install onnx)") from None
     m = inference_module(module)
     p = Path(path)
     try:
-        torch.onnx.export(m, (torch.zeros(1, 3, *size),), str(p), input_names=["images"], output_names=["features"],
-                          dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, opset_version=opset)
+        graph = export_graph(m, (torch.zeros(1, 3, *size),), ["images"], ["features"],
+                             {"images": {0: "batch"}, "features": {0: "batch"}}, opset=opset)
     except Exception as e:  # noqa: BLE001
         raise FinetuneError(f"ONNX export failed: {str(e).splitlines()[0][:200]}") from None
+    p.write_bytes(graph)
     return p
 
 

@@ -30,18 +30,17 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import io
 import logging
 import os
 import tempfile
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..onnx_export import OPSET, export_graph
 from .fast_decoder import ImageSharedMaskDecoder
 
 logger = logging.getLogger(__name__)
@@ -49,8 +48,6 @@ logger = logging.getLogger(__name__)
 #: Largest |mask logit| or |IoU| difference against the torch decoder a graph may show (the
 #: exact mode's tolerance of tests/test_segment_model.py).
 TOLERANCE = 1e-5
-#: ONNX opset of the export (17: LayerNormalization is a standard op).
-OPSET = 17
 #: Bumped when the exported graph's inputs/outputs change (part of the cache key).
 GRAPH_VERSION = 1
 
@@ -98,31 +95,6 @@ def _decoder_inputs(decoder: ImageSharedMaskDecoder, batch: int, seed: int) -> t
     c = decoder.transformer_dim
     return (torch.randn(1, c, 64, 64, generator=g), torch.randn(1, c, 64, 64, generator=g),
             torch.randn(batch, 2, c, generator=g), torch.randn(1, c, 64, 64, generator=g))
-
-
-def export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: list[str], output_names: list[str],
-                 dynamic: dict[str, dict[int, str]] | None = None) -> bytes:
-    """``module(*args)`` as a serialised ONNX graph (float32, opset :data:`OPSET`), the axes in
-    ``dynamic`` (input or output name -> {axis: name}) left free.
-
-    Uses torch's TorchScript exporter (available on every torch the project supports) and falls
-    back to the ``torch.export``-based one where that is removed.
-    """
-    module = module.eval()
-    names = {"input_names": input_names, "output_names": output_names}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporters' deprecation and tracer warnings
-        try:
-            buf = io.BytesIO()
-            torch.onnx.export(module, args, buf, opset_version=OPSET, dynamo=False, dynamic_axes=dynamic or {}, **names)
-            return buf.getvalue()
-        except Exception as exc:  # noqa: BLE001 - a torch without the TorchScript exporter
-            logger.info("TorchScript ONNX export failed (%s); using torch.export", exc)
-            shapes = {n: ({a: torch.export.Dim(d, min=1, max=65536) for a, d in (dynamic or {}).get(n, {}).items()} or None)
-                      for n in input_names}
-            program = torch.onnx.export(module, args, None, opset_version=max(OPSET, 18), dynamo=True,
-                                        dynamic_shapes=shapes, **names)
-            return program.model_proto.SerializeToString()
 
 
 def export_decoder(decoder: ImageSharedMaskDecoder) -> bytes:
