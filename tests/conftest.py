@@ -204,3 +204,19 @@ def write_snapshot(cat) -> tuple:
         counts = tuple(s.scalar(select(func.count()).select_from(t)) for t in (SKU, ReferenceImage, Embedding))
     files = sorted(str(p.relative_to(cat.root)) for p in (cat.root / "images").rglob("*") if p.is_file())
     return counts, files, cat.generation
+
+
+@pytest.fixture(scope="module")
+def sam_l0():
+    """EfficientViT-SAM-L0, random init with perturbed norm / bias parameters (tests/samdecoder.py)."""
+    from samdecoder import perturbed_l0
+
+    return perturbed_l0()
+
+
+@pytest.fixture(scope="module")
+def sam_orange(sam_l0):
+    """A predictor of ``sam_l0`` with a real photo (464 x 348) set."""
+    from samdecoder import photo_predictor
+
+    return photo_predictor(sam_l0)

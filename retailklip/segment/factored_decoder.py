@@ -34,17 +34,18 @@ materialising them per prompt:
   SAM, but only over the token rows and columns of the photo's valid area when the caller
   crops the masks to it (a 16:9 photo uses 56 % of SAM's square frame).
 
-The arithmetic is SAM's up to floating-point rounding (a different summation order; tested
-against ``MaskDecoder`` on a real photo: mask logits and IoU predictions within 1e-5, and with
-weights scaled up to trained-model activation sizes within 1e-5 relative). Per prompt this is
-about 0.3-0.4 G multiply-adds instead of 1.6 G (``benchmarks/bench_decoder.py``). Calls with a
-mask prompt (per-prompt dense embeddings) or several images go to SAM's own code path.
+The arithmetic is SAM's up to floating-point rounding (another summation order). Tested on a
+real photo against SAM's ``MaskDecoder`` run in float64: the error of this float32 decoder is
+within 2x that of SAM's own float32 decoder, also with the weight matrices scaled x8 to
+trained-model activation sizes (``tests/test_segment_factored_decoder.py``). Per prompt this is
+about 0.35 G multiply-adds instead of 1.6 G: 0.18x SAM's decoder time per prompt on 2 CPU cores
+(``benchmarks/bench_decoder.py``, docs/segmentation.md "Decoder speed"). Calls with a mask
+prompt (per-prompt dense embeddings) or several images go to SAM's own code path.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -220,15 +221,7 @@ class FactoredMaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masks and IoU predictions, as ``MaskDecoder.forward``.
-
-        Args:
-            image_embeddings: float (1, 256, 64, 64) embedding of one image.
-            image_pe: float (1, 256, 64, 64) dense positional encoding (``get_dense_pe()``).
-            sparse_prompt_embeddings: float (B, N, 256) point/box embeddings, B prompts.
-            dense_prompt_embeddings: float (B, 256, 64, 64); prompt-independent (a broadcast,
-                batch stride 0, or B == 1) unless a mask prompt was given (then SAM's code runs).
-            multimask_output: three masks per prompt (True) or one.
+        """Masks and IoU predictions, as ``MaskDecoder.forward``: :meth:`predict` without a crop.
 
         Returns:
             ``(masks, iou_pred)``: float (B, 3 or 1, 256, 256) mask logits in SAM's 1024 frame
@@ -246,9 +239,18 @@ class FactoredMaskDecoder(nn.Module):
         multimask_output: bool,
         size: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As :meth:`forward`, the masks cropped to the top-left ``size`` = (h, w) cells of the
-        256 x 256 frame (a photo's valid area, :class:`~retailklip.segment.bounded.SamPromptDecoder`'s
+        """Masks and IoU predictions, the masks cropped to the top-left ``size`` = (h, w) cells
+        of the 256 x 256 frame (a photo's valid area, :class:`~retailklip.segment.bounded.SamPromptDecoder`'s
         ``low_res_size``): only the image tokens under that area are upscaled.
+
+        Args:
+            image_embeddings: float (1, 256, 64, 64) embedding of one image.
+            image_pe: float (1, 256, 64, 64) dense positional encoding (``get_dense_pe()``).
+            sparse_prompt_embeddings: float (B, N, 256) point/box embeddings, B prompts.
+            dense_prompt_embeddings: float (B, 256, 64, 64); prompt-independent (a broadcast,
+                batch stride 0, or B == 1) unless a mask prompt was given (then SAM's code runs).
+            multimask_output: three masks per prompt (True) or one.
+            size: (h, w) of the crop, or None for the whole frame.
 
         Returns:
             float (B, 3 or 1, h, w) mask logits and float (B, 3 or 1) predicted IoU.
