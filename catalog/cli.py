@@ -39,6 +39,7 @@ from .commands import (
     cmd_upgrade,
     cmd_versions,
 )
+from .connection import open_connections
 from .database import is_no_space, no_space_error
 from .store import DEFAULT_THRESHOLD
 
@@ -258,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    opened_before = open_connections()
     try:
         return COMMANDS[args.command](args)
     except RetailKlipError as e:
@@ -275,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("catalog: interrupted", file=sys.stderr)
         return 130
+    finally:
+        # Release the database connections (and files) of the catalogs this command opened, now:
+        # in-process callers run many commands, and a catalog lives until the next cyclic GC.
+        for cat in open_connections() - opened_before:
+            cat.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

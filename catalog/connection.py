@@ -12,6 +12,7 @@ counter never loses an update and recognizers notice every change with one cheap
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,6 +60,18 @@ class StateSnapshot:
     open_set_score: str = "distance"
 
 
+#: Every open catalog of this process, weakly (:func:`open_connections`).
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+def open_connections() -> set:
+    """The :class:`CatalogConnection` objects of this process that are still alive (a catalog
+    and its cached recognizer refer to each other, so one lives until the next cyclic garbage
+    collection, keeping its database files open): ``catalog.cli.main`` closes those a command
+    opened when it returns."""
+    return set(_OPEN)
+
+
 class CatalogConnection:
     """The database side of an open catalog (module docstring).
 
@@ -83,6 +96,7 @@ class CatalogConnection:
         self.sessions = sessionmaker(engine, expire_on_commit=False)
         self.device = device
         self.encoders = EncoderRegistry(self.sessions, device)
+        _OPEN.add(self)
 
     # ------------------------------------------------------------------ state
     @staticmethod

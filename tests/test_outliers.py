@@ -227,6 +227,21 @@ def test_rebuild_reembeds_outliers_with_the_new_encoder(tmp_path, iconic, mobile
     assert check(cat).ok
 
 
+def test_rollback_embeds_outliers_added_since_with_the_old_encoder(tmp_path, iconic, mobilenet_weights):
+    cat = Catalog.init(tmp_path / "c", encoder=MOBILENET_SPEC, random_init=True, encoder_options=MOBILENET_OPTIONS)
+    for _c, n, p in iconic[:3]:
+        cat.add(p, sku=n)
+    cat.add_outliers([iconic[40][2]])
+    v1_enc = cat.snapshot().encoder_id
+    cat.rebuild(encoder=MOBILENET_SPEC, weights=mobilenet_weights, encoder_options=MOBILENET_OPTIONS)
+    cat.add_outliers([iconic[41][2]])  # embedded with the new encoder only
+    assert len(cat.outlier_table(v1_enc)) == 1
+    cat.rollback()
+    assert cat.snapshot().encoder_id == v1_enc and len(cat.outlier_table(v1_enc)) == 2
+    r = Recognizer(cat).recognize(iconic[41][2])[0]
+    assert r.outlier_distance < 1e-4 and r.nearest_sku in {n for _c, n, _p in iconic[:3]}
+
+
 def test_check_verifies_outlier_files_and_vectors(tmp_path, iconic, mobilenet_weights):
     cat = Catalog.init(tmp_path / "c", encoder=MOBILENET_SPEC, weights=mobilenet_weights,
                        encoder_options=MOBILENET_OPTIONS, augmentations=1)
