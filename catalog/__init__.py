@@ -1,6 +1,7 @@
 """The SKU catalog (SQLAlchemy store of SKUs, reference images and vectors) and the ``catalog`` CLI."""
 
 from .errors import CatalogError, DuplicateSKUError, InvalidSKUError, NoSpaceError, ReadOnlyCatalogError, UnknownSKUError
+from .outliers import OutlierInfo, UnknownOutlierError
 from .skus import AddedSKU, SKUInfo, validate_name, validate_sku_id
 from .store import DEFAULT_THRESHOLD, Catalog, default_catalog_dir
 
@@ -12,8 +13,10 @@ __all__ = [
     "DuplicateSKUError",
     "InvalidSKUError",
     "NoSpaceError",
+    "OutlierInfo",
     "ReadOnlyCatalogError",
     "SKUInfo",
+    "UnknownOutlierError",
     "UnknownSKUError",
     "default_catalog_dir",
     "validate_name",

@@ -29,6 +29,11 @@ kind                        what                                             rep
                             directories
 ==========================  ===============================================  =========================================
 
+Outlier references (images of products not in the catalog, :mod:`catalog.outliers`) are
+checked like SKU references: their vectors (``orphan_vectors``, ``bad_vectors``,
+``missing_vectors``; examples say "outlier"), their stored files (``missing_images``,
+``corrupt_images``) and, as files a row names, never ``orphan_files``.
+
 ``check`` takes the rebuild lock, so it never runs beside a rebuild.
 """
 
@@ -53,9 +58,10 @@ from .codec import decode_vector
 from .connection import StateSnapshot
 from .fileio import atomic_write
 from .imagestore import IMAGES_DIR
-from .models import CatalogState, Embedding, IndexVersion, ReferenceImage, VersionStatus
+from .models import CatalogState, IndexVersion, OutlierReference, ReferenceImage, VersionStatus
 from .reads import CatalogReader
-from .vectors import embed_missing, references_lacking_vectors
+from .vectors import OUTLIERS, REFERENCES, VectorKind, embed_missing, references_lacking_vectors
+from .writes import used_filenames
 from .versions import RebuildLock, fail_interrupted, mark_failed
 
 logger = logging.getLogger(__name__)
@@ -162,23 +168,47 @@ def check(
     return CheckReport(findings, n_refs, n_vec, time.perf_counter() - t0)
 
 
-def _delete_vectors(cat: CatalogReader, ids: Sequence[int]) -> None:
+def _delete_vectors(cat: CatalogReader, ids: Sequence[int], kind: VectorKind = REFERENCES) -> None:
     with cat.sessions.begin() as s:
         cat.lock_writers(s)
         for c in range(0, len(ids), 10_000):
-            s.execute(delete(Embedding).where(Embedding.id.in_(ids[c : c + 10_000])))
+            s.execute(delete(kind.vectors).where(kind.vectors.id.in_(ids[c : c + 10_000])))
 
 
 def _check_vectors(cat: CatalogReader, snap: StateSnapshot, repair: bool) -> tuple[list[Finding], list[int], int]:
-    """``orphan_vectors`` and ``bad_vectors`` (of the active encoder).  Returns the findings, the
-    ids of those vectors (left out of the snapshot comparison) and the number of vectors."""
+    """``orphan_vectors`` and ``bad_vectors`` (of the active encoder), of SKU and of outlier
+    references.  Returns the findings, the ids of the SKU vectors among them (left out of the
+    snapshot comparison) and the number of vectors."""
+    findings: dict[str, Finding] = {}
+    excluded, n_vec = [], 0
+    for kind in (REFERENCES, OUTLIERS):
+        orphan, bad_vec, n = _scan_vectors(cat, snap, kind)
+        n_vec += n
+        prefix = "vector" if kind is REFERENCES else "outlier vector"
+        for name, ids in (("orphan_vectors", orphan), ("bad_vectors", bad_vec)):
+            if not ids:
+                continue
+            f = findings.setdefault(name, Finding(name, 0))
+            f.count += len(ids)
+            f.examples = (f.examples + [f"{prefix} {i}" for i in ids[:5]])[:5]
+            if repair:
+                _delete_vectors(cat, ids, kind)
+                f.repaired += len(ids)
+        if kind is REFERENCES:
+            excluded = bad_vec + orphan
+    return [findings[k] for k in ("orphan_vectors", "bad_vectors") if k in findings], excluded, n_vec
+
+
+def _scan_vectors(cat: CatalogReader, snap: StateSnapshot, kind: VectorKind) -> tuple[list[int], list[int], int]:
+    """``(orphan ids, bad ids, vectors scanned)`` of one kind's vectors."""
     dim = cat.encoder_identity(snap.encoder_id).dim
+    vec = kind.vectors
     with cat.sessions() as s:
-        ref_ids = set(s.scalars(select(ReferenceImage.id)))
+        ref_ids = set(s.scalars(select(kind.images.id)))
         orphan, bad_vec = [], []
         n_vec = 0
         for eid, rid, enc_id, blob in s.execute(
-            select(Embedding.id, Embedding.reference_id, Embedding.encoder_id, Embedding.vector)
+            select(vec.id, vec.reference_id, vec.encoder_id, vec.vector)
         ).yield_per(10_000):
             n_vec += 1
             if rid not in ref_ids:
@@ -192,24 +222,21 @@ def _check_vectors(cat: CatalogReader, snap: StateSnapshot, repair: bool) -> tup
                     continue
                 if not np.all(np.isfinite(v)) or abs(float(v @ v) - 1.0) > 1e-3:
                     bad_vec.append(eid)
-    findings = []
-    for kind, ids in (("orphan_vectors", orphan), ("bad_vectors", bad_vec)):
-        if ids:
-            f = Finding(kind, len(ids), [f"vector {i}" for i in ids[:5]])
-            if repair:
-                _delete_vectors(cat, ids)
-                f.repaired = len(ids)
-            findings.append(f)
-    return findings, bad_vec + orphan, n_vec
+    return orphan, bad_vec, n_vec
 
 
 def _reference_rows(cat: CatalogReader) -> list[tuple]:
-    """(id, SKU, sha256, filename, size) of every reference image."""
+    """(id, whose: "SKU 'x'" or "outlier reference N", sha256, filename, size) of every
+    reference image, of the SKUs and the outlier references."""
     with cat.sessions() as s:
-        return list(s.execute(
+        refs = [(i, f"SKU {sku!r}", h, fn, n) for i, sku, h, fn, n in s.execute(
             select(ReferenceImage.id, ReferenceImage.sku_id, ReferenceImage.sha256, ReferenceImage.filename,
                    ReferenceImage.size_bytes)
-        ).all())
+        )]
+        outliers = [(i, f"outlier reference {i}", h, fn, n) for i, h, fn, n in s.execute(
+            select(OutlierReference.id, OutlierReference.sha256, OutlierReference.filename, OutlierReference.size_bytes)
+        )]
+    return refs + outliers
 
 
 def _check_images(cat: CatalogReader, refs: list[tuple], images_from: Sequence[str | os.PathLike],
@@ -227,7 +254,7 @@ def _check_images(cat: CatalogReader, refs: list[tuple], images_from: Sequence[s
     for kind, items in (("missing_images", missing), ("corrupt_images", corrupt)):
         if not items:
             continue
-        f = Finding(kind, len(items), [f"SKU {sku!r}: {fn}" for _r, sku, _h, fn, _s in items[:5]],
+        f = Finding(kind, len(items), [f"{whose}: {fn}" for _r, whose, _h, fn, _s in items[:5]],
                     repairable=all(h in sources for _r, _k, h, _f, _s in items))
         if repair:
             for _rid, _sku, sha, fn, _size in items:
@@ -239,17 +266,24 @@ def _check_images(cat: CatalogReader, refs: list[tuple], images_from: Sequence[s
 
 
 def _check_missing_vectors(cat: CatalogReader, snap: StateSnapshot, repair: bool, progress: bool) -> list[Finding]:
-    """``missing_vectors``: references lacking some of their K vectors of the active encoder."""
-    lacking = references_lacking_vectors(cat, snap.encoder_id, snap.augmentations)
-    if not lacking:
+    """``missing_vectors``: references (of SKUs and outliers) lacking some of their K vectors of
+    the active encoder."""
+    lacking = {kind: references_lacking_vectors(cat, snap.encoder_id, snap.augmentations, kind)
+               for kind in (REFERENCES, OUTLIERS)}
+    jobs = lacking[REFERENCES] + lacking[OUTLIERS]
+    if not jobs:
         return []
-    unreadable = {j.reference_id for j in lacking if not Path(j.path).is_file()}
-    f = Finding("missing_vectors", len(lacking), [f"reference {j.reference_id}" for j in lacking[:5]],
+    unreadable = [j for j in jobs if not Path(j.path).is_file()]
+    f = Finding("missing_vectors", len(jobs),
+                [f"reference {j.reference_id}" if j.noun == REFERENCES.noun else f"{j.noun} {j.reference_id}"
+                 for j in jobs[:5]],
                 repairable=not unreadable)
     if repair and not unreadable:
         seed = int(cat.settings()["seed"])
-        f.repaired = embed_missing(cat, cat.encoder_for(snap.encoder_id), snap.encoder_id, snap.augmentations, seed,
-                                   progress=progress)
+        for kind, kind_jobs in lacking.items():
+            if kind_jobs:
+                f.repaired += embed_missing(cat, cat.encoder_for(snap.encoder_id), snap.encoder_id, snap.augmentations,
+                                            seed, progress=progress, kind=kind)
         with cat.sessions.begin() as s:
             cat.lock_writers(s)  # recognizers pick the new vectors up
     return [f]
@@ -273,7 +307,7 @@ def _check_orphan_files(cat: CatalogReader, refs: list[tuple], grace_s: float, r
         # re-reading the references: an add may have committed one of them meanwhile.
         with cat.sessions.begin() as s:
             cat.lock_writers(s, bump=False)
-            known = set(s.scalars(select(ReferenceImage.filename)))
+            known = used_filenames(s, [str(p.relative_to(cat.root)) for p in orphans])
             for p in orphans:
                 if str(p.relative_to(cat.root)) not in known:
                     p.unlink(missing_ok=True)

@@ -31,6 +31,7 @@ from .commands import (
     cmd_info,
     cmd_init,
     cmd_list,
+    cmd_outliers,
     cmd_rebuild,
     cmd_recognize,
     cmd_remove,
@@ -38,6 +39,7 @@ from .commands import (
     cmd_upgrade,
     cmd_versions,
 )
+from .connection import open_connections
 from .database import is_no_space, no_space_error
 from .store import DEFAULT_THRESHOLD
 
@@ -48,6 +50,14 @@ def _distance(text: str) -> float:
     v = float(text)
     if not 0.0 <= v <= 2.0:
         raise argparse.ArgumentTypeError(f"a cosine distance is in [0, 2], got {v}")
+    return v
+
+
+def _threshold(text: str) -> float:
+    v = float(text)
+    if not (v >= 0.0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(
+            f"a threshold is a cosine distance in [0, 2] (on --score ratio: in [0, 1]; outlier-ratio: finite, >= 0), got {text}")
     return v
 
 
@@ -107,13 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="show the catalog's settings")
     s.add_argument("--json", action="store_true", help="print JSON")
 
+    s = sub.add_parser("outliers", help="outlier references: images of products NOT in the catalog (for --score outlier-ratio)",
+                       description="Outlier references are images of products the store does not sell (e.g. the packshots of "
+                                   "the products the encoder was finetuned on). They are never recognised; each photo's distance "
+                                   "to the nearest of them is the denominator of the outlier-ratio open-set score "
+                                   "(docs/threshold.md).")
+    osub = s.add_subparsers(dest="outliers_command", required=True, metavar="ACTION")
+    o = osub.add_parser("add", help="add outlier images (files, or directories searched recursively), all or nothing")
+    o.add_argument("images", type=Path, nargs="+", metavar="IMAGE|DIR")
+    o.add_argument("--label", default=None, help="label of every image given (default: each file's name without extension)")
+    o.add_argument("--json", action="store_true", help="print the new outlier references as JSON")
+    o = osub.add_parser("import", help="add the outlier images of a CSV with columns image[,label], all or nothing")
+    o.add_argument("csv", type=Path)
+    o.add_argument("--json", action="store_true", help="print the new outlier references as JSON")
+    o = osub.add_parser("list", help="list the outlier references")
+    o.add_argument("--json", action="store_true", help="print JSON")
+    o = osub.add_parser("remove", help="remove outlier references by id (see list), all or nothing")
+    o.add_argument("ids", type=int, nargs="+", metavar="ID")
+
     s = sub.add_parser("recognize", help="recognise the products in photos")
     s.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
     s.add_argument("--json", action="store_true", help="print JSON: one object per image")
-    s.add_argument("--threshold", type=_distance, default=None, metavar="T",
+    s.add_argument("--threshold", type=_threshold, default=None, metavar="T",
                    help="override the catalog's threshold (and its score): T on --score, a cosine distance by default")
     s.add_argument("--score", choices=OPEN_SET_SCORES, default=None,
-                   help="the open-set score --threshold is on: distance (default) or ratio (nearest / runner-up distance)")
+                   help="the open-set score --threshold is on: distance (default), ratio (nearest / runner-up distance) "
+                        "or outlier-ratio (nearest distance / distance to the nearest outlier reference; needs `catalog outliers add`)")
     s.add_argument("--segment", default=None, metavar="NAME", help="segmenter (default: the catalog's, else whole image)")
     s.add_argument("--checkpoint", default=None, metavar="FILE", help="segmenter checkpoint file")
     s.add_argument("--save-segments", type=Path, default=None, metavar="DIR", help="save each segment's RGBA crop as [image]_segment_[x].png")
@@ -165,9 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest threshold whose known precision on the photos is >= P (0 < P <= 1)")
     g.add_argument("--match-softmax-cutoff", type=float, default=None, metavar="C",
                    help="reject at least as many unknown photos as a softmax head with confidence cutoff C (the old system: 0.78)")
-    s.add_argument("--score", choices=OPEN_SET_SCORES, default="ratio",
-                   help="the open-set score to threshold, stored with the threshold: ratio (default; nearest / runner-up "
-                        "distance, better on unknown sibling products, docs/threshold.md) or distance (the 1-NN cosine distance)")
+    s.add_argument("--score", choices=OPEN_SET_SCORES, default=None,
+                   help="the open-set score to threshold, stored with the threshold: outlier-ratio (the default when the "
+                        "catalog has outlier references: nearest distance / distance to the nearest outlier, the best AUROC "
+                        "under class-disjoint CV, docs/threshold.md), ratio (the default without outliers: nearest / "
+                        "runner-up distance) or distance (the 1-NN cosine distance)")
     s.add_argument("--dry-run", "--no-store", dest="dry_run", action="store_true", help="report only; keep the stored threshold")
     s.add_argument("--json", action="store_true", help="print JSON")
 
@@ -218,7 +249,7 @@ def _bytes(text: str) -> int:
 
 COMMANDS = {
     "init": cmd_init, "add": cmd_add, "import": cmd_import, "list": cmd_list, "remove": cmd_remove,
-    "info": cmd_info, "recognize": cmd_recognize, "calibrate": cmd_calibrate, "eval": cmd_eval,
+    "info": cmd_info, "outliers": cmd_outliers, "recognize": cmd_recognize, "calibrate": cmd_calibrate, "eval": cmd_eval,
     "rebuild": cmd_rebuild, "upgrade": cmd_upgrade, "versions": cmd_versions, "rollback": cmd_rollback, "check": cmd_check,
 }
 
@@ -228,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    opened_before = open_connections()
     try:
         return COMMANDS[args.command](args)
     except RetailKlipError as e:
@@ -245,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("catalog: interrupted", file=sys.stderr)
         return 130
+    finally:
+        # Release the database connections (and files) of the catalogs this command opened, now:
+        # in-process callers run many commands, and a catalog lives until the next cyclic GC.
+        for cat in open_connections() - opened_before:
+            cat.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -115,12 +115,45 @@ def cmd_remove(args) -> int:
 
 def cmd_info(args) -> int:
     cat = Catalog.open(catalog_dir(args), db_url=args.db_url)
-    st = dict(cat.settings(), catalog=str(cat.root), skus=len(cat))
+    st = dict(cat.settings(), catalog=str(cat.root), skus=len(cat), outlier_references=cat.outlier_count())
     if args.json:
         print(json.dumps(st, indent=1))
     else:
         for k, v in st.items():
             print(f"{k}: {v}")
+    return 0
+
+
+def cmd_outliers(args) -> int:
+    """``catalog outliers add | import | list | remove``."""
+    action = args.outliers_command
+    cat = Catalog.open(catalog_dir(args), db_url=args.db_url, device=args.device)
+    progress = sys.stderr.isatty() or args.verbose > 0
+    if action in ("add", "import"):
+        if action == "add":
+            images = [f for p in args.images for f in (image_list(p) if p.is_dir() else [p])]
+            labels = None if args.label is None else [args.label] * len(images)
+            added = cat.add_outliers(images, labels, progress=progress)
+        else:
+            added = cat.import_outliers(args.csv, progress=progress)
+        if args.json:
+            print(json.dumps([o.to_dict() for o in added], ensure_ascii=False, indent=1))
+        else:
+            print(f"added {len(added)} outlier reference(s) ({sum(o.vectors for o in added)} vectors); "
+                  f"{cat.outlier_count()} in the catalog")
+        return 0
+    if action == "list":
+        outliers = cat.list_outliers()
+        if args.json:
+            print(json.dumps([o.to_dict() for o in outliers], ensure_ascii=False, indent=1))
+        else:
+            for o in outliers:
+                print(f"{o.id}\t{field(o.label or '')}\t{o.vectors} vec\t{o.width}x{o.height}\t{o.filename}\t"
+                      f"{o.created:%Y-%m-%d %H:%M}")
+            print(f"{len(outliers)} outlier reference(s)", file=sys.stderr)
+        return 0
+    n = cat.remove_outliers(args.ids)
+    print(f"removed {n} outlier reference(s); {cat.outlier_count()} left")
     return 0
 
 
@@ -194,16 +227,28 @@ def cmd_recognize(args) -> int:
             for r in recs:
                 label = r.sku if r.known else f"unknown (nearest {r.nearest_sku})"
                 runner = f", runner-up {field(r.runner_up.sku)} {r.runner_up.distance:.3f}" if r.runner_up else ""
-                print(f"{field(path)}\t{field(label)}\t{field(r.name or '')}\tdistance {r.distance:.3f}{runner}\tbbox {list(r.bbox)}")
+                outlier = (f", outlier distance {r.outlier_distance:.3f}, outlier-ratio {r.outlier_ratio:.3f}"
+                           if r.outlier_distance is not None else "")
+                print(f"{field(path)}\t{field(label)}\t{field(r.name or '')}\tdistance {r.distance:.3f}{runner}{outlier}"
+                      f"\tbbox {list(r.bbox)}")
     if args.json:
         print(json.dumps(results, ensure_ascii=False, indent=1))
     return 1 if failed else 0
 
 
 def _threshold_score(args) -> str | None:
-    """The score of ``--threshold`` (``--score``; a bare threshold is a distance)."""
+    """The score of ``--threshold`` (``--score``; a bare threshold is a distance), checked
+    against the score's range.
+
+    Raises:
+        RetailKlipError: ``--score`` without ``--threshold``, or a threshold outside the score's range.
+    """
+    from retailklip.open_set import DEFAULT_OPEN_SET_SCORE, check_threshold
+
     if args.score is not None and args.threshold is None:
         raise RetailKlipError("--score is the score of --threshold: give --threshold too")
+    if args.threshold is not None:
+        check_threshold(args.threshold, args.score or DEFAULT_OPEN_SET_SCORE)
     return args.score
 
 

@@ -12,20 +12,22 @@ counter never loses an update and recognizers notice every change with one cheap
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from retailklip.open_set import OPEN_SET_SCORES, score_range
+from retailklip.errors import RetailKlipError
+from retailklip.open_set import OPEN_SET_SCORES, OUTLIER_SCORE, check_threshold, no_outliers_error
 
 from .database import read_only_error
 from .encoders import EncoderRegistry
 from .errors import CatalogError
-from .models import CatalogState, EncoderRow
+from .models import CatalogState, EncoderRow, OutlierReference
 
 if TYPE_CHECKING:  # pragma: no cover
     from retailklip.encoders import Encoder, EncoderIdentity
@@ -58,6 +60,18 @@ class StateSnapshot:
     open_set_score: str = "distance"
 
 
+#: Every open catalog of this process, weakly (:func:`open_connections`).
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+def open_connections() -> set:
+    """The :class:`CatalogConnection` objects of this process that are still alive (a catalog
+    and its cached recognizer refer to each other, so one lives until the next cyclic garbage
+    collection, keeping its database files open): ``catalog.cli.main`` closes those a command
+    opened when it returns."""
+    return set(_OPEN)
+
+
 class CatalogConnection:
     """The database side of an open catalog (module docstring).
 
@@ -82,6 +96,7 @@ class CatalogConnection:
         self.sessions = sessionmaker(engine, expire_on_commit=False)
         self.device = device
         self.encoders = EncoderRegistry(self.sessions, device)
+        _OPEN.add(self)
 
     # ------------------------------------------------------------------ state
     @staticmethod
@@ -172,21 +187,27 @@ class CatalogConnection:
         from their next call).
 
         Args:
-            threshold: a cosine distance in [0, 2] (``"distance"``) or a ratio in [0, 1] (``"ratio"``).
+            threshold: a cosine distance in [0, 2] (``"distance"``), a ratio in [0, 1] (``"ratio"``)
+                or a finite outlier ratio >= 0 (``"outlier-ratio"``: only on a catalog that holds
+                outlier references).
             open_set_score: one of :data:`retailklip.open_set.OPEN_SET_SCORES`; default
                 ``"distance"``, what a bare threshold always meant.
 
         Raises:
             CatalogError: unknown score, or a threshold outside its range.  ReadOnlyCatalogError.
+            RetailKlipError: ``"outlier-ratio"`` on a catalog without outlier references.
+            Nothing is stored on any error.
         """
         if open_set_score not in OPEN_SET_SCORES:
             raise CatalogError(f"unknown open-set score {open_set_score!r}; choose one of {', '.join(OPEN_SET_SCORES)}")
-        low, high = score_range(open_set_score)
-        if not low <= threshold <= high:
-            what = "a cosine distance" if open_set_score == "distance" else "a distance ratio"
-            raise CatalogError(f"threshold is {what} in [{low:g}, {high:g}], got {threshold}")
+        try:
+            threshold = check_threshold(threshold, open_set_score)
+        except RetailKlipError as e:
+            raise CatalogError(str(e)) from None
         with self.sessions.begin() as s:
             self.lock_writers(s)
+            if open_set_score == OUTLIER_SCORE and not s.scalar(select(func.count(OutlierReference.id))):
+                raise no_outliers_error()
             s.execute(update(CatalogState).where(CatalogState.id == 1).values(
                 threshold=float(threshold), open_set_score=open_set_score))
 

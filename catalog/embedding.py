@@ -56,16 +56,20 @@ class EmbedJob:
     """One reference image to embed.
 
     Attributes:
-        reference_id: ``reference_images.id`` of the image.
+        reference_id: ``reference_images.id`` of the image (``outlier_references.id`` for an
+            outlier reference).
         path: absolute path of the stored reference image file (on a cluster: the same path
             on every node).
+        noun: what the image is called in error messages.
     """
 
     reference_id: int
     path: str
+    noun: str = "reference image"
 
 
-def _embed_one(reference_id: int, path: str, encoder: Encoder, k: int, seed: int) -> np.ndarray:
+def _embed_one(reference_id: int, path: str, encoder: Encoder, k: int, seed: int,
+               noun: str = "reference image") -> np.ndarray:
     """The K vectors of one reference image: float32 (K, D), unit rows.
 
     Raises:
@@ -78,7 +82,7 @@ def _embed_one(reference_id: int, path: str, encoder: Encoder, k: int, seed: int
         return embed_reference(encoder, im, k, seed)
     except RetailKlipError as e:
         msg = str(e)
-        where = f"reference image {reference_id}" + ("" if msg.startswith(str(path)) else f" ({path})")
+        where = f"{noun} {reference_id}" + ("" if msg.startswith(str(path)) else f" ({path})")
         raise type(e)(f"{where}: {msg}") from None
 
 
@@ -125,7 +129,7 @@ def embed_local(
 
         it = tqdm(jobs, desc="embedding", unit="ref")
     for job in it:
-        yield int(job.reference_id), _embed_one(job.reference_id, job.path, encoder, augmentations, seed)
+        yield int(job.reference_id), _embed_one(job.reference_id, job.path, encoder, augmentations, seed, job.noun)
 
 
 # ---------------------------------------------------------------------------------------- Ray

@@ -15,6 +15,12 @@ Tables:
   exact search, status (``building`` / ``ready`` / ``failed`` / ``retired``), the directory
   holding its files (``indexes/v000007``), the index file's SHA-256 and the catalog generation
   whose membership it snapshots.
+* ``outlier_references`` — reference images of products that are *not* in the catalog (e.g. the
+  packshots of the products an encoder was finetuned on; migration 0004): content hash, stored
+  file (the same image store as SKU references), size, a free-text label.  Never an SKU, never
+  matched: the denominator of the ``outlier-ratio`` open-set score (:mod:`retailklip.open_set`).
+* ``outlier_embeddings`` — their K vectors per encoder, as ``embeddings`` holds the SKU
+  references' (row ids: a namespace of their own, never in an index snapshot).
 * ``catalog_state`` — a single row: the current (active) encoder and index version, the
   augmentation count K, the distance threshold, and a ``generation`` counter bumped by every
   change, so readers in other threads and processes notice changes with one cheap query.
@@ -152,3 +158,32 @@ class CatalogState(Base):
     segmenter: Mapped[str | None] = mapped_column(String(100))
     segmenter_checkpoint: Mapped[str | None] = mapped_column(Text)
     active_version_id: Mapped[int | None] = mapped_column(ForeignKey("index_versions.id"))
+
+
+class OutlierReference(Base):
+    """A reference image of a product not in the catalog (module docstring); one row per image
+    (its content hash is unique among outlier references, and no SKU reference has it)."""
+
+    __tablename__ = "outlier_references"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    label: Mapped[str | None] = mapped_column(String(NAME_MAX))
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    filename: Mapped[str] = mapped_column(String(100))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class OutlierEmbedding(Base):
+    """One view of an outlier reference embedded by one encoder (float32 bytes, unit norm)."""
+
+    __tablename__ = "outlier_embeddings"
+    __table_args__ = (UniqueConstraint("reference_id", "encoder_id", "view"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    reference_id: Mapped[int] = mapped_column(ForeignKey("outlier_references.id", ondelete="CASCADE"), index=True)
+    encoder_id: Mapped[int] = mapped_column(ForeignKey("encoders.id"), index=True)
+    view: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)

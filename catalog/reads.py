@@ -1,4 +1,5 @@
-"""Reading an open catalog: SKUs, reference images, the vectors of an encoder and index snapshots.
+"""Reading an open catalog: SKUs, reference images, the vectors of an encoder (of the SKUs'
+references, and of the outlier references: products not in the catalog) and index snapshots.
 
 :class:`CatalogReader` is what :class:`retailklip.recognizer.Recognizer` needs of a catalog (the
 :class:`retailklip.gallery.Gallery` protocol) and what ``rebuild`` and ``check`` read with.
@@ -17,7 +18,7 @@ from . import index_store
 from .codec import decode_vector
 from .connection import CatalogConnection
 from .errors import CatalogError, UnknownSKUError
-from .models import SKU, Embedding, IndexVersion, ReferenceImage
+from .models import SKU, Embedding, IndexVersion, OutlierEmbedding, ReferenceImage
 from .skus import SKUInfo, find_sku, id_forms
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -100,18 +101,44 @@ class CatalogReader(CatalogConnection):
         Returns:
             ``(found_ids, vectors)``: int64 (M,) ids in the given order and float32 (M, dim).
         """
+        return self._existing(Embedding, ids, dim, chunk)
+
+    def outlier_table(self, encoder_id: int | None = None) -> np.ndarray:
+        """Ids of the outlier references' vectors made by the active encoder (or ``encoder_id``):
+        int64 (M,), ascending; empty when the catalog has no outlier references (see
+        :class:`retailklip.gallery.Gallery`)."""
+        with self.sessions() as s:
+            enc_id = self.state(s).encoder_id if encoder_id is None else encoder_id
+            ids = s.scalars(select(OutlierEmbedding.id).where(OutlierEmbedding.encoder_id == enc_id)
+                            .order_by(OutlierEmbedding.id)).all()
+        return np.array(ids, np.int64)
+
+    def existing_outlier_vectors(self, ids: Sequence[int], dim: int, chunk: int = 10_000
+                                 ) -> tuple[np.ndarray, np.ndarray]:
+        """``(found_ids, vectors)`` of outlier-vector ids (:meth:`outlier_table`) still present:
+        int64 (M,) and float32 (M, dim) unit rows.
+
+        Raises:
+            CatalogError: a stored vector has the wrong length.
+        """
+        return self._existing(OutlierEmbedding, ids, dim, chunk)
+
+    def _existing(self, model, ids: Sequence[int], dim: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors of ``model`` (:class:`Embedding` or :class:`OutlierEmbedding`) by id, skipping
+        gone rows."""
         out = np.empty((len(ids), dim), np.float32)
         seen = np.zeros(len(ids), bool)
         pos = {int(i): n for n, i in enumerate(ids)}
         with self.sessions() as s:
             for c in range(0, len(ids), chunk):
                 part = [int(i) for i in ids[c : c + chunk]]
-                for i, blob in s.execute(select(Embedding.id, Embedding.vector).where(Embedding.id.in_(part))):
+                for i, blob in s.execute(select(model.id, model.vector).where(model.id.in_(part))):
                     try:
                         out[pos[i]] = decode_vector(blob, dim)
                     except ValueError:
+                        what = "outlier vector" if model is OutlierEmbedding else "vector"
                         raise CatalogError(
-                            f"vector {i} in the database has {len(blob)} bytes, not {4 * dim}; run `catalog check --repair`"
+                            f"{what} {i} in the database has {len(blob)} bytes, not {4 * dim}; run `catalog check --repair`"
                         ) from None
                     seen[pos[i]] = True
         return np.asarray(ids, np.int64)[seen], out[seen]

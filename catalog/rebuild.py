@@ -10,7 +10,9 @@ leaves the previous version serving, and a rerun picks up where the killed one s
 2. **Encoder**: the one given (``--encoder SPEC --weights FILE``, e.g. a finetuned checkpoint) or
    the catalog's own, registered by identity (backend, model, weights hash, preprocessing,
    centre).
-3. **Embed** every reference image that has no vectors from that encoder yet.  Vectors are
+3. **Embed** every reference image that has no vectors from that encoder yet, and every outlier
+   reference (products not in the catalog, :mod:`catalog.outliers`), whose vectors stay in the
+   database (the recognizer keeps them in an exact index of their own, never in the snapshot).  Vectors are
    committed to the database in batches, so they are the resumable cache: a reference image is
    identified by its content hash and a vector by (reference, encoder identity, view), and a
    rerun embeds only what is missing.  Single process, or Ray Data across a cluster (``--ray``).
@@ -19,9 +21,9 @@ leaves the previous version serving, and a rerun picks up where the killed one s
    measure recall@1 against exact search, and **validate**: vector count = references x K,
    dimension, and every reference's own view-0 vector finds itself as nearest neighbour.
 5. **Write** the version directory (temporary name, fsync, rename; see :mod:`catalog.index_store`).
-6. **Catch up and swap**: SKUs added while the rebuild ran are embedded with the new encoder
-   (removed ones need nothing); then ONE transaction checks that every reference image has its
-   vectors and switches ``catalog_state`` to the new encoder and version.  ``catalog add`` takes
+6. **Catch up and swap**: SKUs (and outlier references) added while the rebuild ran are embedded
+   with the new encoder (removed ones need nothing); then ONE transaction checks that every
+   reference image and outlier reference has its vectors and switches ``catalog_state`` to the new encoder and version.  ``catalog add`` takes
    the same lock first and re-embeds if the encoder changed under it, so nothing is lost.
 7. **Retire** versions beyond the newest ``keep`` (directories deleted) and drop vectors of
    encoders no kept version uses.
@@ -52,7 +54,7 @@ from .errors import CatalogError, RebuildError, ValidationError
 from .faults import crash_point
 from .models import CatalogState, IndexVersion, VersionStatus
 from .reads import CatalogReader
-from .vectors import VectorTable, count_lacking, embed_missing, vector_table
+from .vectors import OUTLIERS, VectorTable, count_lacking, embed_all_missing, vector_table
 from .versions import RebuildLock, VersionInfo, fail_interrupted, list_versions, retire
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -187,12 +189,12 @@ def _activate(cat: CatalogConnection, version_id: int, encoder: Encoder, encoder
     """Catch up with adds made meanwhile, then switch to ``version_id`` in one transaction that
     holds the writers' lock (an ``add`` embedding with the old encoder re-embeds after it)."""
     for _attempt in range(20):
-        embed_missing(cat, encoder, encoder_id, k, seed, ray=ray, ray_workers=ray_workers, batch=batch)
+        embed_all_missing(cat, encoder, encoder_id, k, seed, ray=ray, ray_workers=ray_workers, batch=batch)
         crash_point("rebuild.before_swap")
         try:
             with cat.sessions.begin() as s:
                 cat.lock_writers(s)  # writers wait from here until the commit
-                missing = count_lacking(s, encoder_id, k)
+                missing = count_lacking(s, encoder_id, k) + count_lacking(s, encoder_id, k, OUTLIERS)
                 if missing:
                     raise _AddedMeanwhile(missing)
                 st = s.get(CatalogState, 1)
@@ -285,8 +287,8 @@ def rebuild(
         logger.info("rebuild: version %d building with encoder %s", vid, enc.identity.key)
         crash_point("rebuild.started")
         try:
-            embedded = embed_missing(cat, enc, enc_id, k, seed, ray=ray, ray_workers=ray_workers, progress=progress,
-                                     batch=batch)
+            embedded, outliers = embed_all_missing(cat, enc, enc_id, k, seed, ray=ray, ray_workers=ray_workers,
+                                                   progress=progress, batch=batch)
             table, vectors = _read_vectors(cat, enc_id, k, enc.dim)
             t1 = time.perf_counter()
             index, factory, recall = _build(table, vectors, index_type, memory_budget, target_recall, seed, enc.dim)
@@ -304,7 +306,8 @@ def rebuild(
             del vectors
             _activate(cat, vid, enc, enc_id, k, seed, ray=ray, ray_workers=ray_workers, batch=batch,
                       updates={"factory": factory, "vectors": int(index.ntotal), "recall_at_1": float(recall),
-                               "index_sha256": sha, "note": f"embedded {embedded}; {summary}"})
+                               "index_sha256": sha,
+                               "note": f"embedded {embedded}" + (f" + {outliers} outlier(s)" if outliers else "") + f"; {summary}"})
         except BaseException as e:
             _fail_version(cat, vid, vpath, e)
             raise

@@ -11,7 +11,8 @@ Layout of a catalog directory::
 :class:`Catalog` is the one class users open; it is layered, one idea per module:
 :class:`~catalog.connection.CatalogConnection` (sessions, the writers' lock, state, encoders) <
 :class:`~catalog.reads.CatalogReader` (SKUs, vectors, index snapshots) <
-:class:`~catalog.writes.CatalogWriter` (add, import, remove: all-or-nothing) < :class:`Catalog`
+:class:`~catalog.writes.CatalogWriter` (add, import, remove: all-or-nothing) <
+:class:`~catalog.outliers.OutlierWriter` (outlier references: products not in the catalog) < :class:`Catalog`
 (creating, opening and upgrading a catalog directory, and the index versions of
 :mod:`catalog.rebuild`).
 
@@ -43,7 +44,7 @@ from .errors import CatalogError
 from .imagestore import IMAGES_DIR, remove_new_entries
 from .models import CatalogState, IndexVersion, VersionStatus
 from .versions import VersionInfo, list_versions
-from .writes import CatalogWriter
+from .outliers import OutlierWriter
 
 if TYPE_CHECKING:  # pragma: no cover
     from retailklip.encoders import Encoder
@@ -62,7 +63,7 @@ def default_catalog_dir() -> Path:
     return Path(base) / "retailklip" / "catalog"
 
 
-class Catalog(CatalogWriter):
+class Catalog(OutlierWriter):
     """An SKU catalog (see module docstring).  Open with :meth:`open`, create with :meth:`init`.
 
     Thread safety: all methods may be called from several threads; each call uses its own

@@ -5,6 +5,10 @@ lack them, embedding and storing those (the resumable cache of ``rebuild`` and t
 A vector is identified by (reference image, encoder, view); the K views of a reference come from
 :func:`retailklip.references.embed_reference` through :mod:`catalog.embedding` (this process
 or Ray), so they are bitwise what ``catalog add`` stores.
+
+The same functions serve the *outlier references* (images of products not in the catalog,
+tables ``outlier_references`` / ``outlier_embeddings``): pass ``kind=OUTLIERS``.  A rebuild, a
+rollback and ``check --repair`` embed both kinds with the new encoder.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from .codec import encode_vector
 from .connection import CatalogConnection
 from .embedding import EmbedJob, embed_local, embed_ray
 from .faults import crash_point
-from .models import Embedding, ReferenceImage
+from .models import Embedding, OutlierEmbedding, OutlierReference, ReferenceImage
 
 if TYPE_CHECKING:  # pragma: no cover
     from sqlalchemy.orm import Session
@@ -31,63 +35,101 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 
-def _lacking_vectors(columns, encoder_id: int, k: int):
-    """SELECT ``columns`` of the reference images without all K vectors (views < K) from
+@dataclass(frozen=True)
+class VectorKind:
+    """Which images and vectors a function works on.
+
+    Attributes:
+        images: the image table's model (:class:`ReferenceImage` or :class:`OutlierReference`).
+        vectors: its vectors' model (:class:`Embedding` or :class:`OutlierEmbedding`), with
+            columns ``reference_id``, ``encoder_id``, ``view``, ``vector``.
+        noun: what one image is called in messages.
+    """
+
+    images: type
+    vectors: type
+    noun: str
+
+
+#: The SKUs' reference images and their vectors (the index snapshots').
+REFERENCES = VectorKind(ReferenceImage, Embedding, "reference image")
+#: The outlier references (products not in the catalog) and their vectors.
+OUTLIERS = VectorKind(OutlierReference, OutlierEmbedding, "outlier reference")
+
+
+def _lacking_vectors(columns, encoder_id: int, k: int, kind: VectorKind = REFERENCES):
+    """SELECT ``columns`` of the images of ``kind`` without all K vectors (views < K) from
     ``encoder_id``."""
+    vec, img = kind.vectors, kind.images
     have = (
-        select(Embedding.reference_id, func.count(Embedding.id).label("n"))
-        .where(Embedding.encoder_id == encoder_id, Embedding.view < k)
-        .group_by(Embedding.reference_id)
+        select(vec.reference_id, func.count(vec.id).label("n"))
+        .where(vec.encoder_id == encoder_id, vec.view < k)
+        .group_by(vec.reference_id)
         .subquery()
     )
     return (
         select(*columns)
-        .select_from(ReferenceImage)
-        .outerjoin(have, have.c.reference_id == ReferenceImage.id)
+        .select_from(img)
+        .outerjoin(have, have.c.reference_id == img.id)
         .where(func.coalesce(have.c.n, 0) != k)
     )
 
 
-def references_lacking_vectors(cat: CatalogConnection, encoder_id: int, k: int) -> list[EmbedJob]:
-    """Reference images without all K vectors from ``encoder_id``, as embedding jobs (by id)."""
+def references_lacking_vectors(cat: CatalogConnection, encoder_id: int, k: int,
+                               kind: VectorKind = REFERENCES) -> list[EmbedJob]:
+    """Images of ``kind`` (default: SKU reference images) without all K vectors from
+    ``encoder_id``, as embedding jobs (by id)."""
+    img = kind.images
     with cat.sessions() as s:
-        rows = s.execute(
-            _lacking_vectors([ReferenceImage.id, ReferenceImage.filename], encoder_id, k).order_by(ReferenceImage.id)
-        ).all()
-    return [EmbedJob(int(i), str(cat.root / f)) for i, f in rows]
+        rows = s.execute(_lacking_vectors([img.id, img.filename], encoder_id, k, kind).order_by(img.id)).all()
+    return [EmbedJob(int(i), str(cat.root / f), kind.noun) for i, f in rows]
 
 
-def count_lacking(s: Session, encoder_id: int, k: int) -> int:
-    """How many reference images lack some of their K vectors from ``encoder_id`` (in session ``s``)."""
-    return int(s.scalar(_lacking_vectors([func.count(ReferenceImage.id)], encoder_id, k)))
+def count_lacking(s: Session, encoder_id: int, k: int, kind: VectorKind = REFERENCES) -> int:
+    """How many images of ``kind`` lack some of their K vectors from ``encoder_id`` (in session ``s``)."""
+    return int(s.scalar(_lacking_vectors([func.count(kind.images.id)], encoder_id, k, kind)))
 
 
-def store_vectors(cat: CatalogConnection, encoder_id: int, batch: Sequence[tuple[int, np.ndarray]]) -> int:
-    """Commit one batch of (reference id, float32 (K, D) vectors), replacing that encoder's
-    vectors of those references; references removed meanwhile are skipped.
+def store_vectors(cat: CatalogConnection, encoder_id: int, batch: Sequence[tuple[int, np.ndarray]],
+                  kind: VectorKind = REFERENCES) -> int:
+    """Commit one batch of (image id, float32 (K, D) vectors), replacing that encoder's
+    vectors of those images (of ``kind``); images removed meanwhile are skipped.
 
     Returns:
-        How many references were stored.
+        How many images were stored.
     """
     ids = [r for r, _ in batch]
+    img, vec = kind.images, kind.vectors
     with cat.sessions.begin() as s:
-        alive = set(s.scalars(select(ReferenceImage.id).where(ReferenceImage.id.in_(ids))))
-        s.execute(delete(Embedding).where(Embedding.encoder_id == encoder_id, Embedding.reference_id.in_(list(alive))))
+        alive = set(s.scalars(select(img.id).where(img.id.in_(ids))))
+        s.execute(delete(vec).where(vec.encoder_id == encoder_id, vec.reference_id.in_(list(alive))))
         s.add_all(
-            Embedding(reference_id=r, encoder_id=encoder_id, view=v, vector=encode_vector(vec))
+            vec(reference_id=r, encoder_id=encoder_id, view=v, vector=encode_vector(x))
             for r, vecs in batch
             if r in alive
-            for v, vec in enumerate(vecs)
+            for v, x in enumerate(vecs)
         )
     return len(alive)
 
 
+def embed_all_missing(cat: CatalogConnection, encoder: Encoder, encoder_id: int, k: int, seed: int,
+                      **kwargs) -> tuple[int, int]:
+    """:func:`embed_missing` for the SKU references, then for the outlier references.
+
+    Returns:
+        ``(references embedded, outlier references embedded)``.
+    """
+    return (embed_missing(cat, encoder, encoder_id, k, seed, **kwargs),
+            embed_missing(cat, encoder, encoder_id, k, seed, kind=OUTLIERS, **kwargs))
+
+
 def embed_missing(
     cat: CatalogConnection, encoder: Encoder, encoder_id: int, k: int, seed: int, *, ray: str | None = None,
-    ray_workers: int | None = None, progress: bool = False, batch: int = 64,
+    ray_workers: int | None = None, progress: bool = False, batch: int = 64, kind: VectorKind = REFERENCES,
 ) -> int:
-    """Embed every reference image lacking vectors from ``encoder_id`` and store them in commits
-    of ``batch`` references (a crash loses at most one batch; a rerun embeds only the rest).
+    """Embed every image of ``kind`` (default: SKU reference images) lacking vectors from
+    ``encoder_id`` and store them in commits of ``batch`` images (a crash loses at most one
+    batch; a rerun embeds only the rest).
 
     Args:
         cat: the catalog.
@@ -97,17 +139,18 @@ def embed_missing(
         ray: Ray cluster address to embed on (None: this process); ``ray_workers``: actors.
         progress: progress bar.
         batch: references per commit (>= 1).
+        kind: :data:`REFERENCES` or :data:`OUTLIERS`.
 
     Returns:
-        How many reference images were embedded.
+        How many images were embedded.
 
     Raises:
         RetailKlipError: a stored image cannot be read or decoded (the message names it).
     """
-    jobs = references_lacking_vectors(cat, encoder_id, k)
+    jobs = references_lacking_vectors(cat, encoder_id, k, kind)
     if not jobs:
         return 0
-    logger.info("embedding %d reference image(s) (%s)", len(jobs), "ray " + ray if ray else "local")
+    logger.info("embedding %d %s(s) (%s)", len(jobs), kind.noun, "ray " + ray if ray else "local")
     if ray:
         it: Iterator = embed_ray(
             jobs, cat.encoder_kwargs(encoder_id), k, seed, address=ray, num_workers=ray_workers, progress=progress,
@@ -119,11 +162,11 @@ def embed_missing(
     for item in it:
         pending.append(item)
         if len(pending) >= batch:
-            done += store_vectors(cat, encoder_id, pending)
+            done += store_vectors(cat, encoder_id, pending, kind)
             pending = []
             crash_point("rebuild.embedded_batch")
     if pending:
-        done += store_vectors(cat, encoder_id, pending)
+        done += store_vectors(cat, encoder_id, pending, kind)
         crash_point("rebuild.embedded_batch")
     return done
 

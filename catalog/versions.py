@@ -17,7 +17,7 @@ from sqlalchemy import delete, select
 from . import index_store
 from .connection import CatalogConnection
 from .errors import RebuildBusyError
-from .models import CatalogState, Embedding, EncoderRow, IndexVersion, VersionStatus
+from .models import CatalogState, Embedding, EncoderRow, IndexVersion, OutlierEmbedding, VersionStatus
 
 logger = logging.getLogger(__name__)
 
@@ -147,8 +147,8 @@ def fail_interrupted(cat: CatalogConnection) -> None:
 
 def retire(cat: CatalogConnection, keep: int) -> None:
     """Retire ready versions beyond the newest ``keep`` (the active one always stays; their
-    files are deleted), delete the files of failed versions, and drop vectors of encoders that
-    no kept version uses.  Call with the :class:`RebuildLock` held."""
+    files are deleted), delete the files of failed versions, and drop vectors (of SKU and of
+    outlier references) of encoders that no kept version uses.  Call with the :class:`RebuildLock` held."""
     with cat.sessions.begin() as s:
         st = s.get(CatalogState, 1)
         ready = list(s.scalars(select(IndexVersion).where(IndexVersion.status == VersionStatus.READY)
@@ -160,6 +160,7 @@ def retire(cat: CatalogConnection, keep: int) -> None:
         gone = [v.path for v in kept[keep:]]
         in_use = {st.encoder_id} | {v.encoder_id for v in kept[:keep]}
         dropped = s.execute(delete(Embedding).where(Embedding.encoder_id.not_in(in_use))).rowcount
+        dropped += s.execute(delete(OutlierEmbedding).where(OutlierEmbedding.encoder_id.not_in(in_use))).rowcount
     for path in gone:
         index_store.remove_version(cat.root, path)
     for v in list_versions(cat):

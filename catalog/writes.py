@@ -39,7 +39,7 @@ from .errors import CatalogError, DuplicateSKUError, UnknownSKUError
 from .faults import crash_point
 from .fileio import atomic_write
 from .imagestore import image_extension, image_relpath, prune_empty_dirs, unlink_all
-from .models import SKU, Embedding, ReferenceImage
+from .models import SKU, Embedding, OutlierReference, ReferenceImage
 from .reads import CatalogReader
 from .skus import AddedSKU, SKUInfo, find_sku, validate_name, validate_sku_id
 
@@ -96,11 +96,38 @@ def prepare_reference(
     path = Path(image)
     sku = validate_sku_id(sku if sku is not None else path.stem)
     name = validate_name(name)
+    return PreparedReference(sku, name, *read_and_embed(path, encoder, k, seed), encoder_id)
+
+
+def read_and_embed(image: str | os.PathLike, encoder: Encoder, k: int, seed: int
+                   ) -> tuple[bytes, str, str, int, int, np.ndarray]:
+    """Read, decode and embed one image file as K views (what every stored reference image,
+    SKU or outlier, goes through before it is written).
+
+    Returns:
+        ``(bytes, sha256 hex, stored file extension, width, height, float32 (K, D) unit vectors)``
+        (:func:`retailklip.references.embed_reference`).
+
+    Raises:
+        InvalidImageError: missing, unreadable or undecodable file (the message names it).
+    """
+    path = Path(image)
     data = read_image_bytes(path)
     im = decode_image_bytes(data, str(path))
-    fmt = image_extension(data)
     vectors = embed_reference(encoder, im, k, seed)
-    return PreparedReference(sku, name, data, hashlib.sha256(data).hexdigest(), fmt, im.width, im.height, vectors, encoder_id)
+    return data, hashlib.sha256(data).hexdigest(), image_extension(data), im.width, im.height, vectors
+
+
+def outlier_clash(s, hashes: Sequence[str]):
+    """``(sha256, outlier id)`` of the first image among ``hashes`` that is an outlier reference
+    (in session ``s``), or None: an image is an SKU's reference or an outlier, never both."""
+    return s.execute(select(OutlierReference.sha256, OutlierReference.id)
+                     .where(OutlierReference.sha256.in_(list(hashes)))).first()
+
+
+def outlier_clash_message(outlier_id: int) -> str:
+    return (f"this image is outlier reference {outlier_id} (a product not in the catalog); remove it with "
+            f"`catalog outliers remove {outlier_id}` before adding it as an SKU")
 
 
 class CatalogWriter(CatalogReader):
@@ -264,8 +291,11 @@ class CatalogWriter(CatalogReader):
             clash = s.execute(
                 select(ReferenceImage.sha256, ReferenceImage.sku_id).where(ReferenceImage.sha256.in_(list(first)))
             ).first()
+            outlier = outlier_clash(s, list(first))
         if clash:
             raise DuplicateSKUError(f"{csv_path}:{first[clash[0]]}: this image is already a reference image of SKU {clash[1]!r}")
+        if outlier:
+            raise DuplicateSKUError(f"{csv_path}:{first[outlier[0]]}: {outlier_clash_message(outlier[1])}")
 
     def _check_can_add(self, items: Sequence[tuple[str, None]], append: bool) -> None:
         ids = [i for i, _ in items]
@@ -306,6 +336,9 @@ class CatalogWriter(CatalogReader):
                 ).first()
                 if clash:
                     raise DuplicateSKUError(f"this image is already a reference image of SKU {clash[1]!r}")
+                outlier = outlier_clash(s, hashes)
+                if outlier:
+                    raise DuplicateSKUError(outlier_clash_message(outlier[1]))
                 for p in prepared:
                     dest = self.root / image_relpath(p.sha256, p.ext)
                     if not dest.exists():
@@ -382,22 +415,31 @@ class CatalogWriter(CatalogReader):
                            len(rel), str(e).splitlines()[0] if str(e) else type(e).__name__)
             try:
                 with self.sessions() as s:
-                    used = set(s.scalars(select(ReferenceImage.filename).where(ReferenceImage.filename.in_(rel))))
+                    used = used_filenames(s, rel)
             except Exception:  # noqa: BLE001
                 used = set()
             unlink_all(self.root / f for f in rel if f not in used)
             prune_empty_dirs(self.root / f for f in rel)
 
     def _delete_unreferenced(self, files: Sequence[str], *, prune_dirs: bool = False) -> None:
-        """Delete the stored image files among ``files`` that no reference row names.  Runs under
+        """Delete the stored image files among ``files`` that no reference row (of an SKU or an
+        outlier) names.  Runs under
         the writers' lock (a no-op UPDATE of ``catalog_state``), like the file writes of
         :meth:`_write`, so an ``add`` of the same image cannot commit a reference to a file
         between the check and the unlink.  A crash before this leaves unreferenced files only."""
         with self.sessions.begin() as s:
             self.lock_writers(s, bump=False)
-            used = set(s.scalars(select(ReferenceImage.filename).where(ReferenceImage.filename.in_(list(files)))))
+            used = used_filenames(s, files)
             for f in files:
                 if f not in used:
                     (self.root / f).unlink(missing_ok=True)
             if prune_dirs:  # a failed write leaves the image store as it was, shard directories included
                 prune_empty_dirs(self.root / f for f in files)
+
+
+def used_filenames(s, files: Sequence[str]) -> set[str]:
+    """The stored image files among ``files`` that a reference row names, an SKU's
+    (``reference_images``) or an outlier's (``outlier_references``), in session ``s``."""
+    files = list(files)
+    return (set(s.scalars(select(ReferenceImage.filename).where(ReferenceImage.filename.in_(files))))
+            | set(s.scalars(select(OutlierReference.filename).where(OutlierReference.filename.in_(files)))))

@@ -23,20 +23,23 @@ Steps (everything from the dataset's **train** split; test is never read, val on
    held-out classes: closed-set top-1) and ``catalog-known`` (the known half: open set).  Measured
    with the raw encoder (before), then ``Catalog.rebuild(encoder=..., weights=OUT/encoder.safetensors)``
    (= ``catalog rebuild --encoder timm:mobilenetv2_100 --weights OUT/encoder.safetensors``) and
-   measured again (after).
+   measured again (after).  ``catalog-known`` also gets the 46 training classes' packshots as
+   *outlier references* (products not in the catalog) through the CLI,
+   ``catalog --catalog OUT/catalog-known outliers add PACKSHOT...``; the rebuild re-embeds them
+   with the finetuned encoder.
 4. ``catalog --catalog OUT/catalog-known calibrate OUT/calibration.csv --match-softmax-cutoff 0.78 --score S --json``
-   (or ``--target-precision P``) for both open-set scores S (``ratio`` and ``distance``), the
-   ``--score`` one (default ``distance``) last, so its threshold is the one stored; before and
-   after the rebuild.
+   (or ``--target-precision P``) for every open-set score S (``distance``, ``ratio``,
+   ``outlier-ratio``), the ``--score`` one (default ``outlier-ratio``, ``catalog calibrate``'s
+   default on a catalog with outlier references) last, so its threshold is the one stored;
+   before and after the rebuild.
 5. Prints a before / after table (closed-set top-1 with bootstrap intervals and McNemar's test,
    per-class top-1, AUROC known vs unknown with a bootstrap interval over photos, accepted
    fraction, known precision and unknown rejection at the calibrated threshold), a per-score
    open-set table (AUROC, the calibrated threshold judged on the evaluation photos, and the
    *oracle* operating point: the largest acceptance with known precision >= ``--oracle-precision``
    read off the evaluation photos themselves, an upper bound for any calibration) and writes it
-   all to ``OUT/loop.json``.  The per-score table also has ``outlier-ratio``
-   (:func:`retailklip.open_set.outlier_ratio`, the training classes' packshots as outliers: AUROC
-   and oracle point only, as ``catalog calibrate`` has no such score yet).
+   all to ``OUT/loop.json``.  ``outlier-ratio`` (:func:`retailklip.open_set.outlier_ratio`) is
+   computed from the catalog's own outlier vectors (``catalog_outliers``), as the recognizer does.
 
 Evaluation photos are embedded once per encoder with the catalog's own encoder
 (``Catalog.encoder().embed``, what ``catalog recognize`` runs on a whole image) and matched by
@@ -69,20 +72,20 @@ from retailklip.calibration import (
     CalibrationError,
     auroc,
     catalog_gallery,
+    catalog_outliers,
     nearest_matches,
     nearest_skus,
     open_set_metrics,
+    outlier_distances,
     threshold_for_precision,
 )
 from retailklip.datasets import LabelledImage, read_grocery_store
-from retailklip.open_set import OPEN_SET_SCORES, open_set_score, outlier_ratio
+from retailklip.open_set import OPEN_SET_SCORES, OUTLIER_SCORE, open_set_score
 from retailklip.protocol import bootstrap_ci, bootstrap_statistic, class_disjoint_folds, mcnemar, photo_folds
 
 ENCODER = "timm:mobilenetv2_100"
 OPTIONS = {"interpolation": "bilinear"}
 RAW_WEIGHTS = Path("../shared/models/mobilenetv2_100.imagenet.safetensors")
-#: The measured-only open-set score: d1 / distance to the nearest training-class packshot.
-OUTLIER_SCORE = "outlier-ratio"
 
 
 def write_csv(path: Path, header: list[str], rows) -> Path:
@@ -161,14 +164,21 @@ def calibrate_cli(catalog_dir: Path, photos_csv: Path, args, score: str) -> dict
     """``catalog calibrate ... --score SCORE --json`` (stores the threshold); its JSON output."""
     mode = (["--target-precision", str(args.target_precision)] if args.target_precision is not None
             else ["--match-softmax-cutoff", str(args.match_softmax_cutoff)])
-    # The loop thresholds the 1-NN cosine distance by default (--score; its figures in docs/finetune.md
-    # were measured so); ``catalog calibrate``'s own default score is Lowe's ratio (docs/threshold.md).
     cmd = [sys.executable, "-m", "catalog", "--catalog", str(catalog_dir), "calibrate", str(photos_csv), *mode,
            "--score", score, "--json"]
     res = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(f"retailklip_loop: error: catalog calibrate failed: {res.stderr.strip()}")
     return json.loads(res.stdout)
+
+
+def add_outliers_cli(catalog_dir: Path, images: list[Path]) -> int:
+    """``catalog --catalog DIR outliers add IMAGE... --json``; the number of outlier references added."""
+    cmd = [sys.executable, "-m", "catalog", "--catalog", str(catalog_dir), "outliers", "add", *map(str, images), "--json"]
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"retailklip_loop: error: catalog outliers add failed: {res.stderr.strip()}")
+    return len(json.loads(res.stdout))
 
 
 def calibrate_all(catalog_dir: Path, photos_csv: Path, args) -> dict[str, dict]:
@@ -222,12 +232,9 @@ def measure(cat_all: Catalog, cat_known: Catalog, s: dict, calibration: dict[str
     o_truth = [c for c, u in zip(truth, use) if u]
     g_known, sku_known = catalog_gallery(cat_known)
     o_pred, o_dist, o_runner = nearest_matches(g_known, sku_known, emb[use])
-    scores = {x: open_set_score(x, o_dist, o_runner) for x in OPEN_SET_SCORES}
-    # the training classes' packshots as outliers (retailklip.open_set.outlier_ratio; measured, not a
-    # catalog setting: no calibration, AUROC and oracle operating point only)
-    store = s["store"]
-    outliers = enc.embed([c.iconic for c in store.classes if c.name in set(s["trained"])])
-    scores[OUTLIER_SCORE] = outlier_ratio(o_dist, (1.0 - emb[use].astype(np.float64) @ outliers.T.astype(np.float64)).min(1))
+    # the training classes' packshots, outlier references of the known catalog (its active encoder's vectors)
+    o_out = outlier_distances(catalog_outliers(cat_known), emb[use])
+    scores = {x: open_set_score(x, o_dist, o_runner, o_out) for x in OPEN_SET_SCORES}
     threshold = cat_known.threshold
     if cat_known.open_set_score != args.score:
         raise SystemExit(f"retailklip_loop: error: the catalog's threshold is on {cat_known.open_set_score}, not {args.score}")
@@ -386,9 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     g = c.add_mutually_exclusive_group()
     g.add_argument("--match-softmax-cutoff", type=float, default=0.78)
     g.add_argument("--target-precision", type=float, default=None)
-    c.add_argument("--score", choices=OPEN_SET_SCORES, default="distance",
-                   help="open-set score of the threshold the catalog keeps (catalog calibrate --score); the other "
-                        "score is calibrated and reported too")
+    c.add_argument("--score", choices=OPEN_SET_SCORES, default=OUTLIER_SCORE,
+                   help="open-set score of the threshold the catalog keeps (catalog calibrate --score; default "
+                        "outlier-ratio, calibrate's default on a catalog with outlier references); the other scores "
+                        "are calibrated and reported too")
     c.add_argument("--oracle-precision", type=float, default=0.9, metavar="P",
                    help="report the oracle operating point: the largest acceptance whose known precision on the "
                         "evaluation photos themselves is >= P (read off the photos judged, not calibrated)")
@@ -417,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         Catalog.init(d, encoder=ENCODER, weights=args.weights, encoder_options=OPTIONS, center_photos=center)
         Catalog.open(d).import_csv(files[name], progress=False)
         catalogs[name] = d
+    trained = set(s["trained"])
+    outlier_refs = add_outliers_cli(catalogs["known"], [c.iconic.resolve() for c in s["store"].classes if c.name in trained])
     timings["catalogs"] = time.perf_counter() - t
     t = time.perf_counter()
     cal_before = calibrate_all(catalogs["known"], files["calibration"], args)
@@ -446,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
                   "training_photos": len(s["train_photos"]), "held_out_classes": len(s["held"]),
                   "evaluation_photos": len(s["evaluation"]), "calibration_photos": len(s["calibration"]),
                   "known_classes": s["known"], "unknown_calibration_classes": s["unknown_calibration"],
-                  "unknown_evaluation_classes": s["unknown_evaluation"], "open_set_evaluation_photos": len(s["open_evaluation"])},
+                  "unknown_evaluation_classes": s["unknown_evaluation"], "open_set_evaluation_photos": len(s["open_evaluation"]),
+                  "outlier_references": outlier_refs},
         "finetune": ft,
         "before": {k: v for k, v in before.items() if k not in ("correct", "val_correct")},
         "after": {k: v for k, v in after.items() if k not in ("correct", "val_correct")},
@@ -468,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
           f"classes: {sp['evaluation_photos']} evaluation + {sp['calibration_photos']} calibration photos; open set: "
           f"{len(s['known'])} known, {len(s['unknown_calibration'])} + {len(s['unknown_evaluation'])} unknown classes")
     print(f"encoder: {before['encoder']} -> {after['encoder']}")
+    print(f"open set: catalog-known keeps the threshold on {args.score} (the rows below); outlier references: "
+          f"{sp['outlier_references']} training-class packshots (catalog outliers add)")
     print("\n| held-out classes | before | after |\n|---|---|---|")
     for label, path in ROWS:
         print(f"| {label} | {fmt(get(before, path))} | {fmt(get(after, path))} |")
@@ -478,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
           f"acceptance with known precision >= {args.oracle_precision:g} there -- an upper bound, not a calibration; "
           f"the catalog keeps the {args.score} threshold)")
     print("\n| open set, held-out classes | before | after |\n|---|---|---|")
-    for x in (*OPEN_SET_SCORES, OUTLIER_SCORE):
+    for x in OPEN_SET_SCORES:
         for label, path in score_rows(x, args.oracle_precision):
             print(f"| {label} | {fmt(get(before, path))} | {fmt(get(after, path))} |")
     print(f"\nMcNemar after vs before (closed set, {sp['evaluation_photos']} photos): {mc.only_a} right only after, "

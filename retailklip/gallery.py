@@ -67,6 +67,18 @@ class Gallery(Protocol):
     def existing_vectors(self, ids, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """``(found_ids, vectors)``: the float32 (M, dim) vectors of the ids still present."""
 
+    def outlier_table(self, encoder_id: int) -> np.ndarray:
+        """int64 (M,) ids (ascending) of the vectors of ``encoder_id`` made from *outlier
+        references*: reference images of products that are not in the gallery (never matched;
+        the denominator of the ``outlier-ratio`` score, :func:`retailklip.open_set.outlier_ratio`).
+        Their ids are a namespace of their own, apart from :meth:`embedding_table`'s.  A gallery
+        without outlier references returns an empty array; a gallery class without this method
+        is treated so."""
+
+    def existing_outlier_vectors(self, ids, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(found_ids, vectors)``: the float32 (M, dim) unit vectors of the outlier-vector ids
+        still present (like :meth:`existing_vectors`, for :meth:`outlier_table`'s ids)."""
+
     def names(self) -> dict[str, str | None]:
         """SKU id -> display name."""
 

@@ -6,6 +6,11 @@ nearest *SKU* is the SKU of the nearest vector, and the runner-up is the nearest
 replaces a softmax classification head and its confidence cutoff (0.78 in the system this
 replaces), and needs no retraining when SKUs are added (RetailKLIP §3, 1-NN zero-shot
 recognition).
+
+Outlier references (reference images of products *not* in the catalog) live in a second index:
+they are never a match, only the denominator of the ``outlier-ratio`` score
+(:func:`retailklip.open_set.outlier_ratio`): each query's distance to the nearest of them is
+:attr:`Match.outlier_distance`.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .index import VectorIndex
-from .open_set import check_score, open_set_score
+from .open_set import OUTLIER_SCORE, check_score, no_outliers_error, open_set_score
 
 
 @dataclass(frozen=True)
@@ -35,12 +40,16 @@ class Match:
         nearest: the 1-NN SKU and its cosine distance.
         runner_up: the nearest *other* SKU, or None when the index holds a single SKU.
         known: the open-set score is ``<= threshold`` (``nearest.distance`` for the default
-            score ``"distance"``, :attr:`ratio` for ``"ratio"``).
+            score ``"distance"``, :attr:`ratio` for ``"ratio"``, :attr:`outlier_ratio` for
+            ``"outlier-ratio"``).
+        outlier_distance: cosine distance in [0, 2] to the nearest outlier reference; None when
+            the matcher has no outlier index (or an empty one).
     """
 
     nearest: Neighbour
     runner_up: Neighbour | None
     known: bool
+    outlier_distance: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -48,12 +57,22 @@ class Match:
         (:func:`retailklip.open_set.distance_ratio`; runner-up distance 2 when there is none)."""
         return score_of(self, "ratio")
 
+    @property
+    def outlier_ratio(self) -> float | None:
+        """nearest distance / :attr:`outlier_distance` in [0, inf)
+        (:func:`retailklip.open_set.outlier_ratio`); None without outlier references."""
+        return None if self.outlier_distance is None else score_of(self, OUTLIER_SCORE)
+
 
 def score_of(match: Match, score: str) -> float:
     """The open-set score (:mod:`retailklip.open_set`) of one match: its nearest distance in
-    [0, 2], or its distance ratio in [0, 1]."""
+    [0, 2], its distance ratio in [0, 1], or its outlier ratio in [0, inf).
+
+    Raises:
+        RetailKlipError: unknown score; ``outlier-ratio`` of a match without outlier distance.
+    """
     d2 = match.runner_up.distance if match.runner_up is not None else None
-    return float(open_set_score(score, match.nearest.distance, d2))
+    return float(open_set_score(score, match.nearest.distance, d2, match.outlier_distance))
 
 
 class SKUMatcher:
@@ -62,11 +81,27 @@ class SKUMatcher:
     Args:
         index: the vector index.
         sku_of: vector id -> SKU id, for every id in the index.
+        outliers: index of the outlier references' vectors (products not in the catalog; never
+            matched, see module docstring), or None.
     """
 
-    def __init__(self, index: VectorIndex, sku_of: dict[int, str]) -> None:
+    def __init__(self, index: VectorIndex, sku_of: dict[int, str], outliers: VectorIndex | None = None) -> None:
         self.index = index
         self.sku_of = sku_of
+        self.outliers = outliers
+
+    @property
+    def has_outliers(self) -> bool:
+        """Whether an outlier index with at least one vector is attached."""
+        return self.outliers is not None and self.outliers.ntotal > 0
+
+    def outlier_distances(self, queries: np.ndarray) -> np.ndarray | None:
+        """float32 (M,) cosine distances in [0, 2] from each query (float32 (M, D), unit norm) to
+        its nearest outlier vector; None when :attr:`has_outliers` is False."""
+        if not self.has_outliers:
+            return None
+        dist, _ids = self.outliers.search(queries, 1)
+        return dist[:, 0]
 
     def match(self, queries: np.ndarray, threshold: float, k: int = 32, score: str = "distance") -> list[Match]:
         """Match embeddings against the index.
@@ -80,19 +115,25 @@ class SKUMatcher:
             k: initial neighbours per query; doubled until a second SKU appears or the whole
                 index was searched.
             score: the open-set score the threshold is on, ``"distance"`` (cosine distance in
-                [0, 2]) or ``"ratio"`` (:mod:`retailklip.open_set`).
+                [0, 2]), ``"ratio"`` or ``"outlier-ratio"`` (:mod:`retailklip.open_set`).
 
         Returns:
-            M :class:`Match` objects.
+            M :class:`Match` objects, with :attr:`Match.outlier_distance` set when the matcher
+            has outlier vectors (whatever the score).
 
         Raises:
             ValueError: no live vector in the index, or wrong query shape.
-            RetailKlipError: unknown score.
+            RetailKlipError: unknown score; ``"outlier-ratio"`` without outlier vectors (one
+                line, :func:`retailklip.open_set.no_outliers_error`).
         """
         check_score(score)
         n = self.index.ntotal
         if n == 0 or not self.sku_of:
             raise ValueError("cannot match against an empty index")
+        if score == OUTLIER_SCORE and not self.has_outliers:
+            raise no_outliers_error()
+        queries = self.index.check_vectors(queries)
+        d_out = self.outlier_distances(queries)
         out: list[Match | None] = [None] * len(queries)
         todo = np.arange(len(queries))
         k = max(2, min(k, n))
@@ -104,7 +145,8 @@ class SKUMatcher:
                 if m is None:
                     again.append(q)
                 else:
-                    out[q] = Match(m.nearest, m.runner_up, score_of(m, score) <= threshold)
+                    m = Match(m.nearest, m.runner_up, False, None if d_out is None else float(d_out[q]))
+                    out[q] = Match(m.nearest, m.runner_up, score_of(m, score) <= threshold, m.outlier_distance)
             todo = np.array(again, dtype=np.int64)
             k = min(2 * k, n)
         return out  # type: ignore[return-value]

@@ -31,7 +31,14 @@ from .errors import EmptyCatalogError, RetailKlipError
 from .images import ImageSource, load_image
 from .index import VectorIndex
 from .matching import Neighbour, SKUMatcher
-from .open_set import DEFAULT_OPEN_SET_SCORE, check_score, distance_ratio
+from .open_set import (
+    DEFAULT_OPEN_SET_SCORE,
+    OUTLIER_SCORE,
+    check_score,
+    distance_ratio,
+    no_outliers_error,
+    outlier_ratio,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .gallery import Gallery
@@ -74,8 +81,12 @@ class Recognition:
         bbox: (x0, y0, x1, y1) of the segment in image pixels, x1/y1 exclusive.
         mask: bool (H, W) segment mask in image pixels, or None for a whole-image recognition.
         score: the segmenter's quality score of the segment (1.0 for the whole image).
-        open_set_score: the score ``threshold`` is on: ``"distance"`` (``distance``) or
-            ``"ratio"`` (:attr:`ratio`); see :mod:`retailklip.open_set`.
+        open_set_score: the score ``threshold`` is on: ``"distance"`` (``distance``),
+            ``"ratio"`` (:attr:`ratio`) or ``"outlier-ratio"`` (:attr:`outlier_ratio`); see
+            :mod:`retailklip.open_set`.
+        outlier_distance: cosine distance in [0, 2] from the segment's embedding to the nearest
+            outlier reference (a product not in the catalog, never a match); None when the
+            catalog has no outlier references.
     """
 
     sku: str | None
@@ -88,6 +99,7 @@ class Recognition:
     mask: np.ndarray | None = field(default=None, repr=False, compare=False)
     score: float = 1.0
     open_set_score: str = DEFAULT_OPEN_SET_SCORE
+    outlier_distance: float | None = None
 
     @property
     def known(self) -> bool:
@@ -100,9 +112,19 @@ class Recognition:
         one-SKU catalog; :func:`retailklip.open_set.distance_ratio`)."""
         return float(distance_ratio(self.distance, self.runner_up.distance if self.runner_up else None))
 
+    @property
+    def outlier_ratio(self) -> float | None:
+        """``distance / outlier_distance`` in [0, inf) (:func:`retailklip.open_set.outlier_ratio`;
+        above 1 an outlier product is nearer than every SKU); None without outlier references."""
+        if self.outlier_distance is None:
+            return None
+        return float(outlier_ratio(self.distance, self.outlier_distance))
+
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form used by ``catalog recognize --json``."""
-        return {
+        """The JSON form used by ``catalog recognize --json`` (``outlier_distance`` and
+        ``outlier_ratio`` only when the catalog has outlier references; an infinite ratio, a
+        segment identical to an outlier reference, is written as the string ``"inf"``)."""
+        d = {
             "sku": self.sku,
             "nearest_sku": self.nearest_sku,
             "name": self.name,
@@ -116,6 +138,11 @@ class Recognition:
             "bbox": list(self.bbox),
             "score": round(float(self.score), 6),
         }
+        if self.outlier_distance is not None:
+            r = self.outlier_ratio
+            d["outlier_distance"] = round(float(self.outlier_distance), 6)
+            d["outlier_ratio"] = round(r, 6) if np.isfinite(r) else "inf"
+        return d
 
 
 @dataclass(frozen=True)
@@ -132,6 +159,7 @@ class _View:
     names: dict
     threshold: float
     open_set_score: str
+    outlier_present: np.ndarray  # int64 ids in the matcher's outlier index
 
 
 class Recognizer:
@@ -142,7 +170,8 @@ class Recognizer:
         threshold: threshold on ``open_set_score``; default: the catalog's threshold, on the
             catalog's score.
         open_set_score: the score ``threshold`` is on, ``"distance"`` (cosine distance in
-            [0, 2]) or ``"ratio"`` (:mod:`retailklip.open_set`); default: ``"distance"`` when
+            [0, 2]), ``"ratio"`` or ``"outlier-ratio"`` (:mod:`retailklip.open_set`; needs the
+            catalog's outlier references); default: ``"distance"`` when
             ``threshold`` is given (what a bare threshold always meant), else the catalog's;
             only together with ``threshold``.
         segmenter: object with ``segment(image) -> list[Segment]`` (see
@@ -262,23 +291,30 @@ class Recognizer:
         present = index.ids()
         new, vectors, gone = self._changes(present, ids, index.dim)
         present = self._apply(index, present, new, vectors, gone)  # not shared yet: no lock
-        logger.debug("loaded index version %s (%d vectors, +%d since the snapshot)", snap.version_id, index.ntotal, len(new))
+        outliers = VectorIndex(index.dim)  # exact; outlier references are few (products not sold here)
+        o_present = self._apply(outliers, np.zeros(0, np.int64), *self._outlier_changes(snap.encoder_id, np.zeros(0, np.int64), index.dim))
+        logger.debug("loaded index version %s (%d vectors, +%d since the snapshot; %d outlier vectors)",
+                     snap.version_id, index.ntotal, len(new), outliers.ntotal)
         return _View(
-            snap.generation, snap.encoder_id, snap.version_id, encoder, SKUMatcher(index, dict(zip(ids.tolist(), skus))),
-            present, self.catalog.names(), snap.threshold, _snapshot_score(snap),
+            snap.generation, snap.encoder_id, snap.version_id, encoder,
+            SKUMatcher(index, dict(zip(ids.tolist(), skus)), outliers),
+            present, self.catalog.names(), snap.threshold, _snapshot_score(snap), o_present,
         )
 
     def _apply_changes(self, view: _View, snap) -> None:
         """Apply SKUs added / removed since ``view`` (same encoder and index version)."""
         ids, skus = self.catalog.embedding_table(snap.encoder_id)
-        index = view.matcher.index
+        index, outliers = view.matcher.index, view.matcher.outliers
         new, vectors, gone = self._changes(view.present, ids, index.dim)  # database reads outside the lock
+        o_changes = self._outlier_changes(snap.encoder_id, view.outlier_present, index.dim)
         names = self.catalog.names()
         with self._lock:
             present = self._apply(index, view.present, new, vectors, gone)
+            o_present = self._apply(outliers, view.outlier_present, *o_changes)
             self._view = replace(
-                view, generation=snap.generation, matcher=SKUMatcher(index, dict(zip(ids.tolist(), skus))),
+                view, generation=snap.generation, matcher=SKUMatcher(index, dict(zip(ids.tolist(), skus)), outliers),
                 present=present, names=names, threshold=snap.threshold, open_set_score=_snapshot_score(snap),
+                outlier_present=o_present,
             )
         logger.debug("index synced to generation %d: +%d -%d vectors", snap.generation, len(new), len(gone))
 
@@ -286,6 +322,19 @@ class Recognizer:
         """Difference between the ids an index holds and the database's: ``(new ids, their
         float32 (N, dim) vectors, gone ids)``; SKUs removed while reading are skipped."""
         new, vectors = self.catalog.existing_vectors(_sorted_diff(ids, present), dim)
+        return new, vectors, _sorted_diff(present, ids)
+
+    def _outlier_changes(self, encoder_id: int, present: np.ndarray, dim: int
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Like :meth:`_changes` for the outlier vectors of ``encoder_id`` (Gallery
+        ``outlier_table`` / ``existing_outlier_vectors``; a gallery without them has none)."""
+        table = getattr(self.catalog, "outlier_table", None)
+        ids = np.zeros(0, np.int64) if table is None else np.asarray(table(encoder_id), np.int64)
+        new_ids = _sorted_diff(ids, present)
+        if len(new_ids):
+            new, vectors = self.catalog.existing_outlier_vectors(new_ids, dim)
+        else:
+            new, vectors = new_ids, np.zeros((0, dim), np.float32)
         return new, vectors, _sorted_diff(present, ids)
 
     @staticmethod
@@ -320,8 +369,15 @@ class Recognizer:
         return self._current().threshold
 
     @property
+    def has_outliers(self) -> bool:
+        """Whether the catalog holds outlier references (vectors of its current encoder), so
+        that the ``outlier-ratio`` score is available."""
+        return self._current().matcher.has_outliers
+
+    @property
     def open_set_score(self) -> str:
-        """The score the threshold is on (``"distance"`` or ``"ratio"``, :mod:`retailklip.open_set`)."""
+        """The score the threshold is on (``"distance"``, ``"ratio"`` or ``"outlier-ratio"``,
+        :mod:`retailklip.open_set`)."""
         return self._score if self._score is not None else self._current().open_set_score
 
     def _operating_point(self, view: _View) -> tuple[float, str]:
@@ -380,7 +436,8 @@ class Recognizer:
             EmptyCatalogError: the catalog holds no SKU.
             EncoderMismatchError: the encoder's weights changed since the vectors were made.
             RetailKlipError: bad prompts or masks (``SegmenterOptionError`` for prompts), or
-                prompts the segmenter cannot take.
+                prompts the segmenter cannot take; the score ``"outlier-ratio"`` on a catalog
+                without outlier references (one line, nothing recognised).
         """
         return self.recognize_segments(image, boxes=boxes, points=points, masks=masks)[0]
 
@@ -394,6 +451,8 @@ class Recognizer:
         view = self._current()
         if not view.matcher.sku_of:
             raise EmptyCatalogError("the catalog holds no SKU; add one with `catalog add IMAGE`")
+        if self._operating_point(view)[1] == OUTLIER_SCORE and not view.matcher.has_outliers:
+            raise no_outliers_error()  # before any segmenting or embedding
         segments = self._given_segments(im, boxes, points, masks)
         if segments is None and self.segmenter is None:
             from .segment.parsing import whole_image_segment
@@ -461,6 +520,7 @@ class Recognizer:
                 mask=mk,
                 score=sc,
                 open_set_score=open_set_score,
+                outlier_distance=m.outlier_distance,
             )
             for m, b, mk, sc in zip(matches, boxes, masks, scores)
         ]

@@ -15,13 +15,15 @@ from retailklip.calibration import (
     auroc,
     calibrate,
     calibrate_catalog,
+    default_score,
     open_set_metrics,
+    outlier_distances,
     threshold_for_precision,
     threshold_for_unknown_rejection,
 )
 from retailklip.datasets import LabelledImage
 from retailklip.errors import RetailKlipError
-from retailklip.open_set import distance_ratio, open_set_score, outlier_ratio
+from retailklip.open_set import check_threshold, distance_ratio, open_set_score, outlier_ratio, score_range
 from retailklip.recognizer import Recognizer
 
 
@@ -212,6 +214,41 @@ def test_calibrate_ratio_thresholds_the_ratio():
     assert dist.open_set_score == "distance"
     with pytest.raises(RetailKlipError, match="unknown open-set score"):
         calibrate(gallery, skus, queries, truth, target_precision=0.9, score="lowe")
+
+
+def test_calibrate_outlier_ratio_with_other_products_as_outliers():
+    gallery, skus, queries, truth = _open_set_problem(3)
+    rng = np.random.default_rng(3)
+    outliers = _clusters(rng, np.eye(8, 32)[4:], 2, 0.1)  # packshots of the 4 products not in the catalog
+    rep = calibrate(gallery, skus, queries, truth, target_precision=0.9, score="outlier-ratio", outliers=outliers)
+    assert rep.open_set_score == "outlier-ratio" and rep.outlier_vectors == 8 and rep.to_dict()["outlier_vectors"] == 8
+    assert rep.nearest_neighbour.known_precision >= 0.9 and np.isfinite(rep.threshold) and rep.threshold >= 0.0
+    # the score is d1 / distance to the nearest outlier vector, computed here by hand
+    d1 = (1.0 - queries.astype(np.float64) @ gallery.T.astype(np.float64)).min(1)
+    d_out = (1.0 - queries.astype(np.float64) @ outliers.T.astype(np.float64)).min(1)
+    by_hand = d1 / d_out
+    assert int((by_hand <= rep.threshold).sum()) == rep.nearest_neighbour.accepted
+    assert outlier_distances(outliers, queries) == pytest.approx(d_out, abs=1e-5)
+    known = np.array([t.startswith("s") for t in truth])
+    assert auroc(-by_hand[known], -by_hand[~known]) >= auroc(-d1[known], -d1[~known])
+    # no outlier vectors: one clear error, before anything is computed
+    for none in (None, np.zeros((0, 32), np.float32)):
+        with pytest.raises(RetailKlipError, match="needs outlier references"):
+            calibrate(gallery, skus, queries, truth, target_precision=0.9, score="outlier-ratio", outliers=none)
+    assert default_score(True) == "outlier-ratio" and default_score(False) == "ratio"
+
+
+def test_open_set_score_ranges_and_thresholds():
+    assert score_range("distance") == (0.0, 2.0) and score_range("ratio") == (0.0, 1.0)
+    assert score_range("outlier-ratio") == (0.0, np.inf)
+    assert check_threshold(3.5, "outlier-ratio") == 3.5 and check_threshold(0.4, "ratio") == 0.4
+    for t, score in ((2.5, "distance"), (1.5, "ratio"), (np.inf, "outlier-ratio"), (-0.1, "outlier-ratio"),
+                     (np.nan, "distance")):
+        with pytest.raises(RetailKlipError, match=f"threshold on {score}"):
+            check_threshold(t, score)
+    assert open_set_score("outlier-ratio", [0.2], None, [0.4]).tolist() == [0.5]
+    with pytest.raises(RetailKlipError, match="needs outlier references"):
+        open_set_score("outlier-ratio", [0.2], None)
 
 
 # ---------------------------------------------------------------------------- catalog calibrate

@@ -58,9 +58,14 @@ def test_writes_finetuned_encoder_and_rebuilds_onto_it(loop):
         assert len(cat.versions()) == 2  # init + rebuild
     assert res["encoder_changed"] and res["before"]["encoder"] != res["after"]["encoder"]
     assert res["vectors_max_abs_change"] > 1e-4
-    # the stored threshold is the one `catalog calibrate` chose for the new encoder
+    # the stored threshold is the one `catalog calibrate` chose for the new encoder, on outlier-ratio
     cal = res["after"]["open_set"]["calibration"]
-    assert Catalog.open(out / "catalog-known").threshold == pytest.approx(cal["threshold"], abs=1e-6)
+    known = Catalog.open(out / "catalog-known")
+    assert known.threshold == pytest.approx(cal["threshold"], abs=1e-6) and known.open_set_score == "outlier-ratio"
+    # the training classes' packshots are its outlier references, re-embedded by the rebuild
+    outliers = known.list_outliers()
+    assert len(outliers) == res["split"]["outlier_references"] == 46 and all(o.vectors == 1 for o in outliers)
+    assert cal["outlier_vectors"] == 46
     assert res["after"]["open_set"]["threshold"] == pytest.approx(cal["threshold"], abs=1e-6)
 
 
@@ -105,16 +110,17 @@ def test_printed_table_matches_json(loop):
                              ("unknown rejection", "open_set", "unknown_rejection")]:
         assert printed[label] == (text(res["before"][part][key]), text(res["after"][part][key])), label
     loop_module = load_loop_module()
-    # the per-score table; the stored threshold is --score's (distance); outlier-ratio is measured, not calibrated
-    assert res["after"]["open_set"]["scores"]["outlier-ratio"]["calibrated"] is None
+    # the per-score table: every score calibrated; the stored threshold is --score's (outlier-ratio)
+    for score in ("distance", "ratio", "outlier-ratio"):
+        assert res["after"]["open_set"]["scores"][score]["calibrated"] is not None
     for score in ("distance", "ratio", "outlier-ratio"):
         for label, path in loop_module.score_rows(score, 0.9):
             assert printed[label] == tuple(text(loop_module.get(res[w], path)) for w in ("before", "after")), label
         a = res["after"]["open_set"]["scores"][score]["auroc"]
         assert a["low"] <= a["mean"] <= a["high"]
     os = res["after"]["open_set"]
-    assert os["score"] == "distance" and os["auroc"] == os["scores"]["distance"]["auroc"]
-    assert os["threshold"] == pytest.approx(os["scores"]["distance"]["calibrated"]["threshold"], abs=1e-6)
+    assert os["score"] == "outlier-ratio" and os["auroc"] == os["scores"]["outlier-ratio"]["auroc"]
+    assert os["threshold"] == pytest.approx(os["scores"]["outlier-ratio"]["calibrated"]["threshold"], abs=1e-6)
     n = res["split"]["evaluation_photos"]
     top1 = {w: res[w]["closed_set"]["top1"]["mean"] for w in ("before", "after")}
     mc = res["mcnemar_after_vs_before"]
