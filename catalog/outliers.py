@@ -32,14 +32,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from sqlalchemy import delete, func, select
-from sqlalchemy.exc import IntegrityError
 
 from retailklip.datasets import DatasetError, read_csv_rows
 from retailklip.errors import RetailKlipError
 from retailklip.open_set import OUTLIER_SCORE
 
 from .codec import encode_vector
-from .database import is_no_space, no_space_error
 from .errors import CatalogError, DuplicateSKUError, InvalidSKUError
 from .faults import crash_point
 from .fileio import atomic_write
@@ -323,12 +321,8 @@ class OutlierWriter(CatalogWriter):
                 s.flush()
                 crash_point("add.before_commit")
         except BaseException as e:
-            self._remove_created(created)
-            if isinstance(e, IntegrityError):
-                raise DuplicateSKUError(
-                    f"an outlier image is already stored ({str(e.orig).splitlines()[0]})"
-                ) from None
-            if is_no_space(e):
-                raise no_space_error(self.root, str(e)) from None
-            raise
+            failure = self._failed_write(e, created, "an outlier image is already stored")
+            if failure is e:
+                raise
+            raise failure from None
         logger.info("added %d outlier reference(s)", len(prepared))

@@ -370,14 +370,10 @@ class CatalogWriter(CatalogReader):
                 s.flush()
                 crash_point("add.before_commit")
         except BaseException as e:
-            self._remove_created(created)
-            if isinstance(e, IntegrityError):
-                raise DuplicateSKUError(
-                    f"SKU already exists or the image is already stored ({str(e.orig).splitlines()[0]})"
-                ) from None
-            if is_no_space(e):
-                raise no_space_error(self.root, str(e)) from None
-            raise
+            failure = self._failed_write(e, created, "SKU already exists or the image is already stored")
+            if failure is e:
+                raise
+            raise failure from None
         crash_point("add.after_commit")
         logger.info("added %d reference image(s): %s", len(prepared), ", ".join(p.sku for p in prepared[:5]))
 
@@ -400,6 +396,17 @@ class CatalogWriter(CatalogReader):
         crash_point("remove.after_commit")
         self._delete_unreferenced(files)
         logger.info("removed SKU %s", sku)
+
+    def _failed_write(self, e: BaseException, created: Sequence[Path], duplicate: str) -> BaseException:
+        """After a write that raised ``e``: remove the files it ``created``; return the error to
+        raise: a :class:`DuplicateSKUError` (``duplicate``: what was already there) for a
+        uniqueness violation, a :class:`NoSpaceError` for a full disk, else ``e`` itself."""
+        self._remove_created(created)
+        if isinstance(e, IntegrityError):
+            return DuplicateSKUError(f"{duplicate} ({str(e.orig).splitlines()[0]})")
+        if is_no_space(e):
+            return no_space_error(self.root, str(e))
+        return e
 
     def _remove_created(self, created: Sequence[Path]) -> None:
         """Delete the image files a failed write created (see :meth:`_write`).  When even that

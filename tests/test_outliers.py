@@ -19,6 +19,7 @@ import pytest
 from alembic import command
 from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC, write_snapshot
 from imagekinds import write_bad_files
+from privileges import no_override
 from sqlalchemy import func, select
 
 from catalog import Catalog, schema
@@ -356,17 +357,8 @@ def test_cli_outliers_calibrate_and_recognize(cli_catalog, tmp_path, capsys):
     assert code == 0 and "removed 2 outlier reference(s); 8 left" in out
 
 
-def _no_override() -> list[str] | None:
-    """A command prefix that runs without root's permission overrides (None: not possible)."""
-    if os.geteuid() != 0:
-        return []
-    if shutil.which("setpriv"):
-        return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
-    return None
-
-
 def test_read_only_catalog_lists_outliers_and_recognizes_with_them(cli_catalog, tmp_path):
-    prefix = _no_override()
+    prefix = no_override()
     if prefix is None:
         pytest.skip("root without setpriv(1): cannot drop the permission overrides")
     src, _known = cli_catalog

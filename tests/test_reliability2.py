@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 
 import catalogcheck
+from privileges import no_override
 from catalog import Catalog
 from catalog.check import check
-from catalog.cli import main as catalog_main
 from conftest import MOBILENET, MOBILENET_OPTIONS, MOBILENET_SPEC, TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
 from retailklip.errors import InvalidImageError
 from catalog.errors import DuplicateSKUError, InvalidSKUError, ReadOnlyCatalogError
@@ -303,15 +303,6 @@ RECOGNIZE_PY = ("import json, sys; from retailklip import Recognizer; rec = Reco
                 "print(json.dumps([r.to_dict() for p in sys.argv[2:] for r in rec.recognize(p)]))")
 
 
-def _no_override() -> list[str] | None:
-    """A command prefix that runs without root's permission overrides (None: not possible)."""
-    if os.geteuid() != 0:
-        return []
-    if shutil.which("setpriv"):
-        return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
-    return None
-
-
 def _read_only_checks(root: Path, photos: list[Path], expected: list, prefix: list[str], work: Path) -> None:
     r = subprocess.run([*prefix, sys.executable, "-c", RECOGNIZE_PY, str(root), *map(str, photos)],
                        capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
@@ -329,7 +320,7 @@ def _read_only_checks(root: Path, photos: list[Path], expected: list, prefix: li
 
 
 def test_recognize_from_a_read_only_catalog(mobilenet_dir, tmp_path, packshots):
-    prefix = _no_override()
+    prefix = no_override()
     if prefix is None:
         pytest.skip("root without setpriv(1): cannot drop the permission overrides")
     root = copy_catalog(mobilenet_dir, tmp_path / "ro")
