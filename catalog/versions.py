@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 
 from . import index_store
 from .connection import CatalogConnection
@@ -37,6 +37,10 @@ class VersionInfo:
         recall_at_1: recall@1 against exact search measured at build time (1.0 for Flat).
         status: a :class:`~catalog.models.VersionStatus` value.
         active: True for the version serving recognition.
+        outlier_references: outlier references with vectors from this version's encoder, and
+            outlier_vectors: those vectors; what recognition with this version measures outlier
+            distances against.  Counted now, not at build time (an outlier added or removed
+            since counts; a retired version whose encoder's vectors were dropped has 0).
     """
 
     id: int
@@ -52,6 +56,8 @@ class VersionInfo:
     active: bool
     path: str
     note: str | None
+    outlier_references: int = 0
+    outlier_vectors: int = 0
 
     def to_dict(self) -> dict:
         return {
@@ -68,24 +74,36 @@ class VersionInfo:
             "active": self.active,
             "path": self.path,
             "note": self.note,
+            "outlier_references": self.outlier_references,
+            "outlier_vectors": self.outlier_vectors,
         }
 
 
 def list_versions(cat: CatalogConnection) -> list[VersionInfo]:
-    """All index versions of a catalog, newest first."""
+    """All index versions of a catalog, newest first, with the outlier references and vectors of
+    each version's encoder (0 on a catalog without outlier references)."""
+    outliers = (
+        select(OutlierEmbedding.encoder_id,
+               func.count(func.distinct(OutlierEmbedding.reference_id)).label("refs"),
+               func.count(OutlierEmbedding.id).label("vecs"))
+        .group_by(OutlierEmbedding.encoder_id)
+        .subquery()
+    )
     with cat.sessions() as s:
         active = s.get(CatalogState, 1).active_version_id
         rows = s.execute(
-            select(IndexVersion, EncoderRow.spec, EncoderRow.key)
+            select(IndexVersion, EncoderRow.spec, EncoderRow.key,
+                   func.coalesce(outliers.c.refs, 0), func.coalesce(outliers.c.vecs, 0))
             .join(EncoderRow, EncoderRow.id == IndexVersion.encoder_id)
+            .outerjoin(outliers, outliers.c.encoder_id == IndexVersion.encoder_id)
             .order_by(IndexVersion.id.desc())
         ).all()
     return [
         VersionInfo(
             v.id, v.created, spec, key, v.factory, v.vectors, v.dim, v.augmentations, v.recall_at_1, v.status,
-            v.id == active, v.path, v.note,
+            v.id == active, v.path, v.note, int(refs), int(vecs),
         )
-        for v, spec, key in rows
+        for v, spec, key, refs, vecs in rows
     ]
 
 

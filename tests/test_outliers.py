@@ -243,6 +243,39 @@ def test_rollback_embeds_outliers_added_since_with_the_old_encoder(tmp_path, ico
     assert r.outlier_distance < 1e-4 and r.nearest_sku in {n for _c, n, _p in iconic[:3]}
 
 
+def test_versions_count_each_versions_outliers(tmp_path, iconic, mobilenet_weights, capsys):
+    """`catalog versions` (text and --json) and Catalog.versions(): the outlier references and
+    vectors of each version's encoder; 0 on a catalog without outliers."""
+    root = tmp_path / "c"
+    cat = Catalog.init(root, encoder=MOBILENET_SPEC, random_init=True, encoder_options=MOBILENET_OPTIONS,
+                       augmentations=2)
+    cat.add(iconic[0][2], sku="a")
+
+    def versions() -> tuple[list[dict], list[list[str]]]:
+        assert main(["--catalog", str(root), "versions", "--json"]) == 0
+        js = json.loads(capsys.readouterr().out)
+        assert main(["--catalog", str(root), "versions"]) == 0
+        head, *rows = capsys.readouterr().out.splitlines()
+        assert head.split()[-3:] == ["outlier", "vectors", "encoder"] and "outliers" in head.split()
+        # columns: [*] id date time status index vectors recall@1 outliers outlier-vectors encoder
+        return js, [r.lstrip("* ").split()[-3:-1] for r in rows]
+
+    js, text = versions()
+    assert [(v["outlier_references"], v["outlier_vectors"]) for v in js] == [(0, 0)] and text == [["0", "0"]]
+    assert [(v.outlier_references, v.outlier_vectors) for v in cat.versions()] == [(0, 0)]
+
+    cat.add_outliers([iconic[40][2], iconic[41][2]])
+    cat.rebuild(encoder=MOBILENET_SPEC, weights=mobilenet_weights, encoder_options=MOBILENET_OPTIONS)
+    cat.add_outliers([iconic[42][2]])  # embedded with version 2's encoder only
+    js, text = versions()
+    assert [v["id"] for v in js] == [2, 1] and js[0]["active"]
+    assert [(v["outlier_references"], v["outlier_vectors"]) for v in js] == [(3, 6), (2, 4)]
+    assert text == [["3", "6"], ["2", "4"]]
+    assert [(v.outlier_references, v.outlier_vectors) for v in cat.versions()] == [(3, 6), (2, 4)]
+    cat.remove_outliers([cat.list_outliers()[0].id])
+    assert [(v.outlier_references, v.outlier_vectors) for v in cat.versions()] == [(2, 4), (1, 2)]
+
+
 def test_check_verifies_outlier_files_and_vectors(tmp_path, iconic, mobilenet_weights):
     cat = Catalog.init(tmp_path / "c", encoder=MOBILENET_SPEC, weights=mobilenet_weights,
                        encoder_options=MOBILENET_OPTIONS, augmentations=1)
