@@ -49,6 +49,8 @@ RAY_EXTRA = "pip install 'retailklip[ray]'"
 #: Seconds to wait for a TCP connection to a ``host:port`` / ``ray://host:port`` address before
 #: giving up (``ray.init`` itself retries an unreachable address for minutes).
 CONNECT_TIMEOUT_S = 5.0
+#: What an SKU's reference image is called in messages (an :class:`EmbedJob`'s default noun).
+REFERENCE_NOUN = "reference image"
 
 
 @dataclass(frozen=True)
@@ -65,11 +67,21 @@ class EmbedJob:
 
     reference_id: int
     path: str
-    noun: str = "reference image"
+    noun: str = REFERENCE_NOUN
+
+
+def jobs_noun(nouns: Sequence[str]) -> str:
+    """What a count of jobs is called in summary messages ("after 3 of 10 references"): the
+    jobs' own noun in the plural when they all share one other than the SKU references'
+    (``"outlier references"``), else ``"references"``."""
+    kinds = set(nouns)
+    if len(kinds) == 1 and REFERENCE_NOUN not in kinds:
+        return f"{kinds.pop()}s"
+    return "references"
 
 
 def _embed_one(reference_id: int, path: str, encoder: Encoder, k: int, seed: int,
-               noun: str = "reference image") -> np.ndarray:
+               noun: str = REFERENCE_NOUN) -> np.ndarray:
     """The K vectors of one reference image: float32 (K, D), unit rows.
 
     Raises:
@@ -136,9 +148,12 @@ def embed_local(
 class RayEmbedder:
     """Ray Data callable class: builds the encoder once per actor, embeds a batch of jobs.
 
-    Input batch (numpy format): ``reference_id`` int64 (n,), ``path`` str (n,).  Output batch:
+    Input batch (numpy format): ``reference_id`` int64 (n,), ``path`` str (n,), optionally
+    ``noun`` str (n,): what each image is called in its error (:attr:`EmbedJob.noun`; default
+    ``"reference image"``).  Output batch:
     ``reference_id`` int64 (n,), ``vectors`` bytes (n,) (float32 (K, D) in native byte order,
-    C order), ``dim`` int64 (n,), ``error`` str (n,): ``""`` or ``"ErrorClass\\tmessage"``.
+    C order), ``dim`` int64 (n,), ``error`` str (n,): ``""`` or ``"ErrorClass\\tmessage"``,
+    ``noun`` str (n,): the input's nouns.
     Errors of retailklip's own types (unreadable image, missing weights, encoder mismatch) are
     returned, not raised, so that the driver can raise them as themselves, in one line, naming
     the node; so is any failure to build the encoder (as CatalogError).  Anything else while
@@ -172,12 +187,13 @@ class RayEmbedder:
     def __call__(self, batch: dict) -> dict:
         ids = np.asarray(batch["reference_id"], dtype=np.int64)
         paths = [str(p) for p in batch["path"]]
+        nouns = [str(n) for n in batch["noun"]] if "noun" in batch else [REFERENCE_NOUN] * len(paths)
         vectors, dims, errs = [], [], []
-        for rid, path in zip(ids.tolist(), paths):
+        for rid, path, noun in zip(ids.tolist(), paths, nouns):
             v, err = np.zeros((0, 0), np.float32), self.init_error
             if self.encoder is not None:
                 try:
-                    v = _embed_one(rid, path, self.encoder, self.k, self.seed)
+                    v = _embed_one(rid, path, self.encoder, self.k, self.seed, noun)
                 except RetailKlipError as e:
                     err = f"{type(e).__name__}\t{e} (on Ray node {self.node})"
             vectors.append(encode_vectors(v))
@@ -188,6 +204,7 @@ class RayEmbedder:
             "vectors": np.array(vectors, dtype=object),
             "dim": np.array(dims, dtype=np.int64),
             "error": np.array(errs, dtype=object),
+            "noun": np.array(nouns, dtype=object),
         }
 
 
@@ -328,7 +345,7 @@ def embed_ray(
     if "spec" not in encoder_kwargs:
         raise ValueError("encoder_kwargs must name the encoder: {'spec': 'BACKEND:MODEL', ...}")
     # a relative path would be resolved against each worker's own working directory
-    items = [{"reference_id": int(j.reference_id), "path": os.path.abspath(j.path)} for j in jobs]
+    items = [{"reference_id": int(j.reference_id), "path": os.path.abspath(j.path), "noun": j.noun} for j in jobs]
     return _ray_results(items, dict(encoder_kwargs), augmentations, seed, address, num_workers, batch_size,
                         threads_per_worker, identity, progress)
 
@@ -344,6 +361,7 @@ def _ray_results(items, encoder_kwargs, k, seed, address, num_workers, batch_siz
     saved_level = data_log.level
     started = _connect(ray, address)
     seen = 0
+    what = jobs_noun([it["noun"] for it in items])
     try:
         ctx.enable_progress_bars, ctx.print_on_execution_start = progress, progress
         if not progress:  # Ray Data logs each execution's start, end and "progress bars disabled"
@@ -363,13 +381,14 @@ def _ray_results(items, encoder_kwargs, k, seed, address, num_workers, batch_siz
         )
         try:
             for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for rid, blob, dim, err in zip(out["reference_id"], out["vectors"], out["dim"], out["error"]):
+                for rid, blob, dim, err, noun in zip(out["reference_id"], out["vectors"], out["dim"], out["error"],
+                                                     out["noun"]):
                     if err:
                         raise_worker_error(str(err))
                     v = decode_vectors(blob, int(dim))
                     if v.shape[0] != k:
                         raise CatalogError(
-                            f"reference image {int(rid)}: a Ray worker returned {v.shape[0]} vectors, expected K = {k}"
+                            f"{noun} {int(rid)}: a Ray worker returned {v.shape[0]} vectors, expected K = {k}"
                         )
                     seen += 1
                     yield int(rid), v
@@ -379,10 +398,10 @@ def _ray_results(items, encoder_kwargs, k, seed, address, num_workers, batch_siz
             root = _root_cause(e)
             first = (str(root).strip().splitlines() or [""])[0]
             raise CatalogError(
-                f"Ray embedding failed after {seen} of {len(items)} references: {type(root).__name__}: {first}"
+                f"Ray embedding failed after {seen} of {len(items)} {what}: {type(root).__name__}: {first}"
             ) from e
         if seen != len(items):
-            raise CatalogError(f"Ray embedding returned {seen} results for {len(items)} references")
+            raise CatalogError(f"Ray embedding returned {seen} results for {len(items)} {what}")
     finally:
         ctx.enable_progress_bars, ctx.print_on_execution_start = saved
         data_log.setLevel(saved_level)

@@ -54,7 +54,7 @@ from .errors import CatalogError, RebuildError, ValidationError
 from .faults import crash_point
 from .models import CatalogState, IndexVersion, VersionStatus
 from .reads import CatalogReader
-from .vectors import OUTLIERS, VectorTable, count_lacking, embed_all_missing, vector_table
+from .vectors import OUTLIERS, REFERENCES, VectorTable, count_lacking, embed_all_missing, vector_table
 from .versions import RebuildLock, VersionInfo, fail_interrupted, list_versions, retire
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -184,6 +184,13 @@ class _AddedMeanwhile(Exception):
     pass
 
 
+def added_meanwhile(references: int, outliers: int) -> str:
+    """What a rebuild found added during its embedding, for its log: ``"2 reference image(s)"``,
+    ``"1 outlier reference(s)"`` or both joined by "and"."""
+    parts = [f"{n} {noun}(s)" for n, noun in ((references, REFERENCES.noun), (outliers, OUTLIERS.noun)) if n]
+    return " and ".join(parts) or "nothing"
+
+
 def _activate(cat: CatalogConnection, version_id: int, encoder: Encoder, encoder_id: int, k: int, seed: int, *,
               ray: str | None, ray_workers: int | None, batch: int, updates: dict | None = None) -> None:
     """Catch up with adds made meanwhile, then switch to ``version_id`` in one transaction that
@@ -194,9 +201,9 @@ def _activate(cat: CatalogConnection, version_id: int, encoder: Encoder, encoder
         try:
             with cat.sessions.begin() as s:
                 cat.lock_writers(s)  # writers wait from here until the commit
-                missing = count_lacking(s, encoder_id, k) + count_lacking(s, encoder_id, k, OUTLIERS)
-                if missing:
-                    raise _AddedMeanwhile(missing)
+                missing = count_lacking(s, encoder_id, k), count_lacking(s, encoder_id, k, OUTLIERS)
+                if any(missing):
+                    raise _AddedMeanwhile(*missing)
                 st = s.get(CatalogState, 1)
                 v = s.get(IndexVersion, version_id)
                 for key, value in (updates or {}).items():
@@ -205,7 +212,7 @@ def _activate(cat: CatalogConnection, version_id: int, encoder: Encoder, encoder
                 st.encoder_id = encoder_id
                 st.active_version_id = version_id
         except _AddedMeanwhile as e:
-            logger.info("rebuild: %d reference image(s) added meanwhile; embedding them", e.args[0])
+            logger.info("rebuild: %s added meanwhile; embedding them", added_meanwhile(*e.args))
             continue
         crash_point("rebuild.after_swap")
         return

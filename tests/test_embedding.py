@@ -129,6 +129,28 @@ def test_ray_worker_unreadable_image_names_reference_path_and_node(tmp_path, ico
         raise_worker_error(out["error"][0])
 
 
+def test_ray_worker_names_an_outlier_an_outlier_reference(tmp_path, iconic, mobilenet_weights):
+    """An outlier job (EmbedJob noun "outlier reference") keeps its noun through the Ray actor:
+    its error says "outlier reference N", an SKU reference's still "reference image N"."""
+    from catalog.embedding import jobs_noun, raise_worker_error, RayEmbedder
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    kw = dict(spec=MOBILENET_SPEC, weights=str(mobilenet_weights), **MOBILENET_OPTIONS)
+    worker = RayEmbedder(kw, 1, 0, None, None)
+    out = worker({"reference_id": np.array([3, 4]), "path": np.array([str(bad), str(bad)], dtype=object),
+                  "noun": np.array(["outlier reference", "reference image"], dtype=object)})
+    assert list(out["noun"]) == ["outlier reference", "reference image"]
+    for err, want in zip(out["error"], ("outlier reference 3", "reference image 4")):
+        with pytest.raises(InvalidImageError) as e:
+            raise_worker_error(err)
+        assert str(e.value).startswith(f"{want}: ") and str(bad) in str(e.value) and "Ray node" in str(e.value)
+    # the summary messages ("after N of M ...") count outliers as outlier references
+    assert jobs_noun(["outlier reference"] * 2) == "outlier references"
+    assert jobs_noun(["reference image"] * 2) == "references"
+    assert jobs_noun(["reference image", "outlier reference"]) == "references"
+
+
 def test_embed_ray_bad_address_is_a_catalog_error(iconic, mobilenet_weights):
     import ray
 

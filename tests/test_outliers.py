@@ -276,6 +276,72 @@ def test_versions_count_each_versions_outliers(tmp_path, iconic, mobilenet_weigh
     assert [(v.outlier_references, v.outlier_vectors) for v in cat.versions()] == [(2, 4), (1, 2)]
 
 
+def test_outliers_added_during_a_rebuild_are_logged_as_outliers(tmp_path, iconic, mobilenet_weights, caplog,
+                                                                monkeypatch):
+    """An outlier added while a rebuild embeds is caught up before the swap, and the log calls it
+    an outlier reference (it called it a reference image)."""
+    import threading
+    import time
+
+    cat = Catalog.init(tmp_path / "c", encoder=MOBILENET_SPEC, random_init=True, encoder_options=MOBILENET_OPTIONS)
+    cat.add(iconic[0][2], sku="a")
+    go = tmp_path / "go"
+    monkeypatch.setenv("RETAILKLIP_PAUSE_AT", "rebuild.before_swap")
+    monkeypatch.setenv("RETAILKLIP_PAUSE_FILE", str(go))
+    monkeypatch.setenv("RETAILKLIP_PAUSE_LIMIT", "60")
+    done: list = []
+
+    def rebuild():
+        try:
+            done.append(cat.rebuild(encoder=MOBILENET_SPEC, weights=mobilenet_weights,
+                                    encoder_options=MOBILENET_OPTIONS))
+        except BaseException as e:  # noqa: BLE001 -- re-raised below
+            done.append(e)
+
+    caplog.set_level("INFO", logger="catalog.rebuild")
+    t = threading.Thread(target=rebuild)
+    t.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "go.reached").exists() and t.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (tmp_path / "go.reached").exists()
+        other = Catalog.open(cat.root)
+        other.add_outliers([iconic[40][2]])  # with the old (active) encoder only
+        other.close()
+    finally:
+        go.touch()
+        t.join(120)
+    (info,) = done
+    assert not isinstance(info, BaseException), info
+    assert "1 outlier reference(s) added meanwhile" in caplog.text
+    assert "reference image(s) added meanwhile" not in caplog.text
+    assert [o.vectors for o in cat.list_outliers()] == [1] and len(cat.outlier_table(cat.snapshot().encoder_id)) == 1
+
+
+def test_ray_rebuild_names_an_unreadable_outlier_an_outlier_reference(tmp_path, iconic, mobilenet_weights):
+    """`catalog rebuild --ray`: an outlier whose stored image cannot be read fails the rebuild
+    with an error naming the outlier reference (not a reference image) and the Ray node."""
+    import ray  # the ray extra is part of the test install (scripts/test.sh)
+
+    cat = Catalog.init(tmp_path / "c", encoder=MOBILENET_SPEC, random_init=True, encoder_options=MOBILENET_OPTIONS)
+    cat.add(iconic[0][2], sku="a")
+    (o,) = cat.add_outliers([iconic[40][2]])
+    stored = cat.root / o.filename
+    stored.chmod(0o644)
+    stored.write_bytes(b"not an image")
+    try:
+        with pytest.raises(InvalidImageError) as e:
+            cat.rebuild(encoder=MOBILENET_SPEC, weights=mobilenet_weights, encoder_options=MOBILENET_OPTIONS,
+                        ray="local", ray_workers=1)
+    finally:
+        ray.shutdown()
+    msg = str(e.value)
+    assert msg.startswith(f"outlier reference {o.id}: ") and "Ray node" in msg and "\n" not in msg, msg
+    assert "reference image" not in msg
+    assert cat.versions()[0].status == "failed" and cat.versions()[1].active
+
+
 def test_check_verifies_outlier_files_and_vectors(tmp_path, iconic, mobilenet_weights):
     cat = Catalog.init(tmp_path / "c", encoder=MOBILENET_SPEC, weights=mobilenet_weights,
                        encoder_options=MOBILENET_OPTIONS, augmentations=1)
