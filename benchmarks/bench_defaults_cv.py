@@ -68,10 +68,12 @@ def _item_key(path: Path, view: int = 0) -> str:
     return f"{path.resolve()}#{view}"
 
 
-def cached_features(option: str, items: list[tuple[Path, int]], cache: Path, *, log=print) -> np.ndarray:
-    """Raw pooled features (N, 1280) float32 of ``items`` (image path, augmentation view; view 0
+def cached_features(option: str, items: list[tuple[Path, int]], cache: Path, *, log=print,
+                    options: dict | None = None) -> np.ndarray:
+    """Raw pooled features (N, D) float32 of ``items`` (image path, augmentation view; view 0
     = the image itself, view v = view v of :func:`retailklip.augment.augment_reference` with
-    seed 0) under preprocessing ``option``, embedding only what ``cache`` lacks."""
+    seed 0) under preprocessing ``option`` (encoder options ``PREPROCESS[option]``, or
+    ``options`` under the name ``option``), embedding only what ``cache`` lacks."""
     import torch
 
     from retailklip import create_encoder
@@ -85,7 +87,7 @@ def cached_features(option: str, items: list[tuple[Path, int]], cache: Path, *, 
     keys = [_item_key(p, v) for p, v in items]
     missing = [(k, it) for k, it in dict(zip(keys, items)).items() if k not in have]
     if missing:
-        enc = create_encoder(ENCODER, weights=WEIGHTS, **PREPROCESS[option])
+        enc = create_encoder(ENCODER, weights=WEIGHTS, **(PREPROCESS[option] if options is None else options))
         start, views_of = time.perf_counter(), {}
         for s in range(0, len(missing), CHUNK):
             chunk = missing[s : s + CHUNK]

@@ -22,6 +22,11 @@ from pathlib import Path
 from retailklip.datasets import GroceryStore, read_grocery_store
 from retailklip.protocol import bootstrap_ci
 
+#: The main job's encoder options (``catalog init --encoder-option``): the last feature stage of
+#: MobileNetV2, average-pooled at three input sizes, chosen by nested cross-validation over the
+#: train split (docs/evaluation.md, "Multi-scale, intermediate-stage embedding").
+ENCODER_OPTIONS = ("interpolation=bilinear", "crop_pct=1.0", "scales=[224,288,384]", "feature_stage=-1")
+
 
 def write_import_csv(store: GroceryStore, out_csv: Path) -> None:
     """classes.csv -> image,sku,name with absolute image paths."""
@@ -38,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="catalog directory (default: a temporary one)")
     p.add_argument("--encoder", default="timm:mobilenetv2_100")
     p.add_argument("--weights", type=Path, default=Path("../shared/models/mobilenetv2_100.imagenet.safetensors"))
+    p.add_argument("--encoder-option", action="append", default=None, metavar="KEY=VALUE",
+                   help=f"encoder option for catalog init, repeatable; replaces the defaults {' '.join(ENCODER_OPTIONS)} "
+                        "(--encoder-option interpolation=bilinear alone: the single-scale encoder used before)")
     p.add_argument("--augmentations", type=int, default=None)
     p.add_argument("--split", default="val", choices=["val", "train"])
     p.add_argument("--center-stride", type=int, default=6,
@@ -48,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and any(out.iterdir()):
         shutil.rmtree(out)
     cli = [sys.executable, "-m", "catalog", "--catalog", str(out)]
-    init = cli + ["init", "--encoder", args.encoder, "--weights", str(args.weights), "--encoder-option", "interpolation=bilinear"]
+    init = cli + ["init", "--encoder", args.encoder, "--weights", str(args.weights)]
+    for option in args.encoder_option or ENCODER_OPTIONS:
+        init += ["--encoder-option", option]
     if args.augmentations:
         init += ["--augmentations", str(args.augmentations)]
     if args.center_stride:
@@ -70,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         per_class.setdefault(p.label, []).append(ok)
     top1 = bootstrap_ci(correct)  # 95 % percentile bootstrap over photos
     avg = bootstrap_ci([sum(v) / len(v) for v in per_class.values()])  # ... over classes
-    print(f"catalog: {out} ({len(store.classes)} SKUs, encoder {args.encoder})")
+    print(f"catalog: {out} ({len(store.classes)} SKUs, encoder {args.encoder} {' '.join(args.encoder_option or ENCODER_OPTIONS)})")
     print(f"{args.split} photos: {len(photos)}  top-1: {top1.mean:.4f} [{top1.low:.4f}, {top1.high:.4f}]  "
           f"per-class average: {avg.mean:.4f} [{avg.low:.4f}, {avg.high:.4f}]  (chance {1 / len(store.classes):.4f}; 95 % bootstrap intervals)")
     return 0

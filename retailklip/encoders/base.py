@@ -43,6 +43,11 @@ class Encoder:
             mean feature of unlabeled in-store photos (:meth:`mean_feature`).  It removes the
             component that all photos of the store share, which otherwise dominates the cosine
             similarity of non-negative CNN features.  Part of the identity.
+        groups: the D features are ``groups`` equal consecutive parts (e.g. one per input scale,
+            :class:`~retailklip.encoders.multiscale.MultiScalePooled`), each centred and
+            L2-normalised on its own and scaled by 1/sqrt(groups): the embedding still has unit
+            norm and the cosine similarity of two embeddings is the mean of the parts' cosine
+            similarities.  1 (the default): plain L2 normalisation.
 
     Thread safety: :meth:`embed` may be called from several threads at once (inference only,
     no mutable state).
@@ -59,7 +64,10 @@ class Encoder:
         batch_size: int = 32,
         background: tuple[int, int, int] = DEFAULT_BACKGROUND,
         center: np.ndarray | None = None,
+        groups: int = 1,
     ) -> None:
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or identity.dim % groups:
+            raise ValueError(f"groups must be a positive divisor of the dimension {identity.dim}, got {groups!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         if batch_size < 1:
@@ -70,6 +78,7 @@ class Encoder:
         self.precision = precision
         self.batch_size = batch_size
         self.background = tuple(background)
+        self.groups = groups
         self.center: torch.Tensor | None = None
         if center is not None:
             c = np.array(center, dtype=np.float32)  # a private, writable copy
@@ -105,11 +114,15 @@ class Encoder:
 
     def embed_tensor(self, batch: torch.Tensor) -> torch.Tensor:
         """Forward a preprocessed batch (N, 3, H, W) -> L2-normalised float32 (N, D) on the CPU
-        (centred first when the encoder has a ``center``)."""
+        (centred first when the encoder has a ``center``; each of the ``groups`` parts normalised
+        on its own)."""
         feats = self.features(batch)
         if self.center is not None:
             feats = feats - self.center
-        return torch.nn.functional.normalize(feats, dim=-1)
+        if self.groups == 1:
+            return torch.nn.functional.normalize(feats, dim=-1)
+        parts = torch.nn.functional.normalize(feats.reshape(len(feats), self.groups, -1), dim=-1)
+        return parts.reshape(len(feats), -1) / self.groups**0.5
 
     def mean_feature(self, images: Sequence[ImageSource], *, progress: bool = False) -> np.ndarray:
         """Mean raw feature (D,) float32 of images, e.g. unlabeled in-store photos, to use as ``center``.
@@ -129,7 +142,7 @@ class Encoder:
         ident = replace(self.identity, center="none")
         return Encoder(
             self.model, self.preprocess, ident, device=str(self.device), precision=self.precision,
-            batch_size=self.batch_size, background=self.background, center=center,
+            batch_size=self.batch_size, background=self.background, center=center, groups=self.groups,
         )
 
     def _batches(self, images: Sequence[ImageSource], progress: bool, desc: str, decoded: bool = False):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -17,6 +18,7 @@ from ..errors import RetailKlipError, WeightsUnavailableError
 from ..rng import seeded
 from ..weights import file_sha256, load_state_dict, load_state_dict_strict
 from .base import Encoder, EncoderIdentity, infer_dim, preprocess_description
+from .multiscale import MultiScalePooled, check_scales
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ def create_timm_encoder(
     crop_pct: float | None = None,
     crop_mode: str | None = None,
     input_size: int | None = None,
+    scales: Sequence[int] | None = None,
+    feature_stage: int | None = None,
     **encoder_kwargs,
 ) -> Encoder:
     """Build an :class:`Encoder` from a timm model.
@@ -50,10 +54,18 @@ def create_timm_encoder(
             ``mobilenetv2_100``); the resize before the centre crop scales with it
             (``input_size / crop_pct``).  Convolutional models with global pooling accept any
             size; testing above the training resolution can help (FixRes, Touvron et al. 2019, §3).
+        scales: input sides in pixels of a multi-scale embedding (e.g. ``[224, 320]``): the image
+            is preprocessed at the largest, embedded at each, and the per-scale vectors are
+            concatenated, each centred and L2-normalised on its own (D = len(scales) * C; see
+            :mod:`retailklip.encoders.multiscale`).  Excludes ``input_size``.
+        feature_stage: average-pool the output of this stage of ``model.feature_info`` (timm's
+            ``forward_intermediates``; negative counts from the end, e.g. -1 = the last stage,
+            before ``mobilenetv2_100``'s 1x1 head convolution: C = 320) instead of the model's
+            pooled output.
         **encoder_kwargs: ``device``, ``precision``, ``batch_size``, ``background`` for :class:`Encoder`.
 
     Raises:
-        RetailKlipError: unknown model name.
+        RetailKlipError: unknown model name; bad ``input_size``, ``scales`` or ``feature_stage``.
         WeightsUnavailableError: hub weights cannot be downloaded.
         WeightsError: the weights file is missing, unsafe or does not fit the architecture.
     """
@@ -89,6 +101,11 @@ def create_timm_encoder(
         weights_id = f"tag:{getattr(model, 'pretrained_cfg', {}).get('tag') or 'default'}"
     if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 32):
         raise RetailKlipError(f"input_size must be an integer >= 32 (pixels), got {input_size!r}")
+    if scales is not None and input_size is not None:
+        raise RetailKlipError("give input_size or scales, not both (the largest scale is the input size)")
+    if scales is not None:
+        scales = check_scales(scales)
+        input_size = max(scales)
     model.eval()
     cfg = resolve_model_data_config(model)
     if input_size is not None:
@@ -96,6 +113,12 @@ def create_timm_encoder(
     for k, v in (("interpolation", interpolation), ("crop_pct", crop_pct), ("crop_mode", crop_mode)):
         if v is not None:
             cfg[k] = v
+    extra, groups = {}, 1
+    if scales is not None or feature_stage is not None:
+        side = cfg["input_size"][1]
+        model = MultiScalePooled(model, scales if scales is not None else [side], feature_stage)
+        extra = {"scales": list(model.scales), "feature_stage": model.stage}
+        groups = len(model.scales)
     preprocess = create_transform(**cfg, is_training=False)
     dim = infer_dim(model, tuple(cfg["input_size"][1:]))
     identity = EncoderIdentity(
@@ -103,9 +126,9 @@ def create_timm_encoder(
         model=model_name,
         weights=weights_id,
         dim=dim,
-        preprocess=preprocess_description(library="timm", background=encoder_kwargs.get("background"), **cfg),
+        preprocess=preprocess_description(library="timm", background=encoder_kwargs.get("background"), **cfg, **extra),
     )
-    return Encoder(model, preprocess, identity, **encoder_kwargs)
+    return Encoder(model, preprocess, identity, groups=groups, **encoder_kwargs)
 
 
 def _create(timm, model_name: str, seed: int) -> torch.nn.Module:
