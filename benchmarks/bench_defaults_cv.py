@@ -111,9 +111,14 @@ def cached_features(option: str, items: list[tuple[Path, int]], cache: Path, *, 
 
 
 def normalise(feats: np.ndarray, center: np.ndarray | None) -> np.ndarray:
-    """(N, D) raw features -> unit vectors, centred first (as :class:`retailklip.encoders.Encoder`)."""
-    f = feats - center if center is not None else feats
-    return f / np.linalg.norm(f, axis=1, keepdims=True)
+    """(N, D) raw features -> unit vectors, centred first (as :class:`retailklip.encoders.Encoder`
+    makes them: :func:`retailklip.encoders.base.normalize_embeddings`)."""
+    import torch
+
+    from retailklip.encoders.base import normalize_embeddings
+
+    c = None if center is None else torch.from_numpy(np.asarray(center))
+    return normalize_embeddings(torch.from_numpy(np.asarray(feats)), center=c).numpy()
 
 
 #: The shipped centre is every 6th unlabeled train photo: in a fold, 1/6 of the other folds' photos.

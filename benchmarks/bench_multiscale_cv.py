@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_defaults_cv import ENCODER, K_FOLDS, SHARED, WEIGHTS, auroc_ci, cached_features  # noqa: E402
 
 from retailklip.datasets import read_grocery_store  # noqa: E402
+from retailklip.encoders.base import normalize_embeddings  # noqa: E402
 from retailklip.protocol import bootstrap_ci, class_disjoint_folds, fold_roles, mcnemar, photo_folds  # noqa: E402
 
 SHIPPED = {"interpolation": "bilinear"}  # the main job's encoder until this benchmark
@@ -63,24 +65,17 @@ def variant_options(size: int | None, layer: str) -> tuple[str, dict]:
     return name, opts
 
 
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
 def similarities(feats: np.ndarray, n_classes: int, labels, folds, groups: int = 1) -> np.ndarray:
     """(Q, C) cosine similarity of every train photo (in its fold) to the C packshots: raw
-    features (C + Q, D) centred on the fold's unlabeled sample, each of ``groups`` parts
-    normalised on its own, cosine = mean over parts (as :class:`retailklip.encoders.Encoder`)."""
-    g_raw, x_raw = feats[:n_classes].astype(np.float64), feats[n_classes:].astype(np.float64)
+    features (C + Q, D) centred on the fold's unlabeled sample and normalised per part as the
+    encoder does (:func:`retailklip.encoders.base.normalize_embeddings`, in float64)."""
+    g_raw, x_raw = torch.from_numpy(feats[:n_classes]).double(), torch.from_numpy(feats[n_classes:]).double()
     out = np.zeros((len(x_raw), n_classes))
     for f in folds:
         (r,) = fold_roles(labels, [f], center_size=len(f.train) // 6, seed=0)
         mu = x_raw[r.center].mean(0)
-
-        def parts(a):
-            return unit((a - mu).reshape(len(a), groups, -1))
-
-        out[r.queries] = np.einsum("qpd,cpd->qc", parts(x_raw[r.queries]), parts(g_raw)) / groups
+        q = normalize_embeddings(x_raw[r.queries], center=mu, groups=groups)
+        out[r.queries] = (q @ normalize_embeddings(g_raw, center=mu, groups=groups).T).numpy()
     return out
 
 
@@ -99,8 +94,6 @@ def open_set(sim: np.ndarray, lab: np.ndarray, classes: np.ndarray, folds, unkno
 
 def speed(store, chosen: dict, repeats: int) -> list[dict]:
     """Embedding seconds per image of the shipped and the chosen encoder, interleaved."""
-    import torch
-
     from retailklip import create_encoder
 
     torch.set_num_threads(2)
@@ -178,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     if best[1] == "stage" and len(sizes) == len(best[0]):
         chosen = {"interpolation": "bilinear", "crop_pct": 1.0, "scales": sorted(sizes), "feature_stage": -1}
         name = "ms-" + "-".join(map(str, sorted(sizes))) + "-stage"
-        feats = cached_features(name, items, args.cache, options=chosen)
-        lib = classes[similarities(feats, len(classes), labels, folds, groups=len(sizes)).argmax(1)] == lab
+        lib_sim = similarities(cached_features(name, items, args.cache, options=chosen), len(classes), labels, folds,
+                               groups=len(sizes))
+        lib = classes[lib_sim.argmax(1)] == lab
         m = mcnemar(lib, shipped)
         print(f"\nlibrary path ({chosen}), all {len(lab)} photos: {bootstrap_ci(lib)} vs shipped "
               f"{bootstrap_ci(shipped)}; McNemar {m.only_a} / {m.only_b}, p = {m.p_value:.3g}; "
@@ -187,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
         result["library"] = {"options": chosen, "top1": vars(bootstrap_ci(lib)), "shipped": vars(bootstrap_ci(shipped)),
                              "mcnemar": vars(m)}
         unknown = class_disjoint_folds(list(classes), K_FOLDS, seed=0, groups=[c.coarse_name for c in store.classes])
-        lib_sim = similarities(feats, len(classes), labels, folds, groups=len(sizes))
         aurocs = {name: auroc_ci(open_set(sim, lab, classes, folds, unknown))
                   for name, sim in (("shipped", sims[(None, "head")]), ("chosen", lib_sim))}
         print("known-vs-unknown AUROC of the nearest distance (whole coarse classes out of the gallery, "

@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and any(out.iterdir()):
         shutil.rmtree(out)
     cli = [sys.executable, "-m", "catalog", "--catalog", str(out)]
+    options = args.encoder_option or ENCODER_OPTIONS
     init = cli + ["init", "--encoder", args.encoder, "--weights", str(args.weights)]
-    for option in args.encoder_option or ENCODER_OPTIONS:
+    for option in options:
         init += ["--encoder-option", option]
     if args.augmentations:
         init += ["--augmentations", str(args.augmentations)]
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         per_class.setdefault(p.label, []).append(ok)
     top1 = bootstrap_ci(correct)  # 95 % percentile bootstrap over photos
     avg = bootstrap_ci([sum(v) / len(v) for v in per_class.values()])  # ... over classes
-    print(f"catalog: {out} ({len(store.classes)} SKUs, encoder {args.encoder} {' '.join(args.encoder_option or ENCODER_OPTIONS)})")
+    print(f"catalog: {out} ({len(store.classes)} SKUs, encoder {args.encoder} {' '.join(options)})")
     print(f"{args.split} photos: {len(photos)}  top-1: {top1.mean:.4f} [{top1.low:.4f}, {top1.high:.4f}]  "
           f"per-class average: {avg.mean:.4f} [{avg.low:.4f}, {avg.high:.4f}]  (chance {1 / len(store.classes):.4f}; 95 % bootstrap intervals)")
     return 0

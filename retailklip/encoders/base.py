@@ -116,13 +116,7 @@ class Encoder:
         """Forward a preprocessed batch (N, 3, H, W) -> L2-normalised float32 (N, D) on the CPU
         (centred first when the encoder has a ``center``; each of the ``groups`` parts normalised
         on its own)."""
-        feats = self.features(batch)
-        if self.center is not None:
-            feats = feats - self.center
-        if self.groups == 1:
-            return torch.nn.functional.normalize(feats, dim=-1)
-        parts = torch.nn.functional.normalize(feats.reshape(len(feats), self.groups, -1), dim=-1)
-        return parts.reshape(len(feats), -1) / self.groups**0.5
+        return normalize_embeddings(self.features(batch), center=self.center, groups=self.groups)
 
     def mean_feature(self, images: Sequence[ImageSource], *, progress: bool = False) -> np.ndarray:
         """Mean raw feature (D,) float32 of images, e.g. unlabeled in-store photos, to use as ``center``.
@@ -178,6 +172,25 @@ class Encoder:
 
     def __repr__(self) -> str:
         return f"Encoder({self.identity.key}, device={self.device}, precision={self.precision})"
+
+
+def normalize_embeddings(feats: torch.Tensor, *, center: torch.Tensor | None = None, groups: int = 1) -> torch.Tensor:
+    """Raw features -> embeddings, as :meth:`Encoder.embed_tensor` makes them: ``center``
+    subtracted, then each of the ``groups`` equal consecutive parts L2-normalised on its own and
+    scaled by 1/sqrt(groups) (plain L2 normalisation for one group).
+
+    Args:
+        feats: float (N, D) raw features (any float dtype; the result has the same).
+        center: optional (D,) centering vector.
+        groups: number of parts, a divisor of D.
+
+    Returns:
+        float (N, D), rows of unit L2 norm (0 for an all-zero part).
+    """
+    if center is not None:
+        feats = feats - center
+    parts = torch.nn.functional.normalize(feats.reshape(len(feats), groups, -1), dim=-1)
+    return parts.reshape(len(feats), -1) / groups**0.5
 
 
 def preprocess_description(**settings) -> str:

@@ -3,7 +3,7 @@
 A frozen ImageNet CNN's final pooled features are tuned to ImageNet's classes; matching an iconic
 packshot (white background, product filling the frame) to an in-store photo (clutter, product at
 another scale) is helped by two old retrieval tricks, both measured on GroceryStore's train split
-by photo-fold cross-validation (docs/evaluation.md, "Multi-scale, intermediate-stage features"):
+by photo-fold cross-validation (docs/evaluation.md, "Multi-scale, intermediate-stage embedding"):
 
 * pooling an intermediate stage instead of the last (the lower layers transfer better to instance
   retrieval: Babenko & Lempitsky, "Aggregating deep convolutional features for image retrieval",
