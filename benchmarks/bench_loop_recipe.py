@@ -1,13 +1,17 @@
 """Choose the loop's finetune recipe by class-disjoint cross-validation on the **training**
-classes only (examples/retailklip_loop.py's held-out classes are never touched).
+classes (by default only those: examples/retailklip_loop.py's held-out classes are not touched).
 
     python3 benchmarks/bench_loop_recipe.py --data ../shared/data/grocery-store --out /tmp/loop-cv
 
-The loop's 46 training classes (odd coarse ids) are dealt into k class-disjoint folds by coarse
-class (:func:`retailklip.protocol.class_disjoint_folds`).  Per fold and recipe: finetune on the
+The loop's 46 training classes (odd coarse ids; ``--classes all``: all 81, a wider check in which
+the loop's held-out classes take part) are dealt into k class-disjoint folds by coarse class
+(:func:`retailklip.protocol.class_disjoint_folds`).  Per fold and recipe: finetune on the
 other folds' train photos, then closed-set 1-NN top-1 of the fold's classes: gallery = their iconic
 packshots (K = 1, no feature centring), queries = up to ``--queries`` train photos per class.  The
-raw encoder is scored on the same photos.  Prints top-1 per recipe with a bootstrap interval over
+raw encoder is scored on the same photos.  ``--centred`` (on by default) scores every encoder a
+second time with its features centred on every 6th train photo of the fold's training classes,
+unlabeled, as the loop's catalogs centre theirs (rows ``NAME@centred``, compared with the
+reference's ``@centred`` row).  Prints top-1 per recipe with a bootstrap interval over
 all folds' photos and McNemar's test against the ``--reference`` recipe (default ``train-iconic``,
 the loop's shipped recipe), and writes ``OUT/cv.json`` (after every recipe: each recipe runs all
 its folds before the next starts, so an interrupted run keeps whole recipes).  Each run's per-photo
@@ -71,6 +75,9 @@ OPEN_SCORES = ("distance", "ratio", "neg-packshots", "neg-photos", "view-scale",
 CLOSED_VARIANTS = ("flip", "k8")
 #: Catalog views per packshot of the ``k8`` variant.
 K_VIEWS = 8
+#: ``@centred`` rows: features centred on every N-th train photo of the fold's training classes
+#: (the loop's ``--center-stride``).
+CENTER_STRIDE = 6
 
 RECIPES = {  # name -> extra finetune arguments on top of the loop's (3 epochs, depth 12, lr 2e-4, 3 stages frozen)
     "baseline": [],
@@ -99,6 +106,15 @@ RECIPES = {  # name -> extra finetune arguments on top of the loop's (3 epochs, 
     "iconic-decay0.9-depth24": ["+iconic", "--lr-decay", "0.9", "--depth", "24"],
     "iconic-decay0.9-size160-epochs6": ["+iconic", "--lr-decay", "0.9", "--train-size", "160", "--epochs", "6"],
     "iconic-decay0.9-freeze5": ["+iconic", "--lr-decay", "0.9", "--freeze-blocks", "5"],
+    # packshot oversampling (issue 14, stop 21; "+iconicN" = the packshots as role 'reference' rows with
+    # --reference-copies N): the class-balanced sampler draws ~N x depth / (photos + N) augmented
+    # packshot views per class and epoch instead of ~depth / (photos + 1)
+    "iconic4-decay0.9": ["+iconic4", "--lr-decay", "0.9"],
+    "iconic12-decay0.9": ["+iconic12", "--lr-decay", "0.9"],
+    "iconic24-decay0.9": ["+iconic24", "--lr-decay", "0.9"],
+    "iconic48-decay0.9": ["+iconic48", "--lr-decay", "0.9"],
+    "iconic96-decay0.9": ["+iconic96", "--lr-decay", "0.9"],
+    "iconic48-decay0.9-depth24": ["+iconic48", "--lr-decay", "0.9", "--depth", "24"],
 }
 
 
@@ -262,12 +278,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--open-set", action=argparse.BooleanOptionalAction, default=True,
                    help="also the flip / k8 closed-set variants and the open-set scores (module docstring)")
     p.add_argument("--negatives", type=int, default=5, help="train photos per training class as outliers (neg-photos)")
+    p.add_argument("--classes", choices=("loop-training", "all"), default="loop-training",
+                   help="the classes dealt into folds: the loop's 46 training classes (its held-out classes untouched) "
+                        "or all 81 (a wider check; the loop's held-out classes then take part)")
+    p.add_argument("--centred", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"also score every encoder with features centred on every {CENTER_STRIDE}th train photo of the "
+                        "fold's training classes, as the loop's catalogs are (rows 'NAME@centred')")
     args = p.parse_args(argv)
     bad = [r for r in args.recipes.split(",") if r not in RECIPES]
     if bad:
         p.error(f"unknown recipe(s) {', '.join(bad)}; choose from {', '.join(RECIPES)}")
     store = read_grocery_store(args.data)
-    trained = [c for c in store.classes if c.coarse_id % 2 == 1]  # the loop's training classes
+    trained = [c for c in store.classes if args.classes == "all" or c.coarse_id % 2 == 1]  # default: the loop's training classes
     names = [c.name for c in trained]
     iconic = {c.name: c.iconic.resolve() for c in trained}
     photos = defaultdict(list)
@@ -281,8 +303,17 @@ def main(argv: list[str] | None = None) -> int:
     tests = [[names[i] for i in fold.test] for fold in folds]
     trains = [[names[i] for i in fold.train] for fold in folds]
     queries = [[(q, c) for c in test for q in photos[c][: args.queries]] for test in tests]
+    centre_photos = [[q for c in train for q in photos[c]][::CENTER_STRIDE] for train in trains]
     for fold, test in zip(folds, tests):
         correct["raw"].append(score(raw, [iconic[c] for c in test], test, queries[fold.index]))
+
+    def measure_centred(name: str, enc_of) -> None:
+        if not args.centred or f"{name}@centred" in correct:
+            return
+        for fold, test in zip(folds, tests):
+            enc = enc_of(fold.index)
+            enc = enc.with_center(enc.mean_feature(centre_photos[fold.index]))
+            correct[f"{name}@centred"].append(score(enc, [iconic[c] for c in test], test, queries[fold.index]))
     coarse = {c.name: c.coarse_name for c in trained}
     knowns = []
     for test in tests:  # the open-set known half of each fold's held-out classes, by coarse class
@@ -313,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, parts in json.loads(done.read_text()).items():
             if name != "raw":
                 correct[name] = [np.array(x, bool) for x in parts]
+    measure_centred("raw", lambda i: raw)
     def trained_encoder(name: str):
         return lambda i: create_encoder("timm:mobilenetv2_100", weights=args.out / f"fold{i}" / name / "encoder.safetensors",
                                         interpolation="bilinear")
@@ -320,19 +352,22 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.recipes.split(","):
         if name in correct:
             print(f"{name}: kept from {done}", flush=True)
-            if name not in opens and all((args.out / f"fold{f.index}" / name / "encoder.safetensors").is_file() for f in folds):
-                measure_open(name, trained_encoder(name))
+            if all((args.out / f"fold{f.index}" / name / "encoder.safetensors").is_file() for f in folds):
+                if name not in opens:
+                    measure_open(name, trained_encoder(name))
+                measure_centred(name, trained_encoder(name))
             continue
         for fold, test, train in zip(folds, tests, trains):
             d = args.out / f"fold{fold.index}"
             d.mkdir(exist_ok=True)
             extra = list(RECIPES[name])
-            rows = [(str(q), c) for c in train for q in photos[c]]
-            if "+iconic" in extra:
-                extra.remove("+iconic")
-                rows += [(str(iconic[c]), c) for c in train]
+            rows = [(str(q), c, "query") for c in train for q in photos[c]]
+            for token in [t for t in extra if t.startswith("+iconic")]:  # "+iconicN": --reference-copies N
+                extra.remove(token)
+                rows += [(str(iconic[c]), c, "reference") for c in train]
+                extra += ["--reference-copies", token[len("+iconic"):] or "1"]
             with open(d / f"train-{name}.csv", "w", newline="") as f:
-                csv.writer(f).writerows([("image", "label"), *rows])
+                csv.writer(f).writerows([("image", "label", "role"), *rows])
             with open(d / "eval.csv", "w", newline="") as f:  # the finetune's own check: 1 query per class
                 csv.writer(f).writerows([("image", "label", "role")] + [r for c in test for r in
                                         ((str(iconic[c]), c, "reference"), (str(photos[c][-1]), c, "query"))])
@@ -348,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             correct[name].append(score(enc, [iconic[c] for c in test], test, queries[fold.index]))
             print(f"fold {fold.index} {name}: {correct[name][-1].mean():.3f} (raw {correct['raw'][fold.index].mean():.3f}), "
                   f"{time.perf_counter() - t:.0f} s", flush=True)
+        measure_centred(name, trained_encoder(name))
         summarize(correct, args)
         measure_open(name, trained_encoder(name))
     summarize(correct, args)
@@ -359,19 +395,20 @@ def main(argv: list[str] | None = None) -> int:
 def summarize(correct: dict[str, list[np.ndarray]], args) -> dict:
     """Top-1 with a bootstrap interval per recipe, McNemar vs ``args.reference``; writes cv.json."""
     res = {}
-    ref = np.concatenate(correct[args.reference]) if args.reference in correct else None
     for name, parts in correct.items():
+        reference = args.reference + ("@centred" if name.endswith("@centred") else "")  # like is compared with like
+        ref = np.concatenate(correct[reference]) if reference in correct else None
         c = np.concatenate(parts)
         ci = bootstrap_ci(c.astype(float))
         row = {"top1": ci.mean, "low": ci.low, "high": ci.high, "photos": len(c),
                "per_fold": [float(x.mean()) for x in parts]}
-        if ref is not None and name != args.reference and len(c) == len(ref):
+        if ref is not None and name != reference and len(c) == len(ref):
             m = mcnemar(c, ref)
-            row["mcnemar_vs_reference"] = {"reference": args.reference, "only_this": m.only_a, "only_reference": m.only_b,
+            row["mcnemar_vs_reference"] = {"reference": reference, "only_this": m.only_a, "only_reference": m.only_b,
                                            "p_value": m.p_value}
         res[name] = row
         mc = row.get("mcnemar_vs_reference")
-        print(f"{name}: top-1 {ci} over {len(c)} photos" + (f"; vs {args.reference} {mc['only_this']} vs "
+        print(f"{name}: top-1 {ci} over {len(c)} photos" + (f"; vs {reference} {mc['only_this']} vs "
                                                             f"{mc['only_reference']}, p = {mc['p_value']:.3g}" if mc else ""))
     (args.out / "cv.json").write_text(json.dumps(res, indent=1) + "\n")
     (args.out / "correct.json").write_text(json.dumps({k: [x.tolist() for x in v] for k, v in correct.items()}) + "\n")

@@ -15,15 +15,17 @@ Steps (everything from the dataset's **train** split; test is never read, val on
    catalog) and *unknown* classes, and the unknown ones again into those seen at calibration and
    those seen at evaluation, so the threshold is judged on products it was not calibrated on.
 2. Finetune the MobileNetV2 on the training classes' photos and packshots (``finetune``: ArcFace, blockwise
-   learning-rate decay, 0.9 per lower block, class-balanced sampling; RetailKLIP, Srivastava 2023, §4.1;
-   packshots and decay chosen by class-disjoint CV on the training classes,
+   learning-rate decay, 0.9 per lower block, class-balanced sampling; RetailKLIP, Srivastava 2023, §4.1),
+   each packshot a ``reference`` row counted ``--reference-copies`` (12) times in the class-balanced
+   draw; packshots, their copies and the decay chosen by class-disjoint CV on the training classes,
    benchmarks/bench_loop_recipe.py) -> ``OUT/encoder.safetensors``.
 3. Two catalogs of iconic packshots (``catalog.Catalog.init`` + ``import_csv``, features centred
    on unlabeled training-class photos as examples/grocery_store.py does): ``catalog-all`` (the 35
    held-out classes: closed-set top-1) and ``catalog-known`` (the known half: open set).  Measured
    with the raw encoder (before), then ``Catalog.rebuild(encoder=..., weights=OUT/encoder.safetensors)``
    (= ``catalog rebuild --encoder timm:mobilenetv2_100 --weights OUT/encoder.safetensors``) and
-   measured again (after).  ``catalog-known`` also gets the 46 training classes' packshots as
+   measured again (after), its features centred on the same photos (``--no-center-after``: not).
+   ``catalog-known`` also gets the 46 training classes' packshots as
    *outlier references* (products not in the catalog) through the CLI,
    ``catalog --catalog OUT/catalog-known outliers add PACKSHOT...``; the rebuild re-embeds them
    with the finetuned encoder.
@@ -131,11 +133,11 @@ def write_inputs(s: dict, out: Path, center_stride: int, train_iconic: bool) -> 
     """CSVs and lists the steps read, all under ``out``."""
     store = s["store"]
     iconic = {c.name: c.iconic.resolve() for c in store.classes}
-    train_rows = [(str(p.path.resolve()), p.label) for p in s["train_photos"]]
-    if train_iconic:  # the training classes' packshots too (chosen by benchmarks/bench_loop_recipe.py)
-        train_rows += [(str(iconic[c]), c) for c in s["trained"]]
+    train_rows = [(str(p.path.resolve()), p.label, "query") for p in s["train_photos"]]
+    if train_iconic:  # the training classes' packshots too, as reference rows (benchmarks/bench_loop_recipe.py)
+        train_rows += [(str(iconic[c]), c, "reference") for c in s["trained"]]
     files = {
-        "train": write_csv(out / "train.csv", ["image", "label"], train_rows),
+        "train": write_csv(out / "train.csv", ["image", "label", "role"], train_rows),
         "all": write_csv(out / "catalog-all.csv", ["image", "sku", "name"], [(str(iconic[c]), c, c) for c in s["held"]]),
         "known": write_csv(out / "catalog-known.csv", ["image", "sku", "name"], [(str(iconic[c]), c, c) for c in s["known"]]),
         "calibration": write_csv(out / "calibration.csv", ["image", "sku"],
@@ -294,6 +296,7 @@ def finetune(s: dict, files: dict, out: Path, args) -> dict:
             "--epochs", str(args.epochs), "--depth", str(args.depth), "--batch-size", str(args.batch_size),
             "--freeze-blocks", str(args.freeze_blocks), "--lr", str(args.lr), "--lr-decay", str(args.lr_decay),
             "--margin", str(args.margin),
+            *(["--reference-copies", str(args.reference_copies)] if args.train_iconic else []),
             "--eval-every", str(args.epochs), "--threads", str(args.threads), "--seed", str(args.seed), "--no-progress"]
     if args.train_size:
         argv += ["--train-size", str(args.train_size)]
@@ -365,7 +368,8 @@ def jsonable(v):
     return v
 
 
-def main(argv: list[str] | None = None) -> int:
+def loop_parser() -> argparse.ArgumentParser:
+    """The loop's command line (every default here is the shipped recipe)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=Path("../shared/data/grocery-store"))
     p.add_argument("--out", type=Path, required=True, help="output folder (emptied first)")
@@ -374,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-train-photos", type=int, default=0, metavar="N", help="at most N training photos per class (0: all)")
     p.add_argument("--max-held-out-photos", type=int, default=0, metavar="N", help="at most N photos per held-out class (0: all)")
     p.add_argument("--center-stride", type=int, default=6, help="centre features on every N-th training photo, unlabeled (0: none)")
+    p.add_argument("--center-after", action=argparse.BooleanOptionalAction, default=True,
+                   help="centre the finetuned encoder's features too, on the same photos (rebuild --center-photos); "
+                        "--no-center-after rebuilds without (the evidence is mixed: docs/finetune.md, 'Fourth round')")
     g = p.add_argument_group("finetune (docs/finetune.md)")
     g.add_argument("--epochs", type=int, default=3)
     g.add_argument("--depth", type=int, default=12)
@@ -389,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--train-iconic", action=argparse.BooleanOptionalAction, default=True,
                    help="also train on the training classes' packshots (chosen by class-disjoint CV on the training "
                         "classes, benchmarks/bench_loop_recipe.py)")
+    g.add_argument("--reference-copies", type=int, default=12, metavar="N",
+                   help="with --train-iconic: each packshot counts N times in the class-balanced draw (finetune "
+                        "--reference-copies; 12 chosen by class-disjoint CV, benchmarks/bench_loop_recipe.py)")
     c = p.add_argument_group("calibration (docs/threshold.md)")
     g = c.add_mutually_exclusive_group()
     g.add_argument("--match-softmax-cutoff", type=float, default=0.78)
@@ -404,7 +414,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--final-val", action="store_true",
                    help="also report closed-set top-1 on the held-out classes' val photos (the protocol's one final "
                         "report: val is a development set, never used for choices)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = loop_parser()
     args = p.parse_args(argv)
+    if args.reference_copies < 1:
+        p.error(f"--reference-copies must be >= 1, got {args.reference_copies}")
     if not args.weights.is_file():
         print(f"retailklip_loop: error: {args.weights}: no such weights file", file=sys.stderr)
         return 1
@@ -441,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     for d in catalogs.values():  # = catalog --catalog D rebuild --encoder ... --weights OUT/encoder.safetensors
         Catalog.open(d).rebuild(encoder=ENCODER, weights=out / "encoder.safetensors", encoder_options=OPTIONS,
-                                center_photos=center)
+                                center_photos=center if args.center_after else None)
     timings["rebuild"] = time.perf_counter() - t
     t = time.perf_counter()
     cal_after = calibrate_all(catalogs["known"], files["calibration"], args)
@@ -452,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     mc = mcnemar(after["correct"], before["correct"])
     vectors_after, _ = catalog_gallery(Catalog.open(catalogs["all"]))
     res = {
-        "split": {"train_iconic": args.train_iconic, "rule": f"coarse class id % 2 == {args.held_out_parity} held out", "training_classes": len(s["trained"]),
+        "split": {"train_iconic": args.train_iconic, "center_after": bool(args.center_after and center),
+                  "reference_copies": args.reference_copies if args.train_iconic else None, "rule": f"coarse class id % 2 == {args.held_out_parity} held out", "training_classes": len(s["trained"]),
                   "training_photos": len(s["train_photos"]), "held_out_classes": len(s["held"]),
                   "evaluation_photos": len(s["evaluation"]), "calibration_photos": len(s["calibration"]),
                   "known_classes": s["known"], "unknown_calibration_classes": s["unknown_calibration"],
@@ -462,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
         "before": {k: v for k, v in before.items() if k not in ("correct", "val_correct")},
         "after": {k: v for k, v in after.items() if k not in ("correct", "val_correct")},
         "mcnemar_after_vs_before": {"only_after": mc.only_a, "only_before": mc.only_b, "p_value": mc.p_value},
+        # per evaluation photo, so two runs (two recipes) can be compared paired (McNemar) on the same photos
+        "per_photo": {"image": [str(p.path.resolve()) for p in s["evaluation"]], "before_correct": before["correct"],
+                      "after_correct": after["correct"]},
         "encoder_changed": before["encoder"] != after["encoder"],
         "vectors_max_abs_change": float(np.abs(vectors_after - vectors_before).max()),
         "seconds": {k: round(v, 1) for k, v in timings.items()},

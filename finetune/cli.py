@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, metavar="TRAIN", help="training CSV image,label (paths relative to the CSV) or folder per class")
+    g.add_argument("--data", required=True, metavar="TRAIN",
+                   help="training CSV image,label[,role] (paths relative to the CSV; role reference|query) or folder per class")
     g.add_argument("--eval-data", required=True, metavar="EVAL",
                    help="held-out classes: CSV image,label[,role] (role reference|query; default: first image of a label is its reference) or folder per class")
     g.add_argument("--out", required=True, metavar="DIR", help="output directory")
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first run short trainings with these depths and keep the best (held-out per-class top-1)")
     g.add_argument("--sweep-epochs", type=int, default=None, help="epochs of each sweep run (default: --epochs)")
     g.add_argument("--sweep-eval-data", default=None, metavar="EVAL", help="held-out classes that pick the depth (default: --eval-data)")
+    g.add_argument("--reference-copies", type=int, default=d.reference_copies, metavar="N",
+                   help="each training row of role 'reference' (a packshot) counts N times in the class-balanced draw")
     g = p.add_argument_group("loss and optimizer (RetailKLIP 4.1, 4.1.2)")
     g.add_argument("--margin", type=float, default=DEFAULT_MARGIN_DEGREES, help="ArcFace angular margin, degrees")
     g.add_argument("--scale", type=float, default=DEFAULT_SCALE, help="ArcFace logit scale")
@@ -125,6 +128,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data=args.data, eval_data=args.eval_data, out=args.out, encoder=args.encoder, weights=args.weights,
         random_init=args.random_init, encoder_options=dict(args.encoder_option), epochs=args.epochs, depth=args.depth,
         sweep_depth=args.sweep_depth, sweep_epochs=args.sweep_epochs, sweep_eval_data=args.sweep_eval_data,
+        reference_copies=args.reference_copies,
         batch_size=args.batch_size, accum_steps=args.accum_steps, lr=args.lr, lr_decay=args.lr_decay, loss_lr=args.loss_lr,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, min_lr_ratio=args.min_lr_ratio,
         clip_grad=args.clip_grad or None, margin=args.margin, scale=args.scale, sub_centers=args.sub_centers, init_class_weights=args.init_class_weights,
@@ -145,7 +149,7 @@ def run(cfg: TrainConfig) -> dict:
     from .train import Trainer
 
     cfg.validate()
-    data = prepare_data(cfg.data, cfg.eval_data, workers=max(2, cfg.workers or 0))
+    data = prepare_data(cfg.data, cfg.eval_data, workers=max(2, cfg.workers or 0), reference_copies=cfg.reference_copies)
     sweep, before = None, None
     if cfg.sweep_depth:
         best, sweep, sweep_before = sweep_depth(cfg, data)

@@ -22,7 +22,9 @@ class TrainConfig:
     """Settings of one finetuning run; defaults follow RetailKLIP §4.1 where it gives a value.
 
     Attributes (units in brackets):
-        data: training CSV (``image,label``) or folder per class.
+        data: training CSV (``image,label[,role]``) or folder per class.
+        reference_copies: times each training image with role ``reference`` (a product's reference
+            image, e.g. its packshot) enters the class-balanced sampler's pool; 1 = once, like any image.
         eval_data: held-out classes, CSV (``image,label[,role]``) or folder per class.
         out: output directory.
         encoder: encoder SPEC as in ``catalog init``.
@@ -83,6 +85,7 @@ class TrainConfig:
     sweep_depth: list[int] | None = None
     sweep_epochs: int | None = None
     sweep_eval_data: str | None = None
+    reference_copies: int = 1
     batch_size: int = 32
     accum_steps: int = 1
     lr: float = DEFAULT_LR
@@ -127,7 +130,8 @@ class TrainConfig:
         positive = {"--epochs": self.epochs, "--depth": self.depth, "--batch-size": self.batch_size,
                     "--accum-steps": self.accum_steps, "--augmentations": self.augmentations,
                     "--eval-every": self.eval_every, "--eval-batch-size": self.eval_batch_size,
-                    "--log-every": self.log_every, "--sub-centers": self.sub_centers}
+                    "--log-every": self.log_every, "--sub-centers": self.sub_centers,
+                    "--reference-copies": self.reference_copies}
         for flag, v in positive.items():
             if v < 1:
                 raise FinetuneError(f"{flag} must be >= 1, got {v}")

@@ -9,8 +9,9 @@ coarse class is ever evaluated (no Granny-Smith in training when Pink-Lady is ev
 
 Written to ``--out``:
 
-* ``train.csv`` (``image,label``): the in-store ``train.txt`` photos of the training classes
-  (``--train-iconic`` adds their packshots);
+* ``train.csv`` (``image,label,role``): the in-store ``train.txt`` photos of the training classes
+  (role ``query``; ``--train-iconic`` adds their packshots, role ``reference``, which the
+  finetune's ``--reference-copies N`` oversamples);
 * ``eval.csv`` (``image,label,role``): for each held-out class its iconic image as
   ``reference`` (packshot -> in-store, as a store's catalog would be built) and its in-store
   ``val.txt`` photos as ``query`` (``--train-queries N`` adds up to N ``train.txt`` photos per
@@ -71,14 +72,14 @@ def write_split(root: str | os.PathLike, out: str | os.PathLike, *, held_out_par
 
     with open(out / "train.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["image", "label"])
+        w.writerow(["image", "label", "role"])
         for photo in lists["train"]:
             if photo.label not in held:
-                w.writerow([rel(photo.path), photo.label])
+                w.writerow([rel(photo.path), photo.label, "query"])
         if train_iconic:
             for c in store.classes:
                 if c.name not in held:
-                    w.writerow([rel(c.iconic), c.name])
+                    w.writerow([rel(c.iconic), c.name, "reference"])
     queries: dict[str, list[Path]] = defaultdict(list)
     for photo in lists["val"]:
         if photo.label in held:

@@ -44,7 +44,7 @@ def sweep_depth(cfg: TrainConfig, data: PreparedData | None = None) -> tuple[int
     depths = sorted(set(cfg.sweep_depth or []))
     eval_data = cfg.sweep_eval_data or cfg.eval_data
     if data is None or cfg.sweep_eval_data:
-        data = prepare_data(cfg.data, eval_data, workers=max(2, cfg.workers or 0))
+        data = prepare_data(cfg.data, eval_data, workers=max(2, cfg.workers or 0), reference_copies=cfg.reference_copies)
     results, before = [], None
     for d in depths:
         t0 = time.perf_counter()

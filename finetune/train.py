@@ -100,7 +100,7 @@ class Trainer:
         if self.device.type == "cpu" and self.precision == "fp16":
             logger.warning("fp16 autocast on the CPU is slow and unscaled; prefer bf16 or fp32")
         self.workers = cfg.workers if cfg.workers is not None else (0 if self.device.type == "cpu" else min(8, os.cpu_count() or 1))
-        self.data = data or prepare_data(cfg.data, cfg.eval_data, workers=max(2, self.workers))
+        self.data = data or prepare_data(cfg.data, cfg.eval_data, workers=max(2, self.workers), reference_copies=cfg.reference_copies)
         seed_everything(cfg.seed)
 
         # The zero-shot evaluation runs in float32, as a catalog does by default.

@@ -16,7 +16,15 @@ import torch
 from conftest import TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
 from PIL import Image
 
-from finetune.data import EvalSplit, LabeledData, check_disjoint, check_images, read_samples
+from finetune.data import (
+    EvalSplit,
+    LabeledData,
+    check_disjoint,
+    check_images,
+    prepare_data,
+    read_samples,
+    with_reference_copies,
+)
 from finetune.errors import FinetuneError
 from finetune.evaluate import ZeroShotEvaluator
 from finetune.loss import create_arcface, imprint_class_weights
@@ -286,6 +294,42 @@ def test_data_errors_are_clear(tmp_path):
         check_disjoint(["a", "b"], ["b", "c"])
 
 
+def test_reference_copies_oversample_the_packshot_in_the_class_balanced_draw(grocery_store, tmp_path):
+    """Real GroceryStore rows: two classes' in-store photos (role query) and packshots (role
+    reference).  With N copies the packshot is N of the class's items, so the class-balanced
+    sampler draws it with probability N / (photos + N) per draw instead of 1 / (photos + 1)."""
+    classes = grocery_store.classes[:2]
+    photos = {c.name: [p.path for p in grocery_store.photos("train") if p.label == c.name][:10] for c in classes}
+    rows = [(str(q), c.name, "query") for c in classes for q in photos[c.name]]
+    rows += [(str(c.iconic), c.name, "reference") for c in classes]
+    train = _write_csv(tmp_path / "train.csv", rows, ("image", "label", "role"))
+    held = grocery_store.classes[2:4]
+    held_photo = {p.label: p.path for p in grocery_store.photos("train") if p.label in {c.name for c in held}}
+    evals = _write_csv(tmp_path / "eval.csv", [r for c in held for r in ((str(c.iconic), c.name, "reference"),
+                                                                          (str(held_photo[c.name]), c.name, "query"))],
+                       ("image", "label", "role"))
+    samples = read_samples(train)
+    assert with_reference_copies(samples, 1) == samples
+    six = with_reference_copies(samples, 6)
+    assert six[:len(samples)] == samples and len(six) == len(samples) + 5 * 2
+    assert all(s.role == "reference" for s in six[len(samples):])
+    for copies in (1, 6):
+        data = prepare_data(str(train), str(evals), workers=2, reference_copies=copies).train
+        assert len(data.samples) == 22 + 2 * (copies - 1)
+        is_packshot = np.array([s.role == "reference" for s in data.samples])
+        sampler = ClassBalancedSampler(data.targets, depth=4, seed=0)
+        drawn = []
+        for epoch in range(300):
+            sampler.set_epoch(epoch)
+            drawn += list(sampler)
+        share = is_packshot[drawn].mean()
+        assert abs(share - copies / (10 + copies)) < 0.03, (copies, share)
+    with pytest.raises(FinetuneError, match="role 'reference'"):
+        with_reference_copies(read_samples(_write_csv(tmp_path / "noroles.csv", [(str(photos[classes[0].name][0]), "x")])), 3)
+    with pytest.raises(FinetuneError, match=">= 1"):
+        with_reference_copies(samples, 0)
+
+
 # ---------------------------------------------------------------- zero-shot evaluation (§4.2)
 def test_one_nn_accuracy_top1_and_per_class_average():
     rng = np.random.default_rng(0)
@@ -354,3 +398,11 @@ def test_grocery_split_by_coarse_class(grocery, grocery_store, tmp_path, caplog)
     assert n_val < len(split.queries) <= n_val + 2 * len(split.references)
     assert not {s.label for s in train} & {s.label for s in evals}
     assert len(train) == desc["train"]["images"]
+    assert {s.role for s in train} == {"query"}  # photos only, none of them oversampled
+    # --train-iconic: the training classes' packshots, as the 'reference' rows --reference-copies oversamples
+    write_split(grocery.parent, tmp_path / "iconic", held_out_parity=0, train_queries=2, train_iconic=True)
+    train_iconic = read_samples(tmp_path / "iconic" / "train.csv")
+    refs = [s for s in train_iconic if s.role == "reference"]
+    assert sorted(s.path.resolve() for s in refs) == sorted(iconic[c] for c in {s.label for s in train})
+    assert all(iconic[s.label] == s.path.resolve() for s in refs)
+    assert len(train_iconic) == len(train) + len(refs)

@@ -185,6 +185,8 @@ def test_depth_sweep_runs_short_trainings_and_keeps_the_best(toy, tmp_path):
     ("overlap", "held-out"),
     ("empty", "no rows"),
     ("no_weights", "not found"),
+    ("copies_without_references", "role 'reference'"),
+    ("copies_zero", "--reference-copies must be >= 1"),
 ])
 def test_cli_errors_are_one_line(toy, tmp_path, capsys, case, message):
     train, evals, extra = toy["train"], toy["eval"], ["--random-init"]
@@ -196,6 +198,8 @@ def test_cli_errors_are_one_line(toy, tmp_path, capsys, case, message):
     elif case == "empty":
         train = tmp_path / "empty.csv"
         train.write_text("image,label\n")
+    elif case.startswith("copies"):
+        extra += ["--reference-copies", "3" if case == "copies_without_references" else "0"]
     else:
         extra = ["--weights", str(tmp_path / "nope.safetensors")]
     rc = main(["--data", str(train), "--eval-data", str(evals), "--encoder", TINY_CLIP_SPEC, *extra, *_clip_options_args(),

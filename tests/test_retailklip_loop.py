@@ -41,7 +41,7 @@ def loop(tmp_path_factory, grocery, mobilenet_weights):
     out = tmp_path_factory.mktemp("loop") / "out"
     cmd = [sys.executable, str(REPO / "examples" / "retailklip_loop.py"), "--data", str(grocery.parent),
            "--weights", str(mobilenet_weights), "--out", str(out), "--epochs", "1", "--depth", "2",
-           "--max-train-photos", "2", "--max-held-out-photos", "2", "--center-stride", "0", "--threads", "2"]
+           "--max-train-photos", "2", "--max-held-out-photos", "2", "--center-stride", "6", "--threads", "2"]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     return out, res.stdout, json.loads((out / "loop.json").read_text())
@@ -56,6 +56,10 @@ def test_writes_finetuned_encoder_and_rebuilds_onto_it(loop):
         assert cat.encoder_identity().key == res["after"]["encoder"]
         assert Path(cat.encoder_kwargs()["weights"]).resolve() == (out / "encoder.safetensors").resolve()
         assert len(cat.versions()) == 2  # init + rebuild
+        # both encoders' features are centred, each on its own mean of the same photos (--center-after)
+        before, after = res["before"]["encoder"], res["after"]["encoder"]
+        assert "/c=" in before and "/c=" in after and before.split("/c=")[1] != after.split("/c=")[1]
+        assert cat.encoder_identity().center != "none" and res["split"]["center_after"]
     assert res["encoder_changed"] and res["before"]["encoder"] != res["after"]["encoder"]
     assert res["vectors_max_abs_change"] > 1e-4
     # the stored threshold is the one `catalog calibrate` chose for the new encoder, on outlier-ratio
@@ -78,6 +82,11 @@ def test_splits_follow_the_protocol(loop, grocery_store):
     packshots = {str(c.iconic.resolve()) for c in grocery_store.classes if c.name in trained}
     assert set(rows(out / "train.csv", "image")) <= train_split | packshots  # val is never read
     assert packshots <= set(rows(out / "train.csv", "image"))  # --train-iconic, the default
+    # the packshots are the 'reference' rows (oversampled by --reference-copies), the photos 'query' rows
+    roles = dict(zip(rows(out / "train.csv", "image"), rows(out / "train.csv", "role")))
+    assert {i for i, r in roles.items() if r == "reference"} == packshots
+    assert {r for i, r in roles.items() if i not in packshots} == {"query"}
+    assert res["split"]["reference_copies"] == load_loop_module().loop_parser().get_default("reference_copies") > 1
     for f in (out / "evaluation.csv", out / "calibration.csv"):
         assert set(rows(f, "image")) <= train_split
     held = set(rows(out / "evaluation.csv", "sku")) | set(rows(out / "calibration.csv", "sku"))
@@ -91,7 +100,7 @@ def test_splits_follow_the_protocol(loop, grocery_store):
 
 
 def test_printed_table_matches_json(loop):
-    _, stdout, res = loop
+    out, stdout, res = loop
     printed = {m.group(1): (m.group(2), m.group(3)) for m in re.finditer(r"^\| ([a-zA-Z][^|]*?) \| ([^|]+) \| ([^|]+) \|$",
                                                                          stdout, re.MULTILINE)}
 
@@ -126,6 +135,13 @@ def test_printed_table_matches_json(loop):
     mc = res["mcnemar_after_vs_before"]
     assert mc["only_after"] - mc["only_before"] == round((top1["after"] - top1["before"]) * n)
     assert re.search(rf"{mc['only_after']} right only after, {mc['only_before']} only before", stdout)
+    # per-photo results (for paired comparisons of two runs) agree with the totals
+    pp = res["per_photo"]
+    assert len(pp["image"]) == len(set(pp["image"])) == len(pp["before_correct"]) == len(pp["after_correct"]) == n
+    assert set(pp["image"]) == set(rows(out / "evaluation.csv", "image"))
+    for w in ("before", "after"):
+        assert sum(pp[f"{w}_correct"]) == round(top1[w] * n)
+    assert sum(a and not b for a, b in zip(pp["after_correct"], pp["before_correct"])) == mc["only_after"]
     per_class = res["after"]["closed_set"]["per_class"]
     assert sum(r["photos"] for r in per_class.values()) == n
     assert sum(r["top1"] * r["photos"] for r in per_class.values()) == pytest.approx(top1["after"] * n, abs=n * 1e-6)  # loop.json rounds to 6 decimals
@@ -145,3 +161,12 @@ def test_oracle_operating_point_on_a_hand_made_example():
     assert p75["accepted"] == 5 and p75["known_precision"] == pytest.approx(0.8) and p75["known_accepted"] == 1.0
     assert p75["threshold"] == pytest.approx(0.55) and p75["unknown_rejection"] == 1.0
     assert mod.oracle_operating_point(score, ~right, known, 0.9) is None  # the best photo is wrong
+
+
+@pytest.mark.parametrize("copies", ["0", "-3"])
+def test_bad_reference_copies_is_a_one_line_error_before_any_work(tmp_path, grocery, copies):
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, str(REPO / "examples" / "retailklip_loop.py"), "--data", str(grocery.parent),
+                          "--out", str(out), "--reference-copies", copies], capture_output=True, text=True, check=False, cwd=REPO)
+    assert res.returncode == 2 and f"--reference-copies must be >= 1, got {copies}" in res.stderr
+    assert not out.exists()
