@@ -115,6 +115,7 @@ RECIPES = {  # name -> extra finetune arguments on top of the loop's (3 epochs, 
     "iconic48-decay0.9": ["+iconic48", "--lr-decay", "0.9"],
     "iconic96-decay0.9": ["+iconic96", "--lr-decay", "0.9"],
     "iconic48-decay0.9-depth24": ["+iconic48", "--lr-decay", "0.9", "--depth", "24"],
+    "iconic12-decay0.9-depth24": ["+iconic12", "--lr-decay", "0.9", "--depth", "24"],
 }
 
 
