@@ -109,13 +109,8 @@ RECIPES = {  # name -> extra finetune arguments on top of the loop's (3 epochs, 
     # packshot oversampling (issue 14, stop 21; "+iconicN" = the packshots as role 'reference' rows with
     # --reference-copies N): the class-balanced sampler draws ~N x depth / (photos + N) augmented
     # packshot views per class and epoch instead of ~depth / (photos + 1)
-    "iconic4-decay0.9": ["+iconic4", "--lr-decay", "0.9"],
-    "iconic12-decay0.9": ["+iconic12", "--lr-decay", "0.9"],
-    "iconic24-decay0.9": ["+iconic24", "--lr-decay", "0.9"],
-    "iconic48-decay0.9": ["+iconic48", "--lr-decay", "0.9"],
-    "iconic96-decay0.9": ["+iconic96", "--lr-decay", "0.9"],
-    "iconic48-decay0.9-depth24": ["+iconic48", "--lr-decay", "0.9", "--depth", "24"],
-    "iconic12-decay0.9-depth24": ["+iconic12", "--lr-decay", "0.9", "--depth", "24"],
+    **{f"iconic{n}-decay0.9": [f"+iconic{n}", "--lr-decay", "0.9"] for n in (4, 12, 24, 48, 96)},
+    **{f"iconic{n}-decay0.9-depth24": [f"+iconic{n}", "--lr-decay", "0.9", "--depth", "24"] for n in (48, 12)},
 }
 
 
