@@ -70,7 +70,16 @@ if [ -z "${RETAILKLIP_TEST_PG_URL:-}" ]; then start_postgres; fi
 set +e
 # Two pytest workers (pytest-xdist), one file per worker at a time, one torch thread each: the
 # suite is CPU-bound and CI machines have 2 cores.  RETAILKLIP_TEST_WORKERS=0 runs serially.
-python3 -m pytest -q -n "${RETAILKLIP_TEST_WORKERS:-2}" --dist loadfile --durations=15 "$@"
+# A run must end, with a report, whatever goes wrong:
+# - --max-worker-restart=0: a worker that dies (a crash, the OOM killer) fails the run at once,
+#   naming the test it was running; replacing it can make the --dist loadfile scheduler of
+#   pytest-xdist 3.8 wait forever (pytest-dev/pytest-xdist#1323, #1371).
+# - --timeout (pytest-timeout): one test, its fixtures included, fails after this many seconds
+#   (the slowest, the loop test's fixture, takes ~2 min here).
+# - timeout(1): SIGINT (pytest prints its summary) after RETAILKLIP_TEST_TOTAL_S, SIGKILL 2 min later.
+timeout --signal=INT --kill-after=120 "${RETAILKLIP_TEST_TOTAL_S:-2700}" \
+    python3 -m pytest -q -n "${RETAILKLIP_TEST_WORKERS:-2}" --dist loadfile --max-worker-restart=0 \
+    --timeout "${RETAILKLIP_TEST_TIMEOUT_S:-1200}" --durations=15 "$@"
 rc=$?
 set -e
 exit "$rc"

@@ -4,6 +4,7 @@ their absence is an error (not a skip), so a run without them cannot pass silent
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """pytest-xdist: when a worker dies, say how much memory the machine had left, so a report
+    tells the OOM killer (little left) from a crash (plenty left)."""
+    if not error:
+        return
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        avail, total = (int(info[k].split()[0]) // 1024 for k in ("MemAvailable", "MemTotal"))
+        sys.stderr.write(f"\n[{node.gateway.id}] worker down ({error}); memory available {avail} MiB of {total} MiB\n")
+    except (OSError, KeyError, ValueError):
+        sys.stderr.write(f"\nworker down ({error}); /proc/meminfo unreadable\n")
+
 SHARED = Path(os.environ.get("RETAILKLIP_SHARED", REPO.parent / "shared"))
 GROCERY = SHARED / "data" / "grocery-store" / "dataset"
 MOBILENET = SHARED / "models" / "mobilenetv2_100.imagenet.safetensors"

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC
+from isolated import run_isolated
+from raycases import embed_on_ray
 
 from catalog import Catalog
 from catalog.embedding import EmbedJob, embed_local, embed_ray
+from catalog.errors import CatalogError
 from catalog.writes import prepare_reference
 from retailklip import create_encoder
 from retailklip.errors import InvalidImageError, WeightsError
-from catalog.errors import CatalogError
 
 
 def _jobs(iconic, n: int, first_id: int = 100) -> list[EmbedJob]:
@@ -66,9 +68,8 @@ def test_embed_local_rejects_bad_arguments(iconic, mobilenet_encoder):
 @pytest.mark.slow
 def test_embed_ray_equals_embed_local(tmp_path, iconic, mobilenet_weights):
     """12 real packshots, K = 2, on a local 2-CPU Ray cluster with 2 actors: the same vectors as
-    embed_local -- bitwise at the same torch thread count (1 per actor), within 1e-6 otherwise."""
-    import ray
-
+    embed_local -- bitwise at the same torch thread count (1 per actor), within 1e-6 otherwise.
+    The cluster runs in a spawned process (tests/isolated.py says why)."""
     k, seed = 2, 3
     rng = np.random.default_rng(0)
     center = np.abs(rng.standard_normal(1280)).astype(np.float32)  # exercises a numpy kwarg on the wire
@@ -83,26 +84,22 @@ def test_embed_ray_equals_embed_local(tmp_path, iconic, mobilenet_weights):
     finally:
         torch.set_num_threads(threads)
 
-    assert not ray.is_initialized()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        got = list(embed_ray(jobs, kw, k, seed, num_workers=2, batch_size=4, identity=enc.identity))
-        assert sorted(rid for rid, _ in got) == sorted(local_1)  # each job exactly once
-        for rid, vecs in got:
-            assert vecs.dtype == np.float32 and vecs.shape == (k, 1280) and vecs.flags.writeable
-            assert np.array_equal(vecs, local_1[rid])
-            if rid in local_default:
-                assert float(np.abs(vecs - local_default[rid]).max()) <= 1e-6
-
-        assert ray.is_initialized()  # a connection made by the caller is left alone
-    finally:
-        ray.shutdown()
+    res = run_isolated(embed_on_ray, jobs, kw, k, seed, enc.identity)
+    got = res["got"]
+    assert all(res["writeable"])  # as embed_ray yielded them, before pickling
+    assert sorted(rid for rid, _ in got) == sorted(local_1)  # each job exactly once
+    for rid, vecs in got:
+        assert vecs.dtype == np.float32 and vecs.shape == (k, 1280)
+        assert np.array_equal(vecs, local_1[rid])
+        if rid in local_default:
+            assert float(np.abs(vecs - local_default[rid]).max()) <= 1e-6
+    assert res["still_connected"]  # a connection made by the caller is left alone
 
 
 def test_ray_worker_unreadable_image_names_reference_path_and_node(tmp_path, iconic, mobilenet_weights):
     """The actor class in-process (no cluster): a bad image comes back as an error row, which
     the driver raises as the worker's own error type, in one line."""
-    from catalog.embedding import raise_worker_error, RayEmbedder
+    from catalog.embedding import RayEmbedder, raise_worker_error
 
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
@@ -132,7 +129,7 @@ def test_ray_worker_unreadable_image_names_reference_path_and_node(tmp_path, ico
 def test_ray_worker_names_an_outlier_an_outlier_reference(tmp_path, iconic, mobilenet_weights):
     """An outlier job (EmbedJob noun "outlier reference") keeps its noun through the Ray actor:
     its error says "outlier reference N", an SKU reference's still "reference image N"."""
-    from catalog.embedding import jobs_noun, raise_worker_error, RayEmbedder
+    from catalog.embedding import RayEmbedder, jobs_noun, raise_worker_error
 
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")

@@ -19,7 +19,9 @@ import pytest
 from alembic import command
 from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC, write_snapshot
 from imagekinds import write_bad_files
+from isolated import run_isolated
 from privileges import no_override
+from raycases import rebuild_error_on_ray
 from sqlalchemy import func, select
 
 from catalog import Catalog, schema
@@ -321,24 +323,23 @@ def test_outliers_added_during_a_rebuild_are_logged_as_outliers(tmp_path, iconic
 
 def test_ray_rebuild_names_an_unreadable_outlier_an_outlier_reference(tmp_path, iconic, mobilenet_weights):
     """`catalog rebuild --ray`: an outlier whose stored image cannot be read fails the rebuild
-    with an error naming the outlier reference (not a reference image) and the Ray node."""
-    import ray  # the ray extra is part of the test install (scripts/test.sh)
-
+    with an error naming the outlier reference (not a reference image) and the Ray node.  The
+    cluster runs in a spawned process (tests/isolated.py says why)."""
     cat = Catalog.init(tmp_path / "c", encoder=MOBILENET_SPEC, random_init=True, encoder_options=MOBILENET_OPTIONS)
     cat.add(iconic[0][2], sku="a")
     (o,) = cat.add_outliers([iconic[40][2]])
     stored = cat.root / o.filename
     stored.chmod(0o644)
     stored.write_bytes(b"not an image")
-    try:
-        with pytest.raises(InvalidImageError) as e:
-            cat.rebuild(encoder=MOBILENET_SPEC, weights=mobilenet_weights, encoder_options=MOBILENET_OPTIONS,
-                        ray="local", ray_workers=1)
-    finally:
-        ray.shutdown()
-    msg = str(e.value)
+    cat.close()
+    err = run_isolated(rebuild_error_on_ray, cat.root,
+                       {"encoder": MOBILENET_SPEC, "weights": mobilenet_weights,
+                        "encoder_options": MOBILENET_OPTIONS, "ray_workers": 1})
+    assert err is not None and "InvalidImageError" in err["types"], err
+    msg = err["message"]
     assert msg.startswith(f"outlier reference {o.id}: ") and "Ray node" in msg and "\n" not in msg, msg
     assert "reference image" not in msg
+    cat = Catalog.open(cat.root)
     assert cat.versions()[0].status == "failed" and cat.versions()[1].active
 
 

@@ -10,15 +10,16 @@ import threading
 import numpy as np
 import pytest
 from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC
+from isolated import run_isolated
+from raycases import rebuild_on_ray
 from safetensors.torch import load_file, save_file
 
 from catalog import Catalog
+from catalog.errors import CatalogError, RebuildBusyError, ValidationError
 from catalog.index_store import INDEX_FILE, MANIFEST_FILE
-from catalog.errors import RebuildBusyError, ValidationError
 from catalog.vectors import VectorTable
 from catalog.versions import RebuildLock
 from retailklip import Recognizer
-from catalog.errors import CatalogError
 
 
 def _fill(cat: Catalog, iconic, n: int, start: int = 0) -> list[str]:
@@ -330,28 +331,26 @@ def test_vector_ids_are_never_reused(tiny_catalog, iconic):
 
 def test_ray_rebuild_matches_the_single_process_rebuild(tmp_path, iconic, mobilenet_weights):
     """`catalog rebuild --ray local`: Ray Data embeds on a local cluster; the vectors equal the
-    single-process rebuild's and every packshot finds itself."""
+    single-process rebuild's and every packshot finds itself.  The cluster runs in a spawned
+    process (tests/isolated.py says why)."""
     import shutil
 
-    import ray  # the ray extra is part of the test install (scripts/test.sh)
     a = Catalog.init(tmp_path / "a", encoder=MOBILENET_SPEC, random_init=True, encoder_options=MOBILENET_OPTIONS)
     skus = _fill(a, iconic, 6)
     a.close()
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    a, b = Catalog.open(tmp_path / "a"), Catalog.open(tmp_path / "b")
+    a = Catalog.open(tmp_path / "a")
     kw = dict(encoder=MOBILENET_SPEC, weights=mobilenet_weights, encoder_options=MOBILENET_OPTIONS)
     va = a.rebuild(**kw)
-    try:
-        vb = b.rebuild(ray="local", ray_workers=2, **kw)
-    finally:
-        ray.shutdown()
-    assert vb.encoder_key == va.encoder_key and vb.vectors == va.vectors == 6 and "embedded 6" in vb.note
+    vb = run_isolated(rebuild_on_ray, tmp_path / "b", dict(ray_workers=2, **kw))
+    b = Catalog.open(tmp_path / "b")
+    assert vb["encoder_key"] == va.encoder_key and vb["vectors"] == va.vectors == 6 and "embedded 6" in vb["note"]
     ia, sa = a.embedding_table()
     ib, sb = b.embedding_table()
     order_a, order_b = np.argsort(sa, kind="stable"), np.argsort(sb, kind="stable")
     assert [sa[i] for i in order_a] == [sb[i] for i in order_b]
     xa = a.vectors(ia[order_a], va.dim)
-    xb = b.vectors(ib[order_b], vb.dim)
+    xb = b.vectors(ib[order_b], vb["dim"])
     assert np.abs(xa - xb).max() <= 1e-6
     rec = Recognizer(b, threshold=2.0)
     assert [rec.recognize(p)[0].sku for _c, _n, p in iconic[:6]] == skus
