@@ -16,7 +16,9 @@ all folds' photos and McNemar's test against the ``--reference`` recipe (default
 the loop's shipped recipe), and writes ``OUT/cv.json`` (after every recipe: each recipe runs all
 its folds before the next starts, so an interrupted run keeps whole recipes).  Each run's per-photo
 results are kept in ``OUT/correct.json``; a later run into the same OUT keeps the recipes it
-holds (the runs are deterministic: seed 0, 1 thread) and runs only the others.
+holds (the runs are deterministic: seed 0, 1 thread) and runs only the others.  ``--seed S``
+replicates the whole CV on another draw: the folds are dealt with seed S and every finetune runs
+with ``--seed S`` (OUT/seed.txt records it; a run into an OUT of another seed is refused).
 
 Open set and query/gallery options (issue 14, item 3), measured on every recipe's encoders with
 the same photos (``--open-set``, on by default; ``OUT/open.json`` keeps the per-photo arrays, so
@@ -268,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", type=Path, default=Path("../shared/models/mobilenetv2_100.imagenet.safetensors"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--folds", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="deals the folds and seeds every finetune (a replicate CV)")
     p.add_argument("--queries", type=int, default=10, help="train photos per evaluated class")
     p.add_argument("--recipes", default="baseline,train-iconic,epochs-5")
     p.add_argument("--reference", default="train-iconic", help="recipe McNemar's test compares against")
@@ -292,8 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     for ph in store.photos("train"):
         if ph.label in iconic:
             photos[ph.label].append(ph.path.resolve())
-    folds = class_disjoint_folds(names, k=args.folds, seed=0, groups=[c.coarse_name for c in trained])
+    folds = class_disjoint_folds(names, k=args.folds, seed=args.seed, groups=[c.coarse_name for c in trained])
     args.out.mkdir(parents=True, exist_ok=True)
+    seed_file = args.out / "seed.txt"
+    if seed_file.is_file() and int(seed_file.read_text()) != args.seed:
+        p.error(f"{args.out} holds a run with --seed {int(seed_file.read_text())}, not {args.seed}: use another --out")
+    seed_file.write_text(f"{args.seed}\n")
     raw = create_encoder("timm:mobilenetv2_100", weights=args.weights, interpolation="bilinear")
     correct: dict[str, list[np.ndarray]] = defaultdict(list)
     tests = [[names[i] for i in fold.test] for fold in folds]
@@ -370,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             ft = ["--data", str(d / f"train-{name}.csv"), "--eval-data", str(d / "eval.csv"), "--out", str(d / name),
                   "--encoder", "timm:mobilenetv2_100", "--weights", str(args.weights), "--encoder-option",
                   "interpolation=bilinear", "--epochs", "3", "--depth", "12", "--batch-size", "16", "--freeze-blocks", "3",
-                  "--threads", "1", "--no-progress", "--eval-every", "100", *extra]
+                  "--threads", "1", "--no-progress", "--eval-every", "100", "--seed", str(args.seed), *extra]
             threads = torch.get_num_threads()
             t = time.perf_counter()
             finetune_run(config_from_args(build_parser().parse_args(ft)))
