@@ -19,6 +19,10 @@ results are kept in ``OUT/correct.json``; a later run into the same OUT keeps th
 holds (the runs are deterministic: seed 0, 1 thread) and runs only the others.  ``--seed S``
 replicates the whole CV on another draw: the folds are dealt with seed S and every finetune runs
 with ``--seed S`` (OUT/seed.txt records it; a run into an OUT of another seed is refused).
+``--pool OUT1 OUT2 ...`` trains nothing: it pools such replicates photo by photo (the same
+``--classes``, ``--folds`` and ``--queries``) and prints, per recipe they all hold, top-1 per
+replicate and pooled, and the pooled difference to ``--reference`` with a bootstrap interval
+over photos (each photo's difference averaged over the replicates); writes ``OUT/pooled.json``.
 
 Open set and query/gallery options (issue 14, item 3), measured on every recipe's encoders with
 the same photos (``--open-set``, on by default; ``OUT/open.json`` keeps the per-photo arrays, so
@@ -58,10 +62,10 @@ import torch
 # the repository's own packages first (not an installed copy of them)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.cli import build_parser, config_from_args
-from finetune.cli import run as finetune_run
 from PIL import ImageOps
 
+from finetune.cli import build_parser, config_from_args
+from finetune.cli import run as finetune_run
 from retailklip.calibration import CalibrationError, auroc, nearest_matches, nearest_skus, threshold_for_precision
 from retailklip.datasets import read_grocery_store
 from retailklip.encoders import create_encoder
@@ -225,7 +229,7 @@ def summarize_open(opens: dict[str, list[dict]], correct: dict[str, list[np.ndar
         base = cat["score:distance"]
         rbase = np.concatenate([p["score:distance"] for p in ref]) if ref is not None else None
         for sc in OPEN_SCORES:
-            x, right = cat[f"score:{sc}"], cat[_right_of(sc)]
+            x = cat[f"score:{sc}"]
             r = {"auroc": bootstrap_statistic(fold_auroc, x, known, fold).__dict__,
                  "oracle_known_accepted_per_fold": [oracle_known_accepted(p[f"score:{sc}"], p[_right_of(sc)], p["known"])
                                                     for p in parts]}
@@ -280,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", choices=("loop-training", "all"), default="loop-training",
                    help="the classes dealt into folds: the loop's 46 training classes (its held-out classes untouched) "
                         "or all 81 (a wider check; the loop's held-out classes then take part)")
+    p.add_argument("--pool", type=Path, nargs="+", metavar="RUN_OUT",
+                   help="pool the replicate runs in these OUT directories instead of training (module docstring)")
     p.add_argument("--centred", action=argparse.BooleanOptionalAction, default=True,
                    help=f"also score every encoder with features centred on every {CENTER_STRIDE}th train photo of the "
                         "fold's training classes, as the loop's catalogs are (rows 'NAME@centred')")
@@ -295,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     for ph in store.photos("train"):
         if ph.label in iconic:
             photos[ph.label].append(ph.path.resolve())
+    if args.pool:
+        return 0 if pool(args, names, photos, [c.coarse_name for c in trained]) else 1
     folds = class_disjoint_folds(names, k=args.folds, seed=args.seed, groups=[c.coarse_name for c in trained])
     args.out.mkdir(parents=True, exist_ok=True)
     seed_file = args.out / "seed.txt"
@@ -393,6 +401,53 @@ def main(argv: list[str] | None = None) -> int:
     if args.open_set:
         summarize_open({k: v for k, v in opens.items() if k in correct}, correct, args)
     return 0
+
+
+def pool(args, names: list[str], photos: dict[str, list[Path]], groups: list[str]) -> dict:
+    """Replicate CVs (``--seed`` runs in ``args.pool``) pooled photo by photo (module docstring).
+
+    Each run's ``correct.json`` holds, per recipe, one bool array per fold in the order the run
+    evaluated them; the photo order is rebuilt from the run's seed (``seed.txt``, 0 when absent:
+    runs from before ``--seed``).  Returns (and writes to ``OUT/pooled.json``) per recipe:
+    ``per_run`` top-1, ``top1`` pooled, and ``minus_reference`` (mean over photos of the
+    per-photo difference averaged over runs, with a 95 % bootstrap interval over photos; an
+    ``@centred`` row against the reference's ``@centred`` row).
+    """
+    runs = []
+    for out in args.pool:
+        seed = int((out / "seed.txt").read_text()) if (out / "seed.txt").is_file() else 0
+        folds = class_disjoint_folds(names, k=args.folds, seed=seed, groups=groups)
+        order = [str(q) for f in folds for c in (names[i] for i in f.test) for q in photos[c][: args.queries]]
+        correct = json.loads((out / "correct.json").read_text())
+        runs.append((seed, {name: dict(zip(order, np.concatenate(parts).astype(bool), strict=True))
+                            for name, parts in correct.items()}))
+    keys = sorted(set.intersection(*(set(r) for _, r in runs)), key=lambda n: (n != "raw", n))
+    if args.reference not in keys:
+        print(f"not every run holds the reference recipe {args.reference}", file=sys.stderr)
+        return {}
+    photo_ids = sorted(runs[0][1][args.reference])
+    if any(sorted(r[args.reference]) != photo_ids for _, r in runs):
+        raise SystemExit("the runs evaluated different photos: pool runs of the same --classes, --folds, --queries")
+    def table(name: str) -> np.ndarray:  # (photos, runs)
+        return np.array([[r[name][q] for _, r in runs] for q in photo_ids], float)
+
+    res = {}
+    print(f"pooled over seeds {', '.join(str(s) for s, _ in runs)} ({len(photo_ids)} photos each)")
+    for name in keys:
+        x = table(name)
+        row = {"per_run": [float(v) for v in x.mean(axis=0)], "top1": float(x.mean())}
+        reference = args.reference + ("@centred" if name.endswith("@centred") else "")  # like with like
+        if name != reference and reference in keys:
+            d = bootstrap_ci((x - table(reference)).mean(axis=1))
+            row["minus_reference"] = {"reference": reference, "mean": d.mean, "low": d.low, "high": d.high}
+        res[name] = row
+        line = f"{name}: top-1 {row['top1']:.3f} (runs {' / '.join(f'{v:.3f}' for v in row['per_run'])})"
+        if "minus_reference" in row:
+            line += f"; minus {reference} {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+        print(line)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "pooled.json").write_text(json.dumps({"seeds": [s for s, _ in runs], "recipes": res}, indent=1) + "\n")
+    return res
 
 
 def summarize(correct: dict[str, list[np.ndarray]], args) -> dict:

@@ -50,8 +50,8 @@ from retailklip.evaluation import ZeroShotResult
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, resolve_precision
 from .data import ImageDataset, PreparedData, collate_skipping_bad, prepare_data, write_skipped
-from .evaluate import ZeroShotEvaluator, result_record
 from .errors import FinetuneError
+from .evaluate import ZeroShotEvaluator, result_record
 from .export import export_run
 from .loss import create_arcface, imprint_class_weights
 from .model import (
