@@ -415,6 +415,8 @@ def pool(args, names: list[str], photos: dict[str, list[Path]], groups: list[str
     """
     runs = []
     for out in args.pool:
+        if not (out / "correct.json").is_file():
+            raise SystemExit(f"--pool: {out} holds no correct.json (not a finished run of this script)")
         seed = int((out / "seed.txt").read_text()) if (out / "seed.txt").is_file() else 0
         folds = class_disjoint_folds(names, k=args.folds, seed=seed, groups=groups)
         order = [str(q) for f in folds for c in (names[i] for i in f.test) for q in photos[c][: args.queries]]
