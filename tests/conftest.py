@@ -17,7 +17,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RETAILKLIP_CACHE", os.path.join(tempfile.gettempdir(), f"retailklip-test-cache-{os.getuid()}"))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # scripts/test.sh runs one pytest worker per core: one torch thread each, no oversubscription.
+    # scripts/test.sh runs one pytest worker per core: one torch thread each, no oversubscription,
+    # and so do the processes a test starts (CLI runs, the loop, Ray's local cluster), which
+    # inherit this environment.  A Ray test beside a process that takes the other core too
+    # slowed from ~32 s to ~6 min here.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
     import torch
 
     torch.set_num_threads(1)
