@@ -75,7 +75,7 @@ set +e
 #   naming the test it was running; replacing it can make the --dist loadfile scheduler of
 #   pytest-xdist 3.8 wait forever (pytest-dev/pytest-xdist#1323, #1371).
 # - --timeout (pytest-timeout): one test, its fixtures included, fails after this many seconds
-#   (the slowest, the loop test's fixture, takes ~2 min here).
+#   (the slowest, the loop test's fixture, takes 72-125 s here).
 # - timeout(1): SIGINT (pytest prints its summary) after RETAILKLIP_TEST_TOTAL_S, SIGKILL 2 min later.
 timeout --signal=INT --kill-after=120 "${RETAILKLIP_TEST_TOTAL_S:-2700}" \
     python3 -m pytest -q -n "${RETAILKLIP_TEST_WORKERS:-2}" --dist loadfile --max-worker-restart=0 \
