@@ -268,6 +268,20 @@ def open_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def run_seed(out: Path) -> int | None:
+    """The ``--seed`` of the run in ``out`` (``OUT/seed.txt``); 0 for a run from before
+    ``--seed`` (a correct.json without seed.txt); None for no run at all."""
+    if (out / "seed.txt").is_file():
+        return int((out / "seed.txt").read_text())
+    return 0 if (out / "correct.json").is_file() else None
+
+
+def fold_queries(folds, names: list[str], photos: dict[str, list[Path]], n: int) -> list[list[tuple[Path, str]]]:
+    """Per fold, its evaluation photos in the order their results are stored: up to ``n`` train
+    photos of each held-out class, (photo, class) pairs."""
+    return [[(q, c) for c in (names[i] for i in fold.test) for q in photos[c][:n]] for fold in folds]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=Path("../shared/data/grocery-store"))
@@ -305,15 +319,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if pool(args, names, photos, [c.coarse_name for c in trained]) else 1
     folds = class_disjoint_folds(names, k=args.folds, seed=args.seed, groups=[c.coarse_name for c in trained])
     args.out.mkdir(parents=True, exist_ok=True)
-    seed_file = args.out / "seed.txt"
-    if seed_file.is_file() and int(seed_file.read_text()) != args.seed:
-        p.error(f"{args.out} holds a run with --seed {int(seed_file.read_text())}, not {args.seed}: use another --out")
-    seed_file.write_text(f"{args.seed}\n")
+    earlier = run_seed(args.out)
+    if earlier is not None and earlier != args.seed:
+        p.error(f"{args.out} holds a run with --seed {earlier}, not {args.seed}: use another --out")
+    (args.out / "seed.txt").write_text(f"{args.seed}\n")
     raw = create_encoder("timm:mobilenetv2_100", weights=args.weights, interpolation="bilinear")
     correct: dict[str, list[np.ndarray]] = defaultdict(list)
     tests = [[names[i] for i in fold.test] for fold in folds]
     trains = [[names[i] for i in fold.train] for fold in folds]
-    queries = [[(q, c) for c in test for q in photos[c][: args.queries]] for test in tests]
+    queries = fold_queries(folds, names, photos, args.queries)
     centre_photos = [[q for c in train for q in photos[c]][::CENTER_STRIDE] for train in trains]
     for fold, test in zip(folds, tests):
         correct["raw"].append(score(raw, [iconic[c] for c in test], test, queries[fold.index]))
@@ -415,11 +429,11 @@ def pool(args, names: list[str], photos: dict[str, list[Path]], groups: list[str
     """
     runs = []
     for out in args.pool:
-        if not (out / "correct.json").is_file():
+        seed = run_seed(out)
+        if seed is None or not (out / "correct.json").is_file():
             raise SystemExit(f"--pool: {out} holds no correct.json (not a finished run of this script)")
-        seed = int((out / "seed.txt").read_text()) if (out / "seed.txt").is_file() else 0
         folds = class_disjoint_folds(names, k=args.folds, seed=seed, groups=groups)
-        order = [str(q) for f in folds for c in (names[i] for i in f.test) for q in photos[c][: args.queries]]
+        order = [str(q) for part in fold_queries(folds, names, photos, args.queries) for q, _ in part]
         correct = json.loads((out / "correct.json").read_text())
         runs.append((seed, {name: dict(zip(order, np.concatenate(parts).astype(bool), strict=True))
                             for name, parts in correct.items()}))
