@@ -24,7 +24,9 @@ def embed_on_ray(jobs: list, encoder_kwargs: dict, k: int, seed: int, identity) 
 
 
 def rebuild_on_ray(root: Path, rebuild_kwargs: dict) -> dict:
-    """``Catalog.rebuild(ray="local", ...)`` of the catalog at ``root``; the new version's fields."""
+    """``Catalog.rebuild(ray="local", ...)`` of the catalog at ``root``: ``{"version": ...}`` (the
+    new version's fields) when it succeeds, ``{"error": ...}`` (the names of the error's class
+    and its bases, and its message) when it raises."""
     import ray
 
     from catalog import Catalog
@@ -32,25 +34,9 @@ def rebuild_on_ray(root: Path, rebuild_kwargs: dict) -> dict:
     cat = Catalog.open(root)
     try:
         v = cat.rebuild(ray="local", **rebuild_kwargs)
-        return {"encoder_key": v.encoder_key, "vectors": v.vectors, "note": v.note, "dim": v.dim}
-    finally:
-        ray.shutdown()
-        cat.close()
-
-
-def rebuild_error_on_ray(root: Path, rebuild_kwargs: dict) -> dict | None:
-    """As :func:`rebuild_on_ray` for a rebuild expected to fail: the names of the error's class
-    and its bases, and its message; None when it succeeded."""
-    import ray
-
-    from catalog import Catalog
-
-    cat = Catalog.open(root)
-    try:
-        cat.rebuild(ray="local", **rebuild_kwargs)
-        return None
+        return {"version": {"encoder_key": v.encoder_key, "vectors": v.vectors, "note": v.note, "dim": v.dim}}
     except Exception as e:  # noqa: BLE001 - returned for the test to check
-        return {"types": [c.__name__ for c in type(e).__mro__], "message": str(e)}
+        return {"error": {"types": [c.__name__ for c in type(e).__mro__], "message": str(e)}}
     finally:
         ray.shutdown()
         cat.close()

@@ -21,7 +21,7 @@ from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC, write_snapshot
 from imagekinds import write_bad_files
 from isolated import run_isolated
 from privileges import no_override
-from raycases import rebuild_error_on_ray
+from raycases import rebuild_on_ray
 from sqlalchemy import func, select
 
 from catalog import Catalog, schema
@@ -332,10 +332,12 @@ def test_ray_rebuild_names_an_unreadable_outlier_an_outlier_reference(tmp_path, 
     stored.chmod(0o644)
     stored.write_bytes(b"not an image")
     cat.close()
-    err = run_isolated(rebuild_error_on_ray, cat.root,
+    res = run_isolated(rebuild_on_ray, cat.root,
                        {"encoder": MOBILENET_SPEC, "weights": mobilenet_weights,
                         "encoder_options": MOBILENET_OPTIONS, "ray_workers": 1})
-    assert err is not None and "InvalidImageError" in err["types"], err
+    assert "error" in res, res
+    err = res["error"]
+    assert "InvalidImageError" in err["types"], err
     msg = err["message"]
     assert msg.startswith(f"outlier reference {o.id}: ") and "Ray node" in msg and "\n" not in msg, msg
     assert "reference image" not in msg

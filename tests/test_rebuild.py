@@ -342,7 +342,9 @@ def test_ray_rebuild_matches_the_single_process_rebuild(tmp_path, iconic, mobile
     a = Catalog.open(tmp_path / "a")
     kw = dict(encoder=MOBILENET_SPEC, weights=mobilenet_weights, encoder_options=MOBILENET_OPTIONS)
     va = a.rebuild(**kw)
-    vb = run_isolated(rebuild_on_ray, tmp_path / "b", dict(ray_workers=2, **kw))
+    res = run_isolated(rebuild_on_ray, tmp_path / "b", dict(ray_workers=2, **kw))
+    assert "version" in res, res
+    vb = res["version"]
     b = Catalog.open(tmp_path / "b")
     assert vb["encoder_key"] == va.encoder_key and vb["vectors"] == va.vectors == 6 and "embedded 6" in vb["note"]
     ia, sa = a.embedding_table()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
@@ -43,11 +42,9 @@ def loop(tmp_path_factory, grocery, mobilenet_weights):
     cmd = [sys.executable, str(REPO / "examples" / "retailklip_loop.py"), "--data", str(grocery.parent),
            "--weights", str(mobilenet_weights), "--out", str(out), "--epochs", "1", "--depth", "2",
            "--max-train-photos", "2", "--max-held-out-photos", "2", "--center-stride", "6", "--threads", "1"]
-    # One torch thread in the loop and the `catalog` processes it starts: the other pytest worker
-    # has the other core.  With both cores taken (two threads here), a Ray test running beside
-    # this one slowed from ~32 s to ~6 min (two busy loops beside it, measured 2026-12-07).
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO, env=env)
+    # One training thread (the rest of the loop and its `catalog` processes get one thread from
+    # the conftest's OMP_NUM_THREADS under xdist): the other pytest worker has the other core.
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     return out, res.stdout, json.loads((out / "loop.json").read_text())
 
