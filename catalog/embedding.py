@@ -379,8 +379,13 @@ def _ray_results(items, encoder_kwargs, k, seed, address, num_workers, batch_siz
             compute=compute,
             num_cpus=threads,
         )
+        # Closed before any ray.shutdown() below: closing the generator shuts Ray Data's executor
+        # down now.  Left to garbage collection after an error, its threads touched the shut-down
+        # Ray worker later and Ray ended the whole process ("The core worker has already been
+        # shutdown ... The process will exit"), which killed a pytest worker in CI.
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
         try:
-            for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for out in batches:
                 for rid, blob, dim, err, noun in zip(out["reference_id"], out["vectors"], out["dim"], out["error"],
                                                      out["noun"]):
                     if err:
@@ -400,6 +405,10 @@ def _ray_results(items, encoder_kwargs, k, seed, address, num_workers, batch_siz
             raise CatalogError(
                 f"Ray embedding failed after {seen} of {len(items)} {what}: {type(root).__name__}: {first}"
             ) from e
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
         if seen != len(items):
             raise CatalogError(f"Ray embedding returned {seen} results for {len(items)} {what}")
     finally:
