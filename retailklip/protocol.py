@@ -8,6 +8,9 @@ GroceryStore's val split is a development set: choices made on it gained 5.8 poi
 * :func:`photo_folds`: k folds of photos, stratified by class, for methods that train nothing
   on the target classes (the gallery is always each class's one reference image; the fold's
   photos are the queries);
+* :func:`capture_groups` and :func:`session_folds`: photo folds that keep probable capture
+  sessions (near-copies) together, for methods that use other in-store photos as references or
+  as an unlabeled pool;
 * :func:`class_disjoint_folds`: k folds of *classes* (or of groups of classes, e.g.
   GroceryStore's coarse classes, so that no sibling of a held-out class is trained on), for
   anything that trains (the finetune) or calibrates on some classes and is judged on others;
@@ -80,6 +83,96 @@ def photo_folds(labels: Sequence[Hashable], k: int = 5, seed: int = 0) -> list[F
         idx = np.array(by_class[c])[rng.permutation(len(by_class[c]))]
         fold_of[idx] = (start + np.arange(len(idx))) % k
         start += len(idx)  # the next class continues the round-robin: fold sizes stay balanced
+    return [Fold(f, np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in range(k)]
+
+
+def capture_groups(features: np.ndarray, labels: Sequence[Hashable], min_cosine: float = 0.85) -> np.ndarray:
+    """Probable capture sessions: within each class, the connected components of the graph that
+    links two photos whose embeddings have cosine similarity >= ``min_cosine`` (single-linkage
+    clustering cut at cosine distance 1 - ``min_cosine``; :func:`scipy.sparse.csgraph.connected_components`).
+
+    GroceryStore's train photos come in near-copies (a train photo's nearest other train photo of
+    its class: median cosine 0.907 with the ImageNet MobileNetV2) that its val photos do not
+    share (a val photo's nearest train photo of its class: 0.790), so photo folds put near-copies
+    of a query among its references or unlabeled pool and overstate what in-store photos add
+    (docs/evaluation.md, "Capture sessions").  :func:`session_folds` keeps each group in one fold.
+
+    Args:
+        features: float (N, D) embeddings of the photos (L2-normalised here).
+        labels: class of each photo (N items).
+        min_cosine: link threshold in [-1, 1].
+
+    Returns:
+        int64 (N,) group ids, 0 .. G-1, each group within one class.
+
+    Raises:
+        ValueError: shapes that do not match, or a threshold outside [-1, 1].
+    """
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    x = np.asarray(features, dtype=np.float64)
+    labels = list(labels)
+    if x.ndim != 2 or len(x) != len(labels):
+        raise ValueError(f"features must be (N, D) for N = {len(labels)} labels, got {x.shape}")
+    if not -1.0 <= min_cosine <= 1.0:
+        raise ValueError(f"min_cosine must be in [-1, 1], got {min_cosine}")
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    groups = np.empty(len(labels), np.int64)
+    by_class: dict[Hashable, list[int]] = {}
+    for i, c in enumerate(labels):
+        by_class.setdefault(c, []).append(i)
+    start = 0
+    for c in sorted(by_class, key=str):  # one class at a time: memory (class size)^2
+        idx = np.array(by_class[c])
+        n, comp = connected_components(csr_matrix(x[idx] @ x[idx].T >= min_cosine), directed=False)
+        groups[idx] = start + comp
+        start += n
+    return groups
+
+
+def session_folds(labels: Sequence[Hashable], groups: Sequence[int], k: int = 5, seed: int = 0) -> list[Fold]:
+    """k folds of photos, stratified by class, with every group (e.g. :func:`capture_groups`) in
+    one fold: per class, its groups in a seeded random order, the largest first, each into the
+    fold holding the fewest of the class's photos so far.  A class with fewer groups than folds
+    is missing from some folds.
+
+    Args:
+        labels: class of each photo (N items).
+        groups: group of each photo (N items; a group never spans two classes).
+        k: folds (>= 2).
+        seed: shuffling seed.
+
+    Returns:
+        k :class:`Fold` s; their ``test`` sets partition range(N) and no group is on both sides.
+
+    Raises:
+        ValueError: k < 2, fewer photos than folds, wrong ``groups`` length, a group in two classes.
+    """
+    labels, groups = list(labels), [int(g) for g in groups]
+    _check_k(k, len(labels), "photos")
+    if len(groups) != len(labels):
+        raise ValueError(f"got {len(groups)} groups for {len(labels)} photos")
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    by_class: dict[Hashable, list[int]] = {}
+    for g, idx in members.items():
+        cs = {labels[i] for i in idx}
+        if len(cs) != 1:
+            raise ValueError(f"group {g} holds photos of {len(cs)} classes")
+        by_class.setdefault(labels[idx[0]], []).append(g)
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(len(labels), np.int64)
+    total = np.zeros(k, np.int64)  # across classes: ties go to the fold with fewer photos overall
+    for c in sorted(by_class, key=str):
+        gs = [by_class[c][j] for j in rng.permutation(len(by_class[c]))]
+        load = np.zeros(k, np.int64)
+        for g in sorted(gs, key=lambda g: -len(members[g])):  # stable: seeded order among equal sizes
+            f = int(np.lexsort((total, load))[0])
+            fold_of[members[g]] = f
+            load[f] += len(members[g])
+            total[f] += len(members[g])
     return [Fold(f, np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in range(k)]
 
 

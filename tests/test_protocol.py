@@ -13,10 +13,12 @@ from retailklip.datasets import read_grocery_store
 from retailklip.protocol import (
     bootstrap_ci,
     bootstrap_statistic,
+    capture_groups,
     class_disjoint_folds,
     fold_roles,
     mcnemar,
     photo_folds,
+    session_folds,
 )
 
 
@@ -153,3 +155,52 @@ def test_bootstrap_statistic_drops_undefined_resamples_and_checks_inputs():
         bootstrap_statistic(np.mean)
     with pytest.raises(ValueError):
         bootstrap_statistic(needs_both, np.ones(3, bool))  # undefined on the full arrays
+
+
+def test_capture_groups_and_session_folds_on_a_hand_made_example():
+    # class a: photos 0, 1 near-copies, 2 alone; class b: 3, 4 near-copies of each other and of a's 0
+    x = np.array([[1, 0, 0], [0.99, 0.1, 0], [0, 1, 0], [1, 0.05, 0], [1, 0.02, 0.01]], np.float32)
+    labels = ["a", "a", "a", "b", "b"]
+    g = capture_groups(x, labels, min_cosine=0.95)
+    assert g[0] == g[1] != g[2] and g[3] == g[4] and g[3] not in (g[0], g[2])  # never across classes
+    assert sorted(set(g.tolist())) == [0, 1, 2]
+    folds = session_folds(labels, g, k=2, seed=0)
+    for f in folds:
+        assert not set(g[f.test].tolist()) & set(g[f.train].tolist())
+    assert sorted(np.concatenate([f.test for f in folds]).tolist()) == list(range(5))
+    with pytest.raises(ValueError, match="2 classes"):
+        session_folds(["a", "b"], [0, 0], k=2)
+    with pytest.raises(ValueError, match="min_cosine"):
+        capture_groups(x, labels, min_cosine=1.5)
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        capture_groups(x[:3], labels)
+
+
+def test_session_folds_keep_near_copies_out_of_the_other_folds(store, mobilenet_encoder):
+    """GroceryStore train photos of 6 classes, ImageNet MobileNetV2: with stratified photo folds a
+    query's nearest same-class photo in the other folds is a near-copy (median cosine ~0.9); with
+    session folds it is as far as a val photo's nearest train photo (~0.8)."""
+    keep = {c.name for c in store.classes[:6]}
+    photos = [p for p in store.photos("train") if p.label in keep]
+    labels = [p.label for p in photos]
+    x = mobilenet_encoder.embed([p.path for p in photos])
+    lab = np.array(labels)
+
+    def nearest_median(folds):
+        near = []
+        for f in folds:
+            for q in f.test:
+                other = np.setdiff1d(f.train, [q])
+                same = other[lab[other] == lab[q]]
+                if len(same):
+                    near.append((x[same] @ x[q]).max())
+        return float(np.median(near))
+
+    groups = capture_groups(x, labels, min_cosine=0.87)  # benchmarks: SESSION_COSINE
+    sess = session_folds(labels, groups, k=5, seed=0)
+    for f in sess:
+        assert not set(groups[f.test].tolist()) & set(groups[f.train].tolist())
+        assert 0.1 < len(f.test) / len(labels) < 0.3  # balanced
+    photo = nearest_median(photo_folds(labels, 5, seed=0))
+    session = nearest_median(sess)
+    assert photo > 0.87 and session < photo - 0.05, (photo, session)
