@@ -17,14 +17,18 @@ on train photos it was not chosen on, with :mod:`retailklip.protocol`:
 
 Multiple references per SKU (``catalog add --append``): 1 or 2 in-store photos per class from
 the other folds join the packshot in the gallery; known-vs-unknown AUROC of the nearest
-distance with whole coarse classes left out of the gallery (``class_disjoint_folds``).
+distance with whole coarse classes left out of the gallery (``class_disjoint_folds``); and the
+same photos appended to one SKU at a time (:func:`one_sku_fix`).  ``--folds session`` deals
+capture-session folds instead of stratified photo folds (:func:`cv_folds`): the train photos
+come in near-copies that photo folds put among a query's references (docs/evaluation.md,
+"Capture sessions").
 
 Raw pooled features (before centring and L2 normalisation) are cached per preprocessing
 option under ``--cache`` (default ``/tmp/cv-cache``), so each image is embedded once per option;
 centring, normalisation and 1-NN are numpy on the cached features.
 
     python benchmarks/bench_defaults_cv.py --embed bilinear       # embedding only (cached)
-    python benchmarks/bench_defaults_cv.py [--json out.json]      # every table
+    python benchmarks/bench_defaults_cv.py [--folds session] [--json out.json]      # every table
 """
 
 from __future__ import annotations
@@ -42,7 +46,15 @@ from retailklip.augment import augment_reference
 from retailklip.calibration import auroc, nearest_skus
 from retailklip.datasets import GroceryStore, read_grocery_store
 from retailklip.images import load_image
-from retailklip.protocol import bootstrap_ci, class_disjoint_folds, fold_roles, mcnemar, photo_folds
+from retailklip.protocol import (
+    bootstrap_ci,
+    capture_groups,
+    class_disjoint_folds,
+    fold_roles,
+    mcnemar,
+    photo_folds,
+    session_folds,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -61,6 +73,23 @@ SHIPPED = "bilinear"
 #: Reference views embedded for the K comparison (K = 1, 4, 8 are prefixes: view i has its own seed).
 MAX_VIEWS = 16
 CHUNK = 128
+#: :func:`retailklip.protocol.capture_groups`' link threshold for ``--folds session``, on the raw
+#: features of the shipped option (224 px ImageNet MobileNetV2), set so that session folds relate
+#: a query to the other folds as GroceryStore's val photos relate to its train photos: the nearest
+#: other-fold photo is of the query's class for 58 % of the queries (val -> train: 59 %;
+#: stratified photo folds: 96 %) and the nearest same-class one has median cosine 0.826 (val:
+#: 0.790; photo folds: 0.904); 0.85 gives 40 % / 0.795 and 0.90 gives 83 % / 0.865
+#: (docs/evaluation.md, "Capture sessions").
+SESSION_COSINE = 0.87
+
+
+def cv_folds(kind: str, labels: list[str], raw_photos: np.ndarray) -> list:
+    """The k = 5 photo folds of the train split: ``"photo"`` (stratified, :func:`photo_folds`) or
+    ``"session"`` (:func:`session_folds` over :func:`capture_groups` of ``raw_photos``, the shipped
+    option's raw features, at :data:`SESSION_COSINE`), seed 0."""
+    if kind == "session":
+        return session_folds(labels, capture_groups(raw_photos, labels, SESSION_COSINE), K_FOLDS, seed=0)
+    return photo_folds(labels, K_FOLDS, seed=0)
 
 
 # ------------------------------------------------------------------------------ embedding cache
@@ -181,6 +210,46 @@ def run(data: Data, labels: list[str], folds, *, k: int = 1, center: str = "phot
     return {"correct": correct, "distance": distance, "known": known}
 
 
+def one_sku_fix(data: Data, labels: list[str], folds, extra: int = 2, seed: int = 0) -> dict:
+    """The store's fix for one badly recognised SKU: ``extra`` in-store photos (other folds)
+    appended to that SKU alone, every other SKU keeping its packshot.  Averaged over the SKUs
+    (each fixed on its own, in every fold; shipped centring): the fixed SKU's own photos right
+    before / after (its recall), and the other SKUs' photos that were right and are now named
+    the fixed SKU (the new references attract them).
+
+    Returns:
+        ``recall_before``, ``recall_after`` (means over fixes), ``others_lost`` and
+        ``others_gained`` (photos of other SKUs per fix), ``fixes`` (SKU x fold pairs).
+    """
+    lab = np.array(labels)
+    totals = {"before": 0, "after": 0, "own": 0, "lost": 0, "gained": 0, "fixes": 0}
+    for f in folds:
+        (roles,) = fold_roles(labels, [f], center_size=len(f.train) // 6, extra_references=extra, seed=seed)
+        c = data.photos[roles.center].mean(0)
+        g = normalise(data.packshots[:, 0], c)
+        q = roles.queries
+        x = normalise(data.photos[q], c)
+        truth = lab[q]
+        base = np.array(nearest_skus(g, data.classes, x)[0]) == truth
+        for name in data.classes:
+            refs = roles.references.get(name, np.zeros(0, np.int64))
+            own = truth == name
+            if len(refs) < extra or not own.any():
+                continue
+            pred = np.array(nearest_skus(np.concatenate([g, normalise(data.photos[refs], c)]),
+                                         data.classes + [name] * len(refs), x)[0])
+            after = pred == truth
+            totals["before"] += int(base[own].sum())
+            totals["after"] += int(after[own].sum())
+            totals["own"] += int(own.sum())
+            totals["lost"] += int((base & ~after)[~own].sum())
+            totals["gained"] += int((~base & after)[~own].sum())
+            totals["fixes"] += 1
+    return {"recall_before": totals["before"] / totals["own"], "recall_after": totals["after"] / totals["own"],
+            "others_lost": totals["lost"] / totals["fixes"], "others_gained": totals["gained"] / totals["fixes"],
+            "fixes": totals["fixes"]}
+
+
 def summarise(name: str, res: dict, labels: list[str], base: dict | None) -> dict:
     """Top-1 (bootstrap over photos), per-class average (bootstrap over classes), McNemar vs ``base``."""
     ok = res["correct"]
@@ -217,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=Path("/tmp/cv-cache"))
     p.add_argument("--embed", nargs="+", choices=sorted(PREPROCESS), default=None,
                    help="only embed (fill the cache) for these preprocessing options")
+    p.add_argument("--folds", choices=("photo", "session"), default="photo",
+                   help="stratified photo folds, or capture-session folds (SESSION_COSINE; docs/evaluation.md)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     store = read_grocery_store(args.data)
@@ -226,9 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.perf_counter()
     labels = [ph.label for ph in store.photos("train")]
-    folds = photo_folds(labels, K_FOLDS, seed=0)
     data = {o: Data(store, o, args.cache) for o in PREPROCESS if (args.cache / o).exists()}
     ship = data[SHIPPED]
+    folds = cv_folds(args.folds, labels, ship.photos)
     base = run(ship, labels, folds)
     rows = [summarise("shipped: bilinear, K = 1, centre = 1/6 of other folds' photos (~352)", base, labels, None)]
     sections = {"K (augmented reference views)": [], "centring": [], "preprocessing": [], "references per SKU": []}
@@ -268,7 +339,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {1 + extra} reference{'s' if extra else ''} per SKU | {v:.3f} [{lo:.3f}, {hi:.3f}] |")
     for extra, tops in draws.items():
         print(f"top-1 with {extra} extra reference(s), 5 draws: {min(tops):.3f} .. {max(tops):.3f}")
-    print(f"\n{len(labels)} train photos, {K_FOLDS} folds, {time.perf_counter() - t0:.0f} s")
+    fixes = {extra: one_sku_fix(ship, labels, folds, extra) for extra in (1, 2)}
+    for extra, fx in fixes.items():
+        print(f"one SKU fixed with {extra} in-store photo(s), the others packshot only ({fx['fixes']} fixes): its photos "
+              f"right {fx['recall_before']:.3f} -> {fx['recall_after']:.3f}; other SKUs' photos per fix: "
+              f"{fx['others_lost']:.2f} lost, {fx['others_gained']:.2f} gained")
+    print(f"\n{len(labels)} train photos, {K_FOLDS} {args.folds} folds, {time.perf_counter() - t0:.0f} s")
     if args.json:
         def plain(r):
             out = {"option": r["option"], "top1": vars(r["top1"]), "per_class": vars(r["per_class"])}
@@ -277,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             return out
         args.json.write_text(json.dumps({
             "shipped": plain(rows[0]), "sections": {t: [plain(r) for r in rs] for t, rs in sections.items()},
-            "auroc": {str(1 + e): list(v) for e, v in opens.items()}, "reference_draws": draws,
+            "auroc": {str(1 + e): list(v) for e, v in opens.items()}, "reference_draws": draws, "one_sku_fix": fixes,
         }, indent=1))
     return 0
 
