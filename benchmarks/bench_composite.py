@@ -67,6 +67,7 @@ from scipy.stats import binomtest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, ahead of any installed copy
 
+from finetune.backgrounds import packshot_mask
 from retailklip import create_encoder
 from retailklip.datasets import read_grocery_store
 from retailklip.images import load_image, to_rgb
@@ -77,22 +78,6 @@ CENTER_STRIDE = 6
 
 
 # ------------------------------------------------------------------------------------ masks
-def packshot_mask(rgb: Image.Image, white: int = 250, max_chroma: int = 6) -> np.ndarray:
-    """Product mask of a packshot on a pure white background: bool (H, W)."""
-    a = np.asarray(rgb.convert("RGB")).astype(np.int16)
-    near_white = (a.min(-1) >= white) & ((a.max(-1) - a.min(-1)) <= max_chroma)
-    lab, _ = ndi.label(near_white, structure=np.ones((3, 3)))
-    border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
-    mask = ~np.isin(lab, border[border > 0])
-    mask = ndi.binary_opening(mask, structure=np.ones((3, 3)))
-    mask = ndi.binary_fill_holes(mask)
-    comp, n = ndi.label(mask, structure=np.ones((3, 3)))
-    if n:
-        sizes = ndi.sum(mask, comp, range(1, n + 1))
-        mask = np.isin(comp, np.flatnonzero(sizes >= 0.005 * mask.size) + 1)
-    return mask
-
-
 def ellipse_mask(size: tuple[int, int]) -> np.ndarray:
     """The ellipse inscribed in a (W, H) image: bool (H, W)."""
     w, h = size

@@ -117,6 +117,8 @@ RECIPES = {  # name -> extra finetune arguments on top of the loop's (3 epochs, 
     # packshot views per class and epoch instead of ~depth / (photos + 1)
     **{f"iconic{n}-decay0.9": [f"+iconic{n}", "--lr-decay", "0.9"] for n in (4, 12, 24, 48, 96)},
     **{f"iconic{n}-decay0.9-depth24": [f"+iconic{n}", "--lr-decay", "0.9", "--depth", "24"] for n in (48, 12)},
+    # packshots pasted onto in-store backgrounds (finetune --reference-backgrounds P, finetune/backgrounds.py)
+    "iconic12-decay0.9-bg0.5": ["+iconic12", "--lr-decay", "0.9", "--reference-backgrounds", "0.5"],
 }
 
 

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sweep-eval-data", default=None, metavar="EVAL", help="held-out classes that pick the depth (default: --eval-data)")
     g.add_argument("--reference-copies", type=int, default=d.reference_copies, metavar="N",
                    help="each training row of role 'reference' (a packshot) counts N times in the class-balanced draw")
+    g.add_argument("--reference-backgrounds", type=float, default=d.reference_backgrounds, metavar="P",
+                   help="probability that a drawn reference image (a packshot on white) gets a random crop of a training "
+                        "photo (role 'query') pasted behind it (finetune/backgrounds.py; default 0: never)")
     g = p.add_argument_group("loss and optimizer (RetailKLIP 4.1, 4.1.2)")
     g.add_argument("--margin", type=float, default=DEFAULT_MARGIN_DEGREES, help="ArcFace angular margin, degrees")
     g.add_argument("--scale", type=float, default=DEFAULT_SCALE, help="ArcFace logit scale")
@@ -128,7 +131,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data=args.data, eval_data=args.eval_data, out=args.out, encoder=args.encoder, weights=args.weights,
         random_init=args.random_init, encoder_options=dict(args.encoder_option), epochs=args.epochs, depth=args.depth,
         sweep_depth=args.sweep_depth, sweep_epochs=args.sweep_epochs, sweep_eval_data=args.sweep_eval_data,
-        reference_copies=args.reference_copies,
+        reference_copies=args.reference_copies, reference_backgrounds=args.reference_backgrounds,
         batch_size=args.batch_size, accum_steps=args.accum_steps, lr=args.lr, lr_decay=args.lr_decay, loss_lr=args.loss_lr,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, min_lr_ratio=args.min_lr_ratio,
         clip_grad=args.clip_grad or None, margin=args.margin, scale=args.scale, sub_centers=args.sub_centers, init_class_weights=args.init_class_weights,

@@ -25,6 +25,8 @@ class TrainConfig:
         data: training CSV (``image,label[,role]``) or folder per class.
         reference_copies: times each training image with role ``reference`` (a product's reference
             image, e.g. its packshot) enters the class-balanced sampler's pool; 1 = once, like any image.
+        reference_backgrounds: probability [0, 1] that a drawn reference image gets a random crop of
+            one of the training ``query`` photos pasted behind it (:mod:`finetune.backgrounds`); 0 = never.
         eval_data: held-out classes, CSV (``image,label[,role]``) or folder per class.
         out: output directory.
         encoder: encoder SPEC as in ``catalog init``.
@@ -86,6 +88,7 @@ class TrainConfig:
     sweep_epochs: int | None = None
     sweep_eval_data: str | None = None
     reference_copies: int = 1
+    reference_backgrounds: float = 0.0
     batch_size: int = 32
     accum_steps: int = 1
     lr: float = DEFAULT_LR
@@ -135,6 +138,8 @@ class TrainConfig:
         for flag, v in positive.items():
             if v < 1:
                 raise FinetuneError(f"{flag} must be >= 1, got {v}")
+        if not 0.0 <= self.reference_backgrounds <= 1.0:
+            raise FinetuneError(f"--reference-backgrounds must be in [0, 1], got {self.reference_backgrounds}")
         if self.sweep_depth is not None and (not self.sweep_depth or min(self.sweep_depth) < 1):
             raise FinetuneError(f"--sweep-depth needs depths >= 1, got {self.sweep_depth}")
         if self.sweep_epochs is not None and self.sweep_epochs < 1:

@@ -260,14 +260,18 @@ class ImageDataset(torch.utils.data.Dataset):
         targets: int64 (N,) class indices.
         transform: PIL ``RGB`` image -> float tensor (3, H, W).
         background: RGB colour for transparent pixels.
+        reference_transform: optional PIL ``RGB`` -> ``RGB`` applied first to samples of role
+            ``reference`` (e.g. :class:`finetune.backgrounds.BackgroundPaster`).
     """
 
     def __init__(self, samples: Sequence[Sample], targets: np.ndarray, transform: Callable,
-                 background: tuple[int, int, int] = DEFAULT_BACKGROUND) -> None:
+                 background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+                 reference_transform: Callable | None = None) -> None:
         self.samples = list(samples)
         self.targets = np.asarray(targets, dtype=np.int64)
         self.transform = transform
         self.background = tuple(background)
+        self.reference_transform = reference_transform
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -278,7 +282,13 @@ class ImageDataset(torch.utils.data.Dataset):
         except InvalidImageError as e:
             logger.warning("skipping image at load time: %s", e)
             return None
-        return self.transform(to_rgb(im, self.background)), int(self.targets[i])
+        rgb = to_rgb(im, self.background)
+        if self.reference_transform is not None and self.samples[i].role == "reference":
+            try:
+                rgb = self.reference_transform(rgb)
+            except InvalidImageError as e:  # an unreadable background photo: this draw keeps its own
+                logger.warning("reference transform skipped: %s", e)
+        return self.transform(rgb), int(self.targets[i])
 
 
 def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -47,6 +47,7 @@ from retailklip.devices import resolve_device
 from retailklip.encoders import EncoderSpec
 from retailklip.evaluation import ZeroShotResult
 
+from .backgrounds import BackgroundPaster
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, resolve_precision
 from .data import ImageDataset, PreparedData, collate_skipping_bad, prepare_data, write_skipped
@@ -198,7 +199,12 @@ class Trainer:
                     time.perf_counter() - t0)
 
     def _loader(self) -> torch.utils.data.DataLoader:
-        ds = ImageDataset(self.data.train.samples, self.data.train.targets, self.transform, self.encoder.background)
+        paster = None
+        if self.cfg.reference_backgrounds > 0:
+            photos = list(dict.fromkeys(s.path for s in self.data.train.samples if s.role == "query"))
+            paster = BackgroundPaster(photos, self.cfg.reference_backgrounds, self.encoder.background)
+        ds = ImageDataset(self.data.train.samples, self.data.train.targets, self.transform, self.encoder.background,
+                          reference_transform=paster)
         return torch.utils.data.DataLoader(
             ds, batch_size=self.cfg.batch_size, sampler=self.sampler, num_workers=self.workers,
             collate_fn=collate_skipping_bad, pin_memory=self.device.type == "cuda", drop_last=False,
