@@ -139,15 +139,16 @@ def cached_features(option: str, items: list[tuple[Path, int]], cache: Path, *, 
     return np.stack([have[k] for k in keys]).astype(np.float32)
 
 
-def normalise(feats: np.ndarray, center: np.ndarray | None) -> np.ndarray:
-    """(N, D) raw features -> unit vectors, centred first (as :class:`retailklip.encoders.Encoder`
-    makes them: :func:`retailklip.encoders.base.normalize_embeddings`)."""
+def normalise(feats: np.ndarray, center: np.ndarray | None, groups: int = 1) -> np.ndarray:
+    """(N, D) raw features -> unit vectors, centred first and each of ``groups`` parts normalised
+    on its own (as :class:`retailklip.encoders.Encoder` makes them:
+    :func:`retailklip.encoders.base.normalize_embeddings`)."""
     import torch
 
     from retailklip.encoders.base import normalize_embeddings
 
     c = None if center is None else torch.from_numpy(np.asarray(center))
-    return normalize_embeddings(torch.from_numpy(np.asarray(feats)), center=c).numpy()
+    return normalize_embeddings(torch.from_numpy(np.asarray(feats)), center=c, groups=groups).numpy()
 
 
 #: The shipped centre is every 6th unlabeled train photo: in a fold, 1/6 of the other folds' photos.

@@ -52,12 +52,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_defaults_cv import ENCODER, SESSION_COSINE, SHARED, WEIGHTS, cached_features, cv_folds
+from bench_defaults_cv import ENCODER, SESSION_COSINE, SHARED, WEIGHTS, cached_features, cv_folds, normalise
 
 from retailklip.calibration import nearest_skus
 from retailklip.datasets import read_grocery_store
 from retailklip.encoders import create_encoder
-from retailklip.encoders.base import normalize_embeddings
 from retailklip.protocol import bootstrap_ci, capture_groups, class_disjoint_folds, fold_roles, mcnemar
 
 #: The main job's encoder options (examples/grocery_store.py ENCODER_OPTIONS).
@@ -89,11 +88,6 @@ def select_pseudo_references(references: np.ndarray, reference_skus: list[str], 
     return list(chosen.items())
 
 
-def embed(raw: torch.Tensor, center: torch.Tensor | None, groups: int) -> np.ndarray:
-    """Raw features -> the encoder's unit embeddings (float32)."""
-    return normalize_embeddings(raw, center=center, groups=groups).float().numpy()
-
-
 def one_nn(gallery: np.ndarray, skus: list[str], queries: np.ndarray, truth: list[str], pool: np.ndarray | None,
            per_sku: int, rounds: int, pool_truth: list[str] | None = None, tally: list | None = None) -> np.ndarray:
     """bool (Q,): 1-NN over the gallery, plus the pool's pseudo-references when per_sku > 0
@@ -117,13 +111,13 @@ def frozen(store, cache: Path, log, kind: str = "photo") -> dict:
     classes = [c.name for c in store.classes]
     labels = [ph.label for ph in store.photos("train")]
     items = [(c.iconic, 0) for c in store.classes] + [(ph.path, 0) for ph in store.photos("train")]
-    feats = torch.from_numpy(cached_features(MAIN_JOB_CACHE, items, cache, options=MAIN_JOB, log=log)).double()
+    feats = cached_features(MAIN_JOB_CACHE, items, cache, options=MAIN_JOB, log=log).astype(np.float64)
     groups = len(MAIN_JOB["scales"])
     g_raw, x_raw = feats[: len(classes)], feats[len(classes):]
     single = cached_features("bilinear", items, cache, options={"interpolation": "bilinear"}, log=log)
     folds = cv_folds(kind, labels, single[len(classes):])
     lab = np.array(labels)
-    unit = embed(x_raw, None, groups)
+    unit = normalise(x_raw, None, groups)
     nearest = []  # each query's nearest same-class photo in the other folds (cosine of the raw parts)
     for f in folds:
         other = np.zeros(len(lab), bool)
@@ -138,7 +132,7 @@ def frozen(store, cache: Path, log, kind: str = "photo") -> dict:
     for f in folds:
         (r,) = fold_roles(labels, [f], center_size=len(f.train) // 6, extra_references=2, seed=0)
         mu = x_raw[r.center].mean(0)
-        gallery, x = embed(g_raw, mu, groups), embed(x_raw, mu, groups)
+        gallery, x = normalise(g_raw, mu, groups), normalise(x_raw, mu, groups)
         queries, truth = x[r.queries], lab[r.queries].tolist()
         pool_ids = np.asarray(f.train)
         out[(0, 0)][r.queries] = one_nn(gallery, classes, queries, truth, None, 0, 0)
@@ -170,11 +164,10 @@ def finetuned(store, runs: list[Path], recipe: str, queries_per_class: int, cach
         photos[ph.label].append(ph.path)
     iconic = {c.name: c.iconic for c in store.classes}
     items = [(iconic[c], 0) for c in names] + [(p, 0) for c in names for p in photos[c]]
-    index = {str(p.resolve()): i for i, (p, _) in enumerate(items)}
-    raw_feats = torch.from_numpy(cached_features("bilinear", items, cache, options={"interpolation": "bilinear"}, log=log))
-    photo_items = items[len(names):]
-    session = capture_groups(raw_feats[len(names):].numpy(), [c for c in names for _ in photos[c]], SESSION_COSINE)
-    group_of = {str(p.resolve()): int(g) for (p, _), g in zip(photo_items, session)}
+    index = {p: i for i, (p, _) in enumerate(items)}  # the store's own Path objects, as photos[c] and iconic[c] hold them
+    raw_feats = cached_features("bilinear", items, cache, options={"interpolation": "bilinear"}, log=log).astype(np.float64)
+    session = capture_groups(raw_feats[len(names):], [c for c in names for _ in photos[c]], SESSION_COSINE)
+    group_of = {p: int(g) for (p, _), g in zip(items[len(names):], session)}
     prepared = None
     pool_sizes: list[tuple[int, int, int]] = []
     out: dict[tuple, list[np.ndarray]] = defaultdict(list)
@@ -195,18 +188,18 @@ def finetuned(store, runs: list[Path], recipe: str, queries_per_class: int, cach
                 npy.parent.mkdir(parents=True, exist_ok=True)
                 np.save(npy, torch.cat([enc.features(prepared[i: i + 64]) for i in range(0, len(items), 64)]).numpy())
                 log(f"finetuned: {npy.name} embedded")
-            encs[recipe] = torch.from_numpy(np.load(npy))
-            q_ids = [index[str(p.resolve())] for c in test for p in photos[c][:queries_per_class]]
+            encs[recipe] = np.load(npy).astype(np.float64)
+            q_ids = [index[p] for c in test for p in photos[c][:queries_per_class]]
             truth = [c for c in test for _ in photos[c][:queries_per_class]]
-            u_ids = [index[str(p.resolve())] for c in test for p in photos[c][queries_per_class:]]
-            taken = {group_of[str(p.resolve())] for c in test for p in photos[c][:queries_per_class]}
-            u_session = [index[str(p.resolve())] for c in test for p in photos[c][queries_per_class:]
-                         if group_of[str(p.resolve())] not in taken]  # no photo of a query's capture group
-            g_ids = [index[str(iconic[c].resolve())] for c in test]
-            centre_ids = [index[str(p.resolve())] for c in train for p in photos[c]][::6]
+            u_ids = [index[p] for c in test for p in photos[c][queries_per_class:]]
+            taken = {group_of[p] for c in test for p in photos[c][:queries_per_class]}
+            u_session = [index[p] for c in test for p in photos[c][queries_per_class:]
+                         if group_of[p] not in taken]  # no photo of a query's capture group
+            g_ids = [index[iconic[c]] for c in test]
+            centre_ids = [index[p] for c in train for p in photos[c]][::6]
             for name, F in encs.items():
                 for centred in (False, True):
-                    x = embed(F.double(), F[centre_ids].double().mean(0) if centred else None, 1)
+                    x = normalise(F, F[centre_ids].mean(0) if centred else None)
                     for m, rounds in [(0, 0), *CANDIDATES]:
                         rows[(name, centred, m, rounds)].append(one_nn(x[g_ids], test, x[q_ids], truth, x[u_ids], m, rounds))
                         if m:
