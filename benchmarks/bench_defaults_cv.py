@@ -47,6 +47,7 @@ from retailklip.calibration import auroc, nearest_skus
 from retailklip.datasets import GroceryStore, read_grocery_store
 from retailklip.images import load_image
 from retailklip.protocol import (
+    SESSION_COSINE,
     bootstrap_ci,
     capture_groups,
     class_disjoint_folds,
@@ -73,14 +74,6 @@ SHIPPED = "bilinear"
 #: Reference views embedded for the K comparison (K = 1, 4, 8 are prefixes: view i has its own seed).
 MAX_VIEWS = 16
 CHUNK = 128
-#: :func:`retailklip.protocol.capture_groups`' link threshold for ``--folds session``, on the raw
-#: features of the shipped option (224 px ImageNet MobileNetV2), set so that session folds relate
-#: a query to the other folds as GroceryStore's val photos relate to its train photos: the nearest
-#: other-fold photo is of the query's class for 58 % of the queries (val -> train: 59 %;
-#: stratified photo folds: 96 %) and the nearest same-class one has median cosine 0.826 (val:
-#: 0.790; photo folds: 0.904); 0.85 gives 40 % / 0.795 and 0.90 gives 83 % / 0.865
-#: (docs/evaluation.md, "Capture sessions").
-SESSION_COSINE = 0.87
 
 
 def cv_folds(kind: str, labels: list[str], raw_photos: np.ndarray) -> list:

@@ -9,7 +9,13 @@ Steps (everything from the dataset's **train** split; test is never read, val on
 1. Split the 81 fine classes by coarse class, as ``python -m finetune.grocery`` does (odd coarse
    ids train, even ones are held out; ``--held-out-parity``): 46 training classes, 35 held-out
    classes, no coarse class on both sides.  The held-out classes' train photos are dealt into
-   *evaluation* and *calibration* photos (:func:`retailklip.protocol.photo_folds`, k = 2).  For
+   *evaluation* and *calibration* photos by capture session
+   (:func:`retailklip.protocol.session_folds` over :func:`~retailklip.protocol.capture_groups` of
+   the raw encoder's embeddings, k = 2: near-copies of a photo never sit on the other side, so a
+   threshold is not judged on near-copies of its calibration photos; ``--folds photo``: stratified
+   photo folds, as before 2026-12-07).  Closed-set top-1 needs no calibration, so it is measured
+   on every held-out train photo (evaluation and calibration photos; before 2026-12-07: the
+   evaluation photos only).  For
    the open-set part the held-out classes are split by coarse class
    (:func:`retailklip.protocol.class_disjoint_folds`, k = 2) into *known* (in the open-set
    catalog) and *unknown* classes, and the unknown ones again into those seen at calibration and
@@ -82,8 +88,17 @@ from retailklip.calibration import (
     threshold_for_precision,
 )
 from retailklip.datasets import LabelledImage, read_grocery_store
+from retailklip.encoders import create_encoder
 from retailklip.open_set import OPEN_SET_SCORES, OUTLIER_SCORE, open_set_score
-from retailklip.protocol import bootstrap_ci, bootstrap_statistic, class_disjoint_folds, mcnemar, photo_folds
+from retailklip.protocol import (
+    bootstrap_ci,
+    bootstrap_statistic,
+    capture_groups,
+    class_disjoint_folds,
+    mcnemar,
+    photo_folds,
+    session_folds,
+)
 
 ENCODER = "timm:mobilenetv2_100"
 OPTIONS = {"interpolation": "bilinear"}
@@ -112,7 +127,14 @@ def split(args) -> dict:
             continue
         count[p.label] += 1
         (held_photos if p.label in held else train_photos).append(p)
-    fold = photo_folds([p.label for p in held_photos], k=2, seed=args.seed)[0]
+    labels = [p.label for p in held_photos]
+    if args.folds == "session":  # capture sessions of the raw encoder's embeddings (SESSION_COSINE)
+        raw = create_encoder(ENCODER, weights=args.weights, **OPTIONS)
+        groups = capture_groups(raw.embed([p.path for p in held_photos]), labels)
+        fold = session_folds(labels, groups, k=2, seed=args.seed)[0]
+    else:
+        groups = np.arange(len(held_photos))
+        fold = photo_folds(labels, k=2, seed=args.seed)[0]
     evaluation = [held_photos[i] for i in fold.test]
     calibration = [held_photos[i] for i in fold.train]
     f = class_disjoint_folds(held, k=2, seed=args.seed, groups=[coarse[c] for c in held])[0]
@@ -123,7 +145,7 @@ def split(args) -> dict:
     return {
         "val": val, "store": store, "coarse": coarse, "trained": trained, "held": held, "known": known,
         "unknown_calibration": unknown_cal, "unknown_evaluation": unknown_eval,
-        "train_photos": train_photos, "evaluation": evaluation,
+        "train_photos": train_photos, "evaluation": evaluation, "closed": held_photos, "capture_groups": len(set(groups.tolist())),
         "calibration": [p for p in calibration if p.label in set(known) | set(unknown_cal)],
         "open_evaluation": [p for p in evaluation if p.label in set(known) | set(unknown_eval)],
     }
@@ -218,7 +240,7 @@ def measure(cat_all: Catalog, cat_known: Catalog, s: dict, calibration: dict[str
     enc = cat_all.encoder()
     if enc.identity.key != cat_known.encoder().identity.key:
         raise SystemExit("retailklip_loop: error: the two catalogs have different encoders")
-    photos: list[LabelledImage] = s["evaluation"]
+    photos: list[LabelledImage] = s["closed"]  # every held-out train photo (closed set needs no calibration photos)
     t = time.perf_counter()
     emb = enc.embed([p.path for p in photos])
     embed_s = time.perf_counter() - t
@@ -230,7 +252,8 @@ def measure(cat_all: Catalog, cat_known: Catalog, s: dict, calibration: dict[str
     for ok, c in zip(correct, truth):
         per_class[c].append(bool(ok))
     # open set: the known half in the catalog, evaluation photos of known + evaluation-unknown classes
-    use = np.array([p.label in set(s["known"]) | set(s["unknown_evaluation"]) for p in photos])
+    evaluation = {p.path for p in s["evaluation"]}
+    use = np.array([p.path in evaluation and p.label in set(s["known"]) | set(s["unknown_evaluation"]) for p in photos])
     o_truth = [c for c, u in zip(truth, use) if u]
     g_known, sku_known = catalog_gallery(cat_known)
     o_pred, o_dist, o_runner = nearest_matches(g_known, sku_known, emb[use])
@@ -377,6 +400,9 @@ def loop_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out-parity", type=int, default=0, choices=(0, 1), help="hold out coarse ids with id %% 2 == this")
     p.add_argument("--max-train-photos", type=int, default=0, metavar="N", help="at most N training photos per class (0: all)")
     p.add_argument("--max-held-out-photos", type=int, default=0, metavar="N", help="at most N photos per held-out class (0: all)")
+    p.add_argument("--folds", choices=("session", "photo"), default="session",
+                   help="deal the held-out classes' photos into evaluation and calibration photos by capture session "
+                        "(retailklip.protocol.session_folds; near-copies stay on one side) or by photo (stratified)")
     p.add_argument("--center-stride", type=int, default=6, help="centre features on every N-th training photo, unlabeled (0: none)")
     p.add_argument("--center-after", action=argparse.BooleanOptionalAction, default=True,
                    help="centre the finetuned encoder's features too, on the same photos (rebuild --center-photos); "
@@ -472,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         "split": {"train_iconic": args.train_iconic, "center_after": bool(args.center_after and center),
                   "reference_copies": args.reference_copies if args.train_iconic else None, "rule": f"coarse class id % 2 == {args.held_out_parity} held out", "training_classes": len(s["trained"]),
                   "training_photos": len(s["train_photos"]), "held_out_classes": len(s["held"]),
+                  "folds": args.folds, "capture_groups": s["capture_groups"],
+                  "closed_set_photos": len(s["closed"]),
                   "evaluation_photos": len(s["evaluation"]), "calibration_photos": len(s["calibration"]),
                   "known_classes": s["known"], "unknown_calibration_classes": s["unknown_calibration"],
                   "unknown_evaluation_classes": s["unknown_evaluation"], "open_set_evaluation_photos": len(s["open_evaluation"]),
@@ -481,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         "after": {k: v for k, v in after.items() if k not in ("correct", "val_correct")},
         "mcnemar_after_vs_before": {"only_after": mc.only_a, "only_before": mc.only_b, "p_value": mc.p_value},
         # per evaluation photo, so two runs (two recipes) can be compared paired (McNemar) on the same photos
-        "per_photo": {"image": [str(p.path.resolve()) for p in s["evaluation"]], "before_correct": before["correct"],
+        "per_photo": {"image": [str(p.path.resolve()) for p in s["closed"]], "before_correct": before["correct"],
                       "after_correct": after["correct"]},
         "encoder_changed": before["encoder"] != after["encoder"],
         "vectors_max_abs_change": float(np.abs(vectors_after - vectors_before).max()),
@@ -497,7 +525,9 @@ def main(argv: list[str] | None = None) -> int:
 
     sp = res["split"]
     print(f"split: {sp['training_classes']} training classes ({sp['training_photos']} photos), {sp['held_out_classes']} held-out "
-          f"classes: {sp['evaluation_photos']} evaluation + {sp['calibration_photos']} calibration photos; open set: "
+          f"classes: {sp['closed_set_photos']} photos (closed set), dealt into {sp['evaluation_photos']} evaluation + "
+          f"{sp['calibration_photos']} calibration photos for the open set ({sp['folds']} folds, "
+          f"{sp['capture_groups']} capture groups); open set: "
           f"{len(s['known'])} known, {len(s['unknown_calibration'])} + {len(s['unknown_evaluation'])} unknown classes")
     print(f"encoder: {before['encoder']} -> {after['encoder']}")
     print(f"open set: catalog-known keeps the threshold on {args.score} (the rows below); outlier references: "
@@ -515,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     for x in OPEN_SET_SCORES:
         for label, path in score_rows(x, args.oracle_precision):
             print(f"| {label} | {fmt(get(before, path))} | {fmt(get(after, path))} |")
-    print(f"\nMcNemar after vs before (closed set, {sp['evaluation_photos']} photos): {mc.only_a} right only after, "
+    print(f"\nMcNemar after vs before (closed set, {sp['closed_set_photos']} photos): {mc.only_a} right only after, "
           f"{mc.only_b} only before, p = {mc.p_value:.3g}")
     print("\n| class | photos | before | after |\n|---|---|---|---|")
     for c, r in before["closed_set"]["per_class"].items():

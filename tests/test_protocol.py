@@ -196,7 +196,7 @@ def test_session_folds_keep_near_copies_out_of_the_other_folds(store, mobilenet_
                     near.append((x[same] @ x[q]).max())
         return float(np.median(near))
 
-    groups = capture_groups(x, labels, min_cosine=0.87)  # benchmarks: SESSION_COSINE
+    groups = capture_groups(x, labels)  # the default, SESSION_COSINE = 0.87
     sess = session_folds(labels, groups, k=5, seed=0)
     for f in sess:
         assert not set(groups[f.test].tolist()) & set(groups[f.train].tolist())

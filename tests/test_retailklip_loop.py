@@ -19,6 +19,8 @@ from conftest import REPO
 from safetensors.torch import load_file
 
 from catalog import Catalog
+from retailklip.encoders import create_encoder
+from retailklip.protocol import SESSION_COSINE
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +77,7 @@ def test_writes_finetuned_encoder_and_rebuilds_onto_it(loop):
     assert res["after"]["open_set"]["threshold"] == pytest.approx(cal["threshold"], abs=1e-6)
 
 
-def test_splits_follow_the_protocol(loop, grocery_store):
+def test_splits_follow_the_protocol(loop, grocery_store, mobilenet_weights):
     out, _, res = loop
     coarse = {c.name: c.coarse_name for c in grocery_store.classes}
     train_split = {str(p.path.resolve()) for p in grocery_store.photos("train")}
@@ -96,6 +98,12 @@ def test_splits_follow_the_protocol(loop, grocery_store):
     assert not {coarse[c] for c in trained} & {coarse[c] for c in held}
     assert not set(evaluation) & set(calibration)
     sp = res["split"]
+    # capture-session folds (the default): no photo has a near-copy of its class on the other side
+    assert sp["folds"] == "session" and 0 < sp["capture_groups"] <= 2 * len(held)  # --max-held-out-photos 2
+    enc = create_encoder("timm:mobilenetv2_100", weights=mobilenet_weights, interpolation="bilinear")
+    e, c = enc.embed([Path(i) for i in evaluation]), enc.embed([Path(i) for i in calibration])
+    same = np.array(rows(out / "evaluation.csv", "sku"))[:, None] == np.array(rows(out / "calibration.csv", "sku"))[None, :]
+    assert same.any() and (e @ c.T)[same].max() < SESSION_COSINE
     assert not set(sp["unknown_evaluation_classes"]) & set(rows(out / "calibration.csv", "sku"))
     assert not set(sp["known_classes"]) & set(sp["unknown_evaluation_classes"] + sp["unknown_calibration_classes"])
     assert set(rows(out / "catalog-known.csv", "sku")) == set(sp["known_classes"])
@@ -132,7 +140,8 @@ def test_printed_table_matches_json(loop):
     os = res["after"]["open_set"]
     assert os["score"] == "outlier-ratio" and os["auroc"] == os["scores"]["outlier-ratio"]["auroc"]
     assert os["threshold"] == pytest.approx(os["scores"]["outlier-ratio"]["calibrated"]["threshold"], abs=1e-6)
-    n = res["split"]["evaluation_photos"]
+    n = res["split"]["closed_set_photos"]  # closed set: every held-out train photo, evaluation and calibration side
+    assert n == 2 * res["split"]["held_out_classes"] > res["split"]["evaluation_photos"]  # --max-held-out-photos 2
     top1 = {w: res[w]["closed_set"]["top1"]["mean"] for w in ("before", "after")}
     mc = res["mcnemar_after_vs_before"]
     assert mc["only_after"] - mc["only_before"] == round((top1["after"] - top1["before"]) * n)
@@ -140,7 +149,7 @@ def test_printed_table_matches_json(loop):
     # per-photo results (for paired comparisons of two runs) agree with the totals
     pp = res["per_photo"]
     assert len(pp["image"]) == len(set(pp["image"])) == len(pp["before_correct"]) == len(pp["after_correct"]) == n
-    assert set(pp["image"]) == set(rows(out / "evaluation.csv", "image"))
+    assert set(rows(out / "evaluation.csv", "image")) | set(rows(out / "calibration.csv", "image")) <= set(pp["image"])
     for w in ("before", "after"):
         assert sum(pp[f"{w}_correct"]) == round(top1[w] * n)
     assert sum(a and not b for a, b in zip(pp["after_correct"], pp["before_correct"])) == mc["only_after"]
