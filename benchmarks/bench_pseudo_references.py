@@ -52,12 +52,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_defaults_cv import ENCODER, SESSION_COSINE, SHARED, WEIGHTS, cached_features, cv_folds, normalise
+from bench_defaults_cv import ENCODER, SHARED, WEIGHTS, cached_features, cv_folds, normalise
 
 from retailklip.calibration import nearest_skus
 from retailklip.datasets import read_grocery_store
 from retailklip.encoders import create_encoder
-from retailklip.protocol import bootstrap_ci, capture_groups, class_disjoint_folds, fold_roles, mcnemar
+from retailklip.protocol import SESSION_COSINE, bootstrap_ci, capture_groups, class_disjoint_folds, fold_roles, mcnemar
 
 #: The main job's encoder options (examples/grocery_store.py ENCODER_OPTIONS).
 MAIN_JOB = {"interpolation": "bilinear", "crop_pct": 1.0, "scales": [224, 288, 384], "feature_stage": -1}
@@ -155,6 +155,32 @@ def frozen(store, cache: Path, log, kind: str = "photo") -> dict:
             "nearest_median": float(np.median(nearest)), "fold_sizes": [len(f.test) for f in folds]}
 
 
+_PREPARED: dict[tuple, torch.Tensor] = {}
+
+
+def fold_features(run: Path, fold: int, recipe: str, paths: list[Path], cache: Path, log=print) -> np.ndarray:
+    """float64 (N, D) raw features of ``paths`` (every packshot, then every train photo, in the
+    store's order) under the fold encoder ``RUN/foldF/RECIPE/encoder.safetensors`` of a
+    ``bench_loop_recipe.py --classes all`` run, cached as ``CACHE/finetuned/RUN-foldF-RECIPE.npy``."""
+    npy = cache / "finetuned" / f"{run.name}-fold{fold}-{recipe}.npy"
+    if not npy.is_file():
+        key = tuple(paths)
+        if key not in _PREPARED:  # the fold encoders share the preprocessing: decode and resize once per process
+            enc = create_encoder(ENCODER, weights=WEIGHTS, interpolation="bilinear")
+            _PREPARED.clear()
+            _PREPARED[key] = torch.stack([enc.prepare(p) for p in paths])
+        prepared = _PREPARED[key]
+        enc = create_encoder(ENCODER, weights=run / f"fold{fold}" / recipe / "encoder.safetensors", interpolation="bilinear")
+        feats = [enc.features(prepared[i: i + 64]) for i in range(0, len(paths), 64)]
+        npy.parent.mkdir(parents=True, exist_ok=True)
+        np.save(npy, torch.cat(feats).numpy())
+        log(f"finetuned: {npy.name} embedded")
+    feats = np.load(npy)
+    if len(feats) != len(paths):
+        raise SystemExit(f"{npy}: {len(feats)} rows cached, {len(paths)} images asked")
+    return feats.astype(np.float64)
+
+
 def finetuned(store, runs: list[Path], recipe: str, queries_per_class: int, cache: Path, log) -> dict:
     """Protocol 2 (module docstring): {(encoder, centred, per_sku, rounds): bool (runs, Q)}."""
     names = [c.name for c in store.classes]
@@ -168,7 +194,6 @@ def finetuned(store, runs: list[Path], recipe: str, queries_per_class: int, cach
     raw_feats = cached_features("bilinear", items, cache, options={"interpolation": "bilinear"}, log=log).astype(np.float64)
     session = capture_groups(raw_feats[len(names):], [c for c in names for _ in photos[c]], SESSION_COSINE)
     group_of = {p: int(g) for (p, _), g in zip(items[len(names):], session)}
-    prepared = None
     pool_sizes: list[tuple[int, int, int]] = []
     out: dict[tuple, list[np.ndarray]] = defaultdict(list)
     for run in runs:
@@ -178,17 +203,7 @@ def finetuned(store, runs: list[Path], recipe: str, queries_per_class: int, cach
         for f in folds:
             test, train = [names[i] for i in f.test], [names[i] for i in f.train]
             encs = {"raw": raw_feats}
-            npy = cache / "finetuned" / f"{run.name}-fold{f.index}-{recipe}.npy"
-            if not npy.is_file():
-                if prepared is None:
-                    enc = create_encoder(ENCODER, weights=WEIGHTS, interpolation="bilinear")
-                    prepared = torch.stack([enc.prepare(p) for p, _ in items])
-                enc = create_encoder(ENCODER, weights=run / f"fold{f.index}" / recipe / "encoder.safetensors",
-                                     interpolation="bilinear")
-                npy.parent.mkdir(parents=True, exist_ok=True)
-                np.save(npy, torch.cat([enc.features(prepared[i: i + 64]) for i in range(0, len(items), 64)]).numpy())
-                log(f"finetuned: {npy.name} embedded")
-            encs[recipe] = np.load(npy).astype(np.float64)
+            encs[recipe] = fold_features(run, f.index, recipe, [p for p, _ in items], cache, log)
             q_ids = [index[p] for c in test for p in photos[c][:queries_per_class]]
             truth = [c for c in test for _ in photos[c][:queries_per_class]]
             u_ids = [index[p] for c in test for p in photos[c][queries_per_class:]]

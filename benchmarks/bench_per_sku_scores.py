@@ -1,0 +1,281 @@
+"""Per-SKU open-set scores (issue 14, item 3: "per-SKU thresholds from the distances of each
+SKU's own views and neighbours"), by class-disjoint cross-validation on GroceryStore's **train**
+split with capture-session photo folds.  Val and test are never read.
+
+    python3 benchmarks/bench_per_sku_scores.py --runs /tmp/i14-cv-all /tmp/i14-cv-all-s1 /tmp/i14-cv-all-s2 \
+        [--recipes iconic12-decay0.9,iconic12-decay0.9-oe0.25] [--json OUT.json]
+
+Encoders: the raw ImageNet MobileNetV2 and, per recipe of ``--recipes``, the finetuned fold
+encoders of the three replicate 81-class, 3-fold class-disjoint CVs of
+``benchmarks/bench_loop_recipe.py --classes all`` (``RUN/fold*/RECIPE/encoder.safetensors``; their
+raw features of every packshot and train photo are cached as
+``CACHE/finetuned/RUN-foldF-RECIPE.npy``, :func:`bench_pseudo_references.fold_features`).
+Features centred on every 6th train photo of the fold's training classes, unlabeled, as the
+loop's catalogs are.
+
+One experiment per (replicate, class fold, known half, photo side), 4 per fold encoder, as
+examples/retailklip_loop.py splits its held-out classes: the fold's held-out classes are split by
+coarse class into *known* (their packshots are the catalog) and *unknown*
+(:func:`retailklip.protocol.class_disjoint_folds`, k = 2; both halves take the known role in
+turn), the unknown ones again into calibration and evaluation classes; the held-out classes'
+photos are dealt into calibration and evaluation photos by capture session
+(:func:`retailklip.protocol.session_folds` over :func:`~retailklip.protocol.capture_groups`,
+k = 2; both sides take the calibration role in turn), so no evaluation photo has a near-copy
+among the calibration photos.  The fold's training classes' packshots are the *outlier
+references*, as in the loop.
+
+Scores, higher = more likely unknown, of a photo x whose 1-NN SKU is s (d(x, s): cosine distance
+to s's packshot; d_out(x): to the nearest outlier reference):
+
+* ``distance`` d(x, s); ``outlier-ratio`` d(x, s) / d_out(x), the shipped score;
+* ``z-outliers`` (Z-norm, SKU side: Auckenthaler, Carey & Lloyd-Thomas, "Score normalization for
+  text-independent speaker verification systems", DSP 10, 2000, §2.2): (d(x, s) - m_s) / sd_s,
+  with m_s, sd_s the mean and standard deviation of the distances from s's packshot to the
+  outlier references (an impostor cohort the catalog already holds; no photo, no label);
+* ``t-outliers`` (T-norm, query side, ibid. §2.3): (d(x, s) - m_x) / sd_x over the distances
+  from x to the outlier references; ``s-outliers`` = z + t (symmetric normalisation);
+* ``scale-cal distance`` / ``scale-cal outlier-ratio``: the score divided by its median over the
+  calibration photos *of s* (genuine scores: their score taken against s), the global median
+  of genuine scores where s has fewer than 3 calibration photos -- a per-SKU threshold from the
+  SKU's own photos, as one global threshold on a per-SKU-scaled score;
+* ``z-cal distance`` / ``z-cal outlier-ratio``: Z-norm with the calibration photos *not* of s
+  (other known SKUs' and the calibration-unknown classes' photos, scores taken against s) as
+  s's impostor cohort -- a per-SKU threshold from the SKU's neighbours.
+
+Reported per encoder and score: AUROC known vs unknown on the evaluation photos (mean over the
+experiments); its paired difference to the shipped ``outlier-ratio`` with a 95 % interval from a
+bootstrap over *classes* (all of a class's photos move together, in every experiment: the
+open-set AUROC depends on which classes are known, and the replicates reuse the same photos);
+the calibrated operating point: the threshold at known precision >= 0.9 on the calibration
+photos (:func:`retailklip.calibration.threshold_for_precision`) judged on the evaluation photos
+(known photos accepted, known precision), and the oracle (the same read off the evaluation
+photos themselves).  Rule fixed before the run: a score replaces ``outlier-ratio`` only if its
+AUROC difference on the shipped recipe's fold encoders is positive with the interval excluding zero even at
+the Bonferroni level for the 7 new scores (99.3 %).  With several recipes, each later one is
+compared with the first on every score (paired: same experiments, same class resamples), e.g.
+Outlier Exposure in the finetune (docs/finetune.md, "Sixth round").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_defaults_cv import SHARED, cached_features, normalise
+from bench_pseudo_references import fold_features
+
+from retailklip.calibration import CalibrationError, auroc, threshold_for_precision
+from retailklip.datasets import read_grocery_store
+from retailklip.protocol import capture_groups, class_disjoint_folds, session_folds
+
+SCORES = ("distance", "outlier-ratio", "z-outliers", "t-outliers", "s-outliers", "scale-cal distance",
+          "scale-cal outlier-ratio", "z-cal distance", "z-cal outlier-ratio")
+SHIPPED = "outlier-ratio"
+MIN_GENUINE = 3
+PRECISION = 0.9
+
+
+def _z(v: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    return v.mean(axis), np.maximum(v.std(axis), 1e-6)
+
+
+def experiment(x: np.ndarray, labels: np.ndarray, known: list[str], gallery: np.ndarray, outliers: np.ndarray,
+               cal: np.ndarray, ev: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """Scores of one experiment (module docstring).
+
+    Args:
+        x: float (N, D) unit embeddings of the photos; labels: (N,) their classes.
+        known: the catalog's SKUs; gallery: (len(known), D) their packshots' unit embeddings;
+        outliers: (O, D) unit embeddings of the outlier references.
+        cal, ev: indices of the calibration and evaluation photos (of known and unknown classes).
+
+    Returns:
+        {"cal" | "ev": {"known", "right", "class", and every score of :data:`SCORES`}}.
+    """
+    kidx = {c: i for i, c in enumerate(known)}
+    d_all = 1.0 - x @ gallery.T  # (N, K)
+    d_out_all = 1.0 - x @ outliers.T  # (N, O)
+    d_out = d_out_all.min(1)
+    ratio_all = d_all / np.maximum(d_out, 1e-6)[:, None]
+    pack_m, pack_sd = _z(1.0 - gallery @ outliers.T, 1)  # (K,) per SKU, outlier cohort
+    t_m, t_sd = _z(d_out_all, 1)  # (N,) per photo
+    # calibration statistics per SKU: genuine (its own photos) and impostor (every other calibration photo)
+    lab_cal = labels[cal]
+    own = lab_cal[:, None] == np.array(known)[None, :]  # (C, K)
+    stats = {}
+    for name, m in (("distance", d_all[cal]), ("outlier-ratio", ratio_all[cal])):
+        glob = float(np.median(m[own]))
+        scale = np.array([np.median(m[own[:, j], j]) if own[:, j].sum() >= MIN_GENUINE else glob for j in range(len(known))])
+        im = np.array([m[~own[:, j], j].mean() for j in range(len(known))])
+        isd = np.array([max(m[~own[:, j], j].std(), 1e-6) for j in range(len(known))])
+        stats[name] = (scale, im, isd)
+    out = {}
+    for side, idx in (("cal", cal), ("ev", ev)):
+        s = d_all[idx].argmin(1)
+        d1 = d_all[idx, s]
+        r1 = ratio_all[idx, s]
+        z = (d1 - pack_m[s]) / pack_sd[s]
+        t = (d1 - t_m[idx]) / t_sd[idx]
+        lab = labels[idx]
+        k = np.array([c in kidx for c in lab])
+        res = {"known": k, "right": k & (np.array(known)[s] == lab), "class": lab,
+               "distance": d1, "outlier-ratio": r1, "z-outliers": z, "t-outliers": t, "s-outliers": z + t}
+        for name, v in (("distance", d1), ("outlier-ratio", r1)):
+            scale, im, isd = stats[name]
+            res[f"scale-cal {name}"] = v / scale[s]
+            res[f"z-cal {name}"] = (v - im[s]) / isd[s]
+        out[side] = res
+    return out
+
+
+def operating_point(cal: dict, ev: dict, score: str) -> tuple[float, float, float]:
+    """(calibrated known accepted, calibrated known precision, oracle known accepted) at PRECISION."""
+    def accepted(t):
+        a = ev[score] <= t
+        kn = ev["known"]
+        prec = float(ev["right"][a].mean()) if a.any() else float("nan")
+        return float(a[kn].mean()), prec
+    try:
+        acc, prec = accepted(threshold_for_precision(cal[score], cal["right"], PRECISION))
+    except CalibrationError:
+        acc, prec = 0.0, float("nan")
+    try:
+        oracle = accepted(threshold_for_precision(ev[score], ev["right"], PRECISION))[0]
+    except CalibrationError:
+        oracle = 0.0
+    return acc, prec, oracle
+
+
+def weighted_auroc(score: np.ndarray, known: np.ndarray, w: np.ndarray) -> float:
+    rows = np.repeat(np.arange(len(score)), w)
+    k = known[rows]
+    if k.all() or not k.any():
+        return float("nan")
+    return auroc(-score[rows][k], -score[rows][~k])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=SHARED / "data" / "grocery-store")
+    p.add_argument("--runs", type=Path, nargs="+", required=True, help="bench_loop_recipe.py --classes all outputs")
+    p.add_argument("--recipes", default="iconic12-decay0.9",
+                   help="fold encoders' recipes, comma-separated; the first is the reference of the encoder comparison")
+    p.add_argument("--cache", type=Path, default=Path("/tmp/cv-cache"))
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    recipes = args.recipes.split(",")
+    start = time.perf_counter()
+    store = read_grocery_store(args.data)
+    names = [c.name for c in store.classes]
+    coarse = {c.name: c.coarse_name for c in store.classes}
+    photos = defaultdict(list)
+    for ph in store.photos("train"):
+        photos[ph.label].append(ph.path)
+    items = [(c.iconic, 0) for c in store.classes] + [(q, 0) for c in names for q in photos[c]]
+    labels = np.array([c for c in names for _ in photos[c]])
+    raw = cached_features("bilinear", items, args.cache, options={"interpolation": "bilinear"}).astype(np.float64)
+    groups = capture_groups(raw[len(names):], labels.tolist())
+    sides = session_folds(labels.tolist(), groups, k=2, seed=0)[0]
+    side_of = np.zeros(len(labels), int)
+    side_of[sides.test] = 1
+    rows: dict[str, list[dict]] = defaultdict(list)  # encoder -> experiments
+    for run in args.runs:
+        seed = int((run / "seed.txt").read_text()) if (run / "seed.txt").is_file() else 0
+        for f in class_disjoint_folds(names, k=3, seed=seed, groups=[coarse[c] for c in names]):
+            test, train = [names[i] for i in f.test], [names[i] for i in f.train]
+            encoders = {"raw": raw, **{r: fold_features(run, f.index, r, [q for q, _ in items], args.cache) for r in recipes}}
+            centre_rows = np.flatnonzero(np.isin(labels, train))[::6]
+            halves = class_disjoint_folds(test, k=2, seed=seed, groups=[coarse[c] for c in test])
+            for enc_name, feats in encoders.items():
+                x_all = normalise(feats, feats[len(names) + centre_rows].mean(0))
+                pack, x = x_all[: len(names)], x_all[len(names):]
+                outliers = pack[[names.index(c) for c in train]]
+                for h in halves:
+                    known, unknown = [test[i] for i in h.train], [test[i] for i in h.test]
+                    u = class_disjoint_folds(unknown, k=2, seed=seed, groups=[coarse[c] for c in unknown])[0]
+                    u_cal, u_ev = {unknown[i] for i in u.train}, {unknown[i] for i in u.test}
+                    gallery = pack[[names.index(c) for c in known]]
+                    for cal_side in (0, 1):
+                        kn = np.isin(labels, known)
+                        cal = np.flatnonzero((side_of == cal_side) & (kn | np.isin(labels, list(u_cal))))
+                        ev = np.flatnonzero((side_of != cal_side) & (kn | np.isin(labels, list(u_ev))))
+                        rows[enc_name].append(experiment(x, labels, known, gallery, outliers, cal, ev))
+        print(f"{run}: done, {time.perf_counter() - start:.0f} s", flush=True)
+
+    cls = np.array(sorted(names))
+    res: dict = {"experiments": len(rows["raw"]), "photos_per_experiment": float(np.mean([len(e["ev"]["known"]) for e in rows["raw"]])),
+                 "encoders": {}}
+    boot_of, full_of = {}, {}
+    for enc_name, exps in rows.items():
+        rng = np.random.default_rng(0)  # the same class resamples for every encoder: paired differences
+        point = {sc: np.array([operating_point(e["cal"], e["ev"], sc) for e in exps]) for sc in SCORES}
+        full = {sc: np.array([weighted_auroc(e["ev"][sc], e["ev"]["known"], np.ones(len(e["ev"]["known"]), int)) for e in exps])
+                for sc in SCORES}
+        boots = {sc: [] for sc in SCORES}
+        class_ix = [np.searchsorted(cls, e["ev"]["class"]) for e in exps]  # cls is sorted
+        for _ in range(args.bootstrap):
+            count = np.bincount(rng.integers(0, len(cls), len(cls)), minlength=len(cls))
+            for sc in SCORES:
+                boots[sc].append(np.nanmean([weighted_auroc(e["ev"][sc], e["ev"]["known"], count[ci])
+                                             for e, ci in zip(exps, class_ix)]))
+        table = {}
+        for sc in SCORES:
+            b = np.array(boots[sc])
+            diff = b - np.array(boots[SHIPPED])
+            table[sc] = {
+                "auroc": float(np.mean(full[sc])), "auroc_ci": np.nanpercentile(b, [2.5, 97.5]).tolist(),
+                "minus_shipped": float(np.mean(full[sc]) - np.mean(full[SHIPPED])),
+                "minus_shipped_ci": np.nanpercentile(diff, [2.5, 97.5]).tolist(),
+                "minus_shipped_ci_bonferroni": np.nanpercentile(diff, [0.05 / 14 * 100, 100 - 0.05 / 14 * 100]).tolist(),
+                "experiments_above_shipped": int((full[sc] > full[SHIPPED]).sum()),
+                "calibrated_known_accepted": float(point[sc][:, 0].mean()),
+                "calibrated_known_precision": float(np.nanmean(point[sc][:, 1])),
+                "oracle_known_accepted": float(point[sc][:, 2].mean()),
+                "oracle_max": float(point[sc][:, 2].max()),
+            }
+        res["encoders"][enc_name] = table
+        boot_of[enc_name], full_of[enc_name] = {k: np.array(v) for k, v in boots.items()}, full
+        print(f"\n{enc_name} encoder: {len(exps)} experiments, about {res['photos_per_experiment']:.0f} evaluation photos each; "
+              f"AUROC known vs unknown (mean over experiments, 95 % CI: bootstrap over classes); at known precision "
+              f">= {PRECISION} on the calibration photos: known photos accepted / known precision on the evaluation photos; oracle")
+        print("\n| score | AUROC | minus outlier-ratio [95 % CI] | experiments above | calibrated: known accepted | "
+              "known precision | oracle known accepted (mean, max) |\n|---|---|---|---|---|---|---|")
+        for sc, r in table.items():
+            print(f"| {sc} | {r['auroc']:.3f} [{r['auroc_ci'][0]:.3f}, {r['auroc_ci'][1]:.3f}] | "
+                  f"{r['minus_shipped']:+.3f} [{r['minus_shipped_ci'][0]:+.3f}, {r['minus_shipped_ci'][1]:+.3f}] | "
+                  f"{r['experiments_above_shipped']}/{len(exps)} | {r['calibrated_known_accepted']:.3f} | "
+                  f"{r['calibrated_known_precision']:.3f} | {r['oracle_known_accepted']:.3f}, {r['oracle_max']:.3f} |")
+    if len(recipes) > 1:  # encoders compared on one score, paired by experiment and class resample
+        ref = recipes[0]
+        print(f"\nrecipes against {ref} (same experiments, same class resamples; AUROC difference [95 % CI])\n")
+        print("| recipe | " + " | ".join(SCORES) + " |\n|---|" + "---|" * len(SCORES))
+        res["recipes_minus_reference"] = {}
+        for r in recipes[1:]:
+            cells, out = [], {}
+            for sc in SCORES:
+                d = boot_of[r][sc] - boot_of[ref][sc]
+                m = float(np.mean(full_of[r][sc]) - np.mean(full_of[ref][sc]))
+                ci = np.nanpercentile(d, [2.5, 97.5]).tolist()
+                out[sc] = {"difference": m, "ci": ci}
+                cells.append(f"{m:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]")
+            res["recipes_minus_reference"][r] = out
+            print(f"| {r} | " + " | ".join(cells) + " |")
+    res["seconds"] = round(time.perf_counter() - start, 1)
+    print(f"\n{res['seconds']} s")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
