@@ -119,6 +119,9 @@ RECIPES = {  # name -> extra finetune arguments on top of the loop's (3 epochs, 
     **{f"iconic{n}-decay0.9-depth24": [f"+iconic{n}", "--lr-decay", "0.9", "--depth", "24"] for n in (48, 12)},
     # packshots pasted onto in-store backgrounds (finetune --reference-backgrounds P, finetune/backgrounds.py)
     "iconic12-decay0.9-bg0.5": ["+iconic12", "--lr-decay", "0.9", "--reference-backgrounds", "0.5"],
+    # Outlier Exposure (finetune --outlier-data; "+outliersF": a fraction F of the fold's training coarse classes
+    # leave ArcFace and become outlier images, their photos and packshots, pushed away from every class)
+    "iconic12-decay0.9-oe0.25": ["+iconic12", "--lr-decay", "0.9", "+outliers0.25"],
 }
 
 
@@ -388,10 +391,21 @@ def main(argv: list[str] | None = None) -> int:
             d = args.out / f"fold{fold.index}"
             d.mkdir(exist_ok=True)
             extra = list(RECIPES[name])
-            rows = [(str(q), c, "query") for c in train for q in photos[c]]
+            arcface = train
+            for token in [t for t in extra if t.startswith("+outliers")]:  # "+outliersF": Outlier Exposure
+                extra.remove(token)
+                k = round(1 / float(token[len("+outliers"):]))
+                part = class_disjoint_folds(train, k=k, seed=args.seed, groups=[coarse[c] for c in train])[0]
+                outlier_classes = [train[i] for i in part.test]
+                arcface = [c for c in train if c not in set(outlier_classes)]
+                with open(d / f"outliers-{name}.csv", "w", newline="") as f:
+                    csv.writer(f).writerows([("image", "label"), *[(str(q), c) for c in outlier_classes
+                                                                   for q in [iconic[c], *photos[c]]]])
+                extra += ["--outlier-data", str(d / f"outliers-{name}.csv")]
+            rows = [(str(q), c, "query") for c in arcface for q in photos[c]]
             for token in [t for t in extra if t.startswith("+iconic")]:  # "+iconicN": --reference-copies N
                 extra.remove(token)
-                rows += [(str(iconic[c]), c, "reference") for c in train]
+                rows += [(str(iconic[c]), c, "reference") for c in arcface]
                 extra += ["--reference-copies", token[len("+iconic"):] or "1"]
             with open(d / f"train-{name}.csv", "w", newline="") as f:
                 csv.writer(f).writerows([("image", "label", "role"), *rows])

@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reference-backgrounds", type=float, default=d.reference_backgrounds, metavar="P",
                    help="probability that a drawn reference image (a packshot on white) gets a random crop of a training "
                         "photo (role 'query') pasted behind it (finetune/backgrounds.py; default 0: never)")
+    g.add_argument("--outlier-data", default=None, metavar="OUTLIERS",
+                   help="Outlier Exposure (Hendrycks et al., ICLR 2019): CSV image,label or folder per label of OTHER "
+                        "products (no training or evaluation class), pushed away from every class; each label is "
+                        "balanced like a class")
+    g.add_argument("--outlier-weight", type=float, default=d.outlier_weight, metavar="LAMBDA",
+                   help="weight of the Outlier Exposure term (default 0.5, the paper's)")
     g = p.add_argument_group("loss and optimizer (RetailKLIP 4.1, 4.1.2)")
     g.add_argument("--margin", type=float, default=DEFAULT_MARGIN_DEGREES, help="ArcFace angular margin, degrees")
     g.add_argument("--scale", type=float, default=DEFAULT_SCALE, help="ArcFace logit scale")
@@ -132,6 +138,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         random_init=args.random_init, encoder_options=dict(args.encoder_option), epochs=args.epochs, depth=args.depth,
         sweep_depth=args.sweep_depth, sweep_epochs=args.sweep_epochs, sweep_eval_data=args.sweep_eval_data,
         reference_copies=args.reference_copies, reference_backgrounds=args.reference_backgrounds,
+        outlier_data=args.outlier_data, outlier_weight=args.outlier_weight,
         batch_size=args.batch_size, accum_steps=args.accum_steps, lr=args.lr, lr_decay=args.lr_decay, loss_lr=args.loss_lr,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, min_lr_ratio=args.min_lr_ratio,
         clip_grad=args.clip_grad or None, margin=args.margin, scale=args.scale, sub_centers=args.sub_centers, init_class_weights=args.init_class_weights,
@@ -152,7 +159,8 @@ def run(cfg: TrainConfig) -> dict:
     from .train import Trainer
 
     cfg.validate()
-    data = prepare_data(cfg.data, cfg.eval_data, workers=max(2, cfg.workers or 0), reference_copies=cfg.reference_copies)
+    data = prepare_data(cfg.data, cfg.eval_data, workers=max(2, cfg.workers or 0), reference_copies=cfg.reference_copies,
+                        outlier_data=cfg.outlier_data)
     sweep, before = None, None
     if cfg.sweep_depth:
         best, sweep, sweep_before = sweep_depth(cfg, data)

@@ -13,7 +13,7 @@ from retailklip.encoders import DEFAULT_ENCODER_SPEC, EncoderSpec
 
 from .errors import FinetuneError
 from .export import EXPORT_FORMATS
-from .loss import DEFAULT_MARGIN_DEGREES, DEFAULT_SCALE
+from .loss import DEFAULT_MARGIN_DEGREES, DEFAULT_OUTLIER_WEIGHT, DEFAULT_SCALE
 from .optim import DEFAULT_LR, DEFAULT_LR_DECAY
 
 
@@ -27,6 +27,9 @@ class TrainConfig:
             image, e.g. its packshot) enters the class-balanced sampler's pool; 1 = once, like any image.
         reference_backgrounds: probability [0, 1] that a drawn reference image gets a random crop of
             one of the training ``query`` photos pasted behind it (:mod:`finetune.backgrounds`); 0 = never.
+        outlier_data: CSV or folder of images of other products (neither training nor evaluation
+            classes) for Outlier Exposure (:class:`finetune.loss.OutlierExposureLoss`), or None.
+        outlier_weight: weight lambda > 0 of the Outlier Exposure term.
         eval_data: held-out classes, CSV (``image,label[,role]``) or folder per class.
         out: output directory.
         encoder: encoder SPEC as in ``catalog init``.
@@ -89,6 +92,8 @@ class TrainConfig:
     sweep_eval_data: str | None = None
     reference_copies: int = 1
     reference_backgrounds: float = 0.0
+    outlier_data: str | None = None
+    outlier_weight: float = DEFAULT_OUTLIER_WEIGHT
     batch_size: int = 32
     accum_steps: int = 1
     lr: float = DEFAULT_LR
@@ -140,6 +145,8 @@ class TrainConfig:
                 raise FinetuneError(f"{flag} must be >= 1, got {v}")
         if not 0.0 <= self.reference_backgrounds <= 1.0:
             raise FinetuneError(f"--reference-backgrounds must be in [0, 1], got {self.reference_backgrounds}")
+        if not self.outlier_weight > 0:
+            raise FinetuneError(f"--outlier-weight must be > 0, got {self.outlier_weight}")
         if self.sweep_depth is not None and (not self.sweep_depth or min(self.sweep_depth) < 1):
             raise FinetuneError(f"--sweep-depth needs depths >= 1, got {self.sweep_depth}")
         if self.sweep_epochs is not None and self.sweep_epochs < 1:

@@ -326,6 +326,16 @@ class PreparedData:
     train: LabeledData
     eval: EvalSplit
     skipped: list[tuple[str, Path, str]] = field(default_factory=list)
+    outliers: list[Sample] = field(default_factory=list)
+
+    def outlier_targets(self) -> np.ndarray:
+        """int64 (len(outliers),) negative targets of the outlier images, one per outlier label
+        (-1, -2, ... in sorted label order): the loss reads any negative target as "no class"
+        (:class:`finetune.loss.OutlierExposureLoss`), the class-balanced sampler balances the
+        outlier labels like classes."""
+        labels = sorted({s.label for s in self.outliers})
+        index = {c: -1 - i for i, c in enumerate(labels)}
+        return np.array([index[s.label] for s in self.outliers], dtype=np.int64)
 
 
 def with_reference_copies(samples: Sequence[Sample], copies: int) -> list[Sample]:
@@ -355,16 +365,21 @@ def with_reference_copies(samples: Sequence[Sample], copies: int) -> list[Sample
     return list(samples) + references * (copies - 1)
 
 
-def prepare_data(data: str, eval_data: str, workers: int = 4, reference_copies: int = 1) -> PreparedData:
+def prepare_data(data: str, eval_data: str, workers: int = 4, reference_copies: int = 1,
+                 outlier_data: str | None = None) -> PreparedData:
     """Read both datasets, drop bad images (reported with a count) and check them.
 
     ``reference_copies`` > 1 repeats the training rows of role ``reference``
-    (:func:`with_reference_copies`), after the bad images are dropped.
+    (:func:`with_reference_copies`), after the bad images are dropped.  ``outlier_data`` (CSV
+    ``image,label`` or folder per label, read like the training data) holds images of products
+    that are neither training nor evaluation classes, for Outlier Exposure
+    (:class:`finetune.loss.OutlierExposureLoss`); their labels only group them for balancing.
 
     Raises:
         FinetuneError: empty or single-class training data, an unusable evaluation set,
-            evaluation classes that are also training classes, or ``reference_copies`` > 1
-            without a training row of role ``reference``.
+            evaluation classes that are also training classes, ``reference_copies`` > 1
+            without a training row of role ``reference``, or outlier data that is empty or
+            shares a label with the training or evaluation classes.
     """
     t0 = time.perf_counter()
     train_samples, eval_samples = read_samples(data), read_samples(eval_data)
@@ -375,9 +390,21 @@ def prepare_data(data: str, eval_data: str, workers: int = 4, reference_copies: 
     train = LabeledData.from_samples(train_good, f"training data {data}")
     split = EvalSplit.from_samples(eval_good, f"evaluation data {eval_data}")
     check_disjoint(train.classes, split.classes)
-    skipped = [("train", p, r) for p, r in train_bad] + [("eval", p, r) for p, r in eval_bad]
+    outliers, outlier_bad = [], []
+    if outlier_data is not None:
+        outliers, outlier_bad = check_images(read_samples(outlier_data), workers)
+        if not outliers:
+            raise FinetuneError(f"outlier data {outlier_data}: no usable image")
+        both = sorted({s.label for s in outliers} & (set(train.classes) | set(split.classes)))
+        if both:
+            raise FinetuneError(f"outlier data {outlier_data}: {len(both)} label(s) are training or evaluation classes "
+                                f"(e.g. {', '.join(map(repr, both[:3]))}); outliers must be other products")
+    skipped = ([("train", p, r) for p, r in train_bad] + [("eval", p, r) for p, r in eval_bad]
+               + [("outlier", p, r) for p, r in outlier_bad])
     logger.info("data: %d training images in %d classes (%d reference image(s) x %d), %d held-out classes with %d "
                 "queries; %d bad image(s) skipped (%d train, %d eval) [%.1fs]", len(train.samples), len(train.classes),
                 n_references, reference_copies, len(split.references), len(split.queries), len(skipped),
                 len(train_bad), len(eval_bad), time.perf_counter() - t0)
-    return PreparedData(train, split, skipped)
+    if outliers:
+        logger.info("outlier exposure: %d outlier image(s) of %d label(s)", len(outliers), len({s.label for s in outliers}))
+    return PreparedData(train, split, skipped, outliers)

@@ -13,6 +13,12 @@ noisy web faces", ECCV 2020, §3.1): each class has ``sub_centers`` proxies and 
 its class is the largest over them (pytorch-metric-learning ``SubCenterArcFaceLoss``), so a class
 whose photos form several modes (packshot vs shelf photo, front vs side) need not be pulled onto
 one direction.  ``W`` is then (D, C * k), class c's sub-centers in columns ``c*k .. c*k + k - 1``.
+
+Outlier Exposure (:class:`OutlierExposureLoss`; Hendrycks, Mazeika & Dietterich, "Deep anomaly
+detection with outlier exposure", ICLR 2019, §3): images of products that are neither training
+nor evaluation classes are added to the batches and their softmax over ArcFace's scaled cosine
+logits is pulled towards the uniform distribution, so that an unseen product's embedding learns
+to sit away from every class rather than on one of them (the open-set aim of issue 14).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from .errors import FinetuneError
 #: pytorch-metric-learning's defaults: 28.6 degrees (= 0.5 rad, the ArcFace paper's m) and s = 64.
 DEFAULT_MARGIN_DEGREES = 28.6
 DEFAULT_SCALE = 64.0
+#: Weight of the outlier term: Hendrycks et al.'s value for vision (ICLR 2019, §4.2, lambda = 0.5).
+DEFAULT_OUTLIER_WEIGHT = 0.5
 
 
 def create_arcface(num_classes: int, embedding_size: int, *, margin: float = DEFAULT_MARGIN_DEGREES,
@@ -113,3 +121,40 @@ def imprint_class_weights(loss: ArcFaceLoss, embeddings: torch.Tensor, targets: 
     col_present = present.repeat_interleave(k)
     W[:, col_present] = cols[:, col_present].to(W.dtype)
     return int(present.sum())
+
+
+class OutlierExposureLoss(torch.nn.Module):
+    """ArcFace on class images plus Outlier Exposure on outlier images (module docstring).
+
+    ``loss(embeddings, targets)``: float32 embeddings (N, D) and int64 targets (N,); a target
+    ``>= 0`` is a class index of the wrapped ArcFace, a target ``< 0`` marks an outlier image
+    (no class).  Returns the scalar ``arcface(class rows) + weight * mean over outlier rows of
+    H(U; softmax(z))``, ``z`` = ArcFace's scaled cosine logits without the margin (PML
+    ``get_logits``) and ``H(U; p) = logsumexp(z) - mean(z)`` the cross-entropy from the uniform
+    distribution; a term without rows is left out.  The proxies ``W`` stay the wrapped loss's
+    (imprinting, the optimizer's group and checkpoints see the ArcFace module itself).
+
+    Args:
+        arcface: the ArcFace (or Sub-center ArcFace) loss of :func:`create_arcface`.
+        weight: lambda > 0, the outlier term's weight.
+
+    Raises:
+        FinetuneError: weight <= 0.
+    """
+
+    def __init__(self, arcface: ArcFaceLoss, weight: float = DEFAULT_OUTLIER_WEIGHT) -> None:
+        super().__init__()
+        if not weight > 0:
+            raise FinetuneError(f"--outlier-weight must be > 0, got {weight}")
+        self.arcface = arcface
+        self.weight = float(weight)
+
+    def forward(self, embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        inlier = targets >= 0
+        total = embeddings.new_zeros(())
+        if inlier.any():
+            total = total + self.arcface(embeddings[inlier], targets[inlier])
+        if not inlier.all():
+            z = self.arcface.get_logits(embeddings[~inlier])
+            total = total + self.weight * (torch.logsumexp(z, dim=1) - z.mean(dim=1)).mean()
+        return total

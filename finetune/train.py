@@ -54,7 +54,7 @@ from .data import ImageDataset, PreparedData, collate_skipping_bad, prepare_data
 from .errors import FinetuneError
 from .evaluate import ZeroShotEvaluator, result_record
 from .export import export_run
-from .loss import create_arcface, imprint_class_weights
+from .loss import OutlierExposureLoss, create_arcface, imprint_class_weights
 from .model import (
     freeze_batchnorm,
     input_config,
@@ -101,7 +101,8 @@ class Trainer:
         if self.device.type == "cpu" and self.precision == "fp16":
             logger.warning("fp16 autocast on the CPU is slow and unscaled; prefer bf16 or fp32")
         self.workers = cfg.workers if cfg.workers is not None else (0 if self.device.type == "cpu" else min(8, os.cpu_count() or 1))
-        self.data = data or prepare_data(cfg.data, cfg.eval_data, workers=max(2, self.workers), reference_copies=cfg.reference_copies)
+        self.data = data or prepare_data(cfg.data, cfg.eval_data, workers=max(2, self.workers), reference_copies=cfg.reference_copies,
+                                         outlier_data=cfg.outlier_data)
         seed_everything(cfg.seed)
 
         # The zero-shot evaluation runs in float32, as a catalog does by default.
@@ -129,14 +130,18 @@ class Trainer:
         logger.info("AdamW parameter groups (blockwise learning-rate decay, RetailKLIP 4.1.2):\n%s", format_lr_table(self.groups))
         self.optimizer = create_optimizer(self.groups, fused=True if self.device.type == "cuda" else None)
 
-        self.sampler = ClassBalancedSampler(self.data.train.targets, cfg.depth, seed=cfg.seed)
+        # Outlier Exposure: outlier images join the draw with negative targets, each outlier label balanced like a class
+        self.objective = OutlierExposureLoss(self.loss_fn, cfg.outlier_weight) if self.data.outliers else self.loss_fn
+        self.samples = self.data.train.samples + self.data.outliers
+        self.targets = np.concatenate([self.data.train.targets, self.data.outlier_targets()])
+        self.sampler = ClassBalancedSampler(self.targets, cfg.depth, seed=cfg.seed)
         logger.info("%s", self.sampler.summary())
         batches = math.ceil(len(self.sampler) / cfg.batch_size)
         self.steps_per_epoch = math.ceil(batches / cfg.accum_steps)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
         self.scheduler = warmup_cosine(self.optimizer, self.warmup_steps, self.total_steps, cfg.min_lr_ratio)
-        self.stepper = Stepper(self.model, self.loss_fn, self.optimizer, self.scheduler, device=self.device,
+        self.stepper = Stepper(self.model, self.objective, self.optimizer, self.scheduler, device=self.device,
                                precision=self.precision, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad)
         self.transform = train_transform(self.encoder, scale=(cfg.crop_scale, 1.0), size=cfg.train_size)
         self.evaluator = ZeroShotEvaluator(self.data.eval, self.encoder, augmentations=cfg.augmentations, seed=cfg.eval_seed,
@@ -160,7 +165,8 @@ class Trainer:
         """What a checkpoint must share with this run to be resumed."""
         return {"encoder": str(self.spec), "classes": list(self.data.train.classes), "embedding_size": self.embedding_size,
                 "groups": [g["name"] for g in self.groups], "depth": self.cfg.depth, "batch_size": self.cfg.batch_size,
-                "accum_steps": self.cfg.accum_steps, "epochs": self.cfg.epochs, "seed": self.cfg.seed}
+                "accum_steps": self.cfg.accum_steps, "epochs": self.cfg.epochs, "seed": self.cfg.seed,
+                **({"outlier_images": len(self.data.outliers), "outlier_weight": self.cfg.outlier_weight} if self.data.outliers else {})}
 
     def train_batch(self, images: torch.Tensor, targets: torch.Tensor, *, step: bool = True) -> float:
         """One micro-batch (:meth:`finetune.step.Stepper.train_batch`): forward, backward and,
@@ -203,7 +209,7 @@ class Trainer:
         if self.cfg.reference_backgrounds > 0:
             photos = list(dict.fromkeys(s.path for s in self.data.train.samples if s.role == "query"))
             paster = BackgroundPaster(photos, self.cfg.reference_backgrounds, self.encoder.background)
-        ds = ImageDataset(self.data.train.samples, self.data.train.targets, self.transform, self.encoder.background,
+        ds = ImageDataset(self.samples, self.targets, self.transform, self.encoder.background,
                           reference_transform=paster)
         return torch.utils.data.DataLoader(
             ds, batch_size=self.cfg.batch_size, sampler=self.sampler, num_workers=self.workers,
