@@ -170,7 +170,8 @@ class Trainer:
 
     def train_batch(self, images: torch.Tensor, targets: torch.Tensor, *, step: bool = True) -> float:
         """One micro-batch (:meth:`finetune.step.Stepper.train_batch`): forward, backward and,
-        with ``step``, the optimizer step.  Returns the batch's ArcFace loss."""
+        with ``step``, the optimizer step.  Returns the batch's loss (ArcFace, plus the Outlier Exposure
+        term with ``--outlier-data``)."""
         return self.stepper.train_batch(images, targets, step=step)
 
     def evaluate(self) -> ZeroShotResult:
