@@ -18,8 +18,12 @@ Protocol (docs/evaluation.md, :mod:`retailklip.protocol`):
 * catalog = the iconic packshot of each known class, K views via
   :func:`retailklip.references.embed_reference` (the catalog default K);
 * thresholds are calibrated on split s (target known precision) and applied to split s+1
-  (other known classes, other unknown classes, other random halving), so every reported
-  operating point is held out.
+  (other known classes, other unknown classes, other half of the photos), so every reported
+  operating point is held out; the photos are halved by capture session (``--folds session``,
+  the default since 2026-12-07: :func:`retailklip.protocol.session_folds` over
+  :func:`~retailklip.protocol.capture_groups` of the raw features, so no near-copy of a
+  calibration photo is judged) or by stratified photo folds (``--folds photo``, the tables of
+  docs/threshold.md before 2026-12-07).
 
 Scores (higher = more likely unknown), :mod:`retailklip.open_set` where shipped:
 
@@ -140,10 +144,11 @@ def operating_point(score, correct, known, thr) -> dict:
     }
 
 
-def study(args, store, Q: dict, G: np.ndarray, U: np.ndarray, labels: np.ndarray) -> dict:
-    """The CV study over ``args.splits`` known/unknown splits (module docstring)."""
+def study(args, store, Q: dict, G: np.ndarray, U: np.ndarray, labels: np.ndarray, groups: np.ndarray | None = None) -> dict:
+    """The CV study over ``args.splits`` known/unknown splits (module docstring); ``groups``: the
+    queries' capture groups (session halves), None for stratified photo halves."""
     from retailklip.calibration import CalibrationError, auroc, threshold_for_precision, threshold_for_unknown_rejection
-    from retailklip.protocol import bootstrap_ci, mcnemar, photo_folds
+    from retailklip.protocol import bootstrap_ci, mcnemar, photo_folds, session_folds
 
     names = np.array([c.name for c in store.classes])
     per_split = []
@@ -167,8 +172,9 @@ def study(args, store, Q: dict, G: np.ndarray, U: np.ndarray, labels: np.ndarray
                     continue
                 rows[sname if qname == "photo" else f"tta {sname}"] = (sc, correct)
         per_split.append((known, rows))
-    halves = [photo_folds(list(labels), k=2, seed=s) for s in range(args.splits)]
-    out: dict = {"splits": args.splits, "queries": len(labels),
+    halves = [photo_folds(list(labels), k=2, seed=s) if groups is None else session_folds(list(labels), groups, k=2, seed=s)
+              for s in range(args.splits)]
+    out: dict = {"splits": args.splits, "queries": len(labels), "folds": "photo" if groups is None else "session",
                  "known_per_split": [int(k.sum()) for k, _ in per_split], "scores": {}}
     decisions: dict[str, dict[str, list]] = {}
     for sname in per_split[0][1]:
@@ -309,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=Path("/tmp/openset-cache"))
     p.add_argument("--splits", type=int, default=10, help="random known/unknown splits (the folds)")
     p.add_argument("--embed-only", action="store_true", help="fill the cache (train and val) and stop")
+    p.add_argument("--folds", choices=("session", "photo"), default="session",
+                   help="halve the photos for calibration / application by capture session or by photo (module docstring)")
     p.add_argument("--val", action="store_true", help="also the one final val measurement of --val-score")
     p.add_argument("--val-score", default="ratio")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -327,7 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     K = G.shape[1]
     Gf = G.reshape(-1, G.shape[-1])
     Q = {"photo": T[qidx, 0], "tta": normalise(T[qidx].mean(1))}
-    res = study(args, store, Q, Gf, T[unl, 0], labels) if K == 1 else None
+    groups = None
+    if args.folds == "session":  # capture groups of the raw (uncentred) features, retailklip.protocol.SESSION_COSINE
+        from retailklip.protocol import capture_groups
+
+        groups = capture_groups(raw_features(cenc, [q.path for q in train], args.cache, "train")[qidx, 0], list(labels))
+    res = study(args, store, Q, Gf, T[unl, 0], labels, groups) if K == 1 else None
     if res is None:
         raise SystemExit("the study assumes K = 1 vectors per SKU (the catalog default)")
     res.update(encoder=cenc.identity.key, k=K, unlabeled=len(unl))
