@@ -49,7 +49,7 @@ Steps (everything from the dataset's **train** split; test is never read, val on
    all to ``OUT/loop.json``.  ``outlier-ratio`` (:func:`retailklip.open_set.outlier_ratio`) is
    computed from the catalog's own outlier vectors (``catalog_outliers``), as the recognizer does.
 
-Evaluation photos are embedded once per encoder with the catalog's own encoder
+The held-out photos are embedded once per encoder with the catalog's own encoder
 (``Catalog.encoder().embed``, what ``catalog recognize`` runs on a whole image) and matched by
 :func:`retailklip.calibration.nearest_skus` against each catalog's vectors, the functions
 ``catalog calibrate`` uses.
