@@ -71,10 +71,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_defaults_cv import SHARED, cached_features, normalise
+from bench_loop_recipe import oracle_known_accepted
 from bench_pseudo_references import fold_features
 
 from retailklip.calibration import CalibrationError, auroc, threshold_for_precision
 from retailklip.datasets import read_grocery_store
+from retailklip.open_set import outlier_ratio
 from retailklip.protocol import capture_groups, class_disjoint_folds, session_folds
 
 SCORES = ("distance", "outlier-ratio", "z-outliers", "t-outliers", "s-outliers", "scale-cal distance",
@@ -105,7 +107,7 @@ def experiment(x: np.ndarray, labels: np.ndarray, known: list[str], gallery: np.
     d_all = 1.0 - x @ gallery.T  # (N, K)
     d_out_all = 1.0 - x @ outliers.T  # (N, O)
     d_out = d_out_all.min(1)
-    ratio_all = d_all / np.maximum(d_out, 1e-6)[:, None]
+    ratio_all = outlier_ratio(d_all, np.broadcast_to(d_out[:, None], d_all.shape))  # (N, K), the shipped score
     pack_m, pack_sd = _z(1.0 - gallery @ outliers.T, 1)  # (K,) per SKU, outlier cohort
     t_m, t_sd = _z(d_out_all, 1)  # (N,) per photo
     # calibration statistics per SKU: genuine (its own photos) and impostor (every other calibration photo)
@@ -139,20 +141,13 @@ def experiment(x: np.ndarray, labels: np.ndarray, known: list[str], gallery: np.
 
 def operating_point(cal: dict, ev: dict, score: str) -> tuple[float, float, float]:
     """(calibrated known accepted, calibrated known precision, oracle known accepted) at PRECISION."""
-    def accepted(t):
-        a = ev[score] <= t
-        kn = ev["known"]
-        prec = float(ev["right"][a].mean()) if a.any() else float("nan")
-        return float(a[kn].mean()), prec
+    oracle = oracle_known_accepted(ev[score], ev["right"], ev["known"], PRECISION)
     try:
-        acc, prec = accepted(threshold_for_precision(cal[score], cal["right"], PRECISION))
+        accepted = ev[score] <= threshold_for_precision(cal[score], cal["right"], PRECISION)
     except CalibrationError:
-        acc, prec = 0.0, float("nan")
-    try:
-        oracle = accepted(threshold_for_precision(ev[score], ev["right"], PRECISION))[0]
-    except CalibrationError:
-        oracle = 0.0
-    return acc, prec, oracle
+        return 0.0, float("nan"), oracle
+    precision = float(ev["right"][accepted].mean()) if accepted.any() else float("nan")
+    return float(accepted[ev["known"]].mean()), precision, oracle
 
 
 def weighted_auroc(score: np.ndarray, known: np.ndarray, w: np.ndarray) -> float:
@@ -205,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                     u = class_disjoint_folds(unknown, k=2, seed=seed, groups=[coarse[c] for c in unknown])[0]
                     u_cal, u_ev = {unknown[i] for i in u.train}, {unknown[i] for i in u.test}
                     gallery = pack[[names.index(c) for c in known]]
+                    kn = np.isin(labels, known)
                     for cal_side in (0, 1):
-                        kn = np.isin(labels, known)
                         cal = np.flatnonzero((side_of == cal_side) & (kn | np.isin(labels, list(u_cal))))
                         ev = np.flatnonzero((side_of != cal_side) & (kn | np.isin(labels, list(u_ev))))
                         rows[enc_name].append(experiment(x, labels, known, gallery, outliers, cal, ev))
