@@ -44,10 +44,11 @@ class Encoder:
             component that all photos of the store share, which otherwise dominates the cosine
             similarity of non-negative CNN features.  Part of the identity.
         groups: the D features are ``groups`` equal consecutive parts (e.g. one per input scale,
-            :class:`~retailklip.encoders.multiscale.MultiScalePooled`), each centred and
-            L2-normalised on its own and scaled by 1/sqrt(groups): the embedding still has unit
-            norm and the cosine similarity of two embeddings is the mean of the parts' cosine
-            similarities.  1 (the default): plain L2 normalisation.
+            :class:`~retailklip.encoders.multiscale.MultiScalePooled`), or consecutive parts of
+            the given widths (a sequence of ints summing to D, e.g. (1280, 320)), each centred
+            and L2-normalised on its own and scaled by 1/sqrt(number of parts): the embedding
+            still has unit norm and the cosine similarity of two embeddings is the mean of the
+            parts' cosine similarities.  1 (the default): plain L2 normalisation.
 
     Thread safety: :meth:`embed` may be called from several threads at once (inference only,
     no mutable state).
@@ -64,10 +65,9 @@ class Encoder:
         batch_size: int = 32,
         background: tuple[int, int, int] = DEFAULT_BACKGROUND,
         center: np.ndarray | None = None,
-        groups: int = 1,
+        groups: int | Sequence[int] = 1,
     ) -> None:
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or identity.dim % groups:
-            raise ValueError(f"groups must be a positive divisor of the dimension {identity.dim}, got {groups!r}")
+        check_groups(groups, identity.dim)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         if batch_size < 1:
@@ -78,7 +78,7 @@ class Encoder:
         self.precision = precision
         self.batch_size = batch_size
         self.background = tuple(background)
-        self.groups = groups
+        self.groups = groups if isinstance(groups, int) else tuple(groups)
         self.center: torch.Tensor | None = None
         if center is not None:
             c = np.array(center, dtype=np.float32)  # a private, writable copy
@@ -174,23 +174,40 @@ class Encoder:
         return f"Encoder({self.identity.key}, device={self.device}, precision={self.precision})"
 
 
-def normalize_embeddings(feats: torch.Tensor, *, center: torch.Tensor | None = None, groups: int = 1) -> torch.Tensor:
+def check_groups(groups: object, dim: int) -> None:
+    """Raise ValueError unless ``groups`` is a positive divisor of ``dim`` or a non-empty
+    sequence of positive ints summing to ``dim`` (the parts' widths)."""
+    if isinstance(groups, int) and not isinstance(groups, bool):
+        if groups < 1 or dim % groups:
+            raise ValueError(f"groups must be a positive divisor of the dimension {dim}, got {groups!r}")
+        return
+    if (isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence) or not groups
+            or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in groups) or sum(groups) != dim):
+        raise ValueError(f"groups must be a positive divisor of the dimension {dim} or part widths summing to it, "
+                         f"got {groups!r}")
+
+
+def normalize_embeddings(feats: torch.Tensor, *, center: torch.Tensor | None = None,
+                         groups: int | Sequence[int] = 1) -> torch.Tensor:
     """Raw features -> embeddings, as :meth:`Encoder.embed_tensor` makes them: ``center``
-    subtracted, then each of the ``groups`` equal consecutive parts L2-normalised on its own and
-    scaled by 1/sqrt(groups) (plain L2 normalisation for one group).
+    subtracted, then each consecutive part L2-normalised on its own and scaled by
+    1/sqrt(number of parts) (plain L2 normalisation for one part).
 
     Args:
         feats: float (N, D) raw features (any float dtype; the result has the same).
         center: optional (D,) centering vector.
-        groups: number of parts, a divisor of D.
+        groups: number of equal parts (a divisor of D), or the parts' widths (summing to D).
 
     Returns:
         float (N, D), rows of unit L2 norm (0 for an all-zero part).
     """
     if center is not None:
         feats = feats - center
-    parts = torch.nn.functional.normalize(feats.reshape(len(feats), groups, -1), dim=-1)
-    return parts.reshape(len(feats), -1) / groups**0.5
+    if isinstance(groups, int):
+        parts = torch.nn.functional.normalize(feats.reshape(len(feats), groups, -1), dim=-1)
+        return parts.reshape(len(feats), -1) / groups**0.5
+    parts = [torch.nn.functional.normalize(p, dim=-1) for p in torch.split(feats, list(groups), dim=1)]
+    return torch.cat(parts, dim=1) / len(parts) ** 0.5
 
 
 def preprocess_description(**settings) -> str:

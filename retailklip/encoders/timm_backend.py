@@ -61,7 +61,9 @@ def create_timm_encoder(
         feature_stage: average-pool the output of this stage of ``model.feature_info`` (timm's
             ``forward_intermediates``; negative counts from the end, e.g. -1 = the last stage,
             before ``mobilenetv2_100``'s 1x1 head convolution: C = 320) instead of the model's
-            pooled output.
+            pooled output; or a list of stages and ``"pooled"`` (the model's pooled output),
+            e.g. ``["pooled", -1]`` (D = 1280 + 320 per scale), each part normalised on its own
+            (:mod:`retailklip.encoders.multiscale`).
         **encoder_kwargs: ``device``, ``precision``, ``batch_size``, ``background`` for :class:`Encoder`.
 
     Raises:
@@ -118,7 +120,7 @@ def create_timm_encoder(
         side = cfg["input_size"][1]
         model = MultiScalePooled(model, scales if scales is not None else [side], feature_stage)
         extra = {"scales": list(model.scales), "feature_stage": model.stage}
-        groups = len(model.scales)
+        groups = len(model.widths) if len(set(model.widths)) == 1 else model.widths
     preprocess = create_transform(**cfg, is_training=False)
     dim = infer_dim(model, tuple(cfg["input_size"][1:]))
     identity = EncoderIdentity(
