@@ -53,7 +53,10 @@ photos themselves).  Rule fixed before the run: a score replaces ``outlier-ratio
 AUROC difference on the shipped recipe's fold encoders is positive with the interval excluding zero even at
 the Bonferroni level for the 7 new scores (99.3 %).  With several recipes, each later one is
 compared with the first on every score (paired: same experiments, same class resamples), e.g.
-Outlier Exposure in the finetune (docs/finetune.md, "Sixth round").
+Outlier Exposure in the finetune (docs/finetune.md, "Sixth round").  ``--feature-stage``: every
+encoder also as "ENCODER +stage", its pooled embedding next to its last stage's (the encoder
+option ``feature_stage=["pooled", -1]``, each part centred and normalised on its own), compared
+with the pooled embedding alone (docs/finetune.md, "Seventh round").
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ SCORES = ("distance", "outlier-ratio", "z-outliers", "t-outliers", "s-outliers",
 SHIPPED = "outlier-ratio"
 MIN_GENUINE = 3
 PRECISION = 0.9
+STAGE_WIDTH = 320  # MobileNetV2's last feature stage (C of feature_stage=-1)
 
 
 def _z(v: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -166,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="fold encoders' recipes, comma-separated; the first is the reference of the encoder comparison")
     p.add_argument("--cache", type=Path, default=Path("/tmp/cv-cache"))
     p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--feature-stage", action="store_true",
+                   help='also every encoder with feature_stage=["pooled", -1] (pooled + last stage)')
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     recipes = args.recipes.split(",")
@@ -179,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     items = [(c.iconic, 0) for c in store.classes] + [(q, 0) for c in names for q in photos[c]]
     labels = np.array([c for c in names for _ in photos[c]])
     raw = cached_features("bilinear", items, args.cache, options={"interpolation": "bilinear"}).astype(np.float64)
+    raw_stage = cached_features("bilinear-stage-1", items, args.cache, options={"interpolation": "bilinear", "feature_stage": -1}
+                                ).astype(np.float64) if args.feature_stage else None
     groups = capture_groups(raw[len(names):], labels.tolist())
     sides = session_folds(labels.tolist(), groups, k=2, seed=0)[0]
     side_of = np.zeros(len(labels), int)
@@ -189,10 +197,15 @@ def main(argv: list[str] | None = None) -> int:
         for f in class_disjoint_folds(names, k=3, seed=seed, groups=[coarse[c] for c in names]):
             test, train = [names[i] for i in f.test], [names[i] for i in f.train]
             encoders = {"raw": raw, **{r: fold_features(run, f.index, r, [q for q, _ in items], args.cache) for r in recipes}}
+            if args.feature_stage:
+                stage = {"raw": raw_stage, **{r: fold_features(run, f.index, r, [q for q, _ in items], args.cache,
+                                                               feature_stage=-1) for r in recipes}}
+                encoders.update({f"{e} +stage": np.concatenate([encoders[e], stage[e]], 1) for e in list(encoders)})
             centre_rows = np.flatnonzero(np.isin(labels, train))[::6]
             halves = class_disjoint_folds(test, k=2, seed=seed, groups=[coarse[c] for c in test])
             for enc_name, feats in encoders.items():
-                x_all = normalise(feats, feats[len(names) + centre_rows].mean(0))
+                parts = (feats.shape[1] - STAGE_WIDTH, STAGE_WIDTH) if enc_name.endswith(" +stage") else 1
+                x_all = normalise(feats, feats[len(names) + centre_rows].mean(0), parts)
                 pack, x = x_all[: len(names)], x_all[len(names):]
                 outliers = pack[[names.index(c) for c in train]]
                 for h in halves:
@@ -250,12 +263,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['minus_shipped']:+.3f} [{r['minus_shipped_ci'][0]:+.3f}, {r['minus_shipped_ci'][1]:+.3f}] | "
                   f"{r['experiments_above_shipped']}/{len(exps)} | {r['calibrated_known_accepted']:.3f} | "
                   f"{r['calibrated_known_precision']:.3f} | {r['oracle_known_accepted']:.3f}, {r['oracle_max']:.3f} |")
-    if len(recipes) > 1:  # encoders compared on one score, paired by experiment and class resample
-        ref = recipes[0]
-        print(f"\nrecipes against {ref} (same experiments, same class resamples; AUROC difference [95 % CI])\n")
-        print("| recipe | " + " | ".join(SCORES) + " |\n|---|" + "---|" * len(SCORES))
+    pairs = [(r, recipes[0]) for r in recipes[1:]]
+    if args.feature_stage:
+        pairs += [(f"{e} +stage", e) for e in ("raw", *recipes)]
+    if pairs:  # encoders compared on one score, paired by experiment and class resample
+        print("\nencoders against their reference (same experiments, same class resamples; AUROC difference [95 % CI])\n")
+        print("| encoder | reference | " + " | ".join(SCORES) + " |\n|---|---|" + "---|" * len(SCORES))
         res["recipes_minus_reference"] = {}
-        for r in recipes[1:]:
+        for r, ref in pairs:
             cells, out = [], {}
             for sc in SCORES:
                 d = boot_of[r][sc] - boot_of[ref][sc]
@@ -264,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                 out[sc] = {"difference": m, "ci": ci}
                 cells.append(f"{m:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]")
             res["recipes_minus_reference"][r] = out
-            print(f"| {r} | " + " | ".join(cells) + " |")
+            print(f"| {r} | {ref} | " + " | ".join(cells) + " |")
     res["seconds"] = round(time.perf_counter() - start, 1)
     print(f"\n{res['seconds']} s")
     if args.json:

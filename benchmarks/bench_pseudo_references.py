@@ -158,11 +158,15 @@ def frozen(store, cache: Path, log, kind: str = "photo") -> dict:
 _PREPARED: dict[tuple, torch.Tensor] = {}
 
 
-def fold_features(run: Path, fold: int, recipe: str, paths: list[Path], cache: Path, log=print) -> np.ndarray:
+def fold_features(run: Path, fold: int, recipe: str, paths: list[Path], cache: Path, log=print,
+                  feature_stage: int | None = None) -> np.ndarray:
     """float64 (N, D) raw features of ``paths`` (every packshot, then every train photo, in the
     store's order) under the fold encoder ``RUN/foldF/RECIPE/encoder.safetensors`` of a
-    ``bench_loop_recipe.py --classes all`` run, cached as ``CACHE/finetuned/RUN-foldF-RECIPE.npy``."""
-    npy = cache / "finetuned" / f"{run.name}-fold{fold}-{recipe}.npy"
+    ``bench_loop_recipe.py --classes all`` run, cached as ``CACHE/finetuned/RUN-foldF-RECIPE.npy``
+    (with ``feature_stage`` S: that stage's pooled features, the encoder option of that name,
+    cached as ``...-RECIPE-stageS.npy``)."""
+    tail = "" if feature_stage is None else f"-stage{feature_stage}"
+    npy = cache / "finetuned" / f"{run.name}-fold{fold}-{recipe}{tail}.npy"
     if not npy.is_file():
         key = tuple(paths)
         if key not in _PREPARED:  # the fold encoders share the preprocessing: decode and resize once per process
@@ -170,7 +174,8 @@ def fold_features(run: Path, fold: int, recipe: str, paths: list[Path], cache: P
             _PREPARED.clear()
             _PREPARED[key] = torch.stack([enc.prepare(p) for p in paths])
         prepared = _PREPARED[key]
-        enc = create_encoder(ENCODER, weights=run / f"fold{fold}" / recipe / "encoder.safetensors", interpolation="bilinear")
+        enc = create_encoder(ENCODER, weights=run / f"fold{fold}" / recipe / "encoder.safetensors", interpolation="bilinear",
+                             **({} if feature_stage is None else {"feature_stage": feature_stage}))
         feats = [enc.features(prepared[i: i + 64]) for i in range(0, len(paths), 64)]
         npy.parent.mkdir(parents=True, exist_ok=True)
         np.save(npy, torch.cat(feats).numpy())

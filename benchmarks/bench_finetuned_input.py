@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""Input size and crop at evaluation for the finetuned encoder (issue 14: "larger input at
+evaluation for the finetuned encoder", never tried before), by class-disjoint cross-validation on
+GroceryStore's **train** split.  Val and test are never read.
+
+    python3 benchmarks/bench_finetuned_input.py --runs /tmp/i14-cv-all /tmp/i14-cv-all-s1 /tmp/i14-cv-all-s2 \
+        [--recipe iconic12-decay0.9] [--json OUT.json]
+
+Encoders: the fold encoders of the three replicate 81-class, 3-fold class-disjoint CVs of
+``benchmarks/bench_loop_recipe.py --classes all`` (``RUN/fold*/RECIPE/encoder.safetensors``,
+trained at 224 px), and the raw ImageNet MobileNetV2.  Per fold: gallery = the held-out classes'
+iconic packshots (K = 1), queries = the first 10 train photos of each held-out class (the CV's
+own 810 photos per replicate), features centred on the fold's training classes' photos among
+every 6th train photo (unlabeled, as the loop's catalogs centre theirs), 1-NN by cosine
+(:func:`retailklip.calibration.nearest_skus`).
+
+Evaluation geometries (timm preprocessing, bilinear: resize the short side to
+``input / crop_pct``, centre crop ``input``):
+
+* ``shipped``: 224 px, crop_pct 0.875, the loop's catalogs as shipped (cached features of
+  :func:`bench_pseudo_references.fold_features`);
+* ``224 crop 1.0``: the whole centre square, no margin cut (a packshot's edges kept);
+* ``288 crop 1.0``: larger input than trained (FixRes: Touvron et al., "Fixing the train-test
+  resolution discrepancy", NeurIPS 2019, §3: a CNN trained with random-resized crops sees
+  objects larger than at test time, so testing above the training size can help);
+* ``224+288 crop 1.0``: both, each part centred and L2-normalised on its own (cosine = the mean
+  of the two), as the main job's multi-scale embedding (retailklip.encoders.multiscale).
+
+Also measured, not a candidate: ``shipped + raw main job``, the mean of the shipped finetuned
+cosine and the raw encoder's main-job cosine (multi-scale stage embedding): whether the frozen
+features hold what the finetune lost (an ensemble of two backbones, 5x the embedding cost).
+
+Rule fixed before the run: a candidate replaces ``shipped`` in the loop only if its pooled
+top-1 gain over ``shipped`` (each photo's right/wrong averaged over the three replicates) is
+positive with its interval from a bootstrap over *classes* excluding zero at the Bonferroni
+level for the candidates of its round (round 1: the 3 above, 98.3 %).
+
+Round 2, added after round 1 (where no candidate passed, and the ensemble with the frozen
+features gained +2.3 points, not significant): the finetuned encoder's own intermediate
+features, which cost no second backbone, at the shipped geometry (224 px, crop_pct 0.875):
+``stage -1`` (average-pooled last stage before MobileNetV2's 1x1 head convolution, C = 320, as
+the main job pools the frozen encoder) and ``shipped + stage -1`` (both, each part normalised
+on its own); Bonferroni for 2 (97.5 %).  The raw encoder is measured at every geometry too, so the
+gain over raw is reported against the raw encoder's best geometry, not only its 224 px.
+
+Features are cached under ``CACHE/finetuned-input/`` (one ``.npy`` per encoder and geometry,
+over the images the protocol needs: packshots, queries and centring photos); a rerun only analyses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_defaults_cv import ENCODER, SHARED, WEIGHTS, cached_features, normalise
+from bench_pseudo_references import MAIN_JOB, MAIN_JOB_CACHE, fold_features
+
+from retailklip.calibration import nearest_skus
+from retailklip.datasets import read_grocery_store
+from retailklip.encoders import create_encoder
+from retailklip.protocol import class_disjoint_folds, mcnemar
+
+#: geometry name -> create_encoder options (on top of the weights)
+GEOMETRIES = {
+    "224c1.0": {"interpolation": "bilinear", "crop_pct": 1.0, "input_size": 224},
+    "288c1.0": {"interpolation": "bilinear", "crop_pct": 1.0, "input_size": 288},
+    "224stage-1": {"interpolation": "bilinear", "feature_stage": -1},
+}
+SHIPPED = "shipped"  # the loop's geometry (224 px, crop_pct 0.875), features cached by fold_features
+#: per round, candidate -> the geometries whose features are concatenated (each part normalised on its own)
+ROUNDS = {
+    1: {"224 crop 1.0": ("224c1.0",), "288 crop 1.0": ("288c1.0",), "224+288 crop 1.0": ("224c1.0", "288c1.0")},
+    2: {"stage -1": ("224stage-1",), "shipped + stage -1": (SHIPPED, "224stage-1")},
+}
+CANDIDATES = {c: gs for r in ROUNDS.values() for c, gs in r.items()}
+QUERIES = 10
+CENTER_STRIDE = 6
+
+
+def embed(weights: Path, geometry: str, paths: list[Path], npy: Path, prepared: dict, log=print) -> np.ndarray:
+    """float64 (N, 1280) raw pooled features of ``paths`` under ``weights`` at ``geometry``,
+    cached in ``npy`` (keyed by the path list); ``prepared`` keeps the decoded inputs of one
+    geometry between encoders."""
+    key = hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()[:12]
+    npy = npy.with_name(f"{npy.stem}-{key}.npy")
+    if not npy.is_file():
+        enc = create_encoder(ENCODER, weights=weights, **GEOMETRIES[geometry])
+        if prepared.get("geometry") != geometry:
+            prepared.clear()
+            t = time.perf_counter()
+            prepared.update(geometry=geometry, x=torch.stack([enc.prepare(p) for p in paths]))
+            log(f"{geometry}: {len(paths)} images decoded in {time.perf_counter() - t:.0f} s")
+        t, x = time.perf_counter(), prepared["x"]
+        feats = torch.cat([enc.features(x[i: i + 64]) for i in range(0, len(x), 64)]).numpy()
+        npy.parent.mkdir(parents=True, exist_ok=True)
+        np.save(npy, feats)
+        log(f"{npy.name}: embedded in {time.perf_counter() - t:.0f} s")
+    return np.load(npy).astype(np.float64)
+
+
+def class_bootstrap(diff: np.ndarray, cls: np.ndarray, n_boot: int, level: float, seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the mean of per-photo ``diff`` with whole classes resampled."""
+    ids = np.unique(cls)
+    sums = np.array([diff[cls == c].sum() for c in ids])
+    counts = np.array([(cls == c).sum() for c in ids])
+    rng = np.random.default_rng(seed)
+    draw = rng.integers(0, len(ids), size=(n_boot, len(ids)))
+    means = sums[draw].sum(1) / counts[draw].sum(1)
+    a = (1 - level) / 2 * 100
+    lo, hi = np.percentile(means, [a, 100 - a])
+    return float(lo), float(hi)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=SHARED / "data" / "grocery-store")
+    p.add_argument("--runs", type=Path, nargs="+", required=True, help="bench_loop_recipe.py --classes all outputs")
+    p.add_argument("--recipe", default="iconic12-decay0.9")
+    p.add_argument("--cache", type=Path, default=Path("/tmp/cv-cache"))
+    p.add_argument("--bootstrap", type=int, default=4000)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    store = read_grocery_store(args.data)
+    names = [c.name for c in store.classes]
+    coarse = [c.coarse_name for c in store.classes]
+    photos: dict[str, list[Path]] = defaultdict(list)
+    for ph in store.photos("train"):
+        photos[ph.label].append(ph.path)
+    items = [c.iconic for c in store.classes] + [q for c in names for q in photos[c]]
+    labels = np.array([c for c in names for _ in photos[c]])
+    first = np.concatenate([np.flatnonzero(labels == c)[:QUERIES] for c in names])  # query rows (train-photo index)
+    stride = np.arange(len(labels)) % CENTER_STRIDE == 0
+    need = np.concatenate([np.arange(len(names)), len(names) + np.union1d(first, np.flatnonzero(stride))])
+    sub_paths = [items[i] for i in need]
+    row = {int(i): r for r, i in enumerate(need)}  # item index -> row of the subset features
+    print(f"{len(sub_paths)} images embedded per encoder and geometry ({len(names)} packshots, "
+          f"{len(first)} queries, every {CENTER_STRIDE}th train photo for centring)")
+
+    feats: dict[tuple[str, str], dict[str, np.ndarray]] = {}  # (run, fold) -> geometry -> (len(need), D)
+    runs = [(run, int((run / "seed.txt").read_text()) if (run / "seed.txt").is_file() else 0) for run in args.runs]
+    cache = args.cache / "finetuned-input"
+    prepared: dict = {}
+    for g in GEOMETRIES:  # geometry outer: each geometry's inputs decoded once
+        feats.setdefault(("raw", ""), {})[g] = embed(WEIGHTS, g, sub_paths, cache / f"raw-{g}.npy", prepared)
+        for run, _ in runs:
+            for f in range(3):
+                w = run / f"fold{f}" / args.recipe / "encoder.safetensors"
+                feats.setdefault((run.name, str(f)), {})[g] = embed(
+                    w, g, sub_paths, cache / f"{run.name}-fold{f}-{args.recipe}-{g}.npy", prepared)
+    prepared.clear()
+    shipped_raw = cached_features("bilinear", [(q, 0) for q in items], args.cache,
+                                  options={"interpolation": "bilinear"}).astype(np.float64)[need]
+    main_job = cached_features(MAIN_JOB_CACHE, [(q, 0) for q in items], args.cache,
+                               options=MAIN_JOB).astype(np.float64)[need]
+    mj_groups = len(MAIN_JOB["scales"])
+
+    def unit(parts: list[np.ndarray], centre: np.ndarray) -> np.ndarray:
+        """Each part centred and L2-normalised on its own (parts may differ in width), then
+        concatenated and scaled by 1/sqrt(parts): cosine = the mean of the parts' cosines."""
+        return np.concatenate([normalise(x, x[centre].mean(0)) for x in parts], 1) / np.sqrt(len(parts))
+
+    correct: dict[str, np.ndarray] = {}  # method -> bool (runs, 810) in the global query order
+    for r, (run, seed) in enumerate(runs):
+        folds = class_disjoint_folds(names, k=3, seed=seed, groups=coarse)
+        for f in folds:
+            test, train = [names[i] for i in f.test], [names[i] for i in f.train]
+            q_items = [len(names) + int(i) for i in first if labels[i] in test]
+            q_pos = np.flatnonzero(np.isin(labels[first], test))  # their places in the global query order
+            truth = labels[[i - len(names) for i in q_items]].tolist()
+            centre = [row[len(names) + int(i)] for i in np.flatnonzero(stride & np.isin(labels, train))]
+            g_rows, q_rows = [row[names.index(c)] for c in test], [row[i] for i in q_items]
+            ft_shipped = fold_features(run, f.index, args.recipe, items, args.cache)[need]
+            methods: dict[str, np.ndarray] = {}
+            for enc, shipped_feats in (("raw", shipped_raw), ("finetuned", ft_shipped)):
+                geo = {**(feats[("raw", "")] if enc == "raw" else feats[(run.name, str(f.index))]), SHIPPED: shipped_feats}
+                methods[f"{enc} {SHIPPED}"] = unit([shipped_feats], centre)
+                for cand, gs in CANDIDATES.items():
+                    methods[f"{enc} {cand}"] = unit([geo[g] for g in gs], centre)
+            methods["raw main job"] = normalise(main_job, main_job[centre].mean(0), mj_groups)
+            ens = np.concatenate([methods["finetuned shipped"], methods["raw main job"]], 1) / np.sqrt(2)
+            methods["finetuned shipped + raw main job"] = ens  # cosine = mean of the two cosines
+            for m, x in methods.items():
+                named, _ = nearest_skus(x[g_rows], test, x[q_rows])
+                correct.setdefault(m, np.zeros((len(runs), len(first)), bool))[r, q_pos] = np.array(named) == np.array(truth)
+        print(f"{run}: done ({time.perf_counter() - start:.0f} s)")
+
+    cls = labels[first]
+    ref = correct[f"finetuned {SHIPPED}"].mean(0)
+    level = {c: 1 - 0.05 / len(r) for r in ROUNDS.values() for c in r}
+    raw_best = max((m for m in correct if m.startswith("raw")), key=lambda m: correct[m].mean())
+    print(f"\n## Closed-set top-1, {len(first)} photos x {len(runs)} replicates (81 classes, 3 class-disjoint folds)\n")
+    print(f"| encoder, evaluation geometry | top-1 per replicate | pooled | minus finetuned shipped [95 %] "
+          f"[Bonferroni for the round: 98.3 % / 97.5 %] | McNemar vs finetuned shipped (all replicates) | minus {raw_best} [95 %] |")
+    print("|---|---|---|---|---|---|")
+    out = {}
+    for m, c in correct.items():
+        v = c.mean(0)
+        d = v - ref
+        lo, hi = class_bootstrap(d, cls, args.bootstrap, 0.95)
+        blo, bhi = class_bootstrap(d, cls, args.bootstrap, level.get(m.split(" ", 1)[1], 0.95))
+        mc = mcnemar(c.ravel(), correct[f"finetuned {SHIPPED}"].ravel())
+        dr = v - correct[raw_best].mean(0)
+        rlo, rhi = class_bootstrap(dr, cls, args.bootstrap, 0.95)
+        print(f"| {m} | {' / '.join(f'{a:.3f}' for a in c.mean(1))} | {v.mean():.3f} | {d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] "
+              f"[{blo:+.3f}, {bhi:+.3f}] | {mc.only_a} vs {mc.only_b}, p = {mc.p_value:.2g} | "
+              f"{dr.mean():+.3f} [{rlo:+.3f}, {rhi:+.3f}] |")
+        out[m] = {"per_replicate": c.mean(1).tolist(), "pooled": float(v.mean()), "minus_shipped": [float(d.mean()), lo, hi],
+                  "minus_shipped_bonferroni": [blo, bhi], "mcnemar": vars(mc), f"minus {raw_best}": [float(dr.mean()), rlo, rhi]}
+    winners = [c for c in CANDIDATES if out[f"finetuned {c}"]["minus_shipped_bonferroni"][0] > 0]
+    for r, cands in ROUNDS.items():
+        won = [c for c in cands if c in winners]
+        print(f"\nround {r} rule (Bonferroni interval of the gain over shipped above zero): "
+              f"{', '.join(won) if won else 'no candidate passes; shipped stays'}")
+    print(f"{time.perf_counter() - start:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"top1": out, "winners": winners,
+                                         "correct": {m: c.astype(int).tolist() for m, c in correct.items()}}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
