@@ -1,4 +1,4 @@
-"""The RetailKLIP loop on GroceryStore in one command: split by coarse class, finetune, rebuild
+r"""The RetailKLIP loop on GroceryStore in one command: split by coarse class, finetune, rebuild
 the catalog with the new weights, calibrate, and compare before / after on held-out classes.
 
     python3 examples/retailklip_loop.py --data ../shared/data/grocery-store --out /tmp/loop
@@ -26,10 +26,13 @@ Steps (everything from the dataset's **train** split; test is never read, val on
    draw; packshots, their copies and the decay chosen by class-disjoint CV on the training classes,
    benchmarks/bench_loop_recipe.py) -> ``OUT/encoder.safetensors``.
 3. Two catalogs of iconic packshots (``catalog.Catalog.init`` + ``import_csv``, features centred
-   on unlabeled training-class photos as examples/grocery_store.py does): ``catalog-all`` (the 35
+   on unlabeled training-class photos as examples/grocery_store.py does; encoder options
+   ``interpolation=bilinear`` and ``feature_stage=["pooled", -1]``: the pooled embedding next to
+   the last stage's, ``--feature-stage``): ``catalog-all`` (the 35
    held-out classes: closed-set top-1) and ``catalog-known`` (the known half: open set).  Measured
    with the raw encoder (before), then ``Catalog.rebuild(encoder=..., weights=OUT/encoder.safetensors)``
-   (= ``catalog rebuild --encoder timm:mobilenetv2_100 --weights OUT/encoder.safetensors``) and
+   (= ``catalog rebuild --encoder timm:mobilenetv2_100 --weights OUT/encoder.safetensors`` with the
+   same ``--encoder-option``\ s) and
    measured again (after), its features centred on the same photos (``--no-center-after``: not).
    ``catalog-known`` also gets the 46 training classes' packshots as
    *outlier references* (products not in the catalog) through the CLI,
@@ -101,7 +104,10 @@ from retailklip.protocol import (
 )
 
 ENCODER = "timm:mobilenetv2_100"
-OPTIONS = {"interpolation": "bilinear"}
+OPTIONS = {"interpolation": "bilinear"}  # the capture groups' encoder (SESSION_COSINE is defined on it) and the finetune's
+#: the catalogs' embedding: the pooled output next to the last stage's, each normalised on its own
+#: (retailklip.encoders.multiscale; chosen by the class-disjoint CV, docs/finetune.md "Seventh round")
+FEATURE_STAGE = ["pooled", -1]
 RAW_WEIGHTS = Path("../shared/models/mobilenetv2_100.imagenet.safetensors")
 
 
@@ -111,6 +117,11 @@ def write_csv(path: Path, header: list[str], rows) -> Path:
         w.writerow(header)
         w.writerows(rows)
     return path
+
+
+def catalog_options(args) -> dict:
+    """Encoder options of the before and after catalogs (``--feature-stage``)."""
+    return {**OPTIONS, **({"feature_stage": args.feature_stage} if args.feature_stage is not None else {})}
 
 
 def split(args) -> dict:
@@ -387,7 +398,7 @@ def jsonable(v):
     if isinstance(v, np.ndarray):
         return v.tolist()
     if isinstance(v, float):
-        return round(v, 6)
+        return float(f"{v:.6g}")  # 6 significant digits: a p-value of 6e-10 stays 6e-10, not 0.0
     return v
 
 
@@ -403,6 +414,9 @@ def loop_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", choices=("session", "photo"), default="session",
                    help="deal the held-out classes' photos into evaluation and calibration photos by capture session "
                         "(retailklip.protocol.session_folds; near-copies stay on one side) or by photo (stratified)")
+    p.add_argument("--feature-stage", type=json.loads, default=FEATURE_STAGE, metavar="JSON",
+                   help=f"the catalogs' feature_stage encoder option, JSON (default {json.dumps(FEATURE_STAGE)}: the "
+                        "pooled embedding and the last stage's; null: the pooled embedding alone, as before 2026-12-07)")
     p.add_argument("--center-stride", type=int, default=6, help="centre features on every N-th training photo, unlabeled (0: none)")
     p.add_argument("--center-after", action=argparse.BooleanOptionalAction, default=True,
                    help="centre the finetuned encoder's features too, on the same photos (rebuild --center-photos); "
@@ -465,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     for name in ("all", "known"):
         d = out / f"catalog-{name}"
-        Catalog.init(d, encoder=ENCODER, weights=args.weights, encoder_options=OPTIONS, center_photos=center)
+        Catalog.init(d, encoder=ENCODER, weights=args.weights, encoder_options=catalog_options(args), center_photos=center)
         Catalog.open(d).import_csv(files[name], progress=False)
         catalogs[name] = d
     trained = set(s["trained"])
@@ -483,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     vectors_before, _ = catalog_gallery(Catalog.open(catalogs["all"]))
     t = time.perf_counter()
     for d in catalogs.values():  # = catalog --catalog D rebuild --encoder ... --weights OUT/encoder.safetensors
-        Catalog.open(d).rebuild(encoder=ENCODER, weights=out / "encoder.safetensors", encoder_options=OPTIONS,
+        Catalog.open(d).rebuild(encoder=ENCODER, weights=out / "encoder.safetensors", encoder_options=catalog_options(args),
                                 center_photos=center if args.center_after else None)
     timings["rebuild"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -181,3 +181,11 @@ def test_bad_reference_copies_is_a_one_line_error_before_any_work(tmp_path, groc
                           "--out", str(out), "--reference-copies", copies], capture_output=True, text=True, check=False, cwd=REPO)
     assert res.returncode == 2 and f"--reference-copies must be >= 1, got {copies}" in res.stderr
     assert not out.exists()
+
+
+def test_json_keeps_small_p_values():
+    """loop.json rounds floats to 6 significant digits, not 6 decimals: McNemar's p-value of a
+    full loop (about 6e-10) must not be written as 0.0."""
+    mod = load_loop_module()
+    assert mod.jsonable(6.22e-10) == 6.22e-10
+    assert mod.jsonable({"p": 1.23456789e-12, "top1": 0.63606010016}) == {"p": 1.23457e-12, "top1": 0.63606}
