@@ -43,6 +43,10 @@ the main job pools the frozen encoder) and ``shipped + stage -1`` (both, each pa
 on its own); Bonferroni for 2 (97.5 %).  The raw encoder is measured at every geometry too, so the
 gain over raw is reported against the raw encoder's best geometry, not only its 224 px.
 
+``--speed R``: the embedding cost of pooled + last stage against the pooled output alone on this
+CPU (:func:`bench_multiscale_cv.speed`: 32 real train photos, R interleaved repeats, 2 torch
+threads, minimum and median ms per image) and the index vector size.
+
 Features are cached under ``CACHE/finetuned-input/`` (one ``.npy`` per encoder and geometry,
 over the images the protocol needs: packshots, queries and centring photos); a rerun only analyses.
 """
@@ -130,9 +134,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=Path("/tmp/cv-cache"))
     p.add_argument("--bootstrap", type=int, default=4000)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--speed", type=int, default=0, metavar="R", help="also time the embedding, R interleaved repeats")
     args = p.parse_args(argv)
     start = time.perf_counter()
     store = read_grocery_store(args.data)
+    if args.speed:
+        from bench_multiscale_cv import speed
+
+        rows = speed(store, {"interpolation": "bilinear", "feature_stage": ["pooled", -1]}, args.speed)
+        print("| embedding (224 px, crop 0.875) | D | bytes per vector | ms per image, min | median | min / pooled |\n"
+              "|---|---|---|---|---|---|")
+        for r, name in zip(rows, ("pooled output (shipped before)", "pooled + last stage")):
+            print(f"| {name} | {r['dim']} | {4 * r['dim']} | {r['ms_min']:.1f} | {r['ms_median']:.1f} | {r['ratio_min']:.3f} |")
+        print()
     names = [c.name for c in store.classes]
     coarse = [c.coarse_name for c in store.classes]
     photos: dict[str, list[Path]] = defaultdict(list)
