@@ -1,4 +1,4 @@
-r"""The RetailKLIP loop on GroceryStore in one command: split by coarse class, finetune, rebuild
+"""The RetailKLIP loop on GroceryStore in one command: split by coarse class, finetune, rebuild
 the catalog with the new weights, calibrate, and compare before / after on held-out classes.
 
     python3 examples/retailklip_loop.py --data ../shared/data/grocery-store --out /tmp/loop
@@ -32,7 +32,7 @@ Steps (everything from the dataset's **train** split; test is never read, val on
    held-out classes: closed-set top-1) and ``catalog-known`` (the known half: open set).  Measured
    with the raw encoder (before), then ``Catalog.rebuild(encoder=..., weights=OUT/encoder.safetensors)``
    (= ``catalog rebuild --encoder timm:mobilenetv2_100 --weights OUT/encoder.safetensors`` with the
-   same ``--encoder-option``\ s) and
+   same encoder options) and
    measured again (after), its features centred on the same photos (``--no-center-after``: not).
    ``catalog-known`` also gets the 46 training classes' packshots as
    *outlier references* (products not in the catalog) through the CLI,
