@@ -181,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     mj_groups = len(MAIN_JOB["scales"])
 
     def unit(parts: list[np.ndarray], centre: np.ndarray) -> np.ndarray:
-        """Each part centred and L2-normalised on its own (parts may differ in width), then
-        concatenated and scaled by 1/sqrt(parts): cosine = the mean of the parts' cosines."""
-        return np.concatenate([normalise(x, x[centre].mean(0)) for x in parts], 1) / np.sqrt(len(parts))
+        """The parts concatenated, centred, each part L2-normalised on its own (the encoder's
+        ``groups`` as part widths): cosine = the mean of the parts' cosines."""
+        x = np.concatenate(parts, 1)
+        return normalise(x, x[centre].mean(0), [p.shape[1] for p in parts])
 
     correct: dict[str, np.ndarray] = {}  # method -> bool (runs, 810) in the global query order
     for r, (run, seed) in enumerate(runs):

@@ -87,7 +87,6 @@ SCORES = ("distance", "outlier-ratio", "z-outliers", "t-outliers", "s-outliers",
 SHIPPED = "outlier-ratio"
 MIN_GENUINE = 3
 PRECISION = 0.9
-STAGE_WIDTH = 320  # MobileNetV2's last feature stage (C of feature_stage=-1)
 
 
 def _z(v: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -192,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     side_of = np.zeros(len(labels), int)
     side_of[sides.test] = 1
     rows: dict[str, list[dict]] = defaultdict(list)  # encoder -> experiments
+    widths: dict[str, list[int]] = {}  # encoder -> part widths, for the "+stage" concatenations
     for run in args.runs:
         seed = int((run / "seed.txt").read_text()) if (run / "seed.txt").is_file() else 0
         for f in class_disjoint_folds(names, k=3, seed=seed, groups=[coarse[c] for c in names]):
@@ -200,12 +200,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.feature_stage:
                 stage = {"raw": raw_stage, **{r: fold_features(run, f.index, r, [q for q, _ in items], args.cache,
                                                                feature_stage=-1) for r in recipes}}
-                encoders.update({f"{e} +stage": np.concatenate([encoders[e], stage[e]], 1) for e in list(encoders)})
+                for e in list(encoders):
+                    encoders[f"{e} +stage"] = np.concatenate([encoders[e], stage[e]], 1)
+                    widths[f"{e} +stage"] = [encoders[e].shape[1], stage[e].shape[1]]
             centre_rows = np.flatnonzero(np.isin(labels, train))[::6]
             halves = class_disjoint_folds(test, k=2, seed=seed, groups=[coarse[c] for c in test])
             for enc_name, feats in encoders.items():
-                parts = (feats.shape[1] - STAGE_WIDTH, STAGE_WIDTH) if enc_name.endswith(" +stage") else 1
-                x_all = normalise(feats, feats[len(names) + centre_rows].mean(0), parts)
+                x_all = normalise(feats, feats[len(names) + centre_rows].mean(0), widths.get(enc_name, 1))
                 pack, x = x_all[: len(names)], x_all[len(names):]
                 outliers = pack[[names.index(c) for c in train]]
                 for h in halves:

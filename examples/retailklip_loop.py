@@ -263,8 +263,8 @@ def measure(cat_all: Catalog, cat_known: Catalog, s: dict, calibration: dict[str
     for ok, c in zip(correct, truth):
         per_class[c].append(bool(ok))
     # open set: the known half in the catalog, evaluation photos of known + evaluation-unknown classes
-    evaluation = {p.path for p in s["evaluation"]}
-    use = np.array([p.path in evaluation and p.label in set(s["known"]) | set(s["unknown_evaluation"]) for p in photos])
+    open_evaluation = {p.path for p in s["open_evaluation"]}
+    use = np.array([p.path in open_evaluation for p in photos])
     o_truth = [c for c, u in zip(truth, use) if u]
     g_known, sku_known = catalog_gallery(cat_known)
     o_pred, o_dist, o_runner = nearest_matches(g_known, sku_known, emb[use])

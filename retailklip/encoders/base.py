@@ -203,10 +203,8 @@ def normalize_embeddings(feats: torch.Tensor, *, center: torch.Tensor | None = N
     """
     if center is not None:
         feats = feats - center
-    if isinstance(groups, int):
-        parts = torch.nn.functional.normalize(feats.reshape(len(feats), groups, -1), dim=-1)
-        return parts.reshape(len(feats), -1) / groups**0.5
-    parts = [torch.nn.functional.normalize(p, dim=-1) for p in torch.split(feats, list(groups), dim=1)]
+    widths = [feats.shape[1] // groups] * groups if isinstance(groups, int) else list(groups)
+    parts = [torch.nn.functional.normalize(p, dim=-1) for p in torch.split(feats, widths, dim=1)]
     return torch.cat(parts, dim=1) / len(parts) ** 0.5
 
 

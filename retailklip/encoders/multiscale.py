@@ -86,13 +86,13 @@ class MultiScalePooled(torch.nn.Module):
         super().__init__()
         scales = check_scales(scales)
         stages: tuple[int | None, ...] = (None,)  # None = the backbone's own pooled output
+        info = getattr(backbone, "feature_info", None)
         if stage is not None:
             many = isinstance(stage, Sequence) and not isinstance(stage, (str, bytes))
             if (many and not stage) or not all(
                     s == POOLED or (isinstance(s, int) and not isinstance(s, bool)) for s in (stage if many else [stage])):
                 raise RetailKlipError(f"feature_stage must be an integer or a list of integers and {POOLED!r}, "
                                       f"got {stage!r}")
-            info = getattr(backbone, "feature_info", None)
             if not hasattr(backbone, "forward_intermediates") or not info:
                 raise RetailKlipError(f"{type(backbone).__name__} has no intermediate feature stages (feature_stage)")
             n = len(info)
@@ -109,12 +109,8 @@ class MultiScalePooled(torch.nn.Module):
         self.scales = scales
         self.stage = stage
         self._stages = stages
-        chs = [info[s]["num_chs"] if s is not None else None for s in stages] if stage is not None else [None]
-        if None in chs:
-            with torch.inference_mode():
-                pooled = int(self._parts(torch.zeros(1, 3, scales[0], scales[0]))[chs.index(None)].shape[1])
-            chs = [pooled if c is None else c for c in chs]
-        self.widths: tuple[int, ...] = tuple(chs) * len(scales)
+        pooled = getattr(backbone, "head_hidden_size", None) or getattr(backbone, "num_features", None)  # timm >= 1.0
+        self.widths: tuple[int, ...] = tuple(pooled if s is None else info[s]["num_chs"] for s in stages) * len(scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = []
