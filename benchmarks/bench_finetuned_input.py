@@ -4,7 +4,7 @@ evaluation for the finetuned encoder", never tried before), by class-disjoint cr
 GroceryStore's **train** split.  Val and test are never read.
 
     python3 benchmarks/bench_finetuned_input.py --runs /tmp/i14-cv-all /tmp/i14-cv-all-s1 /tmp/i14-cv-all-s2 \
-        [--recipe iconic12-decay0.9] [--json OUT.json]
+        [--recipe iconic12-decay0.9] [--challenger iconic12-decay0.9-stage] [--json OUT.json]
 
 Encoders: the fold encoders of the three replicate 81-class, 3-fold class-disjoint CVs of
 ``benchmarks/bench_loop_recipe.py --classes all`` (``RUN/fold*/RECIPE/encoder.safetensors``,
@@ -43,6 +43,15 @@ the main job pools the frozen encoder) and ``shipped + stage -1`` (both, each pa
 on its own); Bonferroni for 2 (97.5 %).  The raw encoder is measured at every geometry too, so the
 gain over raw is reported against the raw encoder's best geometry, not only its 224 px.
 
+Round 3, ``--challenger RECIPE`` (added after round 2 shipped pooled + last stage): a finetune
+recipe trained on that embedding (``bench_loop_recipe.py`` recipe ``iconic12-decay0.9-stage``:
+ArcFace on the pooled output and the last stage, each part normalised on its own, as the catalog
+compares them) instead of on the pooled output alone.  Its fold encoders are embedded at the
+shipped geometry with ``feature_stage=["pooled", -1]`` (one forward pass) and compared with the
+shipped recipe's encoders at the shipped embedding (``shipped + stage -1``).  Rule fixed before
+the run: the challenger replaces the loop's recipe only if its pooled gain there is positive
+with the 95 % class-bootstrap interval excluding zero (one candidate).
+
 ``--speed R``: the embedding cost of pooled + last stage against the pooled output alone on this
 CPU (:func:`bench_multiscale_cv.speed`: 32 real train photos, R interleaved repeats, 2 torch
 threads, minimum and median ms per image) and the index vector size.
@@ -80,7 +89,11 @@ GEOMETRIES = {
     "224c1.0": {"interpolation": "bilinear", "crop_pct": 1.0, "input_size": 224},
     "288c1.0": {"interpolation": "bilinear", "crop_pct": 1.0, "input_size": 288},
     "224stage-1": {"interpolation": "bilinear", "feature_stage": -1},
+    "224pooled+stage-1": {"interpolation": "bilinear", "feature_stage": ["pooled", -1]},  # the challenger's (round 3)
 }
+#: round 3: the challenger recipe's fold encoders at the embedding shipped in round 2
+CHALLENGER_GEOMETRY = "224pooled+stage-1"
+CHALLENGER = "challenger"  # round 3's rows: the --challenger recipe's encoders
 SHIPPED = "shipped"  # the loop's geometry (224 px, crop_pct 0.875), features cached by fold_features
 #: per round, candidate -> the geometries whose features are concatenated (each part normalised on its own)
 ROUNDS = {
@@ -93,7 +106,7 @@ CENTER_STRIDE = 6
 
 
 def embed(weights: Path, geometry: str, paths: list[Path], npy: Path, prepared: dict, log=print) -> np.ndarray:
-    """float64 (N, 1280) raw pooled features of ``paths`` under ``weights`` at ``geometry``,
+    """float64 (N, D) raw features (not normalised) of ``paths`` under ``weights`` at ``geometry``,
     cached in ``npy`` (keyed by the path list); ``prepared`` keeps the decoded inputs of one
     geometry between encoders."""
     key = hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()[:12]
@@ -135,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bootstrap", type=int, default=4000)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--speed", type=int, default=0, metavar="R", help="also time the embedding, R interleaved repeats")
+    p.add_argument("--challenger", default=None, metavar="RECIPE",
+                   help="round 3: this recipe's fold encoders at pooled + last stage against the shipped recipe's")
     args = p.parse_args(argv)
     start = time.perf_counter()
     store = read_grocery_store(args.data)
@@ -166,13 +181,21 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(run, int((run / "seed.txt").read_text()) if (run / "seed.txt").is_file() else 0) for run in args.runs]
     cache = args.cache / "finetuned-input"
     prepared: dict = {}
-    for g in GEOMETRIES:  # geometry outer: each geometry's inputs decoded once
+    for g in (g for g in GEOMETRIES if g != CHALLENGER_GEOMETRY):  # geometry outer: each geometry's inputs decoded once
         feats.setdefault(("raw", ""), {})[g] = embed(WEIGHTS, g, sub_paths, cache / f"raw-{g}.npy", prepared)
         for run, _ in runs:
             for f in range(3):
                 w = run / f"fold{f}" / args.recipe / "encoder.safetensors"
                 feats.setdefault((run.name, str(f)), {})[g] = embed(
                     w, g, sub_paths, cache / f"{run.name}-fold{f}-{args.recipe}-{g}.npy", prepared)
+    if args.challenger:
+        widths = list(create_encoder(ENCODER, weights=WEIGHTS, **GEOMETRIES[CHALLENGER_GEOMETRY]).groups)  # (pooled, stage)
+        for run, _ in runs:
+            for f in range(3):
+                w = run / f"fold{f}" / args.challenger / "encoder.safetensors"
+                feats[(run.name, str(f))][CHALLENGER] = embed(
+                    w, CHALLENGER_GEOMETRY, sub_paths, cache / f"{run.name}-fold{f}-{args.challenger}-{CHALLENGER_GEOMETRY}.npy",
+                    prepared)
     prepared.clear()
     shipped_raw = cached_features("bilinear", [(q, 0) for q in items], args.cache,
                                   options={"interpolation": "bilinear"}).astype(np.float64)[need]
@@ -203,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
                 methods[f"{enc} {SHIPPED}"] = unit([shipped_feats], centre)
                 for cand, gs in CANDIDATES.items():
                     methods[f"{enc} {cand}"] = unit([geo[g] for g in gs], centre)
+            if args.challenger:
+                x = feats[(run.name, str(f.index))][CHALLENGER]
+                pooled, stage = np.split(x, np.cumsum(widths)[:-1], axis=1)
+                methods[f"{CHALLENGER} {SHIPPED}"] = unit([pooled], centre)
+                methods[f"{CHALLENGER} {SHIPPED} + stage -1"] = unit([pooled, stage], centre)
             methods["raw main job"] = normalise(main_job, main_job[centre].mean(0), mj_groups)
             ens = np.concatenate([methods["finetuned shipped"], methods["raw main job"]], 1) / np.sqrt(2)
             methods["finetuned shipped + raw main job"] = ens  # cosine = mean of the two cosines
@@ -221,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     out = {}
     for m, c in correct.items():
+        if m.startswith(CHALLENGER):
+            continue  # round 3's own table below
         v = c.mean(0)
         d = v - ref
         lo, hi = class_bootstrap(d, cls, args.bootstrap, 0.95)
@@ -238,6 +268,26 @@ def main(argv: list[str] | None = None) -> int:
         won = [c for c in cands if c in winners]
         print(f"\nround {r} rule (Bonferroni interval of the gain over shipped above zero): "
               f"{', '.join(won) if won else 'no candidate passes; shipped stays'}")
+    if args.challenger:
+        print(f"\n## Round 3: the finetune trained on pooled + last stage ({args.challenger}) against {args.recipe}\n")
+        print("| embedding at evaluation | shipped recipe, pooled | challenger, per replicate | challenger, pooled | "
+              f"minus shipped recipe [95 %] | McNemar (all replicates) | minus {raw_best} [95 %] |\n|---|---|---|---|---|---|---|")
+        for emb in (f"{SHIPPED} + stage -1", SHIPPED):
+            c, base = correct[f"{CHALLENGER} {emb}"], correct[f"finetuned {emb}"]
+            d = c.mean(0) - base.mean(0)
+            lo, hi = class_bootstrap(d, cls, args.bootstrap, 0.95)
+            mc = mcnemar(c.ravel(), base.ravel())
+            dr = c.mean(0) - correct[raw_best].mean(0)
+            rlo, rhi = class_bootstrap(dr, cls, args.bootstrap, 0.95)
+            print(f"| {emb} | {base.mean():.3f} | {' / '.join(f'{a:.3f}' for a in c.mean(1))} | {c.mean():.3f} | "
+                  f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] | {mc.only_a} vs {mc.only_b}, p = {mc.p_value:.2g} | "
+                  f"{dr.mean():+.3f} [{rlo:+.3f}, {rhi:+.3f}] |")
+            out[f"{CHALLENGER} {emb}"] = {"per_replicate": c.mean(1).tolist(), "pooled": float(c.mean()),
+                                          "minus_shipped_recipe": [float(d.mean()), lo, hi], "mcnemar": vars(mc),
+                                          f"minus {raw_best}": [float(dr.mean()), rlo, rhi]}
+        won = out[f"{CHALLENGER} {SHIPPED} + stage -1"]["minus_shipped_recipe"][1] > 0
+        print(f"\nround 3 rule (95 % interval of the gain at pooled + last stage above zero): "
+              f"{args.challenger + ' replaces ' + args.recipe if won else 'the shipped recipe stays'}")
     print(f"{time.perf_counter() - start:.0f} s")
     if args.json:
         args.json.write_text(json.dumps({"top1": out, "winners": winners,

@@ -122,6 +122,9 @@ RECIPES = {  # name -> extra finetune arguments on top of the loop's (3 epochs, 
     # Outlier Exposure (finetune --outlier-data; "+outliersF": a fraction F of the fold's training coarse classes
     # leave ArcFace and become outlier images, their photos and packshots, pushed away from every class)
     "iconic12-decay0.9-oe0.25": ["+iconic12", "--lr-decay", "0.9", "+outliers0.25"],
+    # ArcFace on the embedding the loop's catalogs store (pooled output + last stage, each part normalised on its
+    # own) instead of the pooled output alone; its encoders are compared at that embedding by bench_finetuned_input
+    "iconic12-decay0.9-stage": ["+iconic12", "--lr-decay", "0.9", "--encoder-option", 'feature_stage=["pooled", -1]'],
 }
 
 

@@ -56,7 +56,8 @@ compared with the first on every score (paired: same experiments, same class res
 Outlier Exposure in the finetune (docs/finetune.md, "Sixth round").  ``--feature-stage``: every
 encoder also as "ENCODER +stage", its pooled embedding next to its last stage's (the encoder
 option ``feature_stage=["pooled", -1]``, each part centred and normalised on its own), compared
-with the pooled embedding alone (docs/finetune.md, "Seventh round").
+with the pooled embedding alone (docs/finetune.md, "Seventh round"), and each later recipe's
+"+stage" encoder with the first's (the loop's catalogs embed so: "Eighth round").
 """
 
 from __future__ import annotations
@@ -267,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = [(r, recipes[0]) for r in recipes[1:]]
     if args.feature_stage:
         pairs += [(f"{e} +stage", e) for e in ("raw", *recipes)]
+        pairs += [(f"{r} +stage", f"{recipes[0]} +stage") for r in recipes[1:]]  # recipes at the catalog's embedding
     if pairs:  # encoders compared on one score, paired by experiment and class resample
         print("\nencoders against their reference (same experiments, same class resamples; AUROC difference [95 % CI])\n")
         print("| encoder | reference | " + " | ".join(SCORES) + " |\n|---|---|" + "---|" * len(SCORES))

@@ -23,8 +23,11 @@ Steps (everything from the dataset's **train** split; test is never read, val on
 2. Finetune the MobileNetV2 on the training classes' photos and packshots (``finetune``: ArcFace, blockwise
    learning-rate decay, 0.9 per lower block, class-balanced sampling; RetailKLIP, Srivastava 2023, §4.1),
    each packshot a ``reference`` row counted ``--reference-copies`` (12) times in the class-balanced
-   draw; packshots, their copies and the decay chosen by class-disjoint CV on the training classes,
-   benchmarks/bench_loop_recipe.py) -> ``OUT/encoder.safetensors``.
+   draw; ArcFace sees the catalogs' embedding, the pooled output next to the last stage
+   (``--train-on-catalog-embedding``); packshots, their copies, the decay and the embedding trained
+   chosen by class-disjoint CV on the training classes, benchmarks/bench_loop_recipe.py and
+   benchmarks/bench_finetuned_input.py) -> ``OUT/encoder.safetensors`` (the timm model's weights,
+   loadable with or without ``feature_stage``).
 3. Two catalogs of iconic packshots (``catalog.Catalog.init`` + ``import_csv``, features centred
    on unlabeled training-class photos as examples/grocery_store.py does; encoder options
    ``interpolation=bilinear`` and ``feature_stage=["pooled", -1]``: the pooled embedding next to
@@ -334,6 +337,8 @@ def finetune(s: dict, files: dict, out: Path, args) -> dict:
             "--eval-every", str(args.epochs), "--threads", str(args.threads), "--seed", str(args.seed), "--no-progress"]
     if args.train_size:
         argv += ["--train-size", str(args.train_size)]
+    if args.train_on_catalog_embedding and args.feature_stage is not None:  # ArcFace on what the catalogs compare
+        argv += ["--encoder-option", "feature_stage=" + json.dumps(args.feature_stage)]
     threads = torch.get_num_threads()
     metrics = finetune_run(config_from_args(build_parser().parse_args(argv)))
     torch.set_num_threads(threads)
@@ -432,6 +437,10 @@ def loop_parser() -> argparse.ArgumentParser:
                         "the training classes, benchmarks/bench_loop_recipe.py)")
     g.add_argument("--margin", type=float, default=28.6, help="ArcFace margin, degrees")
     g.add_argument("--train-size", type=int, default=None)
+    g.add_argument("--train-on-catalog-embedding", action=argparse.BooleanOptionalAction, default=True,
+                   help="train ArcFace on the catalogs' embedding (--feature-stage: pooled output + last stage, each part "
+                        "normalised on its own), not on the pooled output alone (chosen by class-disjoint CV on the training "
+                        "classes: docs/finetune.md, 'Eighth round'); no effect with --feature-stage null")
     g.add_argument("--threads", type=int, default=1, help="torch threads while training")
     g.add_argument("--train-iconic", action=argparse.BooleanOptionalAction, default=True,
                    help="also train on the training classes' packshots (chosen by class-disjoint CV on the training "
@@ -510,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     vectors_after, _ = catalog_gallery(Catalog.open(catalogs["all"]))
     res = {
         "split": {"train_iconic": args.train_iconic, "center_after": bool(args.center_after and center),
+                  "feature_stage": args.feature_stage,
+                  "train_on_catalog_embedding": bool(args.train_on_catalog_embedding and args.feature_stage is not None),
                   "reference_copies": args.reference_copies if args.train_iconic else None, "rule": f"coarse class id % 2 == {args.held_out_parity} held out", "training_classes": len(s["trained"]),
                   "training_photos": len(s["train_photos"]), "held_out_classes": len(s["held"]),
                   "folds": args.folds, "capture_groups": s["capture_groups"],

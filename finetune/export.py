@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from retailklip.encoders.multiscale import MultiScalePooled
 from retailklip.onnx_export import export_graph
 
 from .errors import FinetuneError
@@ -44,6 +45,11 @@ def inference_module(module: torch.nn.Module) -> torch.nn.Module:
 def save_encoder(module: torch.nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write the encoder's bare state dict (float32) as safetensors.
 
+    For a multi-scale or intermediate-stage encoder (``Encoder.model`` a
+    :class:`~retailklip.encoders.multiscale.MultiScalePooled`) the file holds the wrapped timm
+    model's state dict, the same keys as the plain encoder's: ``create_encoder(SPEC, weights=FILE)``
+    loads it with or without the ``scales`` / ``feature_stage`` options.
+
     Args:
         module: the trained encoder module (``Encoder.model``).
         path: output file, e.g. ``OUT/encoder.safetensors``.
@@ -53,6 +59,8 @@ def save_encoder(module: torch.nn.Module, path: str | os.PathLike, metadata: dic
         The path.
     """
     m = inference_module(module)
+    if isinstance(m, MultiScalePooled):  # the pooling around it has no weights: the file is the timm model's
+        m = m.backbone
     sd = {k: v.detach().contiguous().clone() for k, v in m.state_dict().items()}
     p = Path(path)
     tmp = p.with_name(p.name + f".tmp{os.getpid()}")

@@ -69,7 +69,8 @@ def parameter_levels(module: torch.nn.Module) -> tuple[dict[str, Level], int]:
 
     Args:
         module: an OpenCLIP ``VisionTransformer`` (``model.visual``), an OpenCLIP ``TimmModel``
-            (``model.visual`` with a timm ``trunk``), or a timm model with a ``group_matcher``.
+            (``model.visual`` with a timm ``trunk``), a timm model with a ``group_matcher``, or
+            :class:`retailklip.encoders.multiscale.MultiScalePooled` around one (``backbone``).
 
     Returns:
         ``(levels, L)``: parameter name -> :class:`Level`, and the number of blocks L.
@@ -80,12 +81,16 @@ def parameter_levels(module: torch.nn.Module) -> tuple[dict[str, Level], int]:
     names = [n for n, _ in module.named_parameters()]
     if hasattr(module, "transformer") and hasattr(module.transformer, "resblocks"):
         return _levels_open_clip(names)
-    if hasattr(module, "trunk") and hasattr(module.trunk, "group_matcher"):  # open_clip TimmModel
-        trunk, num = _levels_timm(module.trunk)
-        out = {f"trunk.{k}": v for k, v in trunk.items()}
-        for n in names:  # open_clip's head / projection on top of the trunk
-            out.setdefault(n, Level(num + 1, "head"))
-        return out, num
+    # open_clip TimmModel (``trunk``) or retailklip's MultiScalePooled (``backbone``: multi-scale
+    # or intermediate-stage embeddings, ``--encoder-option feature_stage=...``) around a timm model
+    for wrapped in ("trunk", "backbone"):
+        inner = getattr(module, wrapped, None)
+        if inner is not None and hasattr(inner, "group_matcher"):
+            levels, num = _levels_timm(inner)
+            out = {f"{wrapped}.{k}": v for k, v in levels.items()}
+            for n in names:  # open_clip's head / projection on top of the trunk
+                out.setdefault(n, Level(num + 1, "head"))
+            return out, num
     if hasattr(module, "group_matcher"):
         return _levels_timm(module)
     raise FinetuneError(
@@ -161,9 +166,10 @@ def level_lr(level: int, num_blocks: int, lr: float, decay: float) -> float:
 def _no_decay_names(module: torch.nn.Module) -> set[str]:
     fn = getattr(module, "no_weight_decay", None)
     names = set(fn()) if callable(fn) else set()
-    trunk = getattr(module, "trunk", None)
-    if trunk is not None and callable(getattr(trunk, "no_weight_decay", None)):
-        names |= {f"trunk.{n}" for n in trunk.no_weight_decay()}
+    for wrapped in ("trunk", "backbone"):
+        inner = getattr(module, wrapped, None)
+        if inner is not None and callable(getattr(inner, "no_weight_decay", None)):
+            names |= {f"{wrapped}.{n}" for n in inner.no_weight_decay()}
     return names
 
 

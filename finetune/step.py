@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from retailklip.devices import autocast
+from retailklip.encoders.base import normalize_embeddings
 
 
 def seed_everything(seed: int, epoch: int = 0) -> None:
@@ -37,6 +38,11 @@ class Stepper:
         precision: ``fp32``, ``bf16`` or ``fp16`` (fp16 enables the gradient scaler).
         accum_steps: micro-batches per optimizer step (>= 1).
         clip_grad: gradient-norm clipping threshold, or None.
+        groups: the encoder's parts (:attr:`retailklip.encoders.Encoder.groups`: a count of equal
+            parts or their widths).  With more than one part (multi-scale or pooled + stage
+            embeddings) each part of the features is L2-normalised on its own before the loss, as
+            the catalog's embedding is, so that ArcFace's cosine is the mean of the parts' cosines
+            (the similarity 1-NN ranks by); with one part the features go in as they are.
 
     Attributes:
         scaler: the ``torch.amp.GradScaler`` (disabled unless fp16).
@@ -44,7 +50,8 @@ class Stepper:
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
-                 device: torch.device, precision: str, accum_steps: int = 1, clip_grad: float | None = None) -> None:
+                 device: torch.device, precision: str, accum_steps: int = 1, clip_grad: float | None = None,
+                 groups: int | tuple[int, ...] = 1) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.optimizer = optimizer
@@ -53,6 +60,7 @@ class Stepper:
         self.precision = precision
         self.accum_steps = accum_steps
         self.clip_grad = clip_grad
+        self.groups = groups
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.step = 0
 
@@ -72,7 +80,10 @@ class Stepper:
         y = targets.to(self.device, non_blocking=True)
         with autocast(self.device, self.precision):
             feats = self.model(x)
-        loss = self.loss_fn(feats.float(), y)
+        feats = feats.float()
+        if self.groups != 1:
+            feats = normalize_embeddings(feats, groups=self.groups)
+        loss = self.loss_fn(feats, y)
         self.scaler.scale(loss / self.accum_steps).backward()
         if step:
             self.optimizer_step()

@@ -142,7 +142,8 @@ class Trainer:
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
         self.scheduler = warmup_cosine(self.optimizer, self.warmup_steps, self.total_steps, cfg.min_lr_ratio)
         self.stepper = Stepper(self.model, self.objective, self.optimizer, self.scheduler, device=self.device,
-                               precision=self.precision, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad)
+                               precision=self.precision, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad,
+                               groups=self.encoder.groups)
         self.transform = train_transform(self.encoder, scale=(cfg.crop_scale, 1.0), size=cfg.train_size)
         self.evaluator = ZeroShotEvaluator(self.data.eval, self.encoder, augmentations=cfg.augmentations, seed=cfg.eval_seed,
                                            cache_mb=cfg.eval_cache_mb, progress=cfg.progress)

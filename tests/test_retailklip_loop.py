@@ -55,6 +55,9 @@ def test_writes_finetuned_encoder_and_rebuilds_onto_it(loop):
     out, _, res = loop
     weights = load_file(out / "encoder.safetensors")
     assert any(k.startswith("conv_stem") for k in weights) and not any(k.startswith("classifier") for k in weights)
+    # trained on the catalogs' embedding (pooled + last stage), exported as the plain timm model's weights
+    argv = res["finetune"]["argv"]
+    assert argv[argv.index("feature_stage=" + json.dumps(res["split"]["feature_stage"])) - 1] == "--encoder-option"
     for name in ("all", "known"):
         cat = Catalog.open(out / f"catalog-{name}")
         assert cat.encoder_identity().key == res["after"]["encoder"]
