@@ -52,6 +52,11 @@ shipped recipe's encoders at the shipped embedding (``shipped + stage -1``).  Ru
 the run: the challenger replaces the loop's recipe only if its pooled gain there is positive
 with the 95 % class-bootstrap interval excluding zero (one candidate).
 
+Round 4 (after round 3 shipped ``iconic12-decay0.9-stage``): ``--recipe iconic12-decay0.9-stage
+--challenger iconic12-decay0.9-stage2 --challenger-stage '["pooled", -2, -1]'``: ArcFace on the
+pooled output and the last *two* stages (96 + 320 channels), evaluated at that embedding (three
+parts) against the round-3 recipe at pooled + last stage; the same rule (one candidate).
+
 ``--speed R``: the embedding cost of pooled + last stage against the pooled output alone on this
 CPU (:func:`bench_multiscale_cv.speed`: 32 real train photos, R interleaved repeats, 2 torch
 threads, minimum and median ms per image) and the index vector size.
@@ -89,10 +94,18 @@ GEOMETRIES = {
     "224c1.0": {"interpolation": "bilinear", "crop_pct": 1.0, "input_size": 224},
     "288c1.0": {"interpolation": "bilinear", "crop_pct": 1.0, "input_size": 288},
     "224stage-1": {"interpolation": "bilinear", "feature_stage": -1},
-    "224pooled+stage-1": {"interpolation": "bilinear", "feature_stage": ["pooled", -1]},  # the challenger's (round 3)
 }
-#: round 3: the challenger recipe's fold encoders at the embedding shipped in round 2
-CHALLENGER_GEOMETRY = "224pooled+stage-1"
+#: rounds 3 and 4: the challenger recipe's fold encoders at its own embedding (``--challenger-stage``)
+CHALLENGER_STAGE = ["pooled", -1]
+
+
+def challenger_geometry(stage: list) -> tuple[str, dict]:
+    """Cache name and encoder options of the challenger's embedding at the shipped geometry
+    (224 px, crop 0.875): the pooled output first, then the listed stages."""
+    if not stage or stage[0] != "pooled" or len(stage) < 2:
+        raise SystemExit(f"--challenger-stage must start with \"pooled\" and name a stage, got {stage!r}")
+    name = "224" + "+".join("pooled" if s == "pooled" else f"stage{s}" for s in stage)
+    return name, {"interpolation": "bilinear", "feature_stage": list(stage)}
 CHALLENGER = "challenger"  # round 3's rows: the --challenger recipe's encoders
 SHIPPED = "shipped"  # the loop's geometry (224 px, crop_pct 0.875), features cached by fold_features
 #: per round, candidate -> the geometries whose features are concatenated (each part normalised on its own)
@@ -105,14 +118,15 @@ QUERIES = 10
 CENTER_STRIDE = 6
 
 
-def embed(weights: Path, geometry: str, paths: list[Path], npy: Path, prepared: dict, log=print) -> np.ndarray:
+def embed(weights: Path, geometry: str, paths: list[Path], npy: Path, prepared: dict, log=print,
+          options: dict | None = None) -> np.ndarray:
     """float64 (N, D) raw features (not normalised) of ``paths`` under ``weights`` at ``geometry``,
     cached in ``npy`` (keyed by the path list); ``prepared`` keeps the decoded inputs of one
-    geometry between encoders."""
+    geometry between encoders; ``options`` replace ``GEOMETRIES[geometry]``."""
     key = hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()[:12]
     npy = npy.with_name(f"{npy.stem}-{key}.npy")
     if not npy.is_file():
-        enc = create_encoder(ENCODER, weights=weights, **GEOMETRIES[geometry])
+        enc = create_encoder(ENCODER, weights=weights, **(options or GEOMETRIES[geometry]))
         if prepared.get("geometry") != geometry:
             prepared.clear()
             t = time.perf_counter()
@@ -149,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--speed", type=int, default=0, metavar="R", help="also time the embedding, R interleaved repeats")
     p.add_argument("--challenger", default=None, metavar="RECIPE",
-                   help="round 3: this recipe's fold encoders at pooled + last stage against the shipped recipe's")
+                   help="rounds 3-4: this recipe's fold encoders at their embedding against --recipe's at pooled + last stage")
+    p.add_argument("--challenger-stage", type=json.loads, default=CHALLENGER_STAGE, metavar="JSON",
+                   help=f"the challenger's feature_stage (default {json.dumps(CHALLENGER_STAGE)}; it was trained on it)")
     args = p.parse_args(argv)
     start = time.perf_counter()
     store = read_grocery_store(args.data)
@@ -181,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(run, int((run / "seed.txt").read_text()) if (run / "seed.txt").is_file() else 0) for run in args.runs]
     cache = args.cache / "finetuned-input"
     prepared: dict = {}
-    for g in (g for g in GEOMETRIES if g != CHALLENGER_GEOMETRY):  # geometry outer: each geometry's inputs decoded once
+    for g in GEOMETRIES:  # geometry outer: each geometry's inputs decoded once
         feats.setdefault(("raw", ""), {})[g] = embed(WEIGHTS, g, sub_paths, cache / f"raw-{g}.npy", prepared)
         for run, _ in runs:
             for f in range(3):
@@ -189,13 +205,13 @@ def main(argv: list[str] | None = None) -> int:
                 feats.setdefault((run.name, str(f)), {})[g] = embed(
                     w, g, sub_paths, cache / f"{run.name}-fold{f}-{args.recipe}-{g}.npy", prepared)
     if args.challenger:
-        widths = list(create_encoder(ENCODER, weights=WEIGHTS, **GEOMETRIES[CHALLENGER_GEOMETRY]).groups)  # (pooled, stage)
+        cg, copts = challenger_geometry(args.challenger_stage)
+        widths = list(create_encoder(ENCODER, weights=WEIGHTS, **copts).groups)  # (pooled, stage, ...)
         for run, _ in runs:
             for f in range(3):
                 w = run / f"fold{f}" / args.challenger / "encoder.safetensors"
                 feats[(run.name, str(f))][CHALLENGER] = embed(
-                    w, CHALLENGER_GEOMETRY, sub_paths, cache / f"{run.name}-fold{f}-{args.challenger}-{CHALLENGER_GEOMETRY}.npy",
-                    prepared)
+                    w, cg, sub_paths, cache / f"{run.name}-fold{f}-{args.challenger}-{cg}.npy", prepared, options=copts)
     prepared.clear()
     shipped_raw = cached_features("bilinear", [(q, 0) for q in items], args.cache,
                                   options={"interpolation": "bilinear"}).astype(np.float64)[need]
@@ -228,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
                     methods[f"{enc} {cand}"] = unit([geo[g] for g in gs], centre)
             if args.challenger:
                 x = feats[(run.name, str(f.index))][CHALLENGER]
-                pooled, stage = np.split(x, np.cumsum(widths)[:-1], axis=1)
-                methods[f"{CHALLENGER} {SHIPPED}"] = unit([pooled], centre)
-                methods[f"{CHALLENGER} {SHIPPED} + stage -1"] = unit([pooled, stage], centre)
+                parts = np.split(x, np.cumsum(widths)[:-1], axis=1)
+                methods[f"{CHALLENGER} {SHIPPED}"] = unit(parts[:1], centre)
+                methods[f"{CHALLENGER} {SHIPPED} + stage -1"] = unit([parts[0], parts[-1]], centre)
+                methods[f"{CHALLENGER} embedding"] = unit(parts, centre)  # the rule's row: all its parts
             methods["raw main job"] = normalise(main_job, main_job[centre].mean(0), mj_groups)
             ens = np.concatenate([methods["finetuned shipped"], methods["raw main job"]], 1) / np.sqrt(2)
             methods["finetuned shipped + raw main job"] = ens  # cosine = mean of the two cosines
@@ -269,11 +286,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nround {r} rule (Bonferroni interval of the gain over shipped above zero): "
               f"{', '.join(won) if won else 'no candidate passes; shipped stays'}")
     if args.challenger:
-        print(f"\n## Round 3: the finetune trained on pooled + last stage ({args.challenger}) against {args.recipe}\n")
-        print("| embedding at evaluation | shipped recipe, pooled | challenger, per replicate | challenger, pooled | "
+        print(f"\n## Challenger {args.challenger} (feature_stage {json.dumps(args.challenger_stage)}) against {args.recipe} "
+              "(pooled + last stage)\n")
+        print("| challenger's embedding at evaluation | shipped recipe, pooled | challenger, per replicate | challenger, pooled | "
               f"minus shipped recipe [95 %] | McNemar (all replicates) | minus {raw_best} [95 %] |\n|---|---|---|---|---|---|---|")
-        for emb in (f"{SHIPPED} + stage -1", SHIPPED):
-            c, base = correct[f"{CHALLENGER} {emb}"], correct[f"finetuned {emb}"]
+        rows = [("embedding", f"{SHIPPED} + stage -1")]  # (challenger's, the shipped recipe's): the rule's row first
+        if len(widths) > 2:
+            rows.append((f"{SHIPPED} + stage -1", f"{SHIPPED} + stage -1"))
+        rows.append((SHIPPED, SHIPPED))
+        for emb, ref_emb in rows:
+            c, base = correct[f"{CHALLENGER} {emb}"], correct[f"finetuned {ref_emb}"]
             d = c.mean(0) - base.mean(0)
             lo, hi = class_bootstrap(d, cls, args.bootstrap, 0.95)
             mc = mcnemar(c.ravel(), base.ravel())
@@ -285,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             out[f"{CHALLENGER} {emb}"] = {"per_replicate": c.mean(1).tolist(), "pooled": float(c.mean()),
                                           "minus_shipped_recipe": [float(d.mean()), lo, hi], "mcnemar": vars(mc),
                                           f"minus {raw_best}": [float(dr.mean()), rlo, rhi]}
-        won = out[f"{CHALLENGER} {SHIPPED} + stage -1"]["minus_shipped_recipe"][1] > 0
-        print(f"\nround 3 rule (95 % interval of the gain at pooled + last stage above zero): "
+        won = out[f"{CHALLENGER} embedding"]["minus_shipped_recipe"][1] > 0
+        print(f"\nrule (95 % interval of the gain of the challenger's embedding over the shipped one above zero): "
               f"{args.challenger + ' replaces ' + args.recipe if won else 'the shipped recipe stays'}")
     print(f"{time.perf_counter() - start:.0f} s")
     if args.json:
