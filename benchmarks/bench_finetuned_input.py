@@ -246,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                 x = feats[(run.name, str(f.index))][CHALLENGER]
                 parts = np.split(x, np.cumsum(widths)[:-1], axis=1)
                 methods[f"{CHALLENGER} {SHIPPED}"] = unit(parts[:1], centre)
-                methods[f"{CHALLENGER} {SHIPPED} + stage -1"] = unit([parts[0], parts[-1]], centre)
                 methods[f"{CHALLENGER} embedding"] = unit(parts, centre)  # the rule's row: all its parts
+                if len(parts) > 2:  # also at the shipped embedding (for two parts it is the row above)
+                    methods[f"{CHALLENGER} {SHIPPED} + stage -1"] = unit([parts[0], parts[-1]], centre)
             methods["raw main job"] = normalise(main_job, main_job[centre].mean(0), mj_groups)
             ens = np.concatenate([methods["finetuned shipped"], methods["raw main job"]], 1) / np.sqrt(2)
             methods["finetuned shipped + raw main job"] = ens  # cosine = mean of the two cosines

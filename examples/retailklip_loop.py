@@ -127,6 +127,12 @@ def catalog_options(args) -> dict:
     return {**OPTIONS, **({"feature_stage": args.feature_stage} if args.feature_stage is not None else {})}
 
 
+def trained_feature_stage(args):
+    """The feature_stage the finetune trains on (``--train-on-catalog-embedding``): the catalogs'
+    (``--feature-stage``), or None for the pooled output alone."""
+    return args.feature_stage if args.train_on_catalog_embedding else None
+
+
 def split(args) -> dict:
     """The class and photo split of step 1 (deterministic in ``args.seed``)."""
     store = read_grocery_store(args.data)
@@ -337,8 +343,8 @@ def finetune(s: dict, files: dict, out: Path, args) -> dict:
             "--eval-every", str(args.epochs), "--threads", str(args.threads), "--seed", str(args.seed), "--no-progress"]
     if args.train_size:
         argv += ["--train-size", str(args.train_size)]
-    if args.train_on_catalog_embedding and args.feature_stage is not None:  # ArcFace on what the catalogs compare
-        argv += ["--encoder-option", "feature_stage=" + json.dumps(args.feature_stage)]
+    if trained_feature_stage(args) is not None:  # ArcFace on what the catalogs compare
+        argv += ["--encoder-option", "feature_stage=" + json.dumps(trained_feature_stage(args))]
     threads = torch.get_num_threads()
     metrics = finetune_run(config_from_args(build_parser().parse_args(argv)))
     torch.set_num_threads(threads)
@@ -520,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "split": {"train_iconic": args.train_iconic, "center_after": bool(args.center_after and center),
                   "feature_stage": args.feature_stage,
-                  "train_on_catalog_embedding": bool(args.train_on_catalog_embedding and args.feature_stage is not None),
+                  "train_on_catalog_embedding": trained_feature_stage(args) is not None,
                   "reference_copies": args.reference_copies if args.train_iconic else None, "rule": f"coarse class id % 2 == {args.held_out_parity} held out", "training_classes": len(s["trained"]),
                   "training_photos": len(s["train_photos"]), "held_out_classes": len(s["held"]),
                   "folds": args.folds, "capture_groups": s["capture_groups"],

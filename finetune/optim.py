@@ -54,6 +54,9 @@ DEFAULT_LR_DECAY = 0.7
 
 _OPEN_CLIP_EMBED = re.compile(r"^(conv1\.|class_embedding$|positional_embedding$|ln_pre\.|patch_embed\.)")
 _OPEN_CLIP_BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.")
+#: Attributes under which an encoder module wraps a timm model: open_clip's ``TimmModel.trunk`` and
+#: retailklip's ``MultiScalePooled.backbone`` (multi-scale or intermediate-stage embeddings).
+_WRAPPED_TIMM = ("trunk", "backbone")
 
 
 @dataclass(frozen=True)
@@ -81,9 +84,7 @@ def parameter_levels(module: torch.nn.Module) -> tuple[dict[str, Level], int]:
     names = [n for n, _ in module.named_parameters()]
     if hasattr(module, "transformer") and hasattr(module.transformer, "resblocks"):
         return _levels_open_clip(names)
-    # open_clip TimmModel (``trunk``) or retailklip's MultiScalePooled (``backbone``: multi-scale
-    # or intermediate-stage embeddings, ``--encoder-option feature_stage=...``) around a timm model
-    for wrapped in ("trunk", "backbone"):
+    for wrapped in _WRAPPED_TIMM:
         inner = getattr(module, wrapped, None)
         if inner is not None and hasattr(inner, "group_matcher"):
             levels, num = _levels_timm(inner)
@@ -166,7 +167,7 @@ def level_lr(level: int, num_blocks: int, lr: float, decay: float) -> float:
 def _no_decay_names(module: torch.nn.Module) -> set[str]:
     fn = getattr(module, "no_weight_decay", None)
     names = set(fn()) if callable(fn) else set()
-    for wrapped in ("trunk", "backbone"):
+    for wrapped in _WRAPPED_TIMM:
         inner = getattr(module, wrapped, None)
         if inner is not None and callable(getattr(inner, "no_weight_decay", None)):
             names |= {f"{wrapped}.{n}" for n in inner.no_weight_decay()}

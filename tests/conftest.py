@@ -85,6 +85,35 @@ def grocery_store(grocery):
     return read_grocery_store(grocery)
 
 
+def write_role_csv(path: Path, rows) -> Path:
+    """A finetune CSV ``image,label,role`` with ``rows`` of (image, label, role); returns ``path``."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([("image", "label", "role"), *rows])
+    return path
+
+
+@pytest.fixture(scope="session")
+def finetune_csvs(tmp_path_factory, grocery_store) -> dict:
+    """Small finetune inputs from real GroceryStore train photos: ``train`` (classes 0-2, 3 photos
+    each), ``eval`` (classes 40-41: packshot + 2 photos each), and ``photos`` (label -> its train
+    photo paths) and ``classes`` for tests that add their own CSVs."""
+    root = tmp_path_factory.mktemp("finetune-csvs")
+    photos: dict[str, list[Path]] = {}
+    for p in grocery_store.photos("train"):
+        photos.setdefault(p.label, []).append(p.path)
+    classes = grocery_store.classes
+    return {
+        "train": write_role_csv(root / "train.csv", [(str(q), c.name, "query") for c in classes[0:3]
+                                                     for q in photos[c.name][:3]]),
+        "eval": write_role_csv(root / "eval.csv", [r for c in classes[40:42] for r in [
+            (str(c.iconic), c.name, "reference"), *[(str(q), c.name, "query") for q in photos[c.name][:2]]]]),
+        "photos": photos,
+        "classes": classes,
+    }
+
+
 @pytest.fixture(scope="session")
 def iconic(grocery_store) -> list[tuple[int, str, Path]]:
     """(class id, class name, iconic image path) for the 81 GroceryStore classes."""

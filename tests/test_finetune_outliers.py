@@ -3,14 +3,13 @@ the loss on hand-made embeddings, and a training run on real GroceryStore photos
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
+from conftest import TINY_CLIP_OPTIONS, TINY_CLIP_SPEC, write_role_csv
 
 from finetune.cli import main
 from finetune.config import TrainConfig
@@ -74,26 +73,16 @@ def test_weight_must_be_positive():
 
 
 @pytest.fixture(scope="module")
-def real_csvs(tmp_path_factory, grocery_store) -> dict[str, Path]:
-    """Train: 3 classes x 3 photos; eval: 2 classes (packshot + 2 photos); outliers: 2 other classes x 3 photos."""
+def real_csvs(tmp_path_factory, finetune_csvs) -> dict[str, Path]:
+    """The shared train (3 classes x 3 photos) and eval (2 classes: packshot + 2 photos) CSVs, plus
+    outliers: 2 other classes x 3 photos, and overlap: 2 more photos of a training class."""
     root = tmp_path_factory.mktemp("oe")
-    photos: dict[str, list[Path]] = {}
-    for p in grocery_store.photos("train"):
-        photos.setdefault(p.label, []).append(p.path)
-    classes = grocery_store.classes
-    train, held, other = classes[0:3], classes[40:42], classes[70:72]
-
-    def write(name: str, rows) -> Path:
-        with open(root / name, "w", newline="") as f:
-            csv.writer(f).writerows([("image", "label", "role"), *rows])
-        return root / name
-
+    photos, classes = finetune_csvs["photos"], finetune_csvs["classes"]
+    train, other = classes[0:3], classes[70:72]
     return {
-        "train": write("train.csv", [(str(q), c.name, "query") for c in train for q in photos[c.name][:3]]),
-        "eval": write("eval.csv", [r for c in held for r in [(str(c.iconic), c.name, "reference"),
-                                                             *[(str(q), c.name, "query") for q in photos[c.name][:2]]]]),
-        "outliers": write("outliers.csv", [(str(q), c.name, "query") for c in other for q in photos[c.name][:3]]),
-        "overlap": write("overlap.csv", [(str(q), train[0].name, "query") for q in photos[train[0].name][3:5]]),
+        "train": finetune_csvs["train"], "eval": finetune_csvs["eval"],
+        "outliers": write_role_csv(root / "outliers.csv", [(str(q), c.name, "query") for c in other for q in photos[c.name][:3]]),
+        "overlap": write_role_csv(root / "overlap.csv", [(str(q), train[0].name, "query") for q in photos[train[0].name][3:5]]),
     }
 
 

@@ -5,9 +5,6 @@ timm model's plain state dict.  Real GroceryStore photos and the shared ImageNet
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -75,37 +72,15 @@ def test_blockwise_decay_reaches_the_wrapped_model(mobilenet_weights):
     assert {g["name"].split("/")[0] for g in staged} >= {"block 3", "block 6", "head"}
 
 
-@pytest.fixture(scope="module")
-def real_csvs(tmp_path_factory, grocery_store) -> dict[str, Path]:
-    """Train: 3 classes x 3 photos; eval: 2 other classes (packshot + 2 photos)."""
-    root = tmp_path_factory.mktemp("stage")
-    photos: dict[str, list[Path]] = {}
-    for p in grocery_store.photos("train"):
-        photos.setdefault(p.label, []).append(p.path)
-    classes = grocery_store.classes
-
-    def write(name: str, rows) -> Path:
-        with open(root / name, "w", newline="") as f:
-            csv.writer(f).writerows([("image", "label", "role"), *rows])
-        return root / name
-
-    return {
-        "train": write("train.csv", [(str(q), c.name, "query") for c in classes[0:3] for q in photos[c.name][:3]]),
-        "eval": write("eval.csv", [r for c in classes[40:42] for r in [(str(c.iconic), c.name, "reference"),
-                                                                       *[(str(q), c.name, "query") for q in photos[c.name][:2]]]]),
-        "photos": [photos[c.name][5] for c in classes[0:3]],
-    }
-
-
-def test_finetune_with_pooled_and_stage_exports_the_plain_weights(real_csvs, mobilenet_weights, tmp_path):
-    cfg = TrainConfig(data=str(real_csvs["train"]), eval_data=str(real_csvs["eval"]), out=str(tmp_path),
+def test_finetune_with_pooled_and_stage_exports_the_plain_weights(finetune_csvs, mobilenet_weights, tmp_path):
+    cfg = TrainConfig(data=str(finetune_csvs["train"]), eval_data=str(finetune_csvs["eval"]), out=str(tmp_path),
                       encoder=MOBILENET_SPEC, weights=str(mobilenet_weights), encoder_options=STAGE, epochs=1, depth=3,
                       batch_size=4, warmup_epochs=0, lr=1e-3, freeze_blocks=3, workers=0, progress=False, device="cpu")
     t = Trainer(cfg)
     assert t.embedding_size == 1600 and t.stepper.groups == (1280, 320)
     t.train_epoch()
     path = t.export()
-    photos = real_csvs["photos"]
+    photos = [finetune_csvs["photos"][c.name][5] for c in finetune_csvs["classes"][0:3]]  # not trained on
     trained = t.encoder.embed(photos)
     # the file is the timm model's state dict: it loads with the option (same embedding) and without it
     np.testing.assert_allclose(create_encoder(MOBILENET_SPEC, weights=path, **STAGE).embed(photos), trained, atol=1e-5)
