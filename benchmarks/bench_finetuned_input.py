@@ -57,6 +57,14 @@ Round 4 (after round 3 shipped ``iconic12-decay0.9-stage``): ``--recipe iconic12
 pooled output and the last *two* stages (96 + 320 channels), evaluated at that embedding (three
 parts) against the round-3 recipe at pooled + last stage; the same rule (one candidate).
 
+Round 5 (after round 4 left ``iconic12-decay0.9-stage`` shipped): ``--recipe iconic12-decay0.9-stage
+--challenger-wise 0.5``: WiSE-FT (Wortsman et al., "Robust fine-tuning of zero-shot models",
+CVPR 2022, §2), the shipped recipe's fold encoders with every weight replaced by the mean of the
+finetuned and the ImageNet weights it started from (:func:`finetune.wise.interpolate_weights`,
+alpha = 0.5, the paper's untuned choice; no cost at inference), at the shipped embedding (pooled +
+last stage).  Rule fixed before the run: the same as rounds 3 and 4, one candidate (alpha = 0.5);
+other alphas may be printed afterwards but are not candidates of this round.
+
 ``--speed R``: the embedding cost of pooled + last stage against the pooled output alone on this
 CPU (:func:`bench_multiscale_cv.speed`: 32 real train photos, R interleaved repeats, 2 torch
 threads, minimum and median ms per image) and the index vector size.
@@ -88,6 +96,8 @@ from retailklip.calibration import nearest_skus
 from retailklip.datasets import read_grocery_store
 from retailklip.encoders import create_encoder
 from retailklip.protocol import class_disjoint_folds, mcnemar
+
+from finetune.wise import interpolate_weights
 
 #: geometry name -> create_encoder options (on top of the weights)
 GEOMETRIES = {
@@ -140,6 +150,16 @@ def embed(weights: Path, geometry: str, paths: list[Path], npy: Path, prepared: 
     return np.load(npy).astype(np.float64)
 
 
+def wise_weights(finetuned: Path, alpha: float, out: Path) -> Path:
+    """``out``: WiSE-FT weights, ``(1 - alpha) * ImageNet + alpha * finetuned`` (written once)."""
+    if not out.is_file():
+        from safetensors.torch import load_file, save_file
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(interpolate_weights(load_file(str(WEIGHTS)), load_file(str(finetuned)), alpha), str(out))
+    return out
+
+
 def class_bootstrap(diff: np.ndarray, cls: np.ndarray, n_boot: int, level: float, seed: int = 0) -> tuple[float, float]:
     """Percentile interval of the mean of per-photo ``diff`` with whole classes resampled."""
     ids = np.unique(cls)
@@ -166,7 +186,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="rounds 3-4: this recipe's fold encoders at their embedding against --recipe's at pooled + last stage")
     p.add_argument("--challenger-stage", type=json.loads, default=CHALLENGER_STAGE, metavar="JSON",
                    help=f"the challenger's feature_stage (default {json.dumps(CHALLENGER_STAGE)}; it was trained on it)")
+    p.add_argument("--challenger-wise", type=float, default=None, metavar="ALPHA",
+                   help="round 5: the challenger is --recipe's fold encoders interpolated with the ImageNet weights (WiSE-FT)")
     args = p.parse_args(argv)
+    if args.challenger_wise is not None:
+        if args.challenger:
+            p.error("--challenger-wise names its own challenger; drop --challenger")
+        args.challenger = f"{args.recipe}-wise{args.challenger_wise:g}"
     start = time.perf_counter()
     store = read_grocery_store(args.data)
     if args.speed:
@@ -210,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         for run, _ in runs:
             for f in range(3):
                 w = run / f"fold{f}" / args.challenger / "encoder.safetensors"
+                if args.challenger_wise is not None:
+                    w = wise_weights(run / f"fold{f}" / args.recipe / "encoder.safetensors", args.challenger_wise,
+                                     cache / "wise" / f"{run.name}-fold{f}-{args.challenger}.safetensors")
                 feats[(run.name, str(f))][CHALLENGER] = embed(
                     w, cg, sub_paths, cache / f"{run.name}-fold{f}-{args.challenger}-{cg}.npy", prepared, options=copts)
     prepared.clear()
