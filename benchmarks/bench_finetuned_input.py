@@ -60,8 +60,8 @@ parts) against the round-3 recipe at pooled + last stage; the same rule (one can
 Round 5 (after round 4 left ``iconic12-decay0.9-stage`` shipped): ``--recipe iconic12-decay0.9-stage
 --challenger-wise 0.5``: WiSE-FT (Wortsman et al., "Robust fine-tuning of zero-shot models",
 CVPR 2022, §2), the shipped recipe's fold encoders with every weight replaced by the mean of the
-finetuned and the ImageNet weights it started from (:func:`finetune.wise.interpolate_weights`,
-alpha = 0.5, the paper's untuned choice; no cost at inference), at the shipped embedding (pooled +
+finetuned and the ImageNet weights it started from (:func:`interpolate_weights`, alpha = 0.5,
+the paper's untuned choice; no cost at inference), at the shipped embedding (pooled +
 last stage).  Rule fixed before the run: the same as rounds 3 and 4, one candidate (alpha = 0.5);
 other alphas may be printed afterwards but are not candidates of this round.
 
@@ -96,8 +96,6 @@ from retailklip.calibration import nearest_skus
 from retailklip.datasets import read_grocery_store
 from retailklip.encoders import create_encoder
 from retailklip.protocol import class_disjoint_folds, mcnemar
-
-from finetune.wise import interpolate_weights
 
 #: geometry name -> create_encoder options (on top of the weights)
 GEOMETRIES = {
@@ -148,6 +146,17 @@ def embed(weights: Path, geometry: str, paths: list[Path], npy: Path, prepared: 
         np.save(npy, feats)
         log(f"{npy.name}: embedded in {time.perf_counter() - t:.0f} s")
     return np.load(npy).astype(np.float64)
+
+
+def interpolate_weights(start: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
+                        alpha: float) -> dict[str, torch.Tensor]:
+    """WiSE-FT (Wortsman et al., CVPR 2022, Eq. 1): ``(1 - alpha) * start + alpha * finetuned`` per
+    floating-point tensor (in float64, cast back), integer tensors (``num_batches_tracked``)
+    from ``finetuned``; the keys are ``finetuned``'s (``start``'s classifier is dropped)."""
+    if not 0 <= alpha <= 1:
+        raise SystemExit(f"--challenger-wise must be in [0, 1], got {alpha}")
+    return {k: ((1 - alpha) * start[k].double() + alpha * f.double()).to(f.dtype) if f.is_floating_point() else f
+            for k, f in finetuned.items()}
 
 
 def wise_weights(finetuned: Path, alpha: float, out: Path) -> Path:
