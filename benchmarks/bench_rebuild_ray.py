@@ -10,6 +10,11 @@ Rows (MobileNetV2, real GroceryStore iconic packshots, K views each):
    (1 thread each), on that local cluster.  Each Ray figure is end to end, as a rebuild pays it:
    actor start (Python + torch + timm import, encoder build) included; "first result" says
    how much of it came before the first batch arrived.
+4. ``--ray local`` as a rebuild of a catalog with outlier references runs it: two ``embed_ray``
+   calls (the first ``--split`` packshots as reference images, the rest as outlier references),
+   each connecting on its own (a cluster started and stopped per call, as before 2026-12-07) or
+   sharing one :class:`catalog.embedding.RayConnection` (one cluster, as ``catalog rebuild``
+   now does); ``--repeats`` interleaved runs of each, minimum wall time, its own ratio.
 
 Throughput is references/s (one reference = K views).  The last column checks that the Ray
 vectors are those of the baseline (max |difference|; 0 = bitwise equal).
@@ -18,6 +23,7 @@ vectors are those of the baseline (max |difference|; 0 = bitwise equal).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import sys
@@ -38,13 +44,15 @@ def main() -> None:
     p.add_argument("--images", type=int, default=81, help="iconic images (references), at most 81")
     p.add_argument("--augmentations", type=int, default=1, help="K views per reference")
     p.add_argument("--batch-size", type=int, default=16, help="references per Ray batch")
+    p.add_argument("--split", type=int, default=46, help="row 4: packshots used as reference images, the rest outliers")
+    p.add_argument("--repeats", type=int, default=2, help="row 4: interleaved runs of each way")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     repo = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(repo))  # the Ray workers inherit the driver's sys.path on this machine
     import ray
 
-    from catalog.embedding import EmbedJob, embed_local, embed_ray
+    from catalog.embedding import EmbedJob, RayConnection, embed_local, embed_ray
     from retailklip import create_encoder
     from retailklip.datasets import read_grocery_store
 
@@ -91,6 +99,28 @@ def main() -> None:
     finally:
         ray.shutdown()
 
+    # 4. a rebuild's two embedding calls (reference images, then outlier references) with --ray local
+    parts = (jobs[: args.split], [EmbedJob(j.reference_id, j.path, "outlier reference") for j in jobs[args.split:]])
+
+    def two_calls(shared: bool) -> float:
+        t = time.perf_counter()
+        with RayConnection("local") if shared else contextlib.nullcontext() as conn:
+            got = {rid: v for part in parts for rid, v in embed_ray(part, kw, k, 0, address=conn or "local",
+                                                                     num_workers=1, batch_size=args.batch_size)}
+        wall = time.perf_counter() - t
+        assert not ray.is_initialized() and max(float(np.abs(got[r] - base[r]).max()) for r in base) <= 1e-6
+        return wall
+
+    walls: dict[bool, list[float]] = {True: [], False: []}
+    for rep in range(args.repeats):
+        for shared in ((False, True) if rep % 2 == 0 else (True, False)):
+            walls[shared].append(two_calls(shared))
+    before, after = min(walls[False]), min(walls[True])
+    two = [("per-call connections (before)", f"{len(parts[0])} + {len(parts[1])} refs, 1 actor", f"{before:.1f}",
+            " / ".join(f"{w:.1f}" for w in walls[False]), "1.00", "a cluster started per call"),
+           ("one RayConnection (catalog rebuild)", f"{len(parts[0])} + {len(parts[1])} refs, 1 actor", f"{after:.1f}",
+            " / ".join(f"{w:.1f}" for w in walls[True]), f"{before / after:.2f}", "one cluster for both calls")]
+
     head = ("figure", "setting", "wall s", "first result s", "refs/s", "ratio", "note")
     w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     print(f"{n} GroceryStore iconic references x K={k} views, MobileNetV2 (CPU), Ray batch {args.batch_size} "
@@ -98,6 +128,13 @@ def main() -> None:
     print(" | ".join(h.ljust(w[i]) for i, h in enumerate(head)))
     print("-+-".join("-" * x for x in w))
     for r in rows:
+        print(" | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)))
+    head2 = ("--ray local, references then outliers", "setting", "min wall s", "each run s", "ratio", "note")
+    w = [max(len(str(r[i])) for r in two + [head2]) for i in range(len(head2))]
+    print(f"\n{args.repeats} interleaved runs each; ratio = per-call wall / wall (min over runs)\n")
+    print(" | ".join(h.ljust(w[i]) for i, h in enumerate(head2)))
+    print("-+-".join("-" * x for x in w))
+    for r in two:
         print(" | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)))
     print(f"\npeak RSS of the driver: {peak_rss_mib():.0f} MiB; ray {ray.__version__}; torch {torch.__version__}; "
           f"load average at the end: {os.getloadavg()[0]:.1f}")

@@ -275,13 +275,61 @@ def _connect(ray, address: str) -> bool:
     return True
 
 
+class RayConnection:
+    """One connection of this process to a Ray cluster, shared by several :func:`embed_ray` calls.
+
+    ``catalog rebuild --ray`` embeds the reference images, then the outlier references, then
+    what was added meanwhile: one :func:`embed_ray` call each.  Given an address, each call
+    connects and disconnects on its own, which for ``"local"`` starts and stops a throw-away
+    cluster per call (seconds each on an idle 2-core machine, minutes on a loaded one) and
+    re-initialises Ray in the same process.  Passed as ``embed_ray(address=connection)``, the calls
+    share this connection: the first call that has work connects, and leaving the ``with`` block
+    disconnects (stopping the cluster it started for ``"local"``).  A process already connected
+    (``ray.init`` called by the caller) keeps its connection.
+
+    Args:
+        address: as :func:`embed_ray`'s ``address``.
+    """
+
+    def __init__(self, address: str = "auto"):
+        self.address = address
+        self._started = False
+
+    def connect(self):
+        """Connect unless connected already; returns the ``ray`` module.
+
+        Raises:
+            CatalogError: Ray is not installed, or the cluster cannot be reached.
+        """
+        ray = _import_ray()
+        self._started = _connect(ray, self.address) or self._started
+        return ray
+
+    def close(self) -> None:
+        """Disconnect if :meth:`connect` connected (else nothing)."""
+        if self._started:
+            import ray
+
+            self._started = False
+            ray.shutdown()
+
+    def __str__(self) -> str:
+        return self.address
+
+    def __enter__(self) -> RayConnection:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def embed_ray(
     jobs: Sequence[EmbedJob],
     encoder_kwargs: dict,
     augmentations: int,
     seed: int,
     *,
-    address: str = "auto",
+    address: str | RayConnection = "auto",
     num_workers: int | None = None,
     batch_size: int = 16,
     threads_per_worker: int = 1,
@@ -299,7 +347,8 @@ def embed_ray(
     When this process is already connected to Ray (``ray.init`` was called), that connection
     is used and ``address`` is ignored; otherwise this connects on the first ``next()`` and
     disconnects (stopping the cluster it started, for ``"local"``) when the iterator is
-    exhausted or closed.
+    exhausted or closed, unless ``address`` is a :class:`RayConnection`, which stays connected
+    for the next call until it is closed.
 
     Args:
         jobs: the reference images; their paths must exist on every node (a relative path is
@@ -312,7 +361,8 @@ def embed_ray(
         seed: augmentation seed.
         address: ``"auto"`` (a running cluster: ``$RAY_ADDRESS`` or one started on this machine
             with ``ray start``), ``"local"`` (start a throw-away local cluster), ``"HOST:PORT"``
-            (the head node's GCS address) or ``"ray://HOST:PORT"`` (Ray Client).
+            (the head node's GCS address) or ``"ray://HOST:PORT"`` (Ray Client); or a
+            :class:`RayConnection` shared with other calls.
         num_workers: number of actors, each with its own encoder; None: an autoscaling pool of
             1 .. as many as the cluster's CPUs allow (``threads_per_worker`` CPUs each).
         batch_size: references per Ray batch (>= 1).
@@ -354,12 +404,13 @@ def _ray_results(items, encoder_kwargs, k, seed, address, num_workers, batch_siz
                  progress) -> Iterator[tuple[int, np.ndarray]]:
     if not items:
         return
-    ray = _import_ray()
+    own = not isinstance(address, RayConnection)
+    connection = RayConnection(address) if own else address
+    ray = connection.connect()
     ctx = ray.data.DataContext.get_current()
     saved = ctx.enable_progress_bars, ctx.print_on_execution_start
     data_log = logging.getLogger("ray.data")
     saved_level = data_log.level
-    started = _connect(ray, address)
     seen = 0
     what = jobs_noun([it["noun"] for it in items])
     try:
@@ -414,5 +465,5 @@ def _ray_results(items, encoder_kwargs, k, seed, address, num_workers, batch_siz
     finally:
         ctx.enable_progress_bars, ctx.print_on_execution_start = saved
         data_log.setLevel(saved_level)
-        if started:
-            ray.shutdown()
+        if own:
+            connection.close()

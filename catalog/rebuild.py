@@ -38,6 +38,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,7 @@ from retailklip.index_types import choose_index_type
 
 from . import index_store
 from .connection import CatalogConnection
+from .embedding import RayConnection
 from .errors import CatalogError, RebuildError, ValidationError
 from .faults import crash_point
 from .models import CatalogState, IndexVersion, VersionStatus
@@ -192,7 +194,8 @@ def added_meanwhile(references: int, outliers: int) -> str:
 
 
 def _activate(cat: CatalogConnection, version_id: int, encoder: Encoder, encoder_id: int, k: int, seed: int, *,
-              ray: str | None, ray_workers: int | None, batch: int, updates: dict | None = None) -> None:
+              ray: str | RayConnection | None, ray_workers: int | None, batch: int,
+              updates: dict | None = None) -> None:
     """Catch up with adds made meanwhile, then switch to ``version_id`` in one transaction that
     holds the writers' lock (an ``add`` embedding with the old encoder re-embeds after it)."""
     for _attempt in range(20):
@@ -284,7 +287,9 @@ def rebuild(
     if keep < 1 or batch < 1:
         raise CatalogError(f"--keep and --batch must be >= 1, got {keep}, {batch}")
     t0 = time.perf_counter()
-    with RebuildLock(cat.root):
+    # one Ray connection (made by the first embedding that needs it) for the references, the
+    # outlier references and the catch-up: RayConnection says why
+    with RebuildLock(cat.root), (RayConnection(ray) if ray else nullcontext()) as connection:
         fail_interrupted(cat)
         st = cat.settings()
         k, seed = int(st["augmentations"]), int(st["seed"])
@@ -294,7 +299,7 @@ def rebuild(
         logger.info("rebuild: version %d building with encoder %s", vid, enc.identity.key)
         crash_point("rebuild.started")
         try:
-            embedded, outliers = embed_all_missing(cat, enc, enc_id, k, seed, ray=ray, ray_workers=ray_workers,
+            embedded, outliers = embed_all_missing(cat, enc, enc_id, k, seed, ray=connection, ray_workers=ray_workers,
                                                    progress=progress, batch=batch)
             table, vectors = _read_vectors(cat, enc_id, k, enc.dim)
             t1 = time.perf_counter()
@@ -311,7 +316,7 @@ def rebuild(
             )
             crash_point("rebuild.written")
             del vectors
-            _activate(cat, vid, enc, enc_id, k, seed, ray=ray, ray_workers=ray_workers, batch=batch,
+            _activate(cat, vid, enc, enc_id, k, seed, ray=connection, ray_workers=ray_workers, batch=batch,
                       updates={"factory": factory, "vectors": int(index.ntotal), "recall_at_1": float(recall),
                                "index_sha256": sha,
                                "note": f"embedded {embedded}" + (f" + {outliers} outlier(s)" if outliers else "") + f"; {summary}"})

@@ -23,7 +23,7 @@ from sqlalchemy import delete, func, select
 
 from .codec import encode_vector
 from .connection import CatalogConnection
-from .embedding import EmbedJob, embed_local, embed_ray
+from .embedding import EmbedJob, RayConnection, embed_local, embed_ray
 from .faults import crash_point
 from .models import Embedding, OutlierEmbedding, OutlierReference, ReferenceImage
 
@@ -124,7 +124,8 @@ def embed_all_missing(cat: CatalogConnection, encoder: Encoder, encoder_id: int,
 
 
 def embed_missing(
-    cat: CatalogConnection, encoder: Encoder, encoder_id: int, k: int, seed: int, *, ray: str | None = None,
+    cat: CatalogConnection, encoder: Encoder, encoder_id: int, k: int, seed: int, *,
+    ray: str | RayConnection | None = None,
     ray_workers: int | None = None, progress: bool = False, batch: int = 64, kind: VectorKind = REFERENCES,
 ) -> int:
     """Embed every image of ``kind`` (default: SKU reference images) lacking vectors from
@@ -136,7 +137,8 @@ def embed_missing(
         encoder: the built encoder of row ``encoder_id``.
         encoder_id: its ``encoders`` row.
         k: views per reference; ``seed``: augmentation seed (the catalog's settings).
-        ray: Ray cluster address to embed on (None: this process); ``ray_workers``: actors.
+        ray: Ray cluster address, or a :class:`~catalog.embedding.RayConnection` shared with
+            other calls, to embed on (None: this process); ``ray_workers``: actors.
         progress: progress bar.
         batch: references per commit (>= 1).
         kind: :data:`REFERENCES` or :data:`OUTLIERS`.
@@ -150,7 +152,7 @@ def embed_missing(
     jobs = references_lacking_vectors(cat, encoder_id, k, kind)
     if not jobs:
         return 0
-    logger.info("embedding %d %s(s) (%s)", len(jobs), kind.noun, "ray " + ray if ray else "local")
+    logger.info("embedding %d %s(s) (%s)", len(jobs), kind.noun, f"ray {ray}" if ray else "local")
     if ray:
         it: Iterator = embed_ray(
             jobs, cat.encoder_kwargs(encoder_id), k, seed, address=ray, num_workers=ray_workers, progress=progress,

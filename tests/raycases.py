@@ -26,17 +26,31 @@ def embed_on_ray(jobs: list, encoder_kwargs: dict, k: int, seed: int, identity) 
 def rebuild_on_ray(root: Path, rebuild_kwargs: dict) -> dict:
     """``Catalog.rebuild(ray="local", ...)`` of the catalog at ``root``: ``{"version": ...}`` (the
     new version's fields) when it succeeds, ``{"error": ...}`` (the names of the error's class
-    and its bases, and its message) when it raises."""
+    and its bases, and its message) when it raises; either way ``"ray_inits"``, how many times
+    the rebuild called ``ray.init`` (each call started a local cluster), and
+    ``"connected_after"``, whether Ray was still connected when the rebuild returned."""
     import ray
 
     from catalog import Catalog
 
+    inits = []
+    real_init = ray.init
+
+    def counting_init(*args, **kwargs):
+        inits.append(kwargs.get("address"))
+        return real_init(*args, **kwargs)
+
+    ray.init = counting_init
     cat = Catalog.open(root)
     try:
-        v = cat.rebuild(ray="local", **rebuild_kwargs)
-        return {"version": {"encoder_key": v.encoder_key, "vectors": v.vectors, "note": v.note, "dim": v.dim}}
-    except Exception as e:  # noqa: BLE001 - returned for the test to check
-        return {"error": {"types": [c.__name__ for c in type(e).__mro__], "message": str(e)}}
+        try:
+            v = cat.rebuild(ray="local", **rebuild_kwargs)
+            out = {"version": {"encoder_key": v.encoder_key, "vectors": v.vectors, "note": v.note, "dim": v.dim}}
+        except Exception as e:  # noqa: BLE001 - returned for the test to check
+            out = {"error": {"types": [c.__name__ for c in type(e).__mro__], "message": str(e)}}
+        # the rebuild disconnects (stopping its local cluster) whether it succeeded or not
+        return {**out, "ray_inits": len(inits), "connected_after": ray.is_initialized()}
     finally:
+        ray.init = real_init
         ray.shutdown()
         cat.close()

@@ -336,6 +336,7 @@ def test_ray_rebuild_names_an_unreadable_outlier_an_outlier_reference(tmp_path, 
                        {"encoder": MOBILENET_SPEC, "weights": mobilenet_weights,
                         "encoder_options": MOBILENET_OPTIONS, "ray_workers": 1})
     assert "error" in res, res
+    assert res["ray_inits"] == 1 and not res["connected_after"], res  # one cluster for both, stopped
     err = res["error"]
     assert "InvalidImageError" in err["types"], err
     msg = err["message"]

@@ -330,13 +330,15 @@ def test_vector_ids_are_never_reused(tiny_catalog, iconic):
 
 
 def test_ray_rebuild_matches_the_single_process_rebuild(tmp_path, iconic, mobilenet_weights):
-    """`catalog rebuild --ray local`: Ray Data embeds on a local cluster; the vectors equal the
-    single-process rebuild's and every packshot finds itself.  The cluster runs in a spawned
-    process (tests/isolated.py says why)."""
+    """`catalog rebuild --ray local`: Ray Data embeds on a local cluster; the vectors, outlier
+    references' included, equal the single-process rebuild's and every packshot finds itself.
+    References and outliers are embedded on one cluster, started once and stopped at the end.
+    The cluster runs in a spawned process (tests/isolated.py says why)."""
     import shutil
 
     a = Catalog.init(tmp_path / "a", encoder=MOBILENET_SPEC, random_init=True, encoder_options=MOBILENET_OPTIONS)
     skus = _fill(a, iconic, 6)
+    a.add_outliers([iconic[40][2], iconic[41][2]])
     a.close()
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     a = Catalog.open(tmp_path / "a")
@@ -344,9 +346,13 @@ def test_ray_rebuild_matches_the_single_process_rebuild(tmp_path, iconic, mobile
     va = a.rebuild(**kw)
     res = run_isolated(rebuild_on_ray, tmp_path / "b", dict(ray_workers=2, **kw))
     assert "version" in res, res
+    assert res["ray_inits"] == 1 and not res["connected_after"], res
     vb = res["version"]
     b = Catalog.open(tmp_path / "b")
-    assert vb["encoder_key"] == va.encoder_key and vb["vectors"] == va.vectors == 6 and "embedded 6" in vb["note"]
+    assert vb["encoder_key"] == va.encoder_key and vb["vectors"] == va.vectors == 6
+    assert "embedded 6 + 2 outlier(s)" in vb["note"] and vb["note"].split(";")[0] == va.note.split(";")[0]
+    (oa, xoa), (ob, xob) = (c.existing_outlier_vectors(c.outlier_table(), va.dim) for c in (a, b))
+    assert len(oa) == len(ob) == 2 * a.settings()["augmentations"] and np.abs(xoa - xob).max() <= 1e-6
     ia, sa = a.embedding_table()
     ib, sb = b.embedding_table()
     order_a, order_b = np.argsort(sa, kind="stable"), np.argsort(sb, kind="stable")
