@@ -362,3 +362,23 @@ def test_ray_rebuild_matches_the_single_process_rebuild(tmp_path, iconic, mobile
     assert np.abs(xa - xb).max() <= 1e-6
     rec = Recognizer(b, threshold=2.0)
     assert [rec.recognize(p)[0].sku for _c, _n, p in iconic[:6]] == skus
+
+
+def test_rebuild_connects_to_ray_only_when_it_has_something_to_embed(tmp_path, iconic, mobilenet_weights):
+    """`--ray ADDRESS` connects on the first embedding that has work (catalog.embedding.RayConnection):
+    a rebuild whose vectors all exist never touches the (here unreachable) cluster; one that must
+    embed fails in one line naming the address, marks its version failed and keeps the old one
+    serving, and leaves this process unconnected."""
+    import ray
+
+    cat = Catalog.init(tmp_path / "c", encoder=MOBILENET_SPEC, random_init=True, encoder_options=MOBILENET_OPTIONS)
+    _fill(cat, iconic, 2)
+    v = cat.rebuild(ray="127.0.0.1:1")  # the same encoder: nothing to embed, no connection
+    assert v.active and v.vectors == 2 * cat.settings()["augmentations"] and not ray.is_initialized()
+    with pytest.raises(CatalogError) as e:
+        cat.rebuild(ray="127.0.0.1:1", encoder=MOBILENET_SPEC, weights=mobilenet_weights,
+                    encoder_options=MOBILENET_OPTIONS)
+    assert "127.0.0.1:1" in str(e.value) and "\n" not in str(e.value)
+    assert not ray.is_initialized()
+    newest, active = cat.versions()[0], next(x for x in cat.versions() if x.active)
+    assert newest.status == "failed" and active.id == v.id
