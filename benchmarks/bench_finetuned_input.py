@@ -65,6 +65,18 @@ the paper's untuned choice; no cost at inference), at the shipped embedding (poo
 last stage).  Rule fixed before the run: the same as rounds 3 and 4, one candidate (alpha = 0.5);
 other alphas may be printed afterwards but are not candidates of this round.
 
+Round 6 (after round 5 left ``iconic12-decay0.9-stage`` shipped): ``--recipe iconic12-decay0.9-stage
+--csls 10``: hubness reduction at the 1-NN, no training.  A few packshots ("hubs") are nearest to
+many photos, sibling products' photos included; cross-domain similarity local scaling (CSLS:
+Conneau et al., "Word translation without parallel data", ICLR 2018, §2.3, Eq. 6; k = 10, the
+paper's value) ranks the packshots g of a photo q by ``cos(q, g) - r(g) / 2`` with ``r(g)`` the
+mean cosine of g to its k nearest unlabeled store photos: the fold's centring photos, the ones
+the catalog already centres on (``r(q)`` is the same for every g of a photo and drops out).
+Applied to the shipped recipe's encoders at the catalog's embedding (``finetuned shipped + stage
+-1``); also printed for the raw main job (not a candidate).  Rule fixed before the run: one
+candidate, shipped only if its gain over plain 1-NN on the same embedding has a 95 %
+class-bootstrap interval above zero.
+
 ``--speed R``: the embedding cost of pooled + last stage against the pooled output alone on this
 CPU (:func:`bench_multiscale_cv.speed`: 32 real train photos, R interleaved repeats, 2 torch
 threads, minimum and median ms per image) and the index vector size.
@@ -124,6 +136,17 @@ ROUNDS = {
 CANDIDATES = {c: gs for r in ROUNDS.values() for c, gs in r.items()}
 QUERIES = 10
 CENTER_STRIDE = 6
+CSLS = "CSLS"
+#: round 6: the embeddings CSLS is applied to; the first is the rule's (the catalog's embedding)
+CSLS_ON = ("finetuned shipped + stage -1", "raw main job")
+
+
+def csls_nearest(queries: np.ndarray, gallery: np.ndarray, photos: np.ndarray, k: int) -> np.ndarray:
+    """int (Q,): per query row, the gallery row of largest ``cos(q, g) - r(g) / 2``, ``r(g)`` the
+    mean cosine of ``g`` to its ``k`` nearest ``photos`` (CSLS, Conneau et al. 2018, Eq. 6; all
+    inputs unit rows)."""
+    hub = np.sort(gallery @ photos.T, axis=1)[:, -k:].mean(1)
+    return np.argmax(queries @ gallery.T - hub / 2, axis=1)
 
 
 def embed(weights: Path, geometry: str, paths: list[Path], npy: Path, prepared: dict, log=print,
@@ -197,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"the challenger's feature_stage (default {json.dumps(CHALLENGER_STAGE)}; it was trained on it)")
     p.add_argument("--challenger-wise", type=float, default=None, metavar="ALPHA",
                    help="round 5: the challenger is --recipe's fold encoders interpolated with the ImageNet weights (WiSE-FT)")
+    p.add_argument("--csls", type=int, default=0, metavar="K",
+                   help="round 6: also rank packshots by CSLS with K nearest centring photos (0: off)")
     args = p.parse_args(argv)
     if args.challenger_wise is not None:
         if args.challenger:
@@ -293,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
             for m, x in methods.items():
                 named, _ = nearest_skus(x[g_rows], test, x[q_rows])
                 correct.setdefault(m, np.zeros((len(runs), len(first)), bool))[r, q_pos] = np.array(named) == np.array(truth)
+            for m in CSLS_ON if args.csls else ():
+                x = methods[m]
+                pred = np.array(test)[csls_nearest(x[q_rows], x[g_rows], x[centre], args.csls)]
+                correct.setdefault(f"{m} {CSLS}", np.zeros((len(runs), len(first)), bool))[r, q_pos] = pred == np.array(truth)
         print(f"{run}: done ({time.perf_counter() - start:.0f} s)")
 
     cls = labels[first]
@@ -305,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     out = {}
     for m, c in correct.items():
-        if m.startswith(CHALLENGER):
-            continue  # round 3's own table below
+        if m.startswith(CHALLENGER) or m.endswith(CSLS):
+            continue  # rounds 3-6 have their own tables below
         v = c.mean(0)
         d = v - ref
         lo, hi = class_bootstrap(d, cls, args.bootstrap, 0.95)
@@ -349,6 +378,22 @@ def main(argv: list[str] | None = None) -> int:
         won = out[f"{CHALLENGER} embedding"]["minus_shipped_recipe"][1] > 0
         print(f"\nrule (95 % interval of the gain of the challenger's embedding over the shipped one above zero): "
               f"{args.challenger + ' replaces ' + args.recipe if won else 'the shipped recipe stays'}")
+    if args.csls:
+        print(f"\n## Round 6: CSLS (k = {args.csls} centring photos) against plain 1-NN on the same embedding\n")
+        print("| embedding | plain 1-NN, pooled | CSLS, per replicate | CSLS, pooled | minus plain [95 %] | McNemar (all replicates) |\n"
+              "|---|---|---|---|---|---|")
+        for m in CSLS_ON:
+            c, base = correct[f"{m} {CSLS}"], correct[m]
+            d = c.mean(0) - base.mean(0)
+            lo, hi = class_bootstrap(d, cls, args.bootstrap, 0.95)
+            mc = mcnemar(c.ravel(), base.ravel())
+            print(f"| {m} | {base.mean():.3f} | {' / '.join(f'{a:.3f}' for a in c.mean(1))} | {c.mean():.3f} | "
+                  f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] | {mc.only_a} vs {mc.only_b}, p = {mc.p_value:.2g} |")
+            out[f"{m} {CSLS}"] = {"per_replicate": c.mean(1).tolist(), "pooled": float(c.mean()),
+                                  "minus_plain": [float(d.mean()), lo, hi], "mcnemar": vars(mc)}
+        won = out[f"{CSLS_ON[0]} {CSLS}"]["minus_plain"][1] > 0
+        print(f"\nround 6 rule (95 % interval of CSLS's gain on {CSLS_ON[0]} above zero): "
+              f"{'CSLS passes' if won else 'plain 1-NN stays'}")
     print(f"{time.perf_counter() - start:.0f} s")
     if args.json:
         args.json.write_text(json.dumps({"top1": out, "winners": winners,
