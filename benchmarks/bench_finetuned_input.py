@@ -117,15 +117,6 @@ GEOMETRIES = {
 }
 #: rounds 3 and 4: the challenger recipe's fold encoders at its own embedding (``--challenger-stage``)
 CHALLENGER_STAGE = ["pooled", -1]
-
-
-def challenger_geometry(stage: list) -> tuple[str, dict]:
-    """Cache name and encoder options of the challenger's embedding at the shipped geometry
-    (224 px, crop 0.875): the pooled output first, then the listed stages."""
-    if not stage or stage[0] != "pooled" or len(stage) < 2:
-        raise SystemExit(f"--challenger-stage must start with \"pooled\" and name a stage, got {stage!r}")
-    name = "224" + "+".join("pooled" if s == "pooled" else f"stage{s}" for s in stage)
-    return name, {"interpolation": "bilinear", "feature_stage": list(stage)}
 CHALLENGER = "challenger"  # round 3's rows: the --challenger recipe's encoders
 SHIPPED = "shipped"  # the loop's geometry (224 px, crop_pct 0.875), features cached by fold_features
 #: per round, candidate -> the geometries whose features are concatenated (each part normalised on its own)
@@ -139,6 +130,15 @@ CENTER_STRIDE = 6
 CSLS = "CSLS"
 #: round 6: the embeddings CSLS is applied to; the first is the rule's (the catalog's embedding)
 CSLS_ON = ("finetuned shipped + stage -1", "raw main job")
+
+
+def challenger_geometry(stage: list) -> tuple[str, dict]:
+    """Cache name and encoder options of the challenger's embedding at the shipped geometry
+    (224 px, crop 0.875): the pooled output first, then the listed stages."""
+    if not stage or stage[0] != "pooled" or len(stage) < 2:
+        raise SystemExit(f"--challenger-stage must start with \"pooled\" and name a stage, got {stage!r}")
+    name = "224" + "+".join("pooled" if s == "pooled" else f"stage{s}" for s in stage)
+    return name, {"interpolation": "bilinear", "feature_stage": list(stage)}
 
 
 def csls_nearest(queries: np.ndarray, gallery: np.ndarray, photos: np.ndarray, k: int) -> np.ndarray:
@@ -176,8 +176,6 @@ def interpolate_weights(start: dict[str, torch.Tensor], finetuned: dict[str, tor
     """WiSE-FT (Wortsman et al., CVPR 2022, Eq. 1): ``(1 - alpha) * start + alpha * finetuned`` per
     floating-point tensor (in float64, cast back), integer tensors (``num_batches_tracked``)
     from ``finetuned``; the keys are ``finetuned``'s (``start``'s classifier is dropped)."""
-    if not 0 <= alpha <= 1:
-        raise SystemExit(f"--challenger-wise must be in [0, 1], got {alpha}")
     return {k: ((1 - alpha) * start[k].double() + alpha * f.double()).to(f.dtype) if f.is_floating_point() else f
             for k, f in finetuned.items()}
 
@@ -190,6 +188,14 @@ def wise_weights(finetuned: Path, alpha: float, out: Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_file(interpolate_weights(load_file(str(WEIGHTS)), load_file(str(finetuned)), alpha), str(out))
     return out
+
+
+def paired_gain(c: np.ndarray, base: np.ndarray, cls: np.ndarray, n_boot: int):
+    """``c`` against ``base`` (bool (replicates, photos), the same photos): per-photo difference of
+    the replicate means, its 95 % class-bootstrap interval and McNemar over all replicates."""
+    d = c.mean(0) - base.mean(0)
+    lo, hi = class_bootstrap(d, cls, n_boot, 0.95)
+    return d, lo, hi, mcnemar(c.ravel(), base.ravel())
 
 
 def class_bootstrap(diff: np.ndarray, cls: np.ndarray, n_boot: int, level: float, seed: int = 0) -> tuple[float, float]:
@@ -224,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="round 6: also rank packshots by CSLS with K nearest centring photos (0: off)")
     args = p.parse_args(argv)
     if args.challenger_wise is not None:
+        if not 0 <= args.challenger_wise <= 1:
+            p.error(f"--challenger-wise must be in [0, 1], got {args.challenger_wise}")
         if args.challenger:
             p.error("--challenger-wise names its own challenger; drop --challenger")
         args.challenger = f"{args.recipe}-wise{args.challenger_wise:g}"
@@ -327,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     cls = labels[first]
     ref = correct[f"finetuned {SHIPPED}"].mean(0)
     level = {c: 1 - 0.05 / len(r) for r in ROUNDS.values() for c in r}
-    raw_best = max((m for m in correct if m.startswith("raw")), key=lambda m: correct[m].mean())
+    raw_best = max((m for m in correct if m.startswith("raw") and not m.endswith(CSLS)), key=lambda m: correct[m].mean())
     print(f"\n## Closed-set top-1, {len(first)} photos x {len(runs)} replicates (81 classes, 3 class-disjoint folds)\n")
     print(f"| encoder, evaluation geometry | top-1 per replicate | pooled | minus finetuned shipped [95 %] "
           f"[Bonferroni for the round: 98.3 % / 97.5 %] | McNemar vs finetuned shipped (all replicates) | minus {raw_best} [95 %] |")
@@ -364,9 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((SHIPPED, SHIPPED))
         for emb, ref_emb in rows:
             c, base = correct[f"{CHALLENGER} {emb}"], correct[f"finetuned {ref_emb}"]
-            d = c.mean(0) - base.mean(0)
-            lo, hi = class_bootstrap(d, cls, args.bootstrap, 0.95)
-            mc = mcnemar(c.ravel(), base.ravel())
+            d, lo, hi, mc = paired_gain(c, base, cls, args.bootstrap)
             dr = c.mean(0) - correct[raw_best].mean(0)
             rlo, rhi = class_bootstrap(dr, cls, args.bootstrap, 0.95)
             print(f"| {emb} | {base.mean():.3f} | {' / '.join(f'{a:.3f}' for a in c.mean(1))} | {c.mean():.3f} | "
@@ -384,9 +390,7 @@ def main(argv: list[str] | None = None) -> int:
               "|---|---|---|---|---|---|")
         for m in CSLS_ON:
             c, base = correct[f"{m} {CSLS}"], correct[m]
-            d = c.mean(0) - base.mean(0)
-            lo, hi = class_bootstrap(d, cls, args.bootstrap, 0.95)
-            mc = mcnemar(c.ravel(), base.ravel())
+            d, lo, hi, mc = paired_gain(c, base, cls, args.bootstrap)
             print(f"| {m} | {base.mean():.3f} | {' / '.join(f'{a:.3f}' for a in c.mean(1))} | {c.mean():.3f} | "
                   f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] | {mc.only_a} vs {mc.only_b}, p = {mc.p_value:.2g} |")
             out[f"{m} {CSLS}"] = {"per_replicate": c.mean(1).tolist(), "pooled": float(c.mean()),
