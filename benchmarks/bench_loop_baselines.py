@@ -30,13 +30,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_defaults_cv import ENCODER, WEIGHTS, normalise
-from bench_finetuned_input import class_bootstrap
+from bench_finetuned_input import class_bootstrap, embed
 
 from retailklip.encoders import create_encoder
 
@@ -49,18 +48,15 @@ BASELINES = {
 }
 
 
-def features(options: dict, paths: list[str]) -> tuple[np.ndarray, int | tuple[int, ...]]:
-    """float64 (N, D) raw features of ``paths`` and the encoder's ``groups`` (a count or part widths)."""
-    enc = create_encoder(ENCODER, weights=WEIGHTS, **options)
-    x = torch.stack([enc.prepare(p) for p in paths])
-    with torch.inference_mode():
-        f = torch.cat([enc.features(x[i: i + 64]) for i in range(0, len(x), 64)])
-    return f.numpy().astype(np.float64), enc.groups
+def groups_of(options: dict) -> int | tuple[int, ...]:
+    """The encoder's ``groups`` under ``options`` (a count or part widths), to normalise as it does."""
+    return create_encoder(ENCODER, weights=WEIGHTS, **options).groups
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--loop", type=Path, required=True, help="the loop's --out directory")
+    p.add_argument("--cache", type=Path, default=Path("/tmp/cv-cache"), help="raw features, keyed by the photo list")
     p.add_argument("--bootstrap", type=int, default=4000)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -82,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     print("| raw-encoder baseline | top-1 | loop after minus it [95 %, class bootstrap] | photos only after / only raw |")
     print("|---|---|---|---|")
     out = {}
+    prepared: dict = {}  # decoded inputs shared by the baselines of one geometry
     for name, (options, centred) in BASELINES.items():
-        f, groups = features(options, paths)
+        npy = args.cache / "loop-baselines" / f"raw-{'+'.join(map(str, options.get('feature_stage', ['pooled'])))}.npy"
+        f, groups = embed(WEIGHTS, "224", paths, npy, prepared, options=options), groups_of(options)
         centre = f[ng + nq:].mean(0) if centred else None
         x = normalise(f[: ng + nq], centre, groups)
         nearest = np.argmax(x[ng:] @ x[:ng].T, axis=1)

@@ -343,8 +343,9 @@ def finetune(s: dict, files: dict, out: Path, args) -> dict:
             "--eval-every", str(args.epochs), "--threads", str(args.threads), "--seed", str(args.seed), "--no-progress"]
     if args.train_size:
         argv += ["--train-size", str(args.train_size)]
-    if trained_feature_stage(args) is not None:  # ArcFace on what the catalogs compare
-        argv += ["--encoder-option", "feature_stage=" + json.dumps(trained_feature_stage(args))]
+    stage = trained_feature_stage(args)
+    if stage is not None:  # ArcFace on what the catalogs compare
+        argv += ["--encoder-option", "feature_stage=" + json.dumps(stage)]
     threads = torch.get_num_threads()
     metrics = finetune_run(config_from_args(build_parser().parse_args(argv)))
     torch.set_num_threads(threads)
