@@ -18,6 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from retailklip.augment import DEFAULT_AUGMENTATIONS
 from retailklip.encoders import DEFAULT_ENCODER_SPEC
 from retailklip.errors import RetailKlipError
+from retailklip.hubness import DEFAULT_HUBNESS_K
 from retailklip.open_set import OPEN_SET_SCORES
 from retailklip.weights import parse_key_value
 
@@ -92,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--center-photos", type=Path, default=None, metavar="DIR|LIST",
                    help="unlabeled in-store photos (a directory, searched recursively, or a file listing paths) whose mean "
                         "feature is subtracted from every embedding (SimpleShot CL2N centering; see docs/augmentation.md)")
+    s.add_argument("--hubness-k", type=int, default=DEFAULT_HUBNESS_K, metavar="K",
+                   help="with --center-photos: rank the 1-NN by CSLS hubness reduction against those photos, each reference's "
+                        f"hubness measured on its K most similar ones; 0: plain 1-NN (default: {DEFAULT_HUBNESS_K}; docs/evaluation.md)")
     s.add_argument("--segment", default=None, metavar="NAME", help="default segmenter for recognize (e.g. efficientvit-sam-l0)")
     s.add_argument("--checkpoint", default=None, metavar="FILE", help="checkpoint of the default segmenter")
     s.add_argument("--random-init", action="store_true", help=argparse.SUPPRESS)  # tests only
@@ -161,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", type=Path, default=None, metavar="FILE", help="local weights of the encoder (e.g. finetune output)")
     s.add_argument("--encoder-option", type=parse_key_value, action="append", default=[], metavar="KEY=VALUE", help="backend option, repeatable")
     s.add_argument("--center-photos", type=Path, default=None, metavar="DIR|LIST",
-                   help="unlabeled in-store photos for the new encoder's feature centre (SimpleShot CL2N)")
+                   help="unlabeled in-store photos for the new encoder's feature centre (SimpleShot CL2N) and hubness reduction")
+    s.add_argument("--hubness-k", type=int, default=None, metavar="K",
+                   help="CSLS hubness reduction's K for the new version, 0: off (default: the catalog's; needs unlabeled photos, "
+                        "from --center-photos now or before)")
     s.add_argument("--index-type", default="auto", metavar="TYPE",
                    help="auto (by vector count and memory budget), or a FAISS index_factory string: Flat, HNSW32, IVF1024,PQ64, ...")
     s.add_argument("--memory-budget", type=_bytes, default=None, metavar="SIZE", help="memory the index may use with --index-type auto, e.g. 4G")

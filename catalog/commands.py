@@ -58,7 +58,7 @@ def cmd_init(args) -> int:
         catalog_dir(args), encoder=args.encoder, weights=args.weights, augmentations=args.augmentations,
         threshold=args.threshold, seed=args.seed, db_url=args.db_url, encoder_options=dict(args.encoder_option),
         random_init=args.random_init, device=args.device,
-        center_photos=image_list(args.center_photos) if args.center_photos else None,
+        center_photos=image_list(args.center_photos) if args.center_photos else None, hubness_k=args.hubness_k,
     )
     if args.segment:
         cat.set_segmenter(args.segment, args.checkpoint)
@@ -308,6 +308,7 @@ def cmd_eval(args) -> int:
         raise RetailKlipError("--max-classes and --max-per-class must be >= 1")
     if args.max_classes is not None or args.max_per_class is not None:
         ds = ds.limited(args.max_classes, args.max_per_class)
+    hubness = None  # a catalog's own hubness reduction; an encoder given here has no unlabeled photos
     if args.encoder is not None:
         encoder = create_encoder(args.encoder, weights=args.weights, device=args.device, **dict(args.encoder_option))
         k, seed = K_DEFAULT, 0
@@ -316,17 +317,19 @@ def cmd_eval(args) -> int:
             raise RetailKlipError("--weights and --encoder-option go with --encoder")
         cat = Catalog.open(catalog_dir(args), db_url=args.db_url, device=args.device)
         st = cat.settings()
-        encoder, k, seed = cat.encoder(), st["augmentations"], st["seed"]
+        encoder, k, seed, hubness = cat.encoder(), st["augmentations"], st["seed"], cat.hubness_reference()
     k = args.augmentations if args.augmentations is not None else k
     seed = args.seed if args.seed is not None else seed
     if k < 1:
         raise RetailKlipError(f"--augmentations must be >= 1, got {k}")
-    result = evaluate_zero_shot(ds, encoder, k=k, seed=seed, progress=sys.stderr.isatty() or args.verbose > 0)
+    result = evaluate_zero_shot(ds, encoder, k=k, seed=seed, progress=sys.stderr.isatty() or args.verbose > 0,
+                                hubness=hubness)
     if args.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False, indent=1))
     else:
         print(f"{result.dataset} {result.split}: {result.classes} classes, {result.queries} images, K={k}, encoder {result.encoder}")
-        print(f"top-1 {result.top1:.4f}  per-class average {result.per_class_average:.4f}  ({result.seconds:.0f} s)")
+        csls = f", CSLS hubness reduction k={result.hubness_k}" if result.hubness_k else ""
+        print(f"top-1 {result.top1:.4f}  per-class average {result.per_class_average:.4f}  ({result.seconds:.0f} s{csls})")
     return 0
 
 
@@ -367,7 +370,8 @@ def cmd_rebuild(args) -> int:
     info = cat.rebuild(
         encoder=args.encoder, weights=args.weights, encoder_options=dict(args.encoder_option) or None,
         random_init=args.random_init, center_photos=image_list(args.center_photos) if args.center_photos else None,
-        index_type=args.index_type, memory_budget=args.memory_budget, target_recall=args.target_recall, keep=args.keep,
+        hubness_k=args.hubness_k, index_type=args.index_type, memory_budget=args.memory_budget,
+        target_recall=args.target_recall, keep=args.keep,
         ray=args.ray, ray_workers=args.ray_workers, progress=sys.stderr.isatty(), batch=args.batch,
     )
     if args.json:

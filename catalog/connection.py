@@ -150,7 +150,8 @@ class CatalogConnection:
 
     def settings(self) -> dict:
         """Catalog settings: encoder identity and spec, K, seed, threshold and the open-set score it
-        is on, segmenter, generation."""
+        is on, hubness-reduction k and the unlabeled photos it ranks against (their number; 0:
+        none stored), segmenter, generation."""
         with self.sessions() as s:
             st = self.state(s)
             enc = s.get(EncoderRow, st.encoder_id)
@@ -163,6 +164,8 @@ class CatalogConnection:
                 "seed": st.seed,
                 "threshold": st.threshold,
                 "open_set_score": st.open_set_score,
+                "hubness_k": st.hubness_k,
+                "unlabeled_photos": 0 if enc.unlabeled is None else len(enc.unlabeled) // (4 * enc.dim),
                 "segmenter": st.segmenter,
                 "segmenter_checkpoint": st.segmenter_checkpoint,
                 "generation": st.generation,

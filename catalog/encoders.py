@@ -16,17 +16,44 @@ import json
 import threading
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from retailklip.encoders import EncoderIdentity, create_encoder
+from retailklip.hubness import even_sample
 
-from .codec import decode_vector, encode_vector
+from .codec import decode_vector, decode_vectors, encode_vector, encode_vectors
 from .errors import CatalogError
 from .models import EncoderRow
 
 if TYPE_CHECKING:  # pragma: no cover
+    import os
+    from collections.abc import Sequence
+
     from retailklip.encoders import Encoder
+
+
+def center_on(encoder: Encoder, photos: Sequence[str | os.PathLike], *, progress: bool = False
+              ) -> tuple[Encoder, np.ndarray]:
+    """Centre an encoder on unlabeled in-store photos (SimpleShot CL2N, see
+    :class:`retailklip.encoders.Encoder`) and embed an evenly spaced sample of them (at most
+    :data:`retailklip.hubness.MAX_UNLABELED`) with the centred encoder, in one pass over the photos.
+
+    Returns:
+        ``(centred encoder, float32 (P, D) unit embeddings of the sample)``: the sample is what
+        hubness reduction measures reference vectors against (:mod:`retailklip.hubness`).
+
+    Raises:
+        CatalogError: no photos.  InvalidImageError: a photo cannot be decoded.
+    """
+    photos = list(photos)
+    if not photos:
+        raise CatalogError("no photos to compute the feature centre from")
+    center, kept = encoder.unlabeled_features(photos, progress=progress, keep=even_sample(len(photos)))
+    centred = encoder.with_center(center)
+    return centred, centred.normalize(kept)
 
 
 class EncoderRegistry:
@@ -45,7 +72,8 @@ class EncoderRegistry:
         self._built: dict[int, Encoder] = {}
         self._lock = threading.Lock()
 
-    def register(self, s: Session, encoder: Encoder, spec: str, weights_path: str | None, options: dict) -> int:
+    def register(self, s: Session, encoder: Encoder, spec: str, weights_path: str | None, options: dict,
+                 unlabeled: np.ndarray | None = None) -> int:
         """The row id of ``encoder``'s identity, inserting the row (in the caller's transaction
         ``s``) if it is new.  After the commit, :meth:`remember` the built encoder for :meth:`get`.
 
@@ -55,8 +83,12 @@ class EncoderRegistry:
             spec: its encoder SPEC (``timm:MODEL``, ``open_clip:MODEL/TAG``).
             weights_path: its local weights file (absolute) or None.
             options: backend options it was built with (JSON-serialisable).
+            unlabeled: float32 (P, D) embeddings by ``encoder`` of the unlabeled photos its centre
+                was computed from (:func:`center_on`), kept for hubness reduction; stored on a
+                new row, or on an existing row that has none.
         """
         ident = encoder.identity
+        blob = None if unlabeled is None or not len(unlabeled) else encode_vectors(unlabeled)
         row = s.scalar(select(EncoderRow).where(EncoderRow.key == ident.key))
         if row is None:
             row = EncoderRow(
@@ -64,10 +96,30 @@ class EncoderRegistry:
                 preprocess=ident.preprocess, spec=spec, weights_path=weights_path,
                 options=json.dumps(options, sort_keys=True),
                 center=None if encoder.center is None else encode_vector(encoder.center.numpy()),
+                unlabeled=blob,
             )
             s.add(row)
             s.flush()
+        elif row.unlabeled is None and blob is not None:
+            row.unlabeled = blob
         return int(row.id)
+
+    def unlabeled(self, encoder_id: int) -> np.ndarray | None:
+        """float32 (P, D) unit embeddings of the unlabeled photos stored with encoder row
+        ``encoder_id`` (:meth:`register`), or None.
+
+        Raises:
+            CatalogError: no such encoder row, or a stored blob that is not whole vectors.
+        """
+        with self._sessions() as s:
+            row = self._row(s, encoder_id)
+            if row.unlabeled is None:
+                return None
+            try:
+                return decode_vectors(row.unlabeled, row.dim)
+            except ValueError as e:
+                raise CatalogError(f"encoder {encoder_id}'s unlabeled photo embeddings are damaged ({e}); "
+                                   f"run `catalog rebuild --center-photos ...`") from None
 
     def remember(self, encoder_id: int, encoder: Encoder) -> None:
         """Keep an encoder built by the caller as the one of (committed) row ``encoder_id``."""

@@ -6,7 +6,9 @@ Tables:
 * ``reference_images`` — the reference image(s) of an SKU: content hash (SHA-256 of the file
   bytes), the stored copy's name (derived from the hash, never from user input), size in bytes
   and pixels.
-* ``encoders`` — encoder identities (backend, model, weights hash, dimension, preprocessing).
+* ``encoders`` — encoder identities (backend, model, weights hash, dimension, preprocessing), the
+  centering vector and the unlabeled store photos' embeddings it was computed from (hubness
+  reduction, :mod:`retailklip.hubness`; migration 0005).
 * ``embeddings`` — one row per vector: the reference it was made from, the view number
   (0 = the reference itself, 1..K-1 = augmentations), the encoder that made it and the float32
   vector bytes.  The row id is the vector's id in the FAISS index.
@@ -22,7 +24,7 @@ Tables:
 * ``outlier_embeddings`` — their K vectors per encoder, as ``embeddings`` holds the SKU
   references' (row ids: a namespace of their own, never in an index snapshot).
 * ``catalog_state`` — a single row: the current (active) encoder and index version, the
-  augmentation count K, the distance threshold, and a ``generation`` counter bumped by every
+  augmentation count K, the distance threshold, the hubness-reduction k (0: off), and a ``generation`` counter bumped by every
   change, so readers in other threads and processes notice changes with one cheap query.
 """
 
@@ -96,6 +98,8 @@ class EncoderRow(Base):
     weights_path: Mapped[str | None] = mapped_column(Text)
     options: Mapped[str] = mapped_column(Text, default="{}")
     center: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32 (dim,) feature-centering vector
+    # float32 (P, dim) unit embeddings of unlabeled store photos, for hubness reduction (migration 0005)
+    unlabeled: Mapped[bytes | None] = mapped_column(LargeBinary)
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -154,6 +158,8 @@ class CatalogState(Base):
     threshold: Mapped[float] = mapped_column(Float)
     # the score ``threshold`` is on (retailklip.open_set; migration 0003)
     open_set_score: Mapped[str] = mapped_column(String(20), default="distance", server_default="distance")
+    # CSLS k nearest unlabeled photos (retailklip.hubness; 0: plain 1-NN; migration 0005)
+    hubness_k: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     generation: Mapped[int] = mapped_column(Integer, default=0)
     segmenter: Mapped[str | None] = mapped_column(String(100))
     segmenter_checkpoint: Mapped[str | None] = mapped_column(Text)

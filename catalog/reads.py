@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy import func, select
 
+from retailklip.hubness import HubnessReference
+
 from . import index_store
 from .codec import decode_vector
 from .connection import CatalogConnection
@@ -142,6 +144,21 @@ class CatalogReader(CatalogConnection):
                         ) from None
                     seen[pos[i]] = True
         return np.asarray(ids, np.int64)[seen], out[seen]
+
+    def hubness_reference(self, encoder_id: int | None = None) -> HubnessReference | None:
+        """What hubness reduction at the 1-NN ranks against (:mod:`retailklip.hubness`, CSLS):
+        the unlabeled photos' embeddings stored with encoder ``encoder_id`` (default: the active
+        one) and the catalog's k; None when k is 0 or that encoder has no photos (a catalog
+        made without ``--center-photos``, or from before migration 0005).
+
+        Raises:
+            CatalogError: no such encoder row, or damaged photo embeddings.
+        """
+        with self.sessions() as s:
+            st = self.state(s)
+            k, enc_id = int(st.hubness_k), st.encoder_id if encoder_id is None else encoder_id
+        photos = self.encoders.unlabeled(enc_id) if k else None
+        return None if photos is None else HubnessReference(photos, k)
 
     def load_index(self, version_id: int | None, *, verify: bool = False) -> VectorIndex:
         """The index snapshot of an index version (see :mod:`catalog.index_store`).

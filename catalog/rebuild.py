@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from retailklip.encoders import create_encoder
+from retailklip.hubness import check_hubness_k
 from retailklip.index import VectorIndex
 from retailklip.index_build import build_index
 from retailklip.index_types import choose_index_type
@@ -52,6 +53,7 @@ from retailklip.index_types import choose_index_type
 from . import index_store
 from .connection import CatalogConnection
 from .embedding import RayConnection
+from .encoders import center_on
 from .errors import CatalogError, RebuildError, ValidationError
 from .faults import crash_point
 from .models import CatalogState, IndexVersion, VersionStatus
@@ -90,23 +92,23 @@ def _encoder_settings(cat: CatalogConnection, encoder: str | None, weights, enco
     return kw.pop("spec"), kw
 
 
-def _build_encoder(cat: CatalogConnection, spec: str, kw: dict, center_photos, progress: bool) -> Encoder:
+def _build_encoder(cat: CatalogConnection, spec: str, kw: dict, center_photos, progress: bool
+                   ) -> tuple[Encoder, np.ndarray | None]:
+    """The new version's encoder, centred on ``center_photos`` when given, and the embeddings of
+    those photos kept for hubness reduction (:func:`catalog.encoders.center_on`; None without)."""
     enc = create_encoder(spec, device=cat.device, **kw)
-    if center_photos is not None:
-        photos = list(center_photos)
-        if not photos:
-            raise CatalogError("no photos to compute the feature centre from")
-        enc = enc.with_center(enc.mean_feature(photos, progress=progress))
-    return enc
+    if center_photos is None:
+        return enc, None
+    return center_on(enc, center_photos, progress=progress)
 
 
-def _start_version(cat: CatalogConnection, enc: Encoder, spec: str, kw: dict, index_type: str, k: int
-                   ) -> tuple[int, str, int, int]:
-    """Register the encoder and insert the new version row (building).  Returns ``(version id,
-    version path, encoder id, generation)``."""
+def _start_version(cat: CatalogConnection, enc: Encoder, spec: str, kw: dict, index_type: str, k: int,
+                   unlabeled: np.ndarray | None = None) -> tuple[int, str, int, int]:
+    """Register the encoder (with its unlabeled photos' embeddings, if any) and insert the new
+    version row (building).  Returns ``(version id, version path, encoder id, generation)``."""
     options = {key: value for key, value in kw.items() if key not in ("weights", "random_init", "center")}
     with cat.sessions.begin() as s:
-        enc_id = cat.encoders.register(s, enc, spec, kw.get("weights"), options)
+        enc_id = cat.encoders.register(s, enc, spec, kw.get("weights"), options, unlabeled)
         gen = s.get(CatalogState, 1).generation
         v = IndexVersion(encoder_id=enc_id, factory=index_type, vectors=0, dim=enc.dim, augmentations=k,
                          status=VersionStatus.BUILDING, path="", generation=gen)
@@ -195,9 +197,10 @@ def added_meanwhile(references: int, outliers: int) -> str:
 
 def _activate(cat: CatalogConnection, version_id: int, encoder: Encoder, encoder_id: int, k: int, seed: int, *,
               ray: str | RayConnection | None, ray_workers: int | None, batch: int,
-              updates: dict | None = None) -> None:
+              updates: dict | None = None, hubness_k: int | None = None) -> None:
     """Catch up with adds made meanwhile, then switch to ``version_id`` in one transaction that
-    holds the writers' lock (an ``add`` embedding with the old encoder re-embeds after it)."""
+    holds the writers' lock (an ``add`` embedding with the old encoder re-embeds after it);
+    ``hubness_k`` (not None) becomes the catalog's in the same transaction."""
     for _attempt in range(20):
         embed_all_missing(cat, encoder, encoder_id, k, seed, ray=ray, ray_workers=ray_workers, batch=batch)
         crash_point("rebuild.before_swap")
@@ -214,6 +217,8 @@ def _activate(cat: CatalogConnection, version_id: int, encoder: Encoder, encoder
                 v.status = VersionStatus.READY
                 st.encoder_id = encoder_id
                 st.active_version_id = version_id
+                if hubness_k is not None:
+                    st.hubness_k = hubness_k
         except _AddedMeanwhile as e:
             logger.info("rebuild: %s added meanwhile; embedding them", added_meanwhile(*e.args))
             continue
@@ -243,6 +248,7 @@ def rebuild(
     encoder_options: dict | None = None,
     random_init: bool = False,
     center_photos: Sequence[str | os.PathLike] | None = None,
+    hubness_k: int | None = None,
     index_type: str = "auto",
     memory_budget: int | None = None,
     target_recall: float = 0.99,
@@ -263,7 +269,10 @@ def rebuild(
         random_init: random encoder weights (tests only).
         center_photos: unlabeled photos whose mean feature becomes the new encoder's centre
             (SimpleShot CL2N).  Without them the catalog's centre is kept when the encoder is
-            unchanged and dropped (with a warning) for a different encoder or weights.
+            unchanged and dropped (with a warning) for a different encoder or weights.  Their
+            embeddings are kept for hubness reduction (:mod:`retailklip.hubness`).
+        hubness_k: the new version's hubness-reduction k (0: plain 1-NN; effective when the
+            encoder has unlabeled photos' embeddings); None keeps the catalog's.
         index_type: ``"auto"`` (:func:`retailklip.index_types.choose_index_type`) or a FAISS
             ``index_factory`` string (``"Flat"``, ``"HNSW32"``, ``"IVF1024,PQ64"``, ...).
         memory_budget: bytes the index may use (``auto`` only).
@@ -286,6 +295,8 @@ def rebuild(
     cat.require_writable("rebuild its index")
     if keep < 1 or batch < 1:
         raise CatalogError(f"--keep and --batch must be >= 1, got {keep}, {batch}")
+    if hubness_k is not None:
+        hubness_k = check_hubness_k(hubness_k)
     t0 = time.perf_counter()
     # one Ray connection (made by the first embedding that needs it) for the references, the
     # outlier references and the catch-up: RayConnection says why
@@ -294,8 +305,8 @@ def rebuild(
         st = cat.settings()
         k, seed = int(st["augmentations"]), int(st["seed"])
         spec, kw = _encoder_settings(cat, encoder, weights, encoder_options, random_init, center_photos)
-        enc = _build_encoder(cat, spec, kw, center_photos, progress)
-        vid, vpath, enc_id, gen = _start_version(cat, enc, spec, kw, index_type, k)
+        enc, unlabeled = _build_encoder(cat, spec, kw, center_photos, progress)
+        vid, vpath, enc_id, gen = _start_version(cat, enc, spec, kw, index_type, k, unlabeled)
         logger.info("rebuild: version %d building with encoder %s", vid, enc.identity.key)
         crash_point("rebuild.started")
         try:
@@ -319,7 +330,8 @@ def rebuild(
             _activate(cat, vid, enc, enc_id, k, seed, ray=connection, ray_workers=ray_workers, batch=batch,
                       updates={"factory": factory, "vectors": int(index.ntotal), "recall_at_1": float(recall),
                                "index_sha256": sha,
-                               "note": f"embedded {embedded}" + (f" + {outliers} outlier(s)" if outliers else "") + f"; {summary}"})
+                               "note": f"embedded {embedded}" + (f" + {outliers} outlier(s)" if outliers else "") + f"; {summary}"},
+                      hubness_k=hubness_k)
         except BaseException as e:
             _fail_version(cat, vid, vpath, e)
             raise

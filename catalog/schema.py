@@ -10,7 +10,7 @@ Catalogs created before schema versioning have the tables of revision ``0001`` b
 ``alembic_version`` table; :func:`upgrade` stamps them ``0001`` and migrates them from there,
 keeping every row.  (A development catalog made with ``create_all`` that already has the
 ``index_versions`` table is stamped ``0002``, ``0003`` with ``catalog_state.open_set_score``,
-``0004`` with the ``outlier_references`` table.)  On PostgreSQL an upgrade is one transaction (DDL is transactional) under an
+``0004`` with the ``outlier_references`` table, ``0005`` with ``catalog_state.hubness_k``.)  On PostgreSQL an upgrade is one transaction (DDL is transactional) under an
 advisory lock, so concurrent ``catalog upgrade`` runs serialise; on SQLite likewise (``BEGIN
 IMMEDIATE``), and migrations that alter a table copy it in batch mode (SQLite's ALTER TABLE
 cannot add constraints).  A failed upgrade leaves the database as it was.
@@ -79,9 +79,11 @@ def _unversioned_revision(conn: Connection) -> str | None:
         return None
     if "index_versions" not in tables:
         return LEGACY_REVISION
+    columns = {c["name"] for c in inspect(conn).get_columns("catalog_state")}
+    if "hubness_k" in columns:
+        return "0005"
     if "outlier_references" in tables:
         return "0004"
-    columns = {c["name"] for c in inspect(conn).get_columns("catalog_state")}
     return "0003" if "open_set_score" in columns else "0002"
 
 

@@ -36,9 +36,11 @@ from sqlalchemy.exc import DatabaseError
 
 from retailklip.augment import DEFAULT_AUGMENTATIONS
 from retailklip.encoders import DEFAULT_ENCODER_SPEC, create_encoder
+from retailklip.hubness import DEFAULT_HUBNESS_K, check_hubness_k
 
 from . import index_store, schema
 from .connection import DEFAULT_THRESHOLD
+from .encoders import center_on
 from .database import DB_FILE, create_catalog_engine, is_no_space, no_space_error, read_only_error, writable
 from .errors import CatalogError
 from .imagestore import IMAGES_DIR, remove_new_entries
@@ -87,6 +89,7 @@ class Catalog(OutlierWriter):
         random_init: bool = False,
         device: str = "cpu",
         center_photos: Sequence[str | os.PathLike] | None = None,
+        hubness_k: int = DEFAULT_HUBNESS_K,
     ) -> Catalog:
         """Create a catalog in directory ``root`` with the given encoder.
 
@@ -107,9 +110,13 @@ class Catalog(OutlierWriter):
             center_photos: unlabeled in-store photos whose mean feature becomes the encoder's
                 centering vector (SimpleShot CL2N; see :class:`retailklip.encoders.Encoder`).
                 A few hundred photos of the store suffice; no labels are needed.
+            hubness_k: with ``center_photos``: rank the 1-NN by CSLS against them, each
+                reference vector's hubness measured on its ``hubness_k`` most similar photos
+                (:mod:`retailklip.hubness`; 0: plain 1-NN).  Without photos it has no effect.
 
         Raises:
             CatalogError: the directory already holds a catalog, or bad K / threshold.
+            RetailKlipError: a hubness k that is not an integer >= 0.
             RetailKlipError / WeightsError: the encoder cannot be built.
         """
         root = Path(root).expanduser().resolve()
@@ -117,16 +124,16 @@ class Catalog(OutlierWriter):
             raise CatalogError(f"--augmentations must be >= 1, got {augmentations}")
         if not 0.0 <= threshold <= 2.0:
             raise CatalogError(f"--threshold is a cosine distance in [0, 2], got {threshold}")
+        hubness_k = check_hubness_k(hubness_k)
         if (root / DB_FILE).exists() or (root / CONFIG_FILE).exists():
             raise CatalogError(f"{root} already holds a catalog")
         options = dict(encoder_options or {})
         weights_path = str(Path(weights).expanduser().resolve()) if weights else None
         enc = create_encoder(encoder, weights=weights_path, random_init=random_init, device=device, **options)
+        unlabeled = None
         if center_photos is not None:
             photos = list(center_photos)
-            if not photos:
-                raise CatalogError("no photos to compute the feature centre from")
-            enc = enc.with_center(enc.mean_feature(photos, progress=len(photos) > 64))
+            enc, unlabeled = center_on(enc, photos, progress=len(photos) > 64)
         engine = create_catalog_engine(root, db_url)
         if db_url and schema.is_initialised(engine):
             engine.dispose()
@@ -134,7 +141,7 @@ class Catalog(OutlierWriter):
         existing = set(root.iterdir()) if root.is_dir() else None
         try:
             return cls._create(root, engine, enc, encoder, weights_path, options, augmentations, seed, threshold,
-                               db_url, device)
+                               db_url, device, unlabeled, hubness_k)
         except BaseException as e:
             # A failed init (a full disk, a database error) leaves nothing behind: the next
             # `catalog init` must not find half a catalog.
@@ -146,7 +153,8 @@ class Catalog(OutlierWriter):
 
     @classmethod
     def _create(cls, root: Path, engine: Engine, enc: Encoder, encoder: str, weights_path: str | None, options: dict,
-                augmentations: int, seed: int, threshold: float, db_url: str | None, device: str) -> Catalog:
+                augmentations: int, seed: int, threshold: float, db_url: str | None, device: str,
+                unlabeled=None, hubness_k: int = 0) -> Catalog:
         """The writing part of :meth:`init` (directory, schema, state row, index version 1)."""
         root.mkdir(parents=True, exist_ok=True)
         (root / IMAGES_DIR).mkdir(exist_ok=True)
@@ -160,8 +168,9 @@ class Catalog(OutlierWriter):
         with self.sessions.begin() as s:
             if s.get(CatalogState, 1) is not None:
                 raise CatalogError(f"the database {engine.url!r} already holds a catalog")
-            enc_id = self.encoders.register(s, enc, str(encoder), weights_path, options)
-            s.add(CatalogState(id=1, encoder_id=enc_id, augmentations=augmentations, seed=seed, threshold=threshold))
+            enc_id = self.encoders.register(s, enc, str(encoder), weights_path, options, unlabeled)
+            s.add(CatalogState(id=1, encoder_id=enc_id, augmentations=augmentations, seed=seed, threshold=threshold,
+                               hubness_k=hubness_k))
             s.flush()
             # Version 1: the empty exact index; SKUs added later are applied from the database
             # until the first `catalog rebuild` snapshots them.

@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         all_train = load_dataset("grocery-store", args.data, "train").queries
         center = [q.path for q in all_train[:: args.center_stride]] if args.center_stride else None
         extra = {"augmentations": args.augmentations} if args.augmentations else {}
-        Catalog.init(cat_dir, encoder=ENCODER, weights=args.weights, encoder_options=OPTIONS, center_photos=center, **extra)
+        # hubness_k=0: the plain 1-NN this study calibrates (calibrate() below is given no hubness reference)
+        Catalog.init(cat_dir, encoder=ENCODER, weights=args.weights, encoder_options=OPTIONS, center_photos=center,
+                     hubness_k=0, **extra)
         Catalog.open(cat_dir).import_csv(out / "known.csv")
     cat = Catalog.open(cat_dir)
     gallery, skus = catalog_gallery(cat)

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="grocery-catalog-"))
     if out.exists() and any(out.iterdir()):
         shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the centre list and import CSV go beside it
     cli = [sys.executable, "-m", "catalog", "--catalog", str(out)]
     options = args.encoder_option or ENCODER_OPTIONS
     init = cli + ["init", "--encoder", args.encoder, "--weights", str(args.weights)]

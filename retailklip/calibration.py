@@ -40,6 +40,7 @@ import numpy as np
 from .baseline import DEFAULT_L2, DEFAULT_SOFTMAX_CUTOFF, SoftmaxHead
 from .datasets import LabelledImage
 from .errors import InvalidImageError, RetailKlipError
+from .hubness import HubnessReference
 from .index import VectorIndex
 from .matching import SKUMatcher
 from .open_set import (
@@ -280,13 +281,15 @@ class CalibrationReport:
 
 
 def nearest_matches(
-    gallery: np.ndarray, gallery_skus: Sequence[str], queries: np.ndarray
+    gallery: np.ndarray, gallery_skus: Sequence[str], queries: np.ndarray, hubness: HubnessReference | None = None,
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """1-NN SKU and runner-up distance of each query through the product's own index and matcher.
 
     Args:
         gallery: float32 (N, D) unit vectors; ``gallery_skus``: their N SKU ids.
         queries: float32 (M, D) unit vectors.
+        hubness: rank by CSLS against these unlabeled photos (:mod:`retailklip.hubness`), as
+            the recognizer does for a catalog that has them; None: plain 1-NN.
 
     Returns:
         ``(skus, distances, runner_up)``: M nearest SKU ids, float32 (M,) cosine distances in
@@ -296,7 +299,8 @@ def nearest_matches(
     index = VectorIndex(gallery.shape[1])
     ids = np.arange(len(gallery_skus), dtype=np.int64)
     index.add(ids, gallery)
-    matches = SKUMatcher(index, dict(zip(ids.tolist(), gallery_skus))).match(queries, 2.0)
+    offsets = None if hubness is None else dict(zip(ids.tolist(), hubness.offsets(gallery).tolist()))
+    matches = SKUMatcher(index, dict(zip(ids.tolist(), gallery_skus)), offsets=offsets).match(queries, 2.0)
     runner = [m.runner_up.distance if m.runner_up is not None else np.nan for m in matches]
     return ([m.nearest.sku for m in matches], np.array([m.nearest.distance for m in matches], np.float32),
             np.array(runner, np.float32))
@@ -331,14 +335,14 @@ def default_score(has_outliers: bool) -> str:
 
 
 def nearest_skus(
-    gallery: np.ndarray, gallery_skus: Sequence[str], queries: np.ndarray
+    gallery: np.ndarray, gallery_skus: Sequence[str], queries: np.ndarray, hubness: HubnessReference | None = None,
 ) -> tuple[list[str], np.ndarray]:
-    """1-NN SKU of each query (:func:`nearest_matches` without the runner-up).
+    """1-NN SKU of each query (:func:`nearest_matches` without the runner-up; ``hubness`` as there).
 
     Returns:
         ``(skus, distances)``: M nearest SKU ids and float32 (M,) cosine distances in [0, 2].
     """
-    skus, distance, _ = nearest_matches(gallery, gallery_skus, queries)
+    skus, distance, _ = nearest_matches(gallery, gallery_skus, queries, hubness)
     return skus, distance
 
 
@@ -354,6 +358,7 @@ def calibrate(
     l2: float = DEFAULT_L2,
     score: str = DEFAULT_OPEN_SET_SCORE,
     outliers: np.ndarray | None = None,
+    hubness: HubnessReference | None = None,
 ) -> CalibrationReport:
     """Choose the 1-NN open-set threshold and compare with the softmax-head baseline.
 
@@ -374,6 +379,7 @@ def calibrate(
             ``"outlier-ratio"`` (:mod:`retailklip.open_set`).
         outliers: float32 (N, D) vectors of outlier references (products not in the catalog),
             needed by ``"outlier-ratio"``; None or empty: none.
+        hubness: the catalog's hubness reference (CSLS ranking, :func:`nearest_matches`) or None.
 
     Raises:
         CalibrationError: both or neither mode, bad values, no known photo, no unknown photo in
@@ -397,7 +403,7 @@ def calibrate(
     known = np.array([t in catalog_skus for t in truth], bool)
     if not known.any():
         raise CalibrationError("none of the photos shows an SKU of the catalog (check the sku column)")
-    predicted, distance, runner_up = nearest_matches(gallery, gallery_skus, queries)
+    predicted, distance, runner_up = nearest_matches(gallery, gallery_skus, queries, hubness)
     d_out = outlier_distances(outliers, queries) if has_outliers else None
     value = open_set_score(score, distance, runner_up, d_out)
     correct = known & (np.asarray(predicted, dtype=object) == np.asarray(truth, dtype=object))
@@ -501,5 +507,7 @@ def calibrate_catalog(
     if len(set(skus)) < 2:
         raise CalibrationError("calibration compares with a softmax head, which needs at least 2 SKUs in the catalog")
     encoder = catalog.encoder()
+    hubness = catalog.hubness_reference(catalog.snapshot().encoder_id)
     queries = encoder.embed([p.path for p in photos], progress=progress)
-    return calibrate(gallery, skus, queries, [p.label for p in photos], score=score, outliers=outliers, **options)
+    return calibrate(gallery, skus, queries, [p.label for p in photos], score=score, outliers=outliers,
+                     hubness=hubness, **options)

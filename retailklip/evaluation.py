@@ -29,6 +29,7 @@ from .augment import DEFAULT_AUGMENTATIONS
 from .calibration import nearest_skus
 from .datasets import ZeroShotDataset
 from .encoders import Encoder
+from .hubness import HubnessReference
 from .references import embed_reference
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class ZeroShotResult:
         per_class: class -> (correct, total) queries.
         encoder: the encoder's identity key.
         seconds: wall time of gallery + query embedding and search.
+        hubness_k: the CSLS k the 1-NN was ranked with (:mod:`retailklip.hubness`; 0: plain).
     """
 
     dataset: str
@@ -61,6 +63,7 @@ class ZeroShotResult:
     per_class: dict[str, tuple[int, int]] = field(default_factory=dict)
     encoder: str = ""
     seconds: float = 0.0
+    hubness_k: int = 0
 
     @property
     def per_class_accuracy(self) -> dict[str, float]:
@@ -75,7 +78,7 @@ class ZeroShotResult:
             "dataset": self.dataset, "split": self.split, "classes": self.classes, "queries": self.queries,
             "augmentations": self.augmentations, "seed": self.seed, "top1": round(self.top1, 6),
             "per_class_average": round(self.per_class_average, 6), "encoder": self.encoder,
-            "seconds": round(self.seconds, 2),
+            "seconds": round(self.seconds, 2), "hubness_k": self.hubness_k,
         }
         if per_class:
             d["per_class"] = {c: {"correct": k, "total": n} for c, (k, n) in self.per_class.items()}
@@ -148,6 +151,7 @@ def score_zero_shot(
     augmentations: int = DEFAULT_AUGMENTATIONS,
     seed: int = 0,
     encoder: str = "",
+    hubness: HubnessReference | None = None,
 ) -> ZeroShotResult:
     """Classify each query as the class of its nearest gallery vector (1-NN through the
     product's FAISS index and SKU matcher, :func:`retailklip.calibration.nearest_skus`) and score it.
@@ -156,6 +160,8 @@ def score_zero_shot(
         gallery: float32 (G, D) unit vectors (:func:`build_gallery`); ``gallery_labels``: their G class ids.
         queries: float32 (M, D) unit vectors; ``truth``: their M true class ids.
         dataset, split, augmentations, seed, encoder: recorded in the result as given.
+        hubness: rank by CSLS against these unlabeled photos, as a catalog that has them does
+            (:mod:`retailklip.hubness`); None: plain 1-NN.
 
     Returns:
         A :class:`ZeroShotResult` (``seconds`` 0; ``classes``: distinct gallery labels).
@@ -168,11 +174,12 @@ def score_zero_shot(
         raise ValueError(f"1-NN evaluation needs non-empty (G, D) and (M, D) arrays, got {g.shape} and {q.shape}")
     if len(gallery_labels) != len(g) or len(truth) != len(q):
         raise ValueError("1-NN evaluation needs one label per gallery vector and per query")
-    predicted, _ = nearest_skus(g, list(gallery_labels), q)
+    predicted, _ = nearest_skus(g, list(gallery_labels), q, hubness)
     top1, avg, per_class = top1_scores(predicted, list(truth))
     return ZeroShotResult(
         dataset=dataset, split=split, classes=len(set(gallery_labels)), queries=len(q), augmentations=augmentations,
         seed=seed, top1=top1, per_class_average=avg, per_class=per_class, encoder=encoder,
+        hubness_k=0 if hubness is None else hubness.k,
     )
 
 
@@ -183,6 +190,7 @@ def evaluate_zero_shot(
     k: int = DEFAULT_AUGMENTATIONS,
     seed: int = 0,
     progress: bool = False,
+    hubness: HubnessReference | None = None,
 ) -> ZeroShotResult:
     """Run the RetailKLIP zero-shot protocol (module docstring) on a dataset.
 
@@ -192,6 +200,7 @@ def evaluate_zero_shot(
         k: augmented views per reference, >= 1.
         seed: augmentation seed.
         progress: tqdm progress bars (gallery, queries).
+        hubness: a catalog's hubness reference (:func:`score_zero_shot`), or None.
 
     Raises:
         ValueError: ``k < 1`` or a dataset without queries.
@@ -204,7 +213,7 @@ def evaluate_zero_shot(
     queries = encoder.embed([q.path for q in dataset.queries], progress=progress)
     result = score_zero_shot(
         gallery, labels, queries, [q.label for q in dataset.queries], dataset=dataset.name, split=dataset.split,
-        augmentations=k, seed=seed, encoder=encoder.identity.key,
+        augmentations=k, seed=seed, encoder=encoder.identity.key, hubness=hubness,
     )
     result = replace(result, seconds=time.perf_counter() - start)
     logger.info("%s %s: top-1 %.4f, per-class average %.4f", dataset.name, dataset.split, result.top1, result.per_class_average)

@@ -19,6 +19,7 @@ from .errors import RetailKlipError
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
+    from .hubness import HubnessReference
     from .index import VectorIndex
 
 #: Entry-point group of gallery openers: ``NAME = "module:callable"``, the callable taking
@@ -78,6 +79,11 @@ class Gallery(Protocol):
     def existing_outlier_vectors(self, ids, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """``(found_ids, vectors)``: the float32 (M, dim) unit vectors of the outlier-vector ids
         still present (like :meth:`existing_vectors`, for :meth:`outlier_table`'s ids)."""
+
+    def hubness_reference(self, encoder_id: int) -> HubnessReference | None:
+        """The unlabeled store photos' embeddings (made by ``encoder_id``) and k for hubness
+        reduction at the 1-NN (:mod:`retailklip.hubness`, CSLS), or None: plain 1-NN.  A gallery
+        class without this method is treated as returning None."""
 
     def names(self) -> dict[str, str | None]:
         """SKU id -> display name."""

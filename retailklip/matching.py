@@ -23,6 +23,10 @@ import numpy as np
 from .index import VectorIndex
 from .open_set import OUTLIER_SCORE, check_score, no_outliers_error, open_set_score
 
+#: First search depth with CSLS offsets: the README main job's offsets spread 0.13, and at that
+#: spread most queries need 32 to 128 neighbours (benchmarks/bench_hubness.py).
+CSLS_FIRST_K = 128
+
 
 @dataclass(frozen=True)
 class Neighbour:
@@ -83,12 +87,22 @@ class SKUMatcher:
         sku_of: vector id -> SKU id, for every id in the index.
         outliers: index of the outlier references' vectors (products not in the catalog; never
             matched, see module docstring), or None.
+        offsets: hubness reduction (CSLS, :mod:`retailklip.hubness`): vector id -> the amount
+            ``r(g) / 2`` added to its cosine distance *for ranking* (ids without one are skipped,
+            like ids without an SKU: e.g. an SKU removed while the offsets were computed); None:
+            plain 1-NN.  The nearest SKU and the runner-up are then those of smallest
+            adjusted distance, exactly (the search widens until no unseen vector can beat
+            them), and the distances reported are their plain cosine distances.
     """
 
-    def __init__(self, index: VectorIndex, sku_of: dict[int, str], outliers: VectorIndex | None = None) -> None:
+    def __init__(self, index: VectorIndex, sku_of: dict[int, str], outliers: VectorIndex | None = None,
+                 offsets: dict[int, float] | None = None) -> None:
         self.index = index
         self.sku_of = sku_of
         self.outliers = outliers
+        self.offsets = offsets
+        # the smallest offset bounds what an unseen vector's adjusted distance can be
+        self._min_offset = min(offsets.values(), default=0.0) if offsets is not None else 0.0
 
     @property
     def has_outliers(self) -> bool:
@@ -108,12 +122,15 @@ class SKUMatcher:
 
         Vectors whose id is not in ``sku_of`` are skipped: an index snapshot may still hold
         vectors of SKUs removed since it was built (index types such as HNSW cannot delete).
+        With ``offsets`` the ranking is CSLS's (class docstring).
 
         Args:
             queries: float32 (M, D), unit norm.
             threshold: on ``score``; matches whose score is above it are unknown.
-            k: initial neighbours per query; doubled until a second SKU appears or the whole
-                index was searched.
+            k: initial neighbours per query (with ``offsets`` at least
+                :data:`CSLS_FIRST_K`); doubled until a second SKU appears (with ``offsets``:
+                until no unseen vector can outrank the nearest two SKUs) or the whole index was
+                searched.
             score: the open-set score the threshold is on, ``"distance"`` (cosine distance in
                 [0, 2]), ``"ratio"`` or ``"outlier-ratio"`` (:mod:`retailklip.open_set`).
 
@@ -136,6 +153,8 @@ class SKUMatcher:
         d_out = self.outlier_distances(queries)
         out: list[Match | None] = [None] * len(queries)
         todo = np.arange(len(queries))
+        if self.offsets is not None:
+            k = max(k, CSLS_FIRST_K)  # one search, not a re-search at twice the depth, for most queries
         k = max(2, min(k, n))
         while len(todo):
             dist, ids = self.index.search(queries[todo], k)
@@ -153,8 +172,10 @@ class SKUMatcher:
 
     def _match_row(self, dist: Sequence[float], ids: Sequence[int], complete: bool) -> Match | None:
         """The nearest SKU and the nearest other SKU among one query's neighbours; None when
-        more neighbours are needed to find a runner-up (or any live vector).  ``known`` is filled
-        in by the caller."""
+        more neighbours are needed to find a runner-up (or any live vector), or, with offsets,
+        to be sure no unseen vector outranks them.  ``known`` is filled in by the caller."""
+        if self.offsets is not None:
+            return self._match_row_adjusted(dist, ids, complete)
         first: Neighbour | None = None
         for d, i in zip(dist, ids):
             if i < 0:
@@ -171,3 +192,30 @@ class SKUMatcher:
         if first is None:
             raise ValueError("no live vector in the index")
         return Match(first, None, False)
+
+    def _match_row_adjusted(self, dist: Sequence[float], ids: Sequence[int], complete: bool) -> Match | None:
+        """:meth:`_match_row` ranked by adjusted distance ``d + offset``.  Neighbours come in
+        ascending ``d``, so an unseen vector's adjusted distance is at least the last one's ``d``
+        plus the smallest offset: once the best two SKUs are below that bound they are final."""
+        best: dict[str, tuple[float, float]] = {}  # sku -> (adjusted, plain) of its best vector
+        last = None
+        for d, i in zip(dist, ids):
+            if i < 0:
+                complete = True  # the index holds fewer vectors than asked for: all were seen
+                break
+            last = float(d)
+            sku, offset = self.sku_of.get(int(i)), self.offsets.get(int(i))
+            if sku is None or offset is None:
+                continue
+            a = float(d) + offset
+            if sku not in best or a < best[sku][0]:
+                best[sku] = (a, float(d))
+        ranked = sorted(best.items(), key=lambda item: item[1][0])[:2]
+        if not complete:
+            bound = last + self._min_offset if last is not None else -np.inf
+            if len(ranked) < 2 or ranked[1][1][0] > bound:
+                return None
+        if not ranked:
+            raise ValueError("no live vector in the index")
+        first = Neighbour(ranked[0][0], ranked[0][1][1])
+        return Match(first, Neighbour(ranked[1][0], ranked[1][1][1]) if len(ranked) > 1 else None, False)

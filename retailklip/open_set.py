@@ -105,7 +105,7 @@ def distance_ratio(distance: np.ndarray | float, runner_up: np.ndarray | float |
 
     Returns:
         float64 (M,) ratios in [0, 1] (d1 clipped to >= 0; d1 > d2, possible with approximate
-        indexes, gives 1).
+        indexes and with hubness reduction's ranking, :mod:`retailklip.hubness`, gives 1).
     """
     d1 = np.clip(np.asarray(distance, np.float64), 0.0, MAX_DISTANCE)
     d2 = np.full_like(d1, np.nan) if runner_up is None else np.asarray(runner_up, np.float64)

@@ -160,6 +160,7 @@ class _View:
     threshold: float
     open_set_score: str
     outlier_present: np.ndarray  # int64 ids in the matcher's outlier index
+    hubness: Any = None  # the gallery's retailklip.hubness.HubnessReference of this encoder, or None
 
 
 class Recognizer:
@@ -293,13 +294,40 @@ class Recognizer:
         present = self._apply(index, present, new, vectors, gone)  # not shared yet: no lock
         outliers = VectorIndex(index.dim)  # exact; outlier references are few (products not sold here)
         o_present = self._apply(outliers, np.zeros(0, np.int64), *self._outlier_changes(snap.encoder_id, np.zeros(0, np.int64), index.dim))
-        logger.debug("loaded index version %s (%d vectors, +%d since the snapshot; %d outlier vectors)",
-                     snap.version_id, index.ntotal, len(new), outliers.ntotal)
+        hubness = self._hubness(snap.encoder_id, index.dim)
+        offsets = None if hubness is None else self._offsets(hubness, ids, index.dim, {}, new, vectors)
+        logger.debug("loaded index version %s (%d vectors, +%d since the snapshot; %d outlier vectors; hubness "
+                     "reduction %s)", snap.version_id, index.ntotal, len(new), outliers.ntotal,
+                     "off" if hubness is None else f"k={hubness.k} on {len(hubness.photos)} photos")
         return _View(
             snap.generation, snap.encoder_id, snap.version_id, encoder,
-            SKUMatcher(index, dict(zip(ids.tolist(), skus)), outliers),
-            present, self.catalog.names(), snap.threshold, _snapshot_score(snap), o_present,
+            SKUMatcher(index, dict(zip(ids.tolist(), skus)), outliers, offsets),
+            present, self.catalog.names(), snap.threshold, _snapshot_score(snap), o_present, hubness,
         )
+
+    def _hubness(self, encoder_id: int, dim: int):
+        """The gallery's :class:`~retailklip.hubness.HubnessReference` for ``encoder_id`` (Gallery
+        ``hubness_reference``; a gallery without the method, or with hubness reduction off: None)."""
+        get = getattr(self.catalog, "hubness_reference", None)
+        hub = None if get is None else get(encoder_id)
+        if hub is not None and hub.dim != dim:
+            raise RetailKlipError(f"the catalog's unlabeled photo embeddings have dimension {hub.dim}, its vectors {dim}; "
+                                  f"run `catalog rebuild --center-photos ...`")
+        return hub
+
+    def _offsets(self, hubness, ids: np.ndarray, dim: int, known: dict[int, float],
+                 new: np.ndarray | None = None, vectors: np.ndarray | None = None, chunk: int = 8192) -> dict[int, float]:
+        """CSLS offsets (:meth:`HubnessReference.offsets`) of the vectors ``ids``: those in
+        ``known`` kept, those in ``new`` (with their ``vectors``) computed, the rest read from
+        the gallery in chunks of ``chunk`` (memory bounded by it)."""
+        out = {i: known[i] for i in ids.tolist() if i in known}
+        if new is not None and len(new):
+            out.update(zip(new.tolist(), hubness.offsets(vectors).tolist()))
+        todo = np.array([i for i in ids.tolist() if i not in out], np.int64)
+        for s in range(0, len(todo), chunk):
+            found, vecs = self.catalog.existing_vectors(todo[s: s + chunk], dim)
+            out.update(zip(found.tolist(), hubness.offsets(vecs).tolist()))
+        return out
 
     def _apply_changes(self, view: _View, snap) -> None:
         """Apply SKUs added / removed since ``view`` (same encoder and index version)."""
@@ -308,11 +336,15 @@ class Recognizer:
         new, vectors, gone = self._changes(view.present, ids, index.dim)  # database reads outside the lock
         o_changes = self._outlier_changes(snap.encoder_id, view.outlier_present, index.dim)
         names = self.catalog.names()
+        offsets = view.matcher.offsets
+        if view.hubness is not None:
+            offsets = self._offsets(view.hubness, ids, index.dim, offsets, new, vectors)
         with self._lock:
             present = self._apply(index, view.present, new, vectors, gone)
             o_present = self._apply(outliers, view.outlier_present, *o_changes)
             self._view = replace(
-                view, generation=snap.generation, matcher=SKUMatcher(index, dict(zip(ids.tolist(), skus)), outliers),
+                view, generation=snap.generation,
+                matcher=SKUMatcher(index, dict(zip(ids.tolist(), skus)), outliers, offsets),
                 present=present, names=names, threshold=snap.threshold, open_set_score=_snapshot_score(snap),
                 outlier_present=o_present,
             )

@@ -132,9 +132,9 @@ def test_catalog_from_0003_is_upgraded_and_keeps_working(store_catalog, iconic):
     with cat.engine.begin() as conn:  # the catalog as retailklip before outlier references wrote it
         command.downgrade(schema.alembic_config(conn), "0003")
     cat.close()
-    with pytest.raises(CatalogError, match=r"schema is at 0003, this retailklip needs 0004; run `catalog upgrade`"):
+    with pytest.raises(CatalogError, match=r"schema is at 0003, this retailklip needs 0005; run `catalog upgrade`"):
         Catalog.open(root, db_url=db_url)
-    assert Catalog.upgrade(root, db_url=db_url) == ("0003", "0004")
+    assert Catalog.upgrade(root, db_url=db_url) == ("0003", "0005")
     cat = Catalog.open(root, db_url=db_url)
     try:
         assert [s.sku for s in cat.list_skus()] == ["a", "b"] and cat.list_outliers() == []

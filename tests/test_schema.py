@@ -117,8 +117,8 @@ def differences(engine, metadata) -> list:
 
 def test_revisions_are_one_linear_history():
     script = schema.script_directory()
-    assert script.get_heads() == [schema.head_revision()] == ["0004"]
-    assert [s.revision for s in script.walk_revisions()] == ["0004", "0003", "0002", "0001"]
+    assert script.get_heads() == [schema.head_revision()] == ["0005"]
+    assert [s.revision for s in script.walk_revisions()] == ["0005", "0004", "0003", "0002", "0001"]
 
 
 def test_migrated_schema_equals_models(engine):
@@ -172,7 +172,7 @@ def test_legacy_catalog_is_stamped_and_upgraded_keeping_its_rows(engine):
     with engine.begin() as c:
         before = _fill_legacy(c)
     assert schema.current_revision(engine) == schema.LEGACY_REVISION
-    with pytest.raises(CatalogError, match=r"schema is at 0001, this retailklip needs 0004; run `catalog upgrade`"):
+    with pytest.raises(CatalogError, match=r"schema is at 0001, this retailklip needs 0005; run `catalog upgrade`"):
         schema.ensure_current(engine)
     assert schema.upgrade(engine) == ("0001", schema.head_revision())
     assert differences(engine, Base.metadata) == []
@@ -183,6 +183,9 @@ def test_legacy_catalog_is_stamped_and_upgraded_keeping_its_rows(engine):
         assert c.execute(text("SELECT open_set_score FROM catalog_state")).all() == [("distance",)]
         assert c.execute(text("SELECT count(*) FROM index_versions")).scalar_one() == 0
         assert c.execute(text("SELECT count(*) FROM outlier_references")).scalar_one() == 0  # migration 0004
+        # migration 0005: no unlabeled photos, hubness reduction off (plain 1-NN, as before)
+        assert c.execute(text("SELECT hubness_k FROM catalog_state")).all() == [(0,)]
+        assert c.execute(text("SELECT count(*) FROM encoders WHERE unlabeled IS NOT NULL")).scalar_one() == 0
     # Foreign keys survive SQLite's table copy: catalog_state.encoder_id must name an encoder.
     with pytest.raises(IntegrityError), engine.begin() as c:
         c.execute(text("UPDATE catalog_state SET encoder_id = 999"))
@@ -194,8 +197,8 @@ def test_legacy_catalog_is_stamped_and_upgraded_keeping_its_rows(engine):
 def test_unversioned_catalog_with_index_versions_is_stamped_head(engine):
     """A development catalog made with create_all from the current models."""
     Base.metadata.create_all(engine)
-    assert schema.current_revision(engine) == "0004"
-    assert schema.upgrade(engine) == ("0004", "0004")
+    assert schema.current_revision(engine) == "0005"
+    assert schema.upgrade(engine) == ("0005", "0005")
     assert differences(engine, Base.metadata) == []
 
 
@@ -242,7 +245,7 @@ def test_wheel_ships_the_migrations(tmp_path):
     expected |= {f"catalog/migrations/versions/{v}" for v in versions}
     assert expected <= names, sorted(expected - names)
     assert versions == ["0001_initial.py", "0002_index_versions.py", "0003_open_set_score.py",
-                        "0004_outlier_references.py", "__init__.py"]
+                        "0004_outlier_references.py", "0005_hubness_reduction.py", "__init__.py"]
 
 
 def test_failed_upgrade_changes_nothing(engine):

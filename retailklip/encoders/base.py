@@ -124,12 +124,47 @@ class Encoder:
         Raises:
             ValueError: no images.  InvalidImageError: an image cannot be decoded.
         """
+        return self.unlabeled_features(images, progress=progress)[0]
+
+    def unlabeled_features(self, images: Sequence[ImageSource], *, progress: bool = False,
+                           keep: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """Mean raw feature of images and the raw features of some of them, in one pass.
+
+        Args:
+            images: e.g. unlabeled in-store photos.
+            progress: tqdm progress bar over batches.
+            keep: ascending indices into ``images`` whose raw features are returned too (e.g.
+                the sample :mod:`retailklip.hubness` keeps; memory grows with ``len(keep)``
+                only).
+
+        Returns:
+            ``(mean, kept)``: float32 (D,) mean raw feature (accumulated in float64), float32
+            (len(keep), D) raw features (not centred, not normalised; see :meth:`normalize`).
+
+        Raises:
+            ValueError: no images, or ``keep`` not ascending indices into them.
+            InvalidImageError: an image cannot be decoded.
+        """
         if len(images) == 0:
             raise ValueError("mean_feature needs at least one image")
+        keep = np.asarray(keep, np.int64)
+        if len(keep) and (keep[0] < 0 or keep[-1] >= len(images) or (np.diff(keep) <= 0).any()):
+            raise ValueError("keep must be ascending indices into the images")
         total = torch.zeros(self.dim, dtype=torch.float64)
+        kept, start = [], 0
         for batch in self._batches(images, progress, "centering"):
-            total += self.features(batch).double().sum(0)
-        return (total / len(images)).float().numpy()
+            feats = self.features(batch)
+            total += feats.double().sum(0)
+            rows = keep[(keep >= start) & (keep < start + len(feats))] - start
+            kept.append(feats[torch.from_numpy(rows)].numpy())
+            start += len(feats)
+        return (total / len(images)).float().numpy(), np.concatenate(kept).astype(np.float32, copy=False)
+
+    def normalize(self, features: np.ndarray) -> np.ndarray:
+        """Raw features float (N, D) -> float32 (N, D) embeddings exactly as :meth:`embed` makes
+        them from the same images (this encoder's centre and groups applied)."""
+        feats = torch.from_numpy(np.ascontiguousarray(features, np.float32))
+        return normalize_embeddings(feats, center=self.center, groups=self.groups).numpy()
 
     def with_center(self, center: np.ndarray | None) -> Encoder:
         """A copy of this encoder (sharing the model) with another centering vector (D,) or none."""

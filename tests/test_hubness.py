@@ -1,0 +1,206 @@
+"""Hubness reduction at the 1-NN (CSLS, retailklip/hubness.py): the hubness of a reference vector,
+the matcher's exact CSLS ranking (nearest and runner-up SKU) against a brute-force ranking, and a
+real catalog (MobileNetV2, GroceryStore photos) that stores its unlabeled photos, recognises by
+CSLS, calibrates by the same ranking, and is switched off and on by rebuilds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC
+
+from catalog import Catalog
+from catalog.cli import main
+from retailklip import Recognizer
+from retailklip.calibration import nearest_matches
+from retailklip.errors import RetailKlipError
+from retailklip.evaluation import score_zero_shot
+from retailklip.hubness import DEFAULT_HUBNESS_K, HubnessReference, even_sample
+from retailklip.index import VectorIndex
+from retailklip.matching import CSLS_FIRST_K, SKUMatcher
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def brute_force(queries, gallery, skus, offsets):
+    """(nearest SKU, its plain distance, runner-up SKU, its plain distance) per query, ranking
+    every vector by cosine distance + offset (CSLS), each SKU by its best vector."""
+    out = []
+    for q in queries:
+        d = 1.0 - gallery @ q
+        a = d + offsets
+        best: dict[str, int] = {}
+        for n in np.argsort(a, kind="stable"):
+            best.setdefault(skus[n], n)
+        (s1, n1), (s2, n2) = list(best.items())[:2]
+        out.append((s1, float(d[n1]), s2, float(d[n2])))
+    return out
+
+
+def test_hubness_is_the_mean_similarity_to_the_k_most_similar_photos():
+    rng = np.random.default_rng(0)
+    photos, vectors = unit(rng.normal(size=(40, 8))), unit(rng.normal(size=(7, 8)))
+    hub = HubnessReference(photos, k=5)
+    want = np.sort(vectors @ photos.T, axis=1)[:, -5:].mean(1)
+    np.testing.assert_allclose(hub.hubness(vectors), want, atol=1e-6)
+    np.testing.assert_allclose(hub.offsets(vectors), want / 2, atol=1e-6)
+    # k beyond the photos: all of them
+    np.testing.assert_allclose(HubnessReference(photos, k=100).hubness(vectors), (vectors @ photos.T).mean(1), atol=1e-6)
+    for bad in (dict(photos=photos, k=0), dict(photos=photos[:0], k=5), dict(photos=photos[0], k=5),
+                dict(photos=np.full((3, 8), np.nan), k=5), dict(photos=photos, k=2.5)):
+        with pytest.raises(RetailKlipError):
+            HubnessReference(**bad)
+    with pytest.raises(RetailKlipError, match="dimension 8"):
+        hub.hubness(vectors[:, :4])
+
+
+def test_even_sample_is_all_items_or_an_evenly_spaced_subset():
+    assert even_sample(5, 10).tolist() == [0, 1, 2, 3, 4]
+    s = even_sample(10_000, 100)
+    assert len(s) == 100 and s[0] == 0 and s[-1] == 9_999 and (np.diff(s) > 0).all()
+    assert np.ptp(np.diff(s)) <= 1
+
+
+class DeepestSearch:
+    """A VectorIndex stand-in that records the deepest search the matcher made."""
+
+    def __init__(self, index: VectorIndex) -> None:
+        self.index, self.deepest = index, 0
+        self.ntotal, self.check_vectors = index.ntotal, index.check_vectors
+
+    def search(self, queries, k):
+        self.deepest = max(self.deepest, k)
+        return self.index.search(queries, k)
+
+
+@pytest.mark.parametrize("spread", [0.4, 1.5])
+def test_matcher_ranks_by_csls_exactly(spread):
+    """The matcher finds the SKUs of smallest adjusted distance (widening the search until no
+    unseen vector can beat them; with large offsets beyond the first depth) and reports plain
+    distances; an SKU removed from the map (a tombstone) is never returned."""
+    rng = np.random.default_rng(1)
+    n_skus, views, dim = 150, 3, 16
+    gallery = unit(rng.normal(size=(n_skus * views, dim)))
+    skus = [f"s{i // views}" for i in range(len(gallery))]
+    # a few references without offset among many with: the large spread makes far ones win
+    offsets = (spread * (rng.random(len(gallery)) > 0.02)).astype(np.float32)
+    queries = unit(gallery[rng.choice(len(gallery), 50)] + 0.8 * rng.normal(size=(50, dim)))
+    index = VectorIndex(dim)
+    ids = np.arange(len(gallery), dtype=np.int64)
+    index.add(ids, gallery)
+    gone = {i for i in ids.tolist() if skus[i] == "s3"}
+    sku_of = {i: s for i, s in zip(ids.tolist(), skus) if i not in gone}
+    probe = DeepestSearch(index)
+    matcher = SKUMatcher(probe, sku_of, offsets=dict(zip(ids.tolist(), offsets.tolist())))
+    live = np.array(sorted(sku_of))
+    want = brute_force(queries, gallery[live], [skus[i] for i in live], offsets[live])
+    got = matcher.match(queries, 2.0)
+    assert [(m.nearest.sku, m.runner_up.sku) for m in got] == [(w[0], w[2]) for w in want]
+    np.testing.assert_allclose([(m.nearest.distance, m.runner_up.distance) for m in got],
+                               [(w[1], w[3]) for w in want], atol=1e-5)
+    if spread > 1:
+        assert probe.deepest > CSLS_FIRST_K  # the first depth could not be final: widened
+    plain = SKUMatcher(index, sku_of).match(queries, 2.0)
+    assert sum(m.nearest.sku != p.nearest.sku for m, p in zip(got, plain)) > 0  # the offsets matter here
+    # equal offsets rank as plain 1-NN
+    same = SKUMatcher(index, sku_of, offsets=dict.fromkeys(ids.tolist(), 0.1)).match(queries, 2.0)
+    assert [(m.nearest, m.runner_up) for m in same] == [(p.nearest, p.runner_up) for p in plain]
+
+
+# ---------------------------------------------------------------------------- a real catalog
+@pytest.fixture(scope="module")
+def photos(grocery_store):
+    train = [p for p in grocery_store.photos("train")]
+    unlabeled = [p.path for p in train[::40]]  # 67 photos, used unlabeled
+    queries = [p for i, p in enumerate(train) if i % 40 == 20][:40]
+    return unlabeled, queries
+
+
+@pytest.fixture(scope="module")
+def hub_catalog(tmp_path_factory, photos, grocery_store, mobilenet_weights):
+    unlabeled, queries = photos
+    root = tmp_path_factory.mktemp("hub") / "cat"
+    cat = Catalog.init(root, encoder=MOBILENET_SPEC, weights=mobilenet_weights, encoder_options=MOBILENET_OPTIONS,
+                       center_photos=unlabeled)
+    csv = root.parent / "skus.csv"
+    classes = sorted({p.label for p in queries})
+    iconic = {c.name: c.iconic for c in grocery_store.classes}
+    csv.write_text("image,sku,name\n" + "".join(f"{iconic[c]},{c},{c}\n" for c in classes))
+    cat.import_csv(csv, progress=False)
+    return cat
+
+
+def test_catalog_keeps_its_unlabeled_photos_and_recognises_by_csls(hub_catalog, photos):
+    unlabeled, queries = photos
+    cat = hub_catalog
+    st = cat.settings()
+    assert st["hubness_k"] == DEFAULT_HUBNESS_K and st["unlabeled_photos"] == len(unlabeled)
+    hub = Catalog.open(cat.root).hubness_reference()  # stored: another connection reads the same
+    enc = cat.encoder()
+    np.testing.assert_allclose(hub.photos, enc.embed(unlabeled), atol=1e-5)  # the centred encoder's embeddings
+    ids, skus = cat.embedding_table()
+    gallery = cat.vectors(ids, enc.dim)
+    q = enc.embed([p.path for p in queries])
+    want = brute_force(q, gallery, skus, hub.offsets(gallery))
+    rec = Recognizer(cat)
+    got = [rec.recognize(p.path)[0] for p in queries]
+    assert [(r.nearest_sku, r.runner_up.sku) for r in got] == [(w[0], w[2]) for w in want]
+    np.testing.assert_allclose([r.distance for r in got], [w[1] for w in want], atol=1e-4)
+    plain = brute_force(q, gallery, skus, np.zeros(len(gallery), np.float32))
+    changed = sum(w[0] != p[0] for w, p in zip(want, plain))
+    assert changed > 0, "CSLS changed no 1-NN on these photos"
+    # calibration and `catalog eval` rank as the recognizer does
+    pred, dist, _ = nearest_matches(gallery, skus, q, hub)
+    assert pred == [w[0] for w in want]
+    truth = [p.label for p in queries]
+    res = score_zero_shot(gallery, skus, q, truth, hubness=hub)
+    assert res.hubness_k == DEFAULT_HUBNESS_K and res.to_dict()["hubness_k"] == DEFAULT_HUBNESS_K
+    assert res.top1 == pytest.approx(np.mean([w[0] == t for w, t in zip(want, truth)]))
+    # an SKU added later gets its offset too: recognised through CSLS like the rest
+    extra = next(p for p in queries if p.label != want[0][0])
+    cat.add(extra.path, sku="in-store-photo")
+    r = rec.recognize(extra.path)[0]
+    assert r.nearest_sku == "in-store-photo" and r.distance < 1e-4
+    assert rec.matcher.offsets is not None and len(rec.matcher.offsets) == len(ids) + 1
+    cat.remove("in-store-photo")
+
+
+def test_rebuild_switches_hubness_reduction_off_and_on(hub_catalog, photos, mobilenet_weights, capsys):
+    cat, (_, queries) = hub_catalog, photos
+    rec = Recognizer(cat)
+    first = [rec.recognize(p.path)[0].nearest_sku for p in queries]
+    assert rec.matcher.offsets is not None
+    cat.rebuild(hubness_k=0)
+    assert cat.settings()["hubness_k"] == 0 and cat.hubness_reference() is None
+    plain = [rec.recognize(p.path)[0].nearest_sku for p in queries]  # the recognizer reloads
+    assert rec.matcher.offsets is None and plain != first
+    enc = cat.encoder()
+    ids, skus = cat.embedding_table()
+    d = 1 - enc.embed([p.path for p in queries]) @ cat.vectors(ids, enc.dim).T
+    assert plain == [skus[i] for i in d.argmin(1)]
+    assert main(["--catalog", str(cat.root), "rebuild", "--hubness-k", "-1"]) == 1
+    assert "hubness k must be an integer >= 0" in capsys.readouterr().err
+    assert main(["--catalog", str(cat.root), "rebuild", "--hubness-k", str(DEFAULT_HUBNESS_K), "--json"]) == 0
+    capsys.readouterr()
+    assert [rec.recognize(p.path)[0].nearest_sku for p in queries] == first
+    # another encoder without new photos: the old photos' embeddings do not fit it, so off
+    cat.rebuild(encoder=MOBILENET_SPEC, weights=mobilenet_weights, encoder_options={"interpolation": "bicubic"})
+    assert cat.settings()["unlabeled_photos"] == 0 and cat.hubness_reference() is None
+    assert main(["--catalog", str(cat.root), "info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["hubness_k"] == DEFAULT_HUBNESS_K and info["unlabeled_photos"] == 0
+
+
+def test_init_rejects_a_bad_hubness_k_in_one_line_and_creates_nothing(tmp_path, capsys, photos):
+    root = tmp_path / "cat"
+    assert main(["--catalog", str(root), "init", "--random-init", "--hubness-k", "-3"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("catalog: error: ") and "\n" not in err and "hubness k" in err
+    assert not root.exists() or not any(root.iterdir())
+    # without unlabeled photos the k is stored but nothing is ranked by it
+    cat = Catalog.init(root, encoder=MOBILENET_SPEC, random_init=True, hubness_k=5)
+    assert cat.settings()["hubness_k"] == 5 and cat.hubness_reference() is None
