@@ -23,6 +23,15 @@ embedding, not a candidate, it gained +2.7 (k = 10) and +3.5 (k = 30, chosen aft
 
 Rule fixed before the run: one candidate, CSLS with k = 30; it confirms only if its top-1 gain
 over plain 1-NN on these photos has a 95 % interval from a bootstrap over classes above zero.
+``--open-set`` (a report, run after CSLS shipped; it chooses nothing): what CSLS's ranking does to
+the open-set scores a store would calibrate on the frozen main job.  Known SKUs = the classes of
+one coarse-id parity (their packshots are the gallery), unknown = the other parity's (sibling
+products: the coarse classes split between the halves), both parities in turn; each fold's query
+photos of all classes are scored with the product's matcher, plain and CSLS (its distances are
+the chosen SKUs' plain cosine distances, :mod:`retailklip.hubness`), by ``distance`` and
+``ratio``; AUROC known vs unknown, pooled over folds, mean over the two parities, and the CSLS
+minus plain difference with a 95 % interval from a bootstrap over classes.
+
 Confirmation did not ship it by itself: the product change (``catalog init --center-photos``
 keeps the photos, ``--hubness-k 30``) came after, and this also runs every fold through the
 product's matcher to check it picks what the formula picks.  All photos (the first 10 included) are printed too, not for the rule.  Val and test are
@@ -46,9 +55,10 @@ from bench_defaults_cv import K_FOLDS, SHARED, cached_features, cv_folds, normal
 from bench_finetuned_input import QUERIES, class_bootstrap, csls_nearest
 from bench_pseudo_references import MAIN_JOB, MAIN_JOB_CACHE
 
-from retailklip.calibration import nearest_matches
+from retailklip.calibration import auroc, nearest_matches
 from retailklip.datasets import read_grocery_store
 from retailklip.hubness import HubnessReference
+from retailklip.open_set import distance_ratio
 from retailklip.protocol import fold_roles, mcnemar
 
 
@@ -59,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=30, help="CSLS neighbourhood (the rule's candidate: 30)")
     p.add_argument("--bootstrap", type=int, default=4000)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--open-set", action="store_true", help="also the open-set report (module docstring)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     store = read_grocery_store(args.data)
@@ -110,9 +121,66 @@ def main(argv: list[str] | None = None) -> int:
           f"{agree} of {len(lab)} photos")
     print(f"\nrule (95 % class-bootstrap interval of the gain on the fresh photos above zero): "
           f"{'confirmed' if ok else 'not confirmed'}\n{time.perf_counter() - t0:.0f} s")
+    if args.open_set:
+        out["open_set"] = open_set_report(store, folds, labels, gallery_raw, photo_raw, groups, args)
     if args.json:
         args.json.write_text(json.dumps({"k": args.k, "confirmed": ok, **out}, indent=1))
     return 0
+
+
+def open_set_report(store, folds, labels, gallery_raw, photo_raw, groups: int, args) -> dict:
+    """AUROC known vs unknown of ``distance`` and ``ratio``, plain vs CSLS ranking (module docstring)."""
+    lab = np.array(labels)
+    classes = [c.name for c in store.classes]
+    parity = {c.name: c.coarse_id % 2 for c in store.classes}
+    scores = {}  # (ranking, score) -> per parity: float (N,) over all photos
+    known_of = {}
+    for side in (0, 1):
+        known_classes = [c for c in classes if parity[c] == side]
+        rows = np.array([classes.index(c) for c in known_classes])
+        known_of[side] = np.array([parity[c] == side for c in lab])
+        for ranking in ("plain", "CSLS"):
+            for score in ("distance", "ratio"):
+                scores.setdefault((ranking, score), {})[side] = np.zeros(len(lab))
+        for f in folds:
+            (roles,) = fold_roles(labels, [f], center_size=len(f.train) // 6, seed=0)
+            mu = photo_raw[roles.center].mean(0)
+            g = normalise(gallery_raw[rows], mu, groups).astype(np.float32)
+            q = normalise(photo_raw[roles.queries], mu, groups).astype(np.float32)
+            u = normalise(photo_raw[roles.center], mu, groups).astype(np.float32)
+            for ranking, hub in (("plain", None), ("CSLS", HubnessReference(u, args.k))):
+                _, d1, d2 = nearest_matches(g, known_classes, q, hub)
+                scores[(ranking, "distance")][side][roles.queries] = d1
+                scores[(ranking, "ratio")][side][roles.queries] = distance_ratio(d1, d2)
+    rng = np.random.default_rng(0)
+    ids = np.unique(lab)
+    draws = rng.integers(0, len(ids), size=(args.bootstrap // 4, len(ids)))
+    index = {c: np.flatnonzero(lab == c) for c in ids}
+
+    def mean_auroc(rank: str, score: str, rows: np.ndarray | None = None) -> float:
+        vals = []
+        for side in (0, 1):
+            sc, kn = scores[(rank, score)][side], known_of[side]
+            if rows is not None:
+                sc, kn = sc[rows], kn[rows]
+            vals.append(auroc(-sc[kn], -sc[~kn]))
+        return float(np.mean(vals))
+
+    print(f"\nopen set, frozen main job: known = one coarse-id parity's {len(ids) // 2}-ish classes, unknown = the other's "
+          f"(both in turn); AUROC known vs unknown, higher = better")
+    print("| score | plain ranking | CSLS ranking | CSLS minus plain [95 %, class bootstrap] |")
+    print("|---|---|---|---|")
+    report = {}
+    for score in ("distance", "ratio"):
+        a, b = mean_auroc("plain", score), mean_auroc("CSLS", score)
+        boot = []
+        for d in draws:
+            rows = np.concatenate([index[ids[i]] for i in d])
+            boot.append(mean_auroc("CSLS", score, rows) - mean_auroc("plain", score, rows))
+        lo, hi = np.percentile(boot, [2.5, 97.5])
+        print(f"| {score} | {a:.3f} | {b:.3f} | {b - a:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
+        report[score] = {"plain": a, "csls": b, "difference": [b - a, float(lo), float(hi)]}
+    return report
 
 
 if __name__ == "__main__":

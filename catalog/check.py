@@ -27,6 +27,10 @@ kind                        what                                             rep
                             ready versions whose files are gone, version
                             directories without a ready version, temporary
                             directories
+``bad_unlabeled``           the active encoder's unlabeled photo embeddings  drop them: plain 1-NN until
+                            (hubness reduction, :mod:`retailklip.hubness`)   ``catalog rebuild --center-photos``
+                            of the wrong length, non-finite or not unit      stores new ones
+                            norm
 ==========================  ===============================================  =========================================
 
 Outlier references (images of products not in the catalog, :mod:`catalog.outliers`) are
@@ -54,11 +58,11 @@ from retailklip.errors import RetailKlipError
 from retailklip.weights import file_sha256
 
 from . import index_store, rebuild
-from .codec import decode_vector
+from .codec import decode_vector, decode_vectors
 from .connection import StateSnapshot
 from .fileio import atomic_write
 from .imagestore import IMAGES_DIR
-from .models import CatalogState, IndexVersion, OutlierReference, ReferenceImage, VersionStatus
+from .models import CatalogState, EncoderRow, IndexVersion, OutlierReference, ReferenceImage, VersionStatus
 from .reads import CatalogReader
 from .vectors import OUTLIERS, REFERENCES, VectorKind, embed_missing, references_lacking_vectors
 from .writes import used_filenames
@@ -154,6 +158,7 @@ def check(
         findings += _check_images(cat, refs, images_from, verify_images, repair)
         findings += _check_missing_vectors(cat, snap, repair, progress)  # after the deletions above
         findings += _check_orphan_files(cat, refs, grace_s, repair)
+        findings += _check_unlabeled(cat, snap, repair)
         version_findings, active_problem = _check_versions(cat, snap, excluded, repair)
         findings += version_findings
         # after the repairs above; vectors whose reference row is gone are orphan_vectors
@@ -360,6 +365,36 @@ def _check_versions(cat: CatalogReader, snap: StateSnapshot, excluded: Sequence[
                     index_store.remove_version(cat.root, f"{index_store.INDEXES_DIR}/{p.name}")
         f.repaired = len(stale)
     return [f], active_problem
+
+
+def _check_unlabeled(cat: CatalogReader, snap: StateSnapshot, repair: bool) -> list[Finding]:
+    """``bad_unlabeled``: the active encoder's stored unlabeled photo embeddings (migration 0005)
+    that are not whole finite unit vectors of its dimension."""
+    with cat.sessions() as s:
+        row = s.get(EncoderRow, snap.encoder_id)
+        blob, dim = row.unlabeled, row.dim
+    if blob is None:
+        return []
+    problem = None
+    try:
+        photos = decode_vectors(blob, dim)
+        if not len(photos) or not np.isfinite(photos).all():
+            problem = "empty or not finite"
+        elif np.abs(np.einsum("ij,ij->i", photos, photos) - 1.0).max() > 1e-3:
+            problem = "not unit norm"
+    except ValueError as e:
+        problem = str(e)
+    if problem is None:
+        return []
+    finding = Finding("bad_unlabeled", 1, [f"encoder {snap.encoder_id}: {problem}"])
+    if repair:
+        with cat.sessions.begin() as s:
+            cat.lock_writers(s)
+            s.get(EncoderRow, snap.encoder_id).unlabeled = None
+        finding.repaired = 1
+        logger.warning("check: dropped encoder %d's damaged unlabeled photo embeddings; hubness reduction is off "
+                       "until `catalog rebuild --center-photos ...`", snap.encoder_id)
+    return [finding]
 
 
 def _check_database(cat: CatalogReader) -> list[Finding]:

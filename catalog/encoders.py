@@ -119,7 +119,7 @@ class EncoderRegistry:
                 return decode_vectors(row.unlabeled, row.dim)
             except ValueError as e:
                 raise CatalogError(f"encoder {encoder_id}'s unlabeled photo embeddings are damaged ({e}); "
-                                   f"run `catalog rebuild --center-photos ...`") from None
+                                   f"run `catalog check --repair`, then `catalog rebuild --center-photos ...`") from None
 
     def remember(self, encoder_id: int, encoder: Encoder) -> None:
         """Keep an encoder built by the caller as the one of (committed) row ``encoder_id``."""

@@ -307,12 +307,19 @@ class Recognizer:
 
     def _hubness(self, encoder_id: int, dim: int):
         """The gallery's :class:`~retailklip.hubness.HubnessReference` for ``encoder_id`` (Gallery
-        ``hubness_reference``; a gallery without the method, or with hubness reduction off: None)."""
+        ``hubness_reference``; a gallery without the method, or with hubness reduction off: None;
+        damaged photo embeddings: None, with an error logged)."""
         get = getattr(self.catalog, "hubness_reference", None)
-        hub = None if get is None else get(encoder_id)
-        if hub is not None and hub.dim != dim:
-            raise RetailKlipError(f"the catalog's unlabeled photo embeddings have dimension {hub.dim}, its vectors {dim}; "
-                                  f"run `catalog rebuild --center-photos ...`")
+        try:
+            hub = None if get is None else get(encoder_id)
+            if hub is not None and hub.dim != dim:
+                raise RetailKlipError(f"the catalog's unlabeled photo embeddings have dimension {hub.dim}, "
+                                      f"its vectors {dim}")
+        except RetailKlipError as e:
+            # Recognition goes on without hubness reduction rather than not at all.
+            logger.error("%s; matching by plain 1-NN until it is repaired (`catalog check --repair`, then "
+                         "`catalog rebuild --center-photos ...`)", str(e).splitlines()[0])
+            return None
         return hub
 
     def _offsets(self, hubness, ids: np.ndarray, dim: int, known: dict[int, float],

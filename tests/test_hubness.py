@@ -12,6 +12,7 @@ import pytest
 from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC
 
 from catalog import Catalog
+from catalog.check import check
 from catalog.cli import main
 from retailklip import Recognizer
 from retailklip.calibration import nearest_matches
@@ -204,3 +205,43 @@ def test_init_rejects_a_bad_hubness_k_in_one_line_and_creates_nothing(tmp_path, 
     # without unlabeled photos the k is stored but nothing is ranked by it
     cat = Catalog.init(root, encoder=MOBILENET_SPEC, random_init=True, hubness_k=5)
     assert cat.settings()["hubness_k"] == 5 and cat.hubness_reference() is None
+
+
+def test_unlabeled_photos_round_trip_and_damage_is_survived_and_repaired(tmp_path, backend_url, grocery_store, caplog):
+    """On SQLite and PostgreSQL: the photos' embeddings are stored and read back exactly; damaged
+    ones never stop recognition (plain 1-NN, one error logged), `check` finds them and
+    `check --repair` drops them."""
+    from conftest import TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
+    from sqlalchemy import update
+
+    from catalog.models import EncoderRow
+
+    train = grocery_store.photos("train")
+    unlabeled = [p.path for p in train[::300]]
+    cat = Catalog.init(tmp_path / "cat", encoder=TINY_CLIP_SPEC, random_init=True, encoder_options=TINY_CLIP_OPTIONS,
+                       db_url=backend_url, center_photos=unlabeled, hubness_k=3)
+    try:
+        iconic = {c.name: c.iconic for c in grocery_store.classes}
+        for sku in list(iconic)[:4]:
+            cat.add(iconic[sku], sku=sku)
+        hub = cat.hubness_reference()
+        assert hub.k == 3 and len(hub.photos) == len(unlabeled)
+        np.testing.assert_array_equal(hub.photos, cat.encoder().embed(unlabeled))
+        assert check(cat).ok
+        photo = train[5].path
+        with_csls = Recognizer(cat).recognize(photo)[0]
+        enc_id = cat.snapshot().encoder_id
+        with cat.sessions.begin() as s:
+            s.execute(update(EncoderRow).where(EncoderRow.id == enc_id).values(unlabeled=b"\x00\x01\x02"))
+        with pytest.raises(RetailKlipError, match="damaged.*catalog check --repair"):
+            cat.hubness_reference()
+        rec = Recognizer(cat)
+        r = rec.recognize(photo)[0]  # recognition goes on, by plain 1-NN
+        assert rec.matcher.offsets is None and "plain 1-NN until it is repaired" in caplog.text
+        assert r.distance <= with_csls.distance + 1e-6  # plain 1-NN: the smallest distance
+        report = check(cat)
+        assert not report.ok and [f.kind for f in report.findings] == ["bad_unlabeled"]
+        assert check(cat, repair=True).findings[0].repaired == 1
+        assert check(cat).ok and cat.settings()["unlabeled_photos"] == 0 and cat.hubness_reference() is None
+    finally:
+        cat.close()
