@@ -27,9 +27,9 @@ over plain 1-NN on these photos has a 95 % interval from a bootstrap over classe
 the open-set scores a store would calibrate on the frozen main job.  Known SKUs = the classes of
 one coarse-id parity (their packshots are the gallery), unknown = the other parity's (sibling
 products: the coarse classes split between the halves), both parities in turn; each fold's query
-photos of all classes are scored with the product's matcher, plain and CSLS (its distances are
-the chosen SKUs' plain cosine distances, :mod:`retailklip.hubness`), by ``distance`` and
-``ratio``; AUROC known vs unknown, pooled over folds, mean over the two parities, and the CSLS
+photos of all classes are scored with the product's matcher, plain and CSLS, by ``distance``
+(under CSLS the chosen SKU's plain cosine distance) and ``ratio`` (under CSLS the ratio of the
+adjusted distances, :mod:`retailklip.hubness`); AUROC known vs unknown, pooled over folds, mean over the two parities, and the CSLS
 minus plain difference with a 95 % interval from a bootstrap over classes.
 
 Confirmation did not ship it by itself: the product change (``catalog init --center-photos``
@@ -55,10 +55,10 @@ from bench_defaults_cv import K_FOLDS, SHARED, cached_features, cv_folds, normal
 from bench_finetuned_input import QUERIES, class_bootstrap, csls_nearest
 from bench_pseudo_references import MAIN_JOB, MAIN_JOB_CACHE
 
-from retailklip.calibration import auroc, nearest_matches
+from retailklip.calibration import auroc, gallery_matches, nearest_matches
 from retailklip.datasets import read_grocery_store
 from retailklip.hubness import HubnessReference
-from retailklip.open_set import distance_ratio
+from retailklip.matching import score_of
 from retailklip.protocol import fold_roles, mcnemar
 
 
@@ -149,9 +149,9 @@ def open_set_report(store, folds, labels, gallery_raw, photo_raw, groups: int, a
             q = normalise(photo_raw[roles.queries], mu, groups).astype(np.float32)
             u = normalise(photo_raw[roles.center], mu, groups).astype(np.float32)
             for ranking, hub in (("plain", None), ("CSLS", HubnessReference(u, args.k))):
-                _, d1, d2 = nearest_matches(g, known_classes, q, hub)
-                scores[(ranking, "distance")][side][roles.queries] = d1
-                scores[(ranking, "ratio")][side][roles.queries] = distance_ratio(d1, d2)
+                matches = gallery_matches(g, known_classes, q, hub)  # as the recognizer scores them
+                for score in ("distance", "ratio"):
+                    scores[(ranking, score)][side][roles.queries] = [score_of(m, score) for m in matches]
     rng = np.random.default_rng(0)
     ids = np.unique(lab)
     draws = rng.integers(0, len(ids), size=(args.bootstrap // 4, len(ids)))

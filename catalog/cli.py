@@ -93,9 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--center-photos", type=Path, default=None, metavar="DIR|LIST",
                    help="unlabeled in-store photos (a directory, searched recursively, or a file listing paths) whose mean "
                         "feature is subtracted from every embedding (SimpleShot CL2N centering; see docs/augmentation.md)")
-    s.add_argument("--hubness-k", type=int, default=DEFAULT_HUBNESS_K, metavar="K",
-                   help="with --center-photos: rank the 1-NN by CSLS hubness reduction against those photos, each reference's "
-                        f"hubness measured on its K most similar ones; 0: plain 1-NN (default: {DEFAULT_HUBNESS_K}; docs/evaluation.md)")
+    s.add_argument("--hubness-k", type=int, default=None, metavar="K",
+                   help="with --center-photos: rank the 1-NN by CSLS hubness reduction against those photos, each "
+                        "reference's hubness measured on its K most similar ones; 0: plain 1-NN "
+                        f"(default: {DEFAULT_HUBNESS_K} with --center-photos, else 0; docs/evaluation.md)")
     s.add_argument("--segment", default=None, metavar="NAME", help="default segmenter for recognize (e.g. efficientvit-sam-l0)")
     s.add_argument("--checkpoint", default=None, metavar="FILE", help="checkpoint of the default segmenter")
     s.add_argument("--random-init", action="store_true", help=argparse.SUPPRESS)  # tests only

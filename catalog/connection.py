@@ -165,7 +165,8 @@ class CatalogConnection:
                 "threshold": st.threshold,
                 "open_set_score": st.open_set_score,
                 "hubness_k": st.hubness_k,
-                "unlabeled_photos": 0 if enc.unlabeled is None else len(enc.unlabeled) // (4 * enc.dim),
+                "unlabeled_photos": int(s.scalar(select(func.coalesce(func.length(EncoderRow.unlabeled), 0))
+                                                 .where(EncoderRow.id == enc.id))) // (4 * enc.dim),
                 "segmenter": st.segmenter,
                 "segmenter_checkpoint": st.segmenter_checkpoint,
                 "generation": st.generation,

@@ -16,7 +16,7 @@ Tables:
   vectors it holds, the ``index_factory`` string, vector count, dimension, K, recall@1 against
   exact search, status (``building`` / ``ready`` / ``failed`` / ``retired``), the directory
   holding its files (``indexes/v000007``), the index file's SHA-256 and the catalog generation
-  whose membership it snapshots.
+  whose membership it snapshots, and the hubness-reduction k it was built for.
 * ``outlier_references`` — reference images of products that are *not* in the catalog (e.g. the
   packshots of the products an encoder was finetuned on; migration 0004): content hash, stored
   file (the same image store as SKU references), size, a free-text label.  Never an SKU, never
@@ -99,7 +99,7 @@ class EncoderRow(Base):
     options: Mapped[str] = mapped_column(Text, default="{}")
     center: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32 (dim,) feature-centering vector
     # float32 (P, dim) unit embeddings of unlabeled store photos, for hubness reduction (migration 0005)
-    unlabeled: Mapped[bytes | None] = mapped_column(LargeBinary)
+    unlabeled: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)  # up to ~8 MB: read when used
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -146,6 +146,8 @@ class IndexVersion(Base):
     index_sha256: Mapped[str | None] = mapped_column(String(64))
     generation: Mapped[int] = mapped_column(Integer, default=0)
     note: Mapped[str | None] = mapped_column(Text)
+    # the hubness-reduction k this version was built for (migration 0005; NULL: built before)
+    hubness_k: Mapped[int | None] = mapped_column(Integer)
 
 
 class CatalogState(Base):

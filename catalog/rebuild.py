@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from retailklip.encoders import create_encoder
-from retailklip.hubness import check_hubness_k
+from retailklip.hubness import DEFAULT_HUBNESS_K, check_hubness_k
 from retailklip.index import VectorIndex
 from retailklip.index_build import build_index
 from retailklip.index_types import choose_index_type
@@ -56,7 +56,7 @@ from .embedding import RayConnection
 from .encoders import center_on
 from .errors import CatalogError, RebuildError, ValidationError
 from .faults import crash_point
-from .models import CatalogState, IndexVersion, VersionStatus
+from .models import CatalogState, EncoderRow, IndexVersion, VersionStatus
 from .reads import CatalogReader
 from .vectors import OUTLIERS, REFERENCES, VectorTable, count_lacking, embed_all_missing, vector_table
 from .versions import RebuildLock, VersionInfo, fail_interrupted, list_versions, retire
@@ -103,15 +103,23 @@ def _build_encoder(cat: CatalogConnection, spec: str, kw: dict, center_photos, p
 
 
 def _start_version(cat: CatalogConnection, enc: Encoder, spec: str, kw: dict, index_type: str, k: int,
-                   unlabeled: np.ndarray | None = None) -> tuple[int, str, int, int]:
+                   unlabeled: np.ndarray | None = None, hubness_k: int | None = None) -> tuple[int, str, int, int]:
     """Register the encoder (with its unlabeled photos' embeddings, if any) and insert the new
-    version row (building).  Returns ``(version id, version path, encoder id, generation)``."""
+    version row (building) with its hubness k (None: the catalog's).  Returns ``(version id,
+    version path, encoder id, generation)``."""
     options = {key: value for key, value in kw.items() if key not in ("weights", "random_init", "center")}
     with cat.sessions.begin() as s:
         enc_id = cat.encoders.register(s, enc, spec, kw.get("weights"), options, unlabeled)
-        gen = s.get(CatalogState, 1).generation
+        st = s.get(CatalogState, 1)
+        gen, hubness_k = st.generation, st.hubness_k if hubness_k is None else hubness_k
+        if hubness_k and unlabeled is None and s.get(EncoderRow, enc_id).unlabeled is None:
+            logger.warning("rebuild: hubness reduction (k=%d) is off for this version: its encoder has no unlabeled "
+                           "photos (pass --center-photos)", hubness_k)
+        elif not hubness_k and unlabeled is not None:
+            logger.warning("rebuild: the unlabeled photos are stored, but hubness reduction is off (k=0); pass "
+                           "--hubness-k %d to use them", DEFAULT_HUBNESS_K)
         v = IndexVersion(encoder_id=enc_id, factory=index_type, vectors=0, dim=enc.dim, augmentations=k,
-                         status=VersionStatus.BUILDING, path="", generation=gen)
+                         status=VersionStatus.BUILDING, path="", generation=gen, hubness_k=hubness_k)
         s.add(v)
         s.flush()
         v.path = index_store.version_relpath(v.id)
@@ -197,10 +205,10 @@ def added_meanwhile(references: int, outliers: int) -> str:
 
 def _activate(cat: CatalogConnection, version_id: int, encoder: Encoder, encoder_id: int, k: int, seed: int, *,
               ray: str | RayConnection | None, ray_workers: int | None, batch: int,
-              updates: dict | None = None, hubness_k: int | None = None) -> None:
+              updates: dict | None = None) -> None:
     """Catch up with adds made meanwhile, then switch to ``version_id`` in one transaction that
-    holds the writers' lock (an ``add`` embedding with the old encoder re-embeds after it);
-    ``hubness_k`` (not None) becomes the catalog's in the same transaction."""
+    holds the writers' lock (an ``add`` embedding with the old encoder re-embeds after it); the
+    version's hubness k (if it recorded one) becomes the catalog's in the same transaction."""
     for _attempt in range(20):
         embed_all_missing(cat, encoder, encoder_id, k, seed, ray=ray, ray_workers=ray_workers, batch=batch)
         crash_point("rebuild.before_swap")
@@ -217,8 +225,8 @@ def _activate(cat: CatalogConnection, version_id: int, encoder: Encoder, encoder
                 v.status = VersionStatus.READY
                 st.encoder_id = encoder_id
                 st.active_version_id = version_id
-                if hubness_k is not None:
-                    st.hubness_k = hubness_k
+                if v.hubness_k is not None:  # None: a version built before migration 0005
+                    st.hubness_k = v.hubness_k
         except _AddedMeanwhile as e:
             logger.info("rebuild: %s added meanwhile; embedding them", added_meanwhile(*e.args))
             continue
@@ -272,7 +280,8 @@ def rebuild(
             unchanged and dropped (with a warning) for a different encoder or weights.  Their
             embeddings are kept for hubness reduction (:mod:`retailklip.hubness`).
         hubness_k: the new version's hubness-reduction k (0: plain 1-NN; effective when the
-            encoder has unlabeled photos' embeddings); None keeps the catalog's.
+            encoder has unlabeled photos' embeddings; a warning says when it is not); None
+            keeps the catalog's.  Recorded with the version: ``rollback`` restores it.
         index_type: ``"auto"`` (:func:`retailklip.index_types.choose_index_type`) or a FAISS
             ``index_factory`` string (``"Flat"``, ``"HNSW32"``, ``"IVF1024,PQ64"``, ...).
         memory_budget: bytes the index may use (``auto`` only).
@@ -306,7 +315,7 @@ def rebuild(
         k, seed = int(st["augmentations"]), int(st["seed"])
         spec, kw = _encoder_settings(cat, encoder, weights, encoder_options, random_init, center_photos)
         enc, unlabeled = _build_encoder(cat, spec, kw, center_photos, progress)
-        vid, vpath, enc_id, gen = _start_version(cat, enc, spec, kw, index_type, k, unlabeled)
+        vid, vpath, enc_id, gen = _start_version(cat, enc, spec, kw, index_type, k, unlabeled, hubness_k)
         logger.info("rebuild: version %d building with encoder %s", vid, enc.identity.key)
         crash_point("rebuild.started")
         try:
@@ -330,8 +339,7 @@ def rebuild(
             _activate(cat, vid, enc, enc_id, k, seed, ray=connection, ray_workers=ray_workers, batch=batch,
                       updates={"factory": factory, "vectors": int(index.ntotal), "recall_at_1": float(recall),
                                "index_sha256": sha,
-                               "note": f"embedded {embedded}" + (f" + {outliers} outlier(s)" if outliers else "") + f"; {summary}"},
-                      hubness_k=hubness_k)
+                               "note": f"embedded {embedded}" + (f" + {outliers} outlier(s)" if outliers else "") + f"; {summary}"})
         except BaseException as e:
             _fail_version(cat, vid, vpath, e)
             raise

@@ -89,7 +89,7 @@ class Catalog(OutlierWriter):
         random_init: bool = False,
         device: str = "cpu",
         center_photos: Sequence[str | os.PathLike] | None = None,
-        hubness_k: int = DEFAULT_HUBNESS_K,
+        hubness_k: int | None = None,
     ) -> Catalog:
         """Create a catalog in directory ``root`` with the given encoder.
 
@@ -112,7 +112,9 @@ class Catalog(OutlierWriter):
                 A few hundred photos of the store suffice; no labels are needed.
             hubness_k: with ``center_photos``: rank the 1-NN by CSLS against them, each
                 reference vector's hubness measured on its ``hubness_k`` most similar photos
-                (:mod:`retailklip.hubness`; 0: plain 1-NN).  Without photos it has no effect.
+                (:mod:`retailklip.hubness`; 0: plain 1-NN); None: 30
+                (:data:`~retailklip.hubness.DEFAULT_HUBNESS_K`) with photos, else 0.  A k given
+                without photos is stored and takes effect after a rebuild with photos.
 
         Raises:
             CatalogError: the directory already holds a catalog, or bad K / threshold.
@@ -124,6 +126,8 @@ class Catalog(OutlierWriter):
             raise CatalogError(f"--augmentations must be >= 1, got {augmentations}")
         if not 0.0 <= threshold <= 2.0:
             raise CatalogError(f"--threshold is a cosine distance in [0, 2], got {threshold}")
+        if hubness_k is None:
+            hubness_k = DEFAULT_HUBNESS_K if center_photos is not None else 0
         hubness_k = check_hubness_k(hubness_k)
         if (root / DB_FILE).exists() or (root / CONFIG_FILE).exists():
             raise CatalogError(f"{root} already holds a catalog")
@@ -176,7 +180,7 @@ class Catalog(OutlierWriter):
             # until the first `catalog rebuild` snapshots them.
             v = IndexVersion(
                 encoder_id=enc_id, factory="Flat", vectors=0, dim=enc.dim, augmentations=augmentations,
-                recall_at_1=1.0, status=VersionStatus.READY, path="", generation=0, note="init",
+                recall_at_1=1.0, status=VersionStatus.READY, path="", generation=0, note="init", hubness_k=hubness_k,
             )
             s.add(v)
             s.flush()

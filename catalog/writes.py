@@ -189,7 +189,10 @@ class CatalogWriter(CatalogReader):
             if self._recognizer is None:
                 self._recognizer = Recognizer(self)
             rec = self._recognizer
-        matches = rec.match_embeddings(prepared.vectors[:1], self.encoder_for(prepared.encoder_id).identity.key, threshold)
+        # plain ranking: the SKUs closest to the new image, hubs included (hubness reduction would
+        # rank a nearby hub behind farther SKUs)
+        matches = rec.match_embeddings(prepared.vectors[:1], self.encoder_for(prepared.encoder_id).identity.key, threshold,
+                                       plain=True)
         if matches is None:
             return ()
         m = matches[0]

@@ -42,13 +42,12 @@ from .datasets import LabelledImage
 from .errors import InvalidImageError, RetailKlipError
 from .hubness import HubnessReference
 from .index import VectorIndex
-from .matching import SKUMatcher
+from .matching import Match, SKUMatcher, score_of
 from .open_set import (
     DEFAULT_OPEN_SET_SCORE,
     OUTLIER_SCORE,
     check_score,
     no_outliers_error,
-    open_set_score,
     score_range,
 )
 
@@ -252,6 +251,8 @@ class CalibrationReport:
         open_set_score: the score the threshold is on (``"distance"``, ``"ratio"`` or
             ``"outlier-ratio"``).
         outlier_vectors: outlier-reference vectors the photos were compared with (0: none).
+        hubness_k: the CSLS k the 1-NN was ranked with, as the recognizer ranks it
+            (:mod:`retailklip.hubness`; 0: plain 1-NN).
     """
 
     mode: str
@@ -265,6 +266,7 @@ class CalibrationReport:
     head: dict = field(default_factory=dict)
     open_set_score: str = DEFAULT_OPEN_SET_SCORE
     outlier_vectors: int = 0
+    hubness_k: int = 0
 
     def to_dict(self) -> dict:
         return {
@@ -273,6 +275,7 @@ class CalibrationReport:
             "threshold": round(self.threshold, 6),
             "open_set_score": self.open_set_score,
             "outlier_vectors": self.outlier_vectors,
+            "hubness_k": self.hubness_k,
             "skus": self.skus,
             "photos": self.photos,
             "nearest_neighbour": self.nearest_neighbour.to_dict(),
@@ -280,27 +283,36 @@ class CalibrationReport:
         }
 
 
-def nearest_matches(
+def gallery_matches(
     gallery: np.ndarray, gallery_skus: Sequence[str], queries: np.ndarray, hubness: HubnessReference | None = None,
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """1-NN SKU and runner-up distance of each query through the product's own index and matcher.
+) -> list[Match]:
+    """1-NN :class:`~retailklip.matching.Match` (nearest SKU, runner-up; ``known`` False) of each
+    query through the product's own index and matcher, as the recognizer ranks them.
 
     Args:
         gallery: float32 (N, D) unit vectors; ``gallery_skus``: their N SKU ids.
         queries: float32 (M, D) unit vectors.
         hubness: rank by CSLS against these unlabeled photos (:mod:`retailklip.hubness`), as
             the recognizer does for a catalog that has them; None: plain 1-NN.
+    """
+    index = VectorIndex(gallery.shape[1])
+    ids = np.arange(len(gallery_skus), dtype=np.int64)
+    index.add(ids, gallery)
+    offsets = None if hubness is None else dict(zip(ids.tolist(), hubness.offsets(gallery).tolist()))
+    return SKUMatcher(index, dict(zip(ids.tolist(), gallery_skus)), offsets=offsets).match(queries, 2.0)
+
+
+def nearest_matches(
+    gallery: np.ndarray, gallery_skus: Sequence[str], queries: np.ndarray, hubness: HubnessReference | None = None,
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """1-NN SKU and runner-up distance of each query (:func:`gallery_matches`, ``hubness`` as there).
 
     Returns:
         ``(skus, distances, runner_up)``: M nearest SKU ids, float32 (M,) cosine distances in
         [0, 2] to them, float32 (M,) cosine distances to the nearest other SKU (NaN with a
         one-SKU gallery).
     """
-    index = VectorIndex(gallery.shape[1])
-    ids = np.arange(len(gallery_skus), dtype=np.int64)
-    index.add(ids, gallery)
-    offsets = None if hubness is None else dict(zip(ids.tolist(), hubness.offsets(gallery).tolist()))
-    matches = SKUMatcher(index, dict(zip(ids.tolist(), gallery_skus)), offsets=offsets).match(queries, 2.0)
+    matches = gallery_matches(gallery, gallery_skus, queries, hubness)
     runner = [m.runner_up.distance if m.runner_up is not None else np.nan for m in matches]
     return ([m.nearest.sku for m in matches], np.array([m.nearest.distance for m in matches], np.float32),
             np.array(runner, np.float32))
@@ -403,9 +415,12 @@ def calibrate(
     known = np.array([t in catalog_skus for t in truth], bool)
     if not known.any():
         raise CalibrationError("none of the photos shows an SKU of the catalog (check the sku column)")
-    predicted, distance, runner_up = nearest_matches(gallery, gallery_skus, queries, hubness)
+    matches = gallery_matches(gallery, gallery_skus, queries, hubness)
+    predicted = [m.nearest.sku for m in matches]
     d_out = outlier_distances(outliers, queries) if has_outliers else None
-    value = open_set_score(score, distance, runner_up, d_out)
+    # each match's score as the recognizer computes it (the ratio of adjusted distances under CSLS)
+    value = np.array([score_of(Match(m.nearest, m.runner_up, False, None if d_out is None else float(d_out[i])), score)
+                      for i, m in enumerate(matches)])
     correct = known & (np.asarray(predicted, dtype=object) == np.asarray(truth, dtype=object))
 
     head = SoftmaxHead.fit(gallery, gallery_skus, l2=l2)
@@ -440,6 +455,7 @@ def calibrate(
         },
         open_set_score=score,
         outlier_vectors=len(outliers) if has_outliers else 0,
+        hubness_k=0 if hubness is None else hubness.k,
     )
 
 
@@ -507,7 +523,8 @@ def calibrate_catalog(
     if len(set(skus)) < 2:
         raise CalibrationError("calibration compares with a softmax head, which needs at least 2 SKUs in the catalog")
     encoder = catalog.encoder()
-    hubness = catalog.hubness_reference(catalog.snapshot().encoder_id)
+    reference = getattr(catalog, "hubness_reference", None)  # Gallery protocol: optional
+    hubness = None if reference is None else reference(catalog.snapshot().encoder_id)
     queries = encoder.embed([p.path for p in photos], progress=progress)
     return calibrate(gallery, skus, queries, [p.label for p in photos], score=score, outliers=outliers,
                      hubness=hubness, **options)

@@ -7,6 +7,12 @@ replaces a softmax classification head and its confidence cutoff (0.78 in the sy
 replaces), and needs no retraining when SKUs are added (RetailKLIP §3, 1-NN zero-shot
 recognition).
 
+With hubness reduction (:mod:`retailklip.hubness`, CSLS) each vector's cosine distance gets an
+offset for the *ranking*: the nearest SKU is then the one of smallest adjusted distance, which
+need not be the closest, and the runner-up may be closer than it; reported distances stay plain
+cosine distances (``distance`` and ``outlier-ratio`` scores are on them), the ``ratio`` score is on
+the adjusted ones (:attr:`Neighbour.adjusted`).
+
 Outlier references (reference images of products *not* in the catalog) live in a second index:
 they are never a match, only the denominator of the ``outlier-ratio`` score
 (:func:`retailklip.open_set.outlier_ratio`): each query's distance to the nearest of them is
@@ -30,10 +36,19 @@ CSLS_FIRST_K = 128
 
 @dataclass(frozen=True)
 class Neighbour:
-    """A neighbouring SKU and its cosine distance (in [0, 2]) to the query."""
+    """A neighbouring SKU and its cosine distance (in [0, 2]) to the query.
+
+    Attributes:
+        sku: the SKU id.
+        distance: cosine distance in [0, 2] of the SKU's vector the ranking chose.
+        adjusted: with hubness reduction (:mod:`retailklip.hubness`), the distance plus that
+            vector's CSLS offset: the value the SKUs were ranked by (the ``ratio`` score is on
+            it); None with plain 1-NN.
+    """
 
     sku: str
     distance: float
+    adjusted: float | None = None
 
 
 @dataclass(frozen=True)
@@ -41,8 +56,9 @@ class Match:
     """The result of matching one embedding.
 
     Attributes:
-        nearest: the 1-NN SKU and its cosine distance.
-        runner_up: the nearest *other* SKU, or None when the index holds a single SKU.
+        nearest: the 1-NN SKU and its cosine distance (with hubness reduction: the SKU of
+            smallest adjusted distance, which need not be the closest).
+        runner_up: the nearest *other* SKU (likewise), or None when the index holds a single SKU.
         known: the open-set score is ``<= threshold`` (``nearest.distance`` for the default
             score ``"distance"``, :attr:`ratio` for ``"ratio"``, :attr:`outlier_ratio` for
             ``"outlier-ratio"``).
@@ -58,7 +74,8 @@ class Match:
     @property
     def ratio(self) -> float:
         """Lowe's distance ratio nearest / runner-up distance in [0, 1]
-        (:func:`retailklip.open_set.distance_ratio`; runner-up distance 2 when there is none)."""
+        (:func:`retailklip.open_set.distance_ratio`; runner-up distance 2 when there is none;
+        adjusted distances under hubness reduction)."""
         return score_of(self, "ratio")
 
     @property
@@ -70,13 +87,20 @@ class Match:
 
 def score_of(match: Match, score: str) -> float:
     """The open-set score (:mod:`retailklip.open_set`) of one match: its nearest distance in
-    [0, 2], its distance ratio in [0, 1], or its outlier ratio in [0, inf).
+    [0, 2], its distance ratio in [0, 1] (of the adjusted distances when the match was ranked by
+    hubness reduction), or its outlier ratio in [0, inf).
 
     Raises:
         RetailKlipError: unknown score; ``outlier-ratio`` of a match without outlier distance.
     """
-    d2 = match.runner_up.distance if match.runner_up is not None else None
-    return float(open_set_score(score, match.nearest.distance, d2, match.outlier_distance))
+    nearest, runner_up = match.nearest, match.runner_up
+    if score == "ratio" and nearest.adjusted is not None:
+        # ranked by adjusted distances: the ratio of the two that decided it (a ratio of plain
+        # distances would exceed 1 wherever hubness reduction changed the nearest SKU)
+        d2 = runner_up.adjusted if runner_up is not None else None
+        return float(open_set_score(score, nearest.adjusted, d2))
+    d2 = runner_up.distance if runner_up is not None else None
+    return float(open_set_score(score, nearest.distance, d2, match.outlier_distance))
 
 
 class SKUMatcher:
@@ -117,7 +141,8 @@ class SKUMatcher:
         dist, _ids = self.outliers.search(queries, 1)
         return dist[:, 0]
 
-    def match(self, queries: np.ndarray, threshold: float, k: int = 32, score: str = "distance") -> list[Match]:
+    def match(self, queries: np.ndarray, threshold: float, k: int = 32, score: str = "distance",
+              plain: bool = False) -> list[Match]:
         """Match embeddings against the index.
 
         Vectors whose id is not in ``sku_of`` are skipped: an index snapshot may still hold
@@ -133,6 +158,8 @@ class SKUMatcher:
                 searched.
             score: the open-set score the threshold is on, ``"distance"`` (cosine distance in
                 [0, 2]), ``"ratio"`` or ``"outlier-ratio"`` (:mod:`retailklip.open_set`).
+            plain: rank by plain cosine distance even when the matcher has offsets (e.g. to
+                find the SKUs closest to a new reference image).
 
         Returns:
             M :class:`Match` objects, with :attr:`Match.outlier_distance` set when the matcher
@@ -153,14 +180,15 @@ class SKUMatcher:
         d_out = self.outlier_distances(queries)
         out: list[Match | None] = [None] * len(queries)
         todo = np.arange(len(queries))
-        if self.offsets is not None:
+        adjusted = self.offsets is not None and not plain
+        if adjusted:
             k = max(k, CSLS_FIRST_K)  # one search, not a re-search at twice the depth, for most queries
         k = max(2, min(k, n))
         while len(todo):
             dist, ids = self.index.search(queries[todo], k)
             again = []
             for row, q in enumerate(todo):
-                m = self._match_row(dist[row], ids[row], complete=k >= n)
+                m = self._match_row(dist[row], ids[row], complete=k >= n, adjusted=adjusted)
                 if m is None:
                     again.append(q)
                 else:
@@ -170,11 +198,11 @@ class SKUMatcher:
             k = min(2 * k, n)
         return out  # type: ignore[return-value]
 
-    def _match_row(self, dist: Sequence[float], ids: Sequence[int], complete: bool) -> Match | None:
+    def _match_row(self, dist: Sequence[float], ids: Sequence[int], complete: bool, adjusted: bool) -> Match | None:
         """The nearest SKU and the nearest other SKU among one query's neighbours; None when
         more neighbours are needed to find a runner-up (or any live vector), or, with offsets,
         to be sure no unseen vector outranks them.  ``known`` is filled in by the caller."""
-        if self.offsets is not None:
+        if adjusted:
             return self._match_row_adjusted(dist, ids, complete)
         first: Neighbour | None = None
         for d, i in zip(dist, ids):
@@ -217,5 +245,6 @@ class SKUMatcher:
                 return None
         if not ranked:
             raise ValueError("no live vector in the index")
-        first = Neighbour(ranked[0][0], ranked[0][1][1])
-        return Match(first, Neighbour(ranked[1][0], ranked[1][1][1]) if len(ranked) > 1 else None, False)
+        (s1, (a1, d1)), second = ranked[0], ranked[1] if len(ranked) > 1 else None
+        runner_up = None if second is None else Neighbour(second[0], second[1][1], second[1][0])
+        return Match(Neighbour(s1, d1, a1), runner_up, False)

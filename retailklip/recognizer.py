@@ -73,11 +73,14 @@ class Recognition:
     Attributes:
         sku: the recognised SKU id, or None ("unknown") when the open-set score is above the
             threshold.
-        nearest_sku: the 1-NN SKU id, always set.
+        nearest_sku: the 1-NN SKU id, always set (with hubness reduction, :mod:`retailklip.hubness`:
+            the SKU of smallest adjusted distance, which need not be the closest one).
         name: display name of ``nearest_sku``.
         distance: cosine distance (in [0, 2]) from the segment's embedding to ``nearest_sku``.
         threshold: the threshold applied, on ``open_set_score``.
-        runner_up: the nearest other SKU and its distance (None with a one-SKU catalog).
+        runner_up: the nearest other SKU and its distance (None with a one-SKU catalog; with
+            hubness reduction the second by adjusted distance, which may be closer than
+            ``nearest_sku``).
         bbox: (x0, y0, x1, y1) of the segment in image pixels, x1/y1 exclusive.
         mask: bool (H, W) segment mask in image pixels, or None for a whole-image recognition.
         score: the segmenter's quality score of the segment (1.0 for the whole image).
@@ -87,6 +90,9 @@ class Recognition:
         outlier_distance: cosine distance in [0, 2] from the segment's embedding to the nearest
             outlier reference (a product not in the catalog, never a match); None when the
             catalog has no outlier references.
+        adjusted_distance: with hubness reduction, ``distance`` plus the chosen vector's CSLS
+            offset, by which the SKUs were ranked (the ``ratio`` score is on these); None with
+            plain 1-NN.
     """
 
     sku: str | None
@@ -100,6 +106,7 @@ class Recognition:
     score: float = 1.0
     open_set_score: str = DEFAULT_OPEN_SET_SCORE
     outlier_distance: float | None = None
+    adjusted_distance: float | None = None
 
     @property
     def known(self) -> bool:
@@ -109,7 +116,10 @@ class Recognition:
     @property
     def ratio(self) -> float:
         """Lowe's ratio ``distance / runner_up.distance`` in [0, 1] (runner-up distance 2 with a
-        one-SKU catalog; :func:`retailklip.open_set.distance_ratio`)."""
+        one-SKU catalog; :func:`retailklip.open_set.distance_ratio`); with hubness reduction the
+        ratio of the adjusted distances (:attr:`adjusted_distance`)."""
+        if self.adjusted_distance is not None:
+            return float(distance_ratio(self.adjusted_distance, self.runner_up.adjusted if self.runner_up else None))
         return float(distance_ratio(self.distance, self.runner_up.distance if self.runner_up else None))
 
     @property
@@ -123,7 +133,8 @@ class Recognition:
     def to_dict(self) -> dict[str, Any]:
         """The JSON form used by ``catalog recognize --json`` (``outlier_distance`` and
         ``outlier_ratio`` only when the catalog has outlier references; an infinite ratio, a
-        segment identical to an outlier reference, is written as the string ``"inf"``)."""
+        segment identical to an outlier reference, is written as the string ``"inf"``;
+        ``adjusted_distance``, also the runner-up's, only with hubness reduction)."""
         d = {
             "sku": self.sku,
             "nearest_sku": self.nearest_sku,
@@ -138,6 +149,10 @@ class Recognition:
             "bbox": list(self.bbox),
             "score": round(float(self.score), 6),
         }
+        if self.adjusted_distance is not None:
+            d["adjusted_distance"] = round(float(self.adjusted_distance), 6)
+            if self.runner_up is not None and self.runner_up.adjusted is not None:
+                d["runner_up"]["adjusted_distance"] = round(float(self.runner_up.adjusted), 6)
         if self.outlier_distance is not None:
             r = self.outlier_ratio
             d["outlier_distance"] = round(float(self.outlier_distance), 6)
@@ -427,7 +442,7 @@ class Recognizer:
 
     # ------------------------------------------------------------------ recognition
     def match_embeddings(self, embeddings: np.ndarray, encoder_key: str, threshold: float | None = None,
-                         open_set_score: str = DEFAULT_OPEN_SET_SCORE) -> list | None:
+                         open_set_score: str = DEFAULT_OPEN_SET_SCORE, plain: bool = False) -> list | None:
         """1-NN matches (:class:`retailklip.matching.Match`: nearest SKU, runner-up, known) of
         embeddings made elsewhere, e.g. a new reference image's before it is stored.
 
@@ -437,6 +452,8 @@ class Recognizer:
             threshold: threshold on ``open_set_score`` (default: the recognizer's threshold, on
                 the recognizer's score).
             open_set_score: the score of a given ``threshold`` (``"distance"``: cosine distance).
+            plain: rank by plain cosine distance even with hubness reduction on
+                (:meth:`SKUMatcher.match`), e.g. for the SKUs closest to a new reference image.
 
         Returns:
             One match per row, or None when the catalog's current encoder is not ``encoder_key``
@@ -447,7 +464,7 @@ class Recognizer:
             return None
         t, score = (threshold, open_set_score) if threshold is not None else self._operating_point(view)
         with self._lock:
-            return view.matcher.match(np.asarray(embeddings, np.float32), t, score=score)
+            return view.matcher.match(np.asarray(embeddings, np.float32), t, score=score, plain=plain)
 
     def recognize(
         self, image: ImageSource, *, boxes: object = None, points: object = None, masks: object = None,
@@ -560,6 +577,7 @@ class Recognizer:
                 score=sc,
                 open_set_score=open_set_score,
                 outlier_distance=m.outlier_distance,
+                adjusted_distance=m.nearest.adjusted,
             )
             for m, b, mk, sc in zip(matches, boxes, masks, scores)
         ]

@@ -28,8 +28,9 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def brute_force(queries, gallery, skus, offsets):
-    """(nearest SKU, its plain distance, runner-up SKU, its plain distance) per query, ranking
-    every vector by cosine distance + offset (CSLS), each SKU by its best vector."""
+    """(nearest SKU, its plain distance, runner-up SKU, its plain distance, the two adjusted
+    distances) per query, ranking every vector by cosine distance + offset (CSLS), each SKU by
+    its best vector."""
     out = []
     for q in queries:
         d = 1.0 - gallery @ q
@@ -38,7 +39,7 @@ def brute_force(queries, gallery, skus, offsets):
         for n in np.argsort(a, kind="stable"):
             best.setdefault(skus[n], n)
         (s1, n1), (s2, n2) = list(best.items())[:2]
-        out.append((s1, float(d[n1]), s2, float(d[n2])))
+        out.append((s1, float(d[n1]), s2, float(d[n2]), float(a[n1]), float(a[n2])))
     return out
 
 
@@ -109,7 +110,9 @@ def test_matcher_ranks_by_csls_exactly(spread):
     assert sum(m.nearest.sku != p.nearest.sku for m, p in zip(got, plain)) > 0  # the offsets matter here
     # equal offsets rank as plain 1-NN
     same = SKUMatcher(index, sku_of, offsets=dict.fromkeys(ids.tolist(), 0.1)).match(queries, 2.0)
-    assert [(m.nearest, m.runner_up) for m in same] == [(p.nearest, p.runner_up) for p in plain]
+    key = lambda m: (m.nearest.sku, m.nearest.distance, m.runner_up.sku, m.runner_up.distance)  # noqa: E731
+    assert [key(m) for m in same] == [key(p) for p in plain]
+    assert [key(m) for m in matcher.match(queries, 2.0, plain=True)] == [key(p) for p in plain]  # offsets ignored
 
 
 # ---------------------------------------------------------------------------- a real catalog
@@ -152,8 +155,17 @@ def test_catalog_keeps_its_unlabeled_photos_and_recognises_by_csls(hub_catalog, 
     assert [(r.nearest_sku, r.runner_up.sku) for r in got] == [(w[0], w[2]) for w in want]
     np.testing.assert_allclose([r.distance for r in got], [w[1] for w in want], atol=1e-4)
     plain = brute_force(q, gallery, skus, np.zeros(len(gallery), np.float32))
-    changed = sum(w[0] != p[0] for w, p in zip(want, plain))
-    assert changed > 0, "CSLS changed no 1-NN on these photos"
+    changed = [w[0] != p[0] for w, p in zip(want, plain)]
+    assert any(changed), "CSLS changed no 1-NN on these photos"
+    # the ratio is on the adjusted distances that ranked the SKUs: below 1 also where CSLS
+    # picked an SKU farther than the runner-up (a ratio of plain distances would be 1 there)
+    np.testing.assert_allclose([r.ratio for r in got], [w[4] / w[5] for w in want], atol=1e-4)
+    assert all(r.ratio < 1 for r, c in zip(got, changed) if c)
+    assert all(r.to_dict()["adjusted_distance"] == pytest.approx(w[4], abs=1e-4) for r, w in zip(got, want))
+    # plain ranking on request (catalog add's confusable check): the closest SKUs
+    closest = rec.match_embeddings(q, enc.identity.key, 2.0, plain=True)
+    assert [(m.nearest.sku, m.runner_up.sku) for m in closest] == [(w[0], w[2]) for w in plain]
+    assert all(m.nearest.adjusted is None for m in closest)
     # calibration and `catalog eval` rank as the recognizer does
     pred, dist, _ = nearest_matches(gallery, skus, q, hub)
     assert pred == [w[0] for w in want]
@@ -187,6 +199,13 @@ def test_rebuild_switches_hubness_reduction_off_and_on(hub_catalog, photos, mobi
     assert "hubness k must be an integer >= 0" in capsys.readouterr().err
     assert main(["--catalog", str(cat.root), "rebuild", "--hubness-k", str(DEFAULT_HUBNESS_K), "--json"]) == 0
     capsys.readouterr()
+    assert [rec.recognize(p.path)[0].nearest_sku for p in queries] == first
+    # each version keeps its k: rolling back to a plain version turns CSLS off, and on again
+    versions = [v.id for v in cat.versions()]  # newest first
+    cat.rollback(versions[1])  # the hubness_k=0 version
+    assert cat.settings()["hubness_k"] == 0 and [rec.recognize(p.path)[0].nearest_sku for p in queries] == plain
+    cat.rollback(versions[0])
+    assert cat.settings()["hubness_k"] == DEFAULT_HUBNESS_K
     assert [rec.recognize(p.path)[0].nearest_sku for p in queries] == first
     # another encoder without new photos: the old photos' embeddings do not fit it, so off
     cat.rebuild(encoder=MOBILENET_SPEC, weights=mobilenet_weights, encoder_options={"interpolation": "bicubic"})
@@ -245,3 +264,23 @@ def test_unlabeled_photos_round_trip_and_damage_is_survived_and_repaired(tmp_pat
         assert check(cat).ok and cat.settings()["unlabeled_photos"] == 0 and cat.hubness_reference() is None
     finally:
         cat.close()
+
+
+def test_photos_given_later_need_a_k_and_the_rebuild_says_so(tmp_path, grocery_store, caplog):
+    """A catalog made without photos (or upgraded from before migration 0005) has k = 0: a rebuild
+    with photos stores them and warns that they are unused; `--hubness-k` then turns CSLS on
+    without new photos (the encoder, centre included, is unchanged)."""
+    from conftest import TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
+
+    cat = Catalog.init(tmp_path / "cat", encoder=TINY_CLIP_SPEC, random_init=True, encoder_options=TINY_CLIP_OPTIONS)
+    assert cat.settings()["hubness_k"] == 0  # the default without photos
+    iconic = [c.iconic for c in grocery_store.classes[:3]]
+    for i, image in enumerate(iconic):
+        cat.add(image, sku=f"s{i}")
+    photos = [p.path for p in grocery_store.photos("train")[::400]]
+    cat.rebuild(center_photos=photos)
+    assert "pass --hubness-k 30 to use them" in caplog.text
+    assert cat.settings()["unlabeled_photos"] == len(photos) and cat.hubness_reference() is None
+    cat.rebuild(hubness_k=4)
+    assert cat.hubness_reference().k == 4 and Recognizer(cat).matcher.offsets is not None
+    cat.close()
