@@ -407,11 +407,12 @@ def cmd_versions(args) -> int:
         print(json.dumps([v.to_dict() for v in versions], indent=1))
         return 0
     print(f"{'':2}{'id':>5}  {'created (UTC)':16}  {'status':8}  {'index':14}  {'vectors':>9}  {'recall@1':>8}  "
-          f"{'outliers':>8}  {'outlier vectors':>15}  encoder")
+          f"{'hubness-k':>9}  {'outliers':>8}  {'outlier vectors':>15}  encoder")
     for v in versions:
+        k = "-" if v.hubness_k is None else str(v.hubness_k)
         print(f"{'*' if v.active else ' ':2}{v.id:>5}  {v.created:%Y-%m-%d %H:%M}  {v.status:8}  {v.factory:14}  "
-              f"{v.vectors:>9}  {_fraction(v.recall_at_1):>8}  {v.outlier_references:>8}  {v.outlier_vectors:>15}  "
-              f"{v.encoder_key}")
+              f"{v.vectors:>9}  {_fraction(v.recall_at_1):>8}  {k:>9}  {v.outlier_references:>8}  "
+              f"{v.outlier_vectors:>15}  {v.encoder_key}")
     return 0
 
 

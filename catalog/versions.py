@@ -41,6 +41,8 @@ class VersionInfo:
             outlier_vectors: those vectors; what recognition with this version measures outlier
             distances against.  Counted now, not at build time (an outlier added or removed
             since counts; a retired version whose encoder's vectors were dropped has 0).
+        hubness_k: the hubness-reduction k the version was built for (``rollback`` restores
+            it; None: built before migration 0005).
     """
 
     id: int
@@ -58,6 +60,7 @@ class VersionInfo:
     note: str | None
     outlier_references: int = 0
     outlier_vectors: int = 0
+    hubness_k: int | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -76,6 +79,7 @@ class VersionInfo:
             "note": self.note,
             "outlier_references": self.outlier_references,
             "outlier_vectors": self.outlier_vectors,
+            "hubness_k": self.hubness_k,
         }
 
 
@@ -101,7 +105,7 @@ def list_versions(cat: CatalogConnection) -> list[VersionInfo]:
     return [
         VersionInfo(
             v.id, v.created, spec, key, v.factory, v.vectors, v.dim, v.augmentations, v.recall_at_1, v.status,
-            v.id == active, v.path, v.note, int(refs), int(vecs),
+            v.id == active, v.path, v.note, int(refs), int(vecs), v.hubness_k,
         )
         for v, spec, key, refs, vecs in rows
     ]

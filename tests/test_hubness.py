@@ -201,6 +201,11 @@ def test_rebuild_switches_hubness_reduction_off_and_on(hub_catalog, photos, mobi
     capsys.readouterr()
     assert [rec.recognize(p.path)[0].nearest_sku for p in queries] == first
     # each version keeps its k: rolling back to a plain version turns CSLS off, and on again
+    assert [v.hubness_k for v in cat.versions()] == [DEFAULT_HUBNESS_K, 0, DEFAULT_HUBNESS_K]  # newest first
+    assert main(["--catalog", str(cat.root), "versions"]) == 0
+    head, *rows = capsys.readouterr().out.splitlines()
+    column = head.split().index("hubness-k")  # "created (UTC)" is two words, as a row's date and time are
+    assert [r.lstrip("* ").split()[column] for r in rows] == [str(DEFAULT_HUBNESS_K), "0", str(DEFAULT_HUBNESS_K)]
     versions = [v.id for v in cat.versions()]  # newest first
     cat.rollback(versions[1])  # the hubness_k=0 version
     assert cat.settings()["hubness_k"] == 0 and [rec.recognize(p.path)[0].nearest_sku for p in queries] == plain
