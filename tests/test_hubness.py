@@ -259,6 +259,12 @@ def test_unlabeled_photos_round_trip_and_damage_is_survived_and_repaired(tmp_pat
             s.execute(update(EncoderRow).where(EncoderRow.id == enc_id).values(unlabeled=b"\x00\x01\x02"))
         with pytest.raises(RetailKlipError, match="damaged.*catalog check --repair"):
             cat.hubness_reference()
+        nan = np.full((2, cat.encoder_identity().dim), np.nan, "<f4").tobytes()  # whole vectors, not finite
+        with cat.sessions.begin() as s:
+            s.execute(update(EncoderRow).where(EncoderRow.id == enc_id).values(unlabeled=nan))
+        with pytest.raises(RetailKlipError, match="damaged.*finite.*catalog check --repair"):
+            cat.hubness_reference()
+        assert [f.kind for f in check(cat).findings] == ["bad_unlabeled"]
         rec = Recognizer(cat)
         r = rec.recognize(photo)[0]  # recognition goes on, by plain 1-NN
         assert rec.matcher.offsets is None and "plain 1-NN until it is repaired" in caplog.text
