@@ -58,8 +58,9 @@ from retailklip.errors import RetailKlipError
 from retailklip.weights import file_sha256
 
 from . import index_store, rebuild
-from .codec import decode_vector, decode_vectors
+from .codec import decode_vector
 from .connection import StateSnapshot
+from .encoders import decode_unlabeled
 from .fileio import atomic_write
 from .imagestore import IMAGES_DIR
 from .models import CatalogState, EncoderRow, IndexVersion, OutlierReference, ReferenceImage, VersionStatus
@@ -375,18 +376,11 @@ def _check_unlabeled(cat: CatalogReader, snap: StateSnapshot, repair: bool) -> l
         blob, dim = row.unlabeled, row.dim
     if blob is None:
         return []
-    problem = None
     try:
-        photos = decode_vectors(blob, dim)
-        if not len(photos) or not np.isfinite(photos).all():
-            problem = "empty or not finite"
-        elif np.abs(np.einsum("ij,ij->i", photos, photos) - 1.0).max() > 1e-3:
-            problem = "not unit norm"
-    except ValueError as e:
-        problem = str(e)
-    if problem is None:
+        decode_unlabeled(blob, dim)
         return []
-    finding = Finding("bad_unlabeled", 1, [f"encoder {snap.encoder_id}: {problem}"])
+    except ValueError as e:
+        finding = Finding("bad_unlabeled", 1, [f"encoder {snap.encoder_id}: {e}"])
     if repair:
         with cat.sessions.begin() as s:
             cat.lock_writers(s)

@@ -56,6 +56,21 @@ def center_on(encoder: Encoder, photos: Sequence[str | os.PathLike], *, progress
     return centred, centred.normalize(kept)
 
 
+def decode_unlabeled(blob: bytes, dim: int) -> np.ndarray:
+    """The stored unlabeled photo embeddings (:meth:`EncoderRegistry.register`) as float32 (P, D).
+
+    Raises:
+        ValueError: not whole vectors of dimension ``dim``, none, not finite, or not unit norm
+            (the message says which; ``catalog check`` reports it as ``bad_unlabeled``).
+    """
+    photos = decode_vectors(blob, dim)
+    if not len(photos) or not np.isfinite(photos).all():
+        raise ValueError("empty or not finite")
+    if np.abs(np.einsum("ij,ij->i", photos, photos) - 1.0).max() > 1e-3:
+        raise ValueError("not unit norm")
+    return photos
+
+
 class EncoderRegistry:
     """Encoder rows of one catalog database and their encoders, built on first use.
 
@@ -109,14 +124,14 @@ class EncoderRegistry:
         ``encoder_id`` (:meth:`register`), or None.
 
         Raises:
-            CatalogError: no such encoder row, or a stored blob that is not whole vectors.
+            CatalogError: no such encoder row, or damaged embeddings (:func:`decode_unlabeled`).
         """
         with self._sessions() as s:
             row = self._row(s, encoder_id)
             if row.unlabeled is None:
                 return None
             try:
-                return decode_vectors(row.unlabeled, row.dim)
+                return decode_unlabeled(row.unlabeled, row.dim)
             except ValueError as e:
                 raise CatalogError(f"encoder {encoder_id}'s unlabeled photo embeddings are damaged ({e}); "
                                    f"run `catalog check --repair`, then `catalog rebuild --center-photos ...`") from None

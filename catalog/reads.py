@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy import func, select
 
-from retailklip.errors import RetailKlipError
 from retailklip.hubness import HubnessReference
 
 from . import index_store
@@ -159,13 +158,7 @@ class CatalogReader(CatalogConnection):
             st = self.state(s)
             k, enc_id = int(st.hubness_k), st.encoder_id if encoder_id is None else encoder_id
         photos = self.encoders.unlabeled(enc_id) if k else None
-        if photos is None:
-            return None
-        try:
-            return HubnessReference(photos, k)
-        except RetailKlipError as e:
-            raise CatalogError(f"encoder {enc_id}'s unlabeled photo embeddings are damaged ({e}); run "
-                               f"`catalog check --repair`, then `catalog rebuild --center-photos ...`") from None
+        return None if photos is None else HubnessReference(photos, k)
 
     def load_index(self, version_id: int | None, *, verify: bool = False) -> VectorIndex:
         """The index snapshot of an index version (see :mod:`catalog.index_store`).

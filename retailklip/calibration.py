@@ -283,8 +283,16 @@ class CalibrationReport:
         }
 
 
+def _exact_index(vectors: np.ndarray) -> VectorIndex:
+    """An exact index of ``vectors`` (float32 (N, D)) with ids 0..N-1, as the recognizer keeps."""
+    index = VectorIndex(vectors.shape[1])
+    index.add(np.arange(len(vectors), dtype=np.int64), vectors)
+    return index
+
+
 def gallery_matches(
     gallery: np.ndarray, gallery_skus: Sequence[str], queries: np.ndarray, hubness: HubnessReference | None = None,
+    outliers: np.ndarray | None = None,
 ) -> list[Match]:
     """1-NN :class:`~retailklip.matching.Match` (nearest SKU, runner-up; ``known`` False) of each
     query through the product's own index and matcher, as the recognizer ranks them.
@@ -294,12 +302,14 @@ def gallery_matches(
         queries: float32 (M, D) unit vectors.
         hubness: rank by CSLS against these unlabeled photos (:mod:`retailklip.hubness`), as
             the recognizer does for a catalog that has them; None: plain 1-NN.
+        outliers: float32 (O, D) outlier-reference vectors: each match's
+            :attr:`~retailklip.matching.Match.outlier_distance` is set; None or empty: none.
     """
-    index = VectorIndex(gallery.shape[1])
-    ids = np.arange(len(gallery_skus), dtype=np.int64)
-    index.add(ids, gallery)
-    offsets = None if hubness is None else dict(zip(ids.tolist(), hubness.offsets(gallery).tolist()))
-    return SKUMatcher(index, dict(zip(ids.tolist(), gallery_skus)), offsets=offsets).match(queries, 2.0)
+    ids = list(range(len(gallery_skus)))
+    offsets = None if hubness is None else dict(zip(ids, hubness.offsets(gallery).tolist()))
+    outlier_index = _exact_index(outliers) if outliers is not None and len(outliers) else None
+    matcher = SKUMatcher(_exact_index(gallery), dict(zip(ids, gallery_skus)), outlier_index, offsets)
+    return matcher.match(queries, 2.0)
 
 
 def nearest_matches(
@@ -335,8 +345,7 @@ def outlier_distances(outliers: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """
     if len(outliers) == 0:
         raise no_outliers_error()
-    index = VectorIndex(outliers.shape[1])
-    index.add(np.arange(len(outliers), dtype=np.int64), outliers)
+    index = _exact_index(outliers)
     return SKUMatcher(index, {}, outliers=index).outlier_distances(queries)
 
 
@@ -415,12 +424,9 @@ def calibrate(
     known = np.array([t in catalog_skus for t in truth], bool)
     if not known.any():
         raise CalibrationError("none of the photos shows an SKU of the catalog (check the sku column)")
-    matches = gallery_matches(gallery, gallery_skus, queries, hubness)
+    matches = gallery_matches(gallery, gallery_skus, queries, hubness, outliers if has_outliers else None)
     predicted = [m.nearest.sku for m in matches]
-    d_out = outlier_distances(outliers, queries) if has_outliers else None
-    # each match's score as the recognizer computes it (the ratio of adjusted distances under CSLS)
-    value = np.array([score_of(Match(m.nearest, m.runner_up, False, None if d_out is None else float(d_out[i])), score)
-                      for i, m in enumerate(matches)])
+    value = np.array([score_of(m, score) for m in matches])  # as the recognizer scores each match
     correct = known & (np.asarray(predicted, dtype=object) == np.asarray(truth, dtype=object))
 
     head = SoftmaxHead.fit(gallery, gallery_skus, l2=l2)

@@ -30,14 +30,12 @@ from PIL import Image
 from .errors import EmptyCatalogError, RetailKlipError
 from .images import ImageSource, load_image
 from .index import VectorIndex
-from .matching import Neighbour, SKUMatcher
+from .matching import Match, Neighbour, SKUMatcher, score_of
 from .open_set import (
     DEFAULT_OPEN_SET_SCORE,
     OUTLIER_SCORE,
     check_score,
-    distance_ratio,
     no_outliers_error,
-    outlier_ratio,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -118,9 +116,7 @@ class Recognition:
         """Lowe's ratio ``distance / runner_up.distance`` in [0, 1] (runner-up distance 2 with a
         one-SKU catalog; :func:`retailklip.open_set.distance_ratio`); with hubness reduction the
         ratio of the adjusted distances (:attr:`adjusted_distance`)."""
-        if self.adjusted_distance is not None:
-            return float(distance_ratio(self.adjusted_distance, self.runner_up.adjusted if self.runner_up else None))
-        return float(distance_ratio(self.distance, self.runner_up.distance if self.runner_up else None))
+        return score_of(self._match(), "ratio")
 
     @property
     def outlier_ratio(self) -> float | None:
@@ -128,7 +124,13 @@ class Recognition:
         above 1 an outlier product is nearer than every SKU); None without outlier references."""
         if self.outlier_distance is None:
             return None
-        return float(outlier_ratio(self.distance, self.outlier_distance))
+        return score_of(self._match(), OUTLIER_SCORE)
+
+    def _match(self) -> Match:
+        """This recognition as the matcher's :class:`~retailklip.matching.Match` (for
+        :func:`~retailklip.matching.score_of`: one place decides what each score is on)."""
+        nearest = Neighbour(self.nearest_sku, self.distance, self.adjusted_distance)
+        return Match(nearest, self.runner_up, self.known, self.outlier_distance)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form used by ``catalog recognize --json`` (``outlier_distance`` and
