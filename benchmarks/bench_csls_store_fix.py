@@ -33,6 +33,12 @@ Rule fixed before the run (one candidate: CSLS, k = 30, the shipped default, wit
 bootstrap over SKUs (a SKU's fixes in all folds move together), above zero.  ``extra`` = 1, the
 plain rows, and every SKU with ``extra`` photos at once are reported, not part of the rule.
 Val and test are never read.
+
+``--product-check`` (added after the rule's run; it chooses nothing): ``catalog add``'s hub check
+(:class:`catalog.skus.StorePhotosTaken`, through :func:`retailklip.matching.switches_to` and the
+product's matcher) on every fix of 2 photos, and on every SKU's packshot added as a new SKU to a
+catalog of the other 80 (the unlabeled photos of the fold, all of them): how many it flags, and
+what the flagged and the others cost.
 """
 
 from __future__ import annotations
@@ -51,8 +57,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_defaults_cv import SHARED, cached_features, cv_folds, normalise
 from bench_pseudo_references import MAIN_JOB, MAIN_JOB_CACHE
 
-from retailklip.calibration import nearest_matches
+from retailklip.calibration import gallery_matches, nearest_matches
 from retailklip.hubness import HubnessReference
+from retailklip.matching import switches_to
 from retailklip.protocol import SESSION_COSINE, capture_groups, fold_roles
 
 
@@ -131,6 +138,64 @@ def every_sku(photo_raw, gallery_raw, lab, classes, folds, extra: int, k: int, s
     return {r: float(v.mean()) for r, v in ok.items()}
 
 
+def hub_check(queries: np.ndarray, gallery: np.ndarray, names: list[str], photos: np.ndarray, new: np.ndarray,
+              sku: str, ranking: str, k: int, skus_after: int) -> bool:
+    """``catalog add``'s hub check of the reference vectors ``new`` of ``sku`` against a catalog of
+    ``gallery`` rows (``names``), the unlabeled ``photos`` as the store photos: more than
+    ``HUB_SHARE`` times an average SKU's share taken from other SKUs (catalog.skus)."""
+    from catalog.skus import HUB_SHARE
+
+    hub = HubnessReference(photos.astype(np.float32), k) if ranking == "CSLS" else None
+    current = gallery_matches(gallery.astype(np.float32), names, photos.astype(np.float32), hub)
+    offsets = None if hub is None else hub.offsets(new.astype(np.float32))
+    taken = switches_to(current, photos, new, offsets, sku).sum()
+    return bool(taken > HUB_SHARE * len(photos) / skus_after)
+
+
+def product_check(photo_raw, gallery_raw, lab, classes, folds, groups_of, k: int, seed: int = 0) -> dict:
+    """Per ranking: flagged / all and mean cost of flagged and not flagged, for one-SKU appends of 2
+    in-store photos (cost: -net) and for new SKUs' packshots (cost: other SKUs' photos lost)."""
+    scales = len(MAIN_JOB["scales"])
+    out = {}
+    for ranking in ("plain", "CSLS"):
+        rows = {"append": [], "new": []}
+        for f in folds:
+            (roles,) = fold_roles(list(lab), [f], center_size=len(f.train) // 6, extra_references=2, seed=seed)
+            mu = photo_raw[roles.center].mean(0)
+            g = normalise(gallery_raw, mu, scales)
+            q = normalise(photo_raw[roles.queries], mu, scales)
+            u_all = normalise(photo_raw[roles.center], mu, scales)
+            truth = lab[roles.queries]
+            names = list(classes)
+            for s_idx, name in enumerate(classes):
+                refs = roles.references.get(name, np.zeros(0, np.int64))
+                own = truth == name
+                if len(refs) < 2 or not own.any():
+                    continue
+                u = u_all[~np.isin(groups_of[roles.center], groups_of[refs])]
+                photos = None if ranking == "plain" else u
+                new = normalise(photo_raw[refs], mu, scales)
+                g_fix, sku_fix = np.concatenate([g, new]), np.concatenate([np.arange(len(classes)), [s_idx] * len(refs)])
+                before = classes[nearest(q, g, photos, k)] == truth
+                after = classes[sku_fix[nearest(q, g_fix, photos, k)]] == truth
+                net = int(after[own].sum() - before[own].sum()) - int((before & ~after)[~own].sum())
+                rows["append"].append((hub_check(q, g, names, u, new, name, ranking, k, len(classes)), -net))
+                rest = np.array([i for i in range(len(classes)) if i != s_idx])
+                photos = None if ranking == "plain" else u_all
+                b = classes[rest[nearest(q, g[rest], photos, k)]] == truth
+                a = classes[nearest(q, g, photos, k)] == truth
+                lost = int((b & ~a)[~own].sum())
+                rows["new"].append((hub_check(q, g[rest], [names[i] for i in rest], u_all, g[s_idx: s_idx + 1], name,
+                                              ranking, k, len(classes)), lost))
+        for case, r in rows.items():
+            r = np.array(r, float)
+            flag = r[:, 0] > 0
+            out[f"{case}-{ranking}"] = {"flagged": int(flag.sum()), "all": len(r),
+                                        "cost_flagged": float(r[flag, 1].mean()) if flag.any() else None,
+                                        "cost_not_flagged": float(r[~flag, 1].mean()) if (~flag).any() else None}
+    return out
+
+
 def sku_bootstrap(net: np.ndarray, sku: np.ndarray, n_boot: int, seed: int = 0) -> tuple[float, float]:
     """95 % percentile interval of the mean net per fix, whole SKUs resampled."""
     ids = np.unique(sku)
@@ -148,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=30, help="CSLS neighbourhood (the rule's candidate: 30)")
     p.add_argument("--bootstrap", type=int, default=4000)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--product-check", action="store_true", help="also catalog add's hub check (module docstring)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     from retailklip.datasets import read_grocery_store
@@ -196,6 +262,18 @@ def main(argv: list[str] | None = None) -> int:
         t = every_sku(photo_raw, gallery_raw, lab, classes, folds, extra, args.k)
         report["every_sku"][extra] = t
         print(f"| {extra} | {t['plain']:.3f} | {t['CSLS']:.3f} |")
+    if args.product_check:
+        report["product_check"] = pc = product_check(photo_raw, gallery_raw, lab, classes, folds, groups_of, args.k)
+        print("\ncatalog add's hub check (catalog.skus.HUB_SHARE), what it flags and what those adds cost in photos "
+              "of a fold")
+        print("| add | ranking | flagged | cost of flagged / not flagged |\n|---|---|---|---|")
+        for key, r in pc.items():
+            case, ranking = key.split("-")
+            what = ("append 2 in-store photos (cost: -net)" if case == "append"
+                    else "new SKU's packshot (cost: other SKUs' photos lost)")
+            fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+            print(f"| {what} | {ranking} | {r['flagged']} / {r['all']} | {fmt(r['cost_flagged'])} / "
+                  f"{fmt(r['cost_not_flagged'])} |")
     print(f"\n{time.perf_counter() - t0:.0f} s")
     report["rule_met"] = ok
     if args.json:

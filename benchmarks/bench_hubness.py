@@ -11,7 +11,10 @@ Per gallery size N (reference vectors, exact Flat index, D = 960: the main job's
   1-NN (the baseline, measured interleaved in the same run) and CSLS; the ratio CSLS / plain of
   the minimum over ``--repeats`` runs, and the mean search depth CSLS needed (the plain matcher
   stops at 32 neighbours when a second SKU is among them);
-* memory: the offsets map (Python dict) per vector.
+* memory: the offsets map (Python dict) per vector;
+* add check: what ``catalog add``'s hub check costs (``catalog.writes``: the P stored photos
+  matched by CSLS, then :func:`retailklip.matching.switches_to` for a new reference's 4 views),
+  interleaved with the rest, and its ratio to the plain match of one tray.
 
 The vectors are synthetic (honest simulation: no trained CLIP weights reach this workplace):
 N / 4 SKU prototypes, 4 noisy views each; photos and queries are noisy copies of random
@@ -36,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retailklip.hubness import HubnessReference  # noqa: E402
 from retailklip.index import VectorIndex  # noqa: E402
-from retailklip.matching import SKUMatcher  # noqa: E402
+from retailklip.matching import SKUMatcher, switches_to  # noqa: E402
 
 DIM, PHOTOS, BATCH, VIEWS = 960, 440, 32, 4
 
@@ -92,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
     print(f"| N vectors | load: offsets (s) | match {BATCH} queries plain (ms) | CSLS (ms) | CSLS / plain | "
-          f"search depth plain / CSLS | offsets memory (bytes/vector) | offset spread (max - min) |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"search depth plain / CSLS | offsets memory (bytes/vector) | offset spread (max - min) | "
+          f"add check, {PHOTOS} photos (ms) | add check / plain tray |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for n in args.sizes:
         gallery, skus, photos, queries = synthetic(n, rng)
         index = VectorIndex(DIM)
@@ -112,17 +116,24 @@ def main(argv: list[str] | None = None) -> int:
             offsets = dict(zip(ids.tolist(), (o.min() + (o - o.min()) * (args.spread / simulated)).tolist()))
         sku_of = dict(zip(ids.tolist(), skus))
         plain, csls = SKUMatcher(index, sku_of), SKUMatcher(index, sku_of, offsets=offsets)
-        times = {"plain": [], "csls": []}
+        new = unit(gallery[:VIEWS] + 0.3 * rng.normal(size=(VIEWS, DIM)).astype(np.float32))  # a new reference's views
+        new_offsets = hub.offsets(new)
+
+        def add_check():
+            return switches_to(csls.match(photos, np.inf), photos, new, new_offsets, "new-sku")
+
+        times = {"plain": [], "csls": [], "add": []}
         for _ in range(args.repeats):  # interleaved
-            for name, m in (("plain", plain), ("csls", csls)):
+            for name, run in (("plain", lambda: plain.match(queries, 2.0)), ("csls", lambda: csls.match(queries, 2.0)),
+                              ("add", add_check)):
                 t = time.perf_counter()
-                m.match(queries, 2.0)
+                run()
                 times[name].append(time.perf_counter() - t)
-        tp, tc = min(times["plain"]), min(times["csls"])
+        tp, tc, ta = min(times["plain"]), min(times["csls"]), min(times["add"])
         spread = f"{max(offsets.values()) - min(offsets.values()):.3f} (simulated {simulated:.3f})"
         print(f"| {n:,} | {load:.2f} | {1e3 * tp:.1f} | {1e3 * tc:.1f} | {tc / tp:.2f} | "
               f"{depth(index, sku_of, None, queries):.0f} / {depth(index, sku_of, offsets, queries):.0f} | "
-              f"{mem / n:.0f} | {spread} |")
+              f"{mem / n:.0f} | {spread} | {1e3 * ta:.0f} | {ta / tp:.1f} |")
     if args.catalog:
         from catalog import Catalog
 

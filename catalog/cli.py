@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sku", default=None, metavar="ID", help="SKU id (default: the image file name without extension)")
     s.add_argument("--name", default=None, help="display name")
     s.add_argument("--append", action="store_true", help="add another reference image to an existing SKU")
+    s.add_argument("--force", action="store_true",
+                   help="with --append: append even a reference image that would take many store photos from other SKUs")
     s.add_argument("--json", action="store_true", help="print the SKU as JSON, with the SKUs it could be confused with")
 
     s = sub.add_parser("import", help="bulk-add SKUs from a CSV with columns image,sku,name")

@@ -69,7 +69,7 @@ def cmd_init(args) -> int:
 
 def cmd_add(args) -> int:
     cat = Catalog.open(catalog_dir(args), db_url=args.db_url, device=args.device)
-    info = cat.add(args.image, sku=args.sku, name=args.name, append=args.append)
+    info = cat.add(args.image, sku=args.sku, name=args.name, append=args.append, force=args.force)
     if args.json:
         print(json.dumps(info.to_dict(), ensure_ascii=False, indent=1))
         return 0
@@ -78,6 +78,11 @@ def cmd_add(args) -> int:
         print(f"catalog: warning: {field(info.sku)} is within the threshold of SKU {field(n.sku)} (cosine distance "
               f"{n.distance:.3f}): photos of one may be recognised as the other; check it is not the same product, "
               f"or add more reference images (--append)", file=sys.stderr)
+    taken = info.store_photos
+    if taken is not None and taken.hub:
+        print(f"catalog: warning: {field(info.sku)}'s new reference image takes {taken.taken} of the catalog's "
+              f"{taken.photos} unlabeled store photos from other SKUs (limit {taken.limit:.1f}): photos of other "
+              f"products may be recognised as it", file=sys.stderr)
     return 0
 
 

@@ -22,6 +22,12 @@ class DuplicateSKUError(CatalogError):
     """An SKU id that already exists was added again."""
 
 
+class HubReferenceError(CatalogError):
+    """A reference image appended to an SKU would take many of the catalog's unlabeled store
+    photos from other SKUs (a hub); nothing was written (``catalog add --append --force`` appends
+    it all the same)."""
+
+
 class InvalidSKUError(CatalogError, ValueError):
     """An SKU id or name is malformed (empty, too long, control characters, path separators)."""
 

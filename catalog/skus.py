@@ -92,6 +92,46 @@ class SKUInfo:
         }
 
 
+#: A new reference image is a hub when it takes more than this many times an average SKU's share
+#: of the catalog's unlabeled store photos from other SKUs (the share: photos / SKUs).  Set before
+#: measuring; on GroceryStore's train split (capture-session folds, main job) it flags 377 of 383
+#: one-SKU appends of 2 in-store photos (each costing other SKUs 25.8 photos of a fold on average;
+#: the 6 not flagged: 1.7) and 38 of 383 new SKUs' packshots (2.3 against 0.6):
+#: benchmarks/bench_csls_store_fix.py, docs/evaluation.md "More references per SKU".
+HUB_SHARE = 2.0
+
+#: At most this many of the stored unlabeled photos (an even sample) are matched per ``add``, so
+#: its cost stays bounded (440 photos, CSLS, 2 cores: 43 ms on 1,000 vectors, 92 ms on 10,000,
+#: 1.6 s on 100,000; benchmarks/bench_hubness.py).
+STORE_PHOTOS_CHECKED = 512
+
+
+@dataclass(frozen=True)
+class StorePhotosTaken:
+    """What a new reference image does to the catalog's unlabeled store photos (``catalog init
+    --center-photos``): how many it would take from other SKUs (their nearest SKU would become
+    its SKU).
+
+    Attributes:
+        taken: photos taken from other SKUs.
+        photos: photos checked (at most :data:`STORE_PHOTOS_CHECKED`).
+        limit: :data:`HUB_SHARE` times the photos per SKU (SKUs after the add).
+    """
+
+    taken: int
+    photos: int
+    limit: float
+
+    @property
+    def hub(self) -> bool:
+        """More photos taken than :attr:`limit`: other products' photos would be recognised as
+        this SKU."""
+        return self.taken > self.limit
+
+    def to_dict(self) -> dict:
+        return {"taken": self.taken, "photos": self.photos, "limit": round(self.limit, 3), "hub": self.hub}
+
+
 @dataclass(frozen=True)
 class AddedSKU(SKUInfo):
     """What :meth:`Catalog.add` returns: the SKU's :class:`SKUInfo` plus the other SKUs its new
@@ -104,13 +144,17 @@ class AddedSKU(SKUInfo):
             the runner-up).  Non-empty means photos of either SKU may be recognised as the
             other: a near-duplicate SKU (the same product added twice) or siblings that need
             more reference images.
+        store_photos: the :class:`StorePhotosTaken` by the new reference image, or None when
+            the catalog keeps no unlabeled store photos.
     """
 
     confusable_with: tuple = ()
+    store_photos: StorePhotosTaken | None = None
 
     def to_dict(self) -> dict:
         return dict(super().to_dict(), confusable_with=[{"sku": n.sku, "distance": round(n.distance, 6)}
-                                                        for n in self.confusable_with])
+                                                        for n in self.confusable_with],
+                    store_photos=None if self.store_photos is None else self.store_photos.to_dict())
 
 
 def id_forms(sku: str) -> list[str]:

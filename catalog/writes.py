@@ -29,19 +29,20 @@ from sqlalchemy.exc import IntegrityError
 
 from retailklip.datasets import DatasetError, read_csv_rows
 from retailklip.errors import RetailKlipError
+from retailklip.hubness import even_sample
 from retailklip.images import decode_image_bytes, read_image_bytes
 from retailklip.references import embed_reference
 
 from .codec import encode_vector
 from .connection import DEFAULT_THRESHOLD
 from .database import is_no_space, no_space_error
-from .errors import CatalogError, DuplicateSKUError, UnknownSKUError
+from .errors import CatalogError, DuplicateSKUError, HubReferenceError, UnknownSKUError
 from .faults import crash_point
 from .fileio import atomic_write
 from .imagestore import image_extension, image_relpath, prune_empty_dirs, unlink_all
 from .models import SKU, Embedding, OutlierReference, ReferenceImage
 from .reads import CatalogReader
-from .skus import AddedSKU, SKUInfo, find_sku, validate_name, validate_sku_id
+from .skus import HUB_SHARE, STORE_PHOTOS_CHECKED, AddedSKU, SKUInfo, StorePhotosTaken, find_sku, validate_name, validate_sku_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from retailklip.encoders import Encoder
@@ -138,24 +139,35 @@ class CatalogWriter(CatalogReader):
         self._recognizer_lock = threading.Lock()
         self._recognizer = None  # the index `add` checks new references against (built on first use)
 
-    def add(self, image: str | os.PathLike, sku: str | None = None, name: str | None = None, *, append: bool = False) -> SKUInfo:
+    def add(self, image: str | os.PathLike, sku: str | None = None, name: str | None = None, *, append: bool = False,
+            force: bool = False) -> SKUInfo:
         """Add an SKU from one reference image (or, with ``append``, another reference image to
         an existing SKU).  The SKU is searchable as soon as this returns.
+
+        Where the catalog keeps unlabeled store photos (``init --center-photos``), the new
+        reference image is first matched against them (:meth:`_store_photos_taken`): one that
+        would take more than :data:`HUB_SHARE` times an average SKU's share of them from other
+        SKUs is a hub, which other products' photos would be recognised as.  A new SKU is then
+        added with a warning; an appended reference image (typically an in-store photo, the
+        measured case: docs/evaluation.md, "More references per SKU") is refused unless
+        ``force``.
 
         Args:
             image: reference image path (a packshot; any format PIL reads).
             sku: SKU id (default: the file name without extension).
             name: display name.
             append: add a further reference image to the existing SKU ``sku``.
+            force: append even when the new reference image is a hub.
 
         Returns:
-            The SKU's :class:`AddedSKU` (its :class:`SKUInfo` and the other SKUs within the
-            threshold of the new reference image, which are also logged).
+            The SKU's :class:`AddedSKU` (its :class:`SKUInfo`, the other SKUs within the
+            threshold of the new reference image, and the store photos it takes; both logged).
 
         Raises:
             InvalidImageError, InvalidSKUError, DuplicateSKUError (id exists, or this exact image
             is already a reference), UnknownSKUError (``append`` to a missing SKU),
-            ReadOnlyCatalogError, NoSpaceError.  On any error nothing is written.
+            HubReferenceError (``append`` of a hub without ``force``), ReadOnlyCatalogError,
+            NoSpaceError.  On any error nothing is written.
         """
         self.require_writable("add an SKU")
         st = self.settings()
@@ -169,26 +181,59 @@ class CatalogWriter(CatalogReader):
         def embed(enc_id: int, enc: Encoder) -> list[PreparedReference]:
             p = prepare_reference(image, sku_id, name, enc, st["augmentations"], st["seed"], enc_id)
             found["confusable"] = self._confusable(p, confusable_within)
+            found["taken"] = taken = self._store_photos_taken(p, append)
+            if taken is not None and taken.hub and append and not force:
+                raise HubReferenceError(
+                    f"not appended: this reference image would take {taken.taken} of the catalog's {taken.photos} "
+                    f"unlabeled store photos from other SKUs (limit {taken.limit:.1f}), so other products' photos "
+                    f"would be recognised as {sku_id}; append a packshot instead, or --force")
             return [p]
 
         prepared = self._embed_and_write(embed, append=append, what="add")[0]
-        confusable = found["confusable"]
+        confusable, taken = found["confusable"], found["taken"]
         info = self.get(prepared.sku)
         for n in confusable:
             logger.info("SKU %r: its reference image is within the threshold (%.3f) of SKU %r (cosine distance "
                         "%.3f): photos of one may be recognised as the other", info.sku, confusable_within, n.sku,
                         n.distance)
-        return AddedSKU(**vars(info), confusable_with=confusable)
+        if taken is not None and taken.hub:
+            logger.info("SKU %r: its new reference image takes %d of the catalog's %d unlabeled store photos from "
+                        "other SKUs (limit %.1f): it may be a hub", info.sku, taken.taken, taken.photos, taken.limit)
+        return AddedSKU(**vars(info), confusable_with=confusable, store_photos=taken)
 
-    def _confusable(self, prepared: PreparedReference, threshold: float) -> tuple:
-        """Other SKUs within ``threshold`` of ``prepared``'s reference image (view 0), searched in
-        the catalog's current index (the same one recognition uses)."""
+    def _store_photos_taken(self, prepared: PreparedReference, append: bool) -> StorePhotosTaken | None:
+        """How many of the catalog's unlabeled store photos (an even sample of at most
+        :data:`STORE_PHOTOS_CHECKED`) ``prepared``'s vectors would take from other SKUs, ranked as
+        recognition ranks (:meth:`Recognizer.switches_to`); None when the catalog keeps no
+        photos for the encoder (or damaged ones: ``catalog check`` reports those) or holds no SKU.
+        The average share is the photos over the SKUs there will be (``append``: no new SKU)."""
+        try:
+            photos = self.encoders.unlabeled(prepared.encoder_id)
+        except RetailKlipError:
+            return None
+        if photos is None or not len(photos):
+            return None
+        photos = photos[even_sample(len(photos), STORE_PHOTOS_CHECKED)]
+        taken = self._shared_recognizer().switches_to(
+            photos, prepared.vectors, self.encoder_for(prepared.encoder_id).identity.key, prepared.sku)
+        if taken is None:
+            return None
+        skus = len(self.names()) + (0 if append else 1)
+        return StorePhotosTaken(int(taken.sum()), len(photos), HUB_SHARE * len(photos) / skus)
+
+    def _shared_recognizer(self):
+        """The recognizer ``add``'s checks search (built on first use, then kept in step)."""
         from retailklip.recognizer import Recognizer
 
         with self._recognizer_lock:
             if self._recognizer is None:
                 self._recognizer = Recognizer(self)
-            rec = self._recognizer
+            return self._recognizer
+
+    def _confusable(self, prepared: PreparedReference, threshold: float) -> tuple:
+        """Other SKUs within ``threshold`` of ``prepared``'s reference image (view 0), searched in
+        the catalog's current index (the same one recognition uses)."""
+        rec = self._shared_recognizer()
         # plain ranking: the SKUs closest to the new image, hubs included (hubness reduction would
         # rank a nearby hub behind farther SKUs)
         matches = rec.match_embeddings(prepared.vectors[:1], self.encoder_for(prepared.encoder_id).identity.key, threshold,

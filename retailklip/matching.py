@@ -248,3 +248,46 @@ class SKUMatcher:
         (s1, (a1, d1)), second = ranked[0], ranked[1] if len(ranked) > 1 else None
         runner_up = None if second is None else Neighbour(second[0], second[1][1], second[1][0])
         return Match(Neighbour(s1, d1, a1), runner_up, False)
+
+
+def ranking_distance(neighbour: Neighbour) -> float:
+    """The value a neighbour was ranked by: its adjusted distance under hubness reduction
+    (:attr:`Neighbour.adjusted`), else its cosine distance in [0, 2]."""
+    return neighbour.distance if neighbour.adjusted is None else neighbour.adjusted
+
+
+def switches_to(current: Sequence[Match], queries: np.ndarray, vectors: np.ndarray, offsets: np.ndarray | None,
+                sku: str) -> np.ndarray:
+    """Which queries new vectors of SKU ``sku`` would take from another SKU: their nearest SKU
+    is another one now, and would be ``sku`` once the vectors are in the index.
+
+    Exact for the matcher that made ``current``: a query's nearest SKU changes to ``sku`` iff
+    one new vector ranks before its current nearest, i.e. its distance plus offset is smaller
+    than the current nearest's :func:`ranking_distance` (ties keep the current SKU).
+
+    Args:
+        current: the queries' M matches now (:meth:`SKUMatcher.match`).
+        queries: float32 (M, D) unit rows, the embeddings ``current`` was matched for.
+        vectors: float32 (V, D) unit rows, the new vectors (e.g. a reference image's K views).
+        offsets: float (V,) the new vectors' CSLS offsets (:meth:`HubnessReference.offsets`)
+            when ``current`` was ranked with hubness reduction; None for plain 1-NN.
+        sku: the SKU the new vectors belong to.
+
+    Returns:
+        bool (M,).
+
+    Raises:
+        ValueError: shapes that do not match.
+    """
+    queries, vectors = np.asarray(queries, np.float32), np.asarray(vectors, np.float32)
+    if queries.ndim != 2 or vectors.ndim != 2 or queries.shape[1] != vectors.shape[1] or len(queries) != len(current):
+        raise ValueError(f"switches_to: {len(current)} matches, queries {queries.shape}, vectors {vectors.shape}")
+    if offsets is not None and np.shape(offsets) != (len(vectors),):
+        raise ValueError(f"switches_to: {len(vectors)} vectors but offsets of shape {np.shape(offsets)}")
+    new = 1.0 - queries @ vectors.T  # cosine distances, as the index computes them
+    if offsets is not None:
+        new = new + np.asarray(offsets, np.float32)[None, :]
+    best_new = new.min(axis=1) if len(vectors) else np.full(len(queries), np.inf, np.float32)
+    now = np.array([ranking_distance(m.nearest) for m in current], np.float32)
+    other = np.array([m.nearest.sku != sku for m in current], bool)
+    return other & (best_new < now)

@@ -30,7 +30,7 @@ from PIL import Image
 from .errors import EmptyCatalogError, RetailKlipError
 from .images import ImageSource, load_image
 from .index import VectorIndex
-from .matching import Match, Neighbour, SKUMatcher, score_of
+from .matching import Match, Neighbour, SKUMatcher, score_of, switches_to
 from .open_set import (
     DEFAULT_OPEN_SET_SCORE,
     OUTLIER_SCORE,
@@ -467,6 +467,32 @@ class Recognizer:
         t, score = (threshold, open_set_score) if threshold is not None else self._operating_point(view)
         with self._lock:
             return view.matcher.match(np.asarray(embeddings, np.float32), t, score=score, plain=plain)
+
+    def switches_to(self, queries: np.ndarray, vectors: np.ndarray, encoder_key: str, sku: str) -> np.ndarray | None:
+        """Which of ``queries`` (e.g. the catalog's unlabeled store photos) a new reference
+        image's ``vectors`` would take from another SKU, ranked as recognition ranks now (with
+        hubness reduction: the new vectors' CSLS offsets against the same photos);
+        :func:`retailklip.matching.switches_to`.
+
+        Args:
+            queries: float32 (M, D) unit embeddings.
+            vectors: float32 (V, D) unit embeddings of SKU ``sku``'s new reference image.
+            encoder_key: :attr:`EncoderIdentity.key` of the encoder that made both.
+            sku: the SKU the vectors would belong to (new or existing).
+
+        Returns:
+            bool (M,), or None when the catalog's current encoder is not ``encoder_key`` or the
+            catalog holds no SKU.
+        """
+        view = self._current()
+        if view.encoder.identity.key != encoder_key or not view.matcher.sku_of:
+            return None
+        queries = np.asarray(queries, np.float32)
+        with self._lock:
+            current = view.matcher.match(queries, np.inf)
+        hub = view.hubness if view.matcher.offsets is not None else None
+        offsets = None if hub is None else hub.offsets(vectors)
+        return switches_to(current, queries, vectors, offsets, sku)
 
     def recognize(
         self, image: ImageSource, *, boxes: object = None, points: object = None, masks: object = None,

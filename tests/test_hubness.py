@@ -13,6 +13,7 @@ from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC
 
 from catalog import Catalog
 from catalog.check import check
+from catalog.errors import HubReferenceError
 from catalog.cli import main
 from retailklip import Recognizer
 from retailklip.calibration import nearest_matches
@@ -20,7 +21,7 @@ from retailklip.errors import RetailKlipError
 from retailklip.evaluation import score_zero_shot
 from retailklip.hubness import DEFAULT_HUBNESS_K, HubnessReference, even_sample
 from retailklip.index import VectorIndex
-from retailklip.matching import CSLS_FIRST_K, SKUMatcher
+from retailklip.matching import CSLS_FIRST_K, SKUMatcher, switches_to
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -295,3 +296,98 @@ def test_photos_given_later_need_a_k_and_the_rebuild_says_so(tmp_path, grocery_s
     cat.rebuild(hubness_k=4)
     assert cat.hubness_reference().k == 4 and Recognizer(cat).matcher.offsets is not None
     cat.close()
+
+
+# ------------------------------------------------------- store photos a new reference takes
+def test_switches_to_is_what_the_matcher_says_after_the_vectors_are_added():
+    """switches_to predicts, from the current matches only, exactly which queries a new
+    reference's vectors take from another SKU: plain and CSLS, new SKU and appended views."""
+    rng = np.random.default_rng(3)
+    dim, views = 12, 2
+    gallery = unit(rng.normal(size=(40 * views, dim)))
+    skus = [f"s{i // views}" for i in range(len(gallery))]
+    photos = unit(rng.normal(size=(60, dim)))
+    queries = unit(gallery[rng.choice(len(gallery), 80)] + 0.9 * rng.normal(size=(80, dim)))
+    new = unit(queries[:3] + 0.2 * rng.normal(size=(3, dim)))  # near some queries: it takes a few
+    for hub in (None, HubnessReference(photos, k=5)):
+        for sku in ("s7", "new-sku"):
+            def matcher(vectors, names):
+                index = VectorIndex(dim)
+                index.add(np.arange(len(vectors), dtype=np.int64), vectors)
+                offsets = None if hub is None else dict(enumerate(hub.offsets(vectors).tolist()))
+                return SKUMatcher(index, dict(enumerate(names)), offsets=offsets)
+
+            current = matcher(gallery, skus).match(queries, 2.0)
+            after = matcher(np.concatenate([gallery, new]), skus + [sku] * len(new)).match(queries, 2.0)
+            want = [a.nearest.sku == sku != c.nearest.sku for a, c in zip(after, current)]
+            got = switches_to(current, queries, new, None if hub is None else hub.offsets(new), sku)
+            assert got.tolist() == want and 0 < sum(want) < len(queries)
+    with pytest.raises(ValueError, match="offsets"):
+        switches_to(current, queries, new, np.zeros(2), "s1")
+    with pytest.raises(ValueError, match="queries"):
+        switches_to(current[:3], queries, new, None, "s1")
+
+
+def test_add_counts_the_store_photos_it_takes_and_refuses_to_append_a_hub(tmp_path, grocery_store, mobilenet_weights,
+                                                                          capsys):
+    """catalog add reports how many of the catalog's unlabeled store photos a new reference image
+    takes from other SKUs (exactly what recognition then does to them); an in-store photo
+    appended to one SKU takes many (docs/evaluation.md, "More references per SKU") and is refused,
+    nothing written, unless --force."""
+    train = grocery_store.photos("train")
+    classes = sorted({p.label for p in train})[::8]
+    unlabeled = [p.path for p in train[::50]]
+    iconic = {c.name: c.iconic for c in grocery_store.classes}
+    root = tmp_path / "cat"
+    cat = Catalog.init(root, encoder=MOBILENET_SPEC, weights=mobilenet_weights, encoder_options=MOBILENET_OPTIONS,
+                       center_photos=unlabeled)
+    csv = tmp_path / "skus.csv"
+    csv.write_text("image,sku,name\n" + "".join(f"{iconic[c]},{c},\n" for c in classes[:-1]))
+    cat.import_csv(csv, progress=False)
+    photos, key = cat.hubness_reference().photos, cat.encoder().identity.key
+    rec = Recognizer(cat)
+
+    def nearest() -> list[str]:
+        return [m.nearest.sku for m in rec.match_embeddings(photos, key, 2.0)]
+
+    def taken_since(before: list[str], sku: str) -> int:
+        return sum(a == sku != b for a, b in zip(nearest(), before))
+
+    before = nearest()
+    added = cat.add(iconic[classes[-1]], sku=classes[-1])  # a new SKU's packshot
+    assert added.store_photos.photos == len(unlabeled)
+    assert added.store_photos.limit == pytest.approx(2.0 * len(unlabeled) / len(classes))
+    assert added.store_photos.taken == taken_since(before, classes[-1])
+    # in-store photos (not among the unlabeled ones) appended to their own SKU
+    unlabeled_set = set(unlabeled)
+    others = {c: [p for p in train if p.label == c and p.path not in unlabeled_set] for c in classes}
+    in_store = [others[c][len(others[c]) // 2] for c in classes[:6]]
+    refused = 0
+    for p in in_store:
+        before, refs = nearest(), cat.get(p.label).references
+        capsys.readouterr()
+        rc = main(["--catalog", str(root), "add", str(p.path), "--sku", p.label, "--append", "--json"])
+        out, err = capsys.readouterr()
+        if rc == 0:
+            taken = json.loads(out)["store_photos"]
+            assert not taken["hub"] and taken["taken"] == taken_since(before, p.label)
+            continue
+        assert rc == 1 and err.count("\n") == 1 and err.startswith("catalog: error: not appended")
+        assert cat.get(p.label).references == refs and nearest() == before  # nothing written
+        if not refused:  # the library raises the same; --force appends it and reports it a hub
+            with pytest.raises(HubReferenceError, match="--force"):
+                cat.add(p.path, sku=p.label, append=True)
+            assert main(["--catalog", str(root), "add", str(p.path), "--sku", p.label, "--append", "--force"]) == 0
+            err = capsys.readouterr().err  # appended, with a warning naming what it takes
+            n = taken_since(before, p.label)
+            assert f"{p.label}'s new reference image takes {n} of the catalog's {len(unlabeled)} unlabeled" in err
+            assert n > 2.0 * len(unlabeled) / len(classes) and cat.get(p.label).references == refs + 1
+        refused += 1
+    assert refused, "no in-store photo was a hub on these photos"
+    # in-store photos as new SKUs are added, with a warning where they take more than the limit
+    for i, c in enumerate(classes[1:6]):
+        sku, before = f"shelf-photo-{i}", nearest()
+        assert main(["--catalog", str(root), "add", str(others[c][0].path), "--sku", sku]) == 0
+        err = capsys.readouterr().err
+        hub = taken_since(before, sku) > 2.0 * len(unlabeled) / len(cat.list_skus())
+        assert (f"{sku}'s new reference image takes" in err) == hub and cat.get(sku).references == 1
