@@ -12,6 +12,9 @@ Per gallery size N (reference vectors, exact Flat index, D = 960: the main job's
   the minimum over ``--repeats`` runs, and the mean search depth CSLS needed (the plain matcher
   stops at 32 neighbours when a second SKU is among them);
 * memory: the offsets map (Python dict) per vector;
+* low set: CSLS without the exhaustively searched low set (``SKUMatcher(low_set=0)``, the
+  matcher before it), interleaved; with ``--low-offset DELTA`` one vector's offset is also set
+  DELTA below the lowest (a reference far from every store photo), the case the low set is for;
 * add check: what ``catalog add``'s hub check costs (``catalog.writes``: the P stored photos
   matched by CSLS, then :func:`retailklip.matching.switches_to` for a new reference's 4 views),
   interleaved with the rest, and its ratio to the plain match of one tray.
@@ -39,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retailklip.hubness import HubnessReference  # noqa: E402
 from retailklip.index import VectorIndex  # noqa: E402
-from retailklip.matching import SKUMatcher, switches_to  # noqa: E402
+from retailklip.matching import CSLS_LOW_SET, SKUMatcher, switches_to  # noqa: E402
 
 DIM, PHOTOS, BATCH, VIEWS = 960, 440, 32, 4
 
@@ -75,13 +78,19 @@ class DepthProbe:
         self.deepest = max(self.deepest, min(k, self.index.ntotal))
         return self.index.search(queries, k)
 
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        return self.index.reconstruct(ids)
 
-def depth(index: VectorIndex, sku_of: dict, offsets: dict | None, queries: np.ndarray) -> float:
+
+def depth(index: VectorIndex, sku_of: dict, offsets: dict | None, queries: np.ndarray, low_set: int = CSLS_LOW_SET
+          ) -> float:
     """Mean over queries of the deepest search the matcher needed for each (one query at a time)."""
+    probe = DepthProbe(index)
+    matcher = SKUMatcher(probe, sku_of, offsets=offsets, low_set=low_set)
     out = []
     for q in queries:
-        probe = DepthProbe(index)
-        SKUMatcher(probe, sku_of, offsets=offsets).match(q[None], 2.0)
+        probe.deepest = 0
+        matcher.match(q[None], 2.0)
         out.append(probe.deepest)
     return float(np.mean(out))
 
@@ -92,12 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--spread", type=float, default=0.130, help="stretch the offsets to this max - min (0: as simulated)")
     p.add_argument("--catalog", type=Path, default=None, help="also print a real catalog's offset spread")
+    p.add_argument("--low-offset", type=float, default=0.0,
+                   help="set one vector's offset this far below the lowest (module docstring)")
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
     print(f"| N vectors | load: offsets (s) | match {BATCH} queries plain (ms) | CSLS (ms) | CSLS / plain | "
           f"search depth plain / CSLS | offsets memory (bytes/vector) | offset spread (max - min) | "
-          f"add check, {PHOTOS} photos (ms) | add check / plain tray |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"add check, {PHOTOS} photos (ms) | add check / plain tray | CSLS without low set (ms) | "
+          f"without / with low set | search depth without low set |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in args.sizes:
         gallery, skus, photos, queries = synthetic(n, rng)
         index = VectorIndex(DIM)
@@ -114,26 +126,31 @@ def main(argv: list[str] | None = None) -> int:
         simulated = float(np.ptp(o))
         if args.spread:
             offsets = dict(zip(ids.tolist(), (o.min() + (o - o.min()) * (args.spread / simulated)).tolist()))
+        if args.low_offset:
+            offsets[0] = min(offsets.values()) - args.low_offset
         sku_of = dict(zip(ids.tolist(), skus))
         plain, csls = SKUMatcher(index, sku_of), SKUMatcher(index, sku_of, offsets=offsets)
+        no_low = SKUMatcher(index, sku_of, offsets=offsets, low_set=0)
         new = unit(gallery[:VIEWS] + 0.3 * rng.normal(size=(VIEWS, DIM)).astype(np.float32))  # a new reference's views
         new_offsets = hub.offsets(new)
 
         def add_check():
             return switches_to(csls.match(photos, np.inf), photos, new, new_offsets, "new-sku")
 
-        times = {"plain": [], "csls": [], "add": []}
+        times = {"plain": [], "csls": [], "add": [], "no_low": []}
         for _ in range(args.repeats):  # interleaved
             for name, run in (("plain", lambda: plain.match(queries, 2.0)), ("csls", lambda: csls.match(queries, 2.0)),
-                              ("add", add_check)):
+                              ("add", add_check), ("no_low", lambda: no_low.match(queries, 2.0))):
                 t = time.perf_counter()
                 run()
                 times[name].append(time.perf_counter() - t)
-        tp, tc, ta = min(times["plain"]), min(times["csls"]), min(times["add"])
+        tp, tc, ta, tn = (min(times[k]) for k in ("plain", "csls", "add", "no_low"))
+        assert [m.nearest.sku for m in no_low.match(queries, 2.0)] == [m.nearest.sku for m in csls.match(queries, 2.0)]
         spread = f"{max(offsets.values()) - min(offsets.values()):.3f} (simulated {simulated:.3f})"
         print(f"| {n:,} | {load:.2f} | {1e3 * tp:.1f} | {1e3 * tc:.1f} | {tc / tp:.2f} | "
               f"{depth(index, sku_of, None, queries):.0f} / {depth(index, sku_of, offsets, queries):.0f} | "
-              f"{mem / n:.0f} | {spread} | {1e3 * ta:.0f} | {ta / tp:.1f} |")
+              f"{mem / n:.0f} | {spread} | {1e3 * ta:.0f} | {ta / tp:.1f} | {1e3 * tn:.1f} | {tn / tc:.2f} | "
+              f"{depth(index, sku_of, offsets, queries, low_set=0):.0f} |")
     if args.catalog:
         from catalog import Catalog
 

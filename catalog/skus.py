@@ -101,8 +101,8 @@ class SKUInfo:
 HUB_SHARE = 2.0
 
 #: At most this many of the stored unlabeled photos (an even sample) are matched per ``add``, so
-#: its cost stays bounded (440 photos, CSLS, 2 cores: 43 ms on 1,000 vectors, 92 ms on 10,000,
-#: 1.6 s on 100,000; benchmarks/bench_hubness.py).
+#: its cost stays bounded (440 photos, CSLS, 2 cores: 60 ms on 1,000 vectors, 92 ms on 10,000,
+#: 0.53 s on 100,000; benchmarks/bench_hubness.py).
 STORE_PHOTOS_CHECKED = 512
 
 

@@ -33,6 +33,12 @@ from .open_set import OUTLIER_SCORE, check_score, no_outliers_error, open_set_sc
 #: spread most queries need 32 to 128 neighbours (benchmarks/bench_hubness.py).
 CSLS_FIRST_K = 128
 
+#: With CSLS offsets, this many vectors of lowest offset are also searched exhaustively for every
+#: query, so the search depth follows the offsets above them, not the single lowest one: one
+#: reference far from every store photo no longer deepens every search (benchmarks/bench_hubness.py
+#: ``--low-offset``).
+CSLS_LOW_SET = 256
+
 
 @dataclass(frozen=True)
 class Neighbour:
@@ -117,16 +123,63 @@ class SKUMatcher:
             plain 1-NN.  The nearest SKU and the runner-up are then those of smallest
             adjusted distance, exactly (the search widens until no unseen vector can beat
             them), and the distances reported are their plain cosine distances.
+        low_set: with ``offsets``, the vectors of the ``low_set`` lowest offsets are kept in a
+            small exact index (their vectors read back with :meth:`VectorIndex.reconstruct`)
+            and searched exhaustively with every query, so an unseen vector's offset is at least
+            the next one's (:data:`CSLS_LOW_SET`; 0, or an index that cannot reconstruct
+            vectors, e.g. IVF: the lowest offset bounds them all).
     """
 
     def __init__(self, index: VectorIndex, sku_of: dict[int, str], outliers: VectorIndex | None = None,
-                 offsets: dict[int, float] | None = None) -> None:
+                 offsets: dict[int, float] | None = None, low_set: int = CSLS_LOW_SET) -> None:
         self.index = index
         self.sku_of = sku_of
         self.outliers = outliers
         self.offsets = offsets
-        # the smallest offset bounds what an unseen vector's adjusted distance can be
-        self._min_offset = min(offsets.values(), default=0.0) if offsets is not None else 0.0
+        # the smallest offset among vectors not in the low set bounds what an unseen vector's
+        # adjusted distance can be
+        self._min_offset, self._low = 0.0, None
+        if offsets is not None:
+            self._min_offset, self._low = self._low_set(offsets, low_set)
+
+    def _low_set(self, offsets: dict[int, float], size: int) -> tuple[float, VectorIndex | None]:
+        """(smallest offset outside the low set, exact index of the low set's vectors or None)."""
+        if not offsets:
+            return 0.0, None
+        ids = np.fromiter(offsets.keys(), np.int64, len(offsets))
+        values = np.fromiter(offsets.values(), np.float64, len(offsets))
+        if size <= 0 or len(values) <= size:
+            return float(values.min()), None
+        part = np.argpartition(values, size)
+        low, floor = ids[part[:size]], float(values[part[size]])
+        try:
+            vectors = self.index.reconstruct(low)
+        except (RuntimeError, AttributeError):  # e.g. IVF without a direct map: the plain bound
+            return float(values.min()), None
+        side = VectorIndex(vectors.shape[1])
+        side.add(np.arange(size, dtype=np.int64), vectors)  # ids: positions in _low_ids
+        self._low_ids, self._low_offsets = low, values[part[:size]].astype(np.float32)
+        return floor, side
+
+    def _low_candidates(self, queries: np.ndarray) -> list[list[tuple[float, int]]]:
+        """Per query, ``(cosine distance, vector id)`` of the low set's vectors of its two best
+        live SKUs by adjusted distance (the only ones of the low set that can be a match's)."""
+        dist, pos = self._low.search(queries, self._low.ntotal)
+        order = np.argsort(dist + self._low_offsets[pos], axis=1, kind="stable")
+        out = []
+        for d_row, p_row, o_row in zip(dist, pos, order):
+            picked, skus = [], set()
+            for j in o_row:
+                i = int(self._low_ids[p_row[j]])
+                sku = self.sku_of.get(i)
+                if sku is None or sku in skus:
+                    continue
+                picked.append((float(d_row[j]), i))
+                skus.add(sku)
+                if len(skus) == 2:
+                    break
+            out.append(picked)
+        return out
 
     @property
     def has_outliers(self) -> bool:
@@ -184,11 +237,15 @@ class SKUMatcher:
         if adjusted:
             k = max(k, CSLS_FIRST_K)  # one search, not a re-search at twice the depth, for most queries
         k = max(2, min(k, n))
+        low = self._low_candidates(queries) if adjusted and self._low is not None else None
         while len(todo):
             dist, ids = self.index.search(queries[todo], k)
             again = []
             for row, q in enumerate(todo):
-                m = self._match_row(dist[row], ids[row], complete=k >= n, adjusted=adjusted)
+                if low is not None:
+                    m = self._match_row_adjusted(dist[row], ids[row], k >= n, low[q])
+                else:
+                    m = self._match_row(dist[row], ids[row], complete=k >= n, adjusted=adjusted)
                 if m is None:
                     again.append(q)
                 else:
@@ -221,23 +278,31 @@ class SKUMatcher:
             raise ValueError("no live vector in the index")
         return Match(first, None, False)
 
-    def _match_row_adjusted(self, dist: Sequence[float], ids: Sequence[int], complete: bool) -> Match | None:
+    def _match_row_adjusted(self, dist: Sequence[float], ids: Sequence[int], complete: bool,
+                            low: Sequence[tuple[float, int]] = ()) -> Match | None:
         """:meth:`_match_row` ranked by adjusted distance ``d + offset``.  Neighbours come in
         ascending ``d``, so an unseen vector's adjusted distance is at least the last one's ``d``
-        plus the smallest offset: once the best two SKUs are below that bound they are final."""
+        plus the smallest offset outside the low set (whose best candidates, ``low``, were
+        found by searching all of it): once the best two SKUs are below that bound they are
+        final."""
         best: dict[str, tuple[float, float]] = {}  # sku -> (adjusted, plain) of its best vector
         last = None
+
+        def see(d: float, i: int) -> None:
+            sku, offset = self.sku_of.get(i), self.offsets.get(i)
+            if sku is not None and offset is not None:
+                a = d + offset
+                if sku not in best or a < best[sku][0]:
+                    best[sku] = (a, d)
+
+        for d, i in low:
+            see(d, i)
         for d, i in zip(dist, ids):
             if i < 0:
                 complete = True  # the index holds fewer vectors than asked for: all were seen
                 break
             last = float(d)
-            sku, offset = self.sku_of.get(int(i)), self.offsets.get(int(i))
-            if sku is None or offset is None:
-                continue
-            a = float(d) + offset
-            if sku not in best or a < best[sku][0]:
-                best[sku] = (a, float(d))
+            see(last, int(i))
         ranked = sorted(best.items(), key=lambda item: item[1][0])[:2]
         if not complete:
             bound = last + self._min_offset if last is not None else -np.inf

@@ -21,7 +21,7 @@ from retailklip.errors import RetailKlipError
 from retailklip.evaluation import score_zero_shot
 from retailklip.hubness import DEFAULT_HUBNESS_K, HubnessReference, even_sample
 from retailklip.index import VectorIndex
-from retailklip.matching import CSLS_FIRST_K, SKUMatcher, switches_to
+from retailklip.matching import CSLS_FIRST_K, CSLS_LOW_SET, SKUMatcher, switches_to
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -73,18 +73,20 @@ class DeepestSearch:
 
     def __init__(self, index: VectorIndex) -> None:
         self.index, self.deepest = index, 0
-        self.ntotal, self.check_vectors = index.ntotal, index.check_vectors
+        self.ntotal, self.check_vectors, self.reconstruct = index.ntotal, index.check_vectors, index.reconstruct
 
     def search(self, queries, k):
         self.deepest = max(self.deepest, k)
         return self.index.search(queries, k)
 
 
+@pytest.mark.parametrize("low_set", [0, CSLS_LOW_SET])
 @pytest.mark.parametrize("spread", [0.4, 1.5])
-def test_matcher_ranks_by_csls_exactly(spread):
+def test_matcher_ranks_by_csls_exactly(spread, low_set):
     """The matcher finds the SKUs of smallest adjusted distance (widening the search until no
-    unseen vector can beat them; with large offsets beyond the first depth) and reports plain
-    distances; an SKU removed from the map (a tombstone) is never returned."""
+    unseen vector can beat them; with large offsets beyond the first depth unless the few low
+    offsets are in the exhaustively searched low set) and reports plain distances; an SKU
+    removed from the map (a tombstone) is never returned."""
     rng = np.random.default_rng(1)
     n_skus, views, dim = 150, 3, 16
     gallery = unit(rng.normal(size=(n_skus * views, dim)))
@@ -98,15 +100,17 @@ def test_matcher_ranks_by_csls_exactly(spread):
     gone = {i for i in ids.tolist() if skus[i] == "s3"}
     sku_of = {i: s for i, s in zip(ids.tolist(), skus) if i not in gone}
     probe = DeepestSearch(index)
-    matcher = SKUMatcher(probe, sku_of, offsets=dict(zip(ids.tolist(), offsets.tolist())))
+    matcher = SKUMatcher(probe, sku_of, offsets=dict(zip(ids.tolist(), offsets.tolist())), low_set=low_set)
     live = np.array(sorted(sku_of))
     want = brute_force(queries, gallery[live], [skus[i] for i in live], offsets[live])
     got = matcher.match(queries, 2.0)
     assert [(m.nearest.sku, m.runner_up.sku) for m in got] == [(w[0], w[2]) for w in want]
     np.testing.assert_allclose([(m.nearest.distance, m.runner_up.distance) for m in got],
                                [(w[1], w[3]) for w in want], atol=1e-5)
-    if spread > 1:
+    if spread > 1 and not low_set:
         assert probe.deepest > CSLS_FIRST_K  # the first depth could not be final: widened
+    if low_set:  # the ~9 vectors without offset are in the low set: the rest bound the search
+        assert probe.deepest == CSLS_FIRST_K
     plain = SKUMatcher(index, sku_of).match(queries, 2.0)
     assert sum(m.nearest.sku != p.nearest.sku for m, p in zip(got, plain)) > 0  # the offsets matter here
     # equal offsets rank as plain 1-NN
@@ -114,6 +118,40 @@ def test_matcher_ranks_by_csls_exactly(spread):
     key = lambda m: (m.nearest.sku, m.nearest.distance, m.runner_up.sku, m.runner_up.distance)  # noqa: E731
     assert [key(m) for m in same] == [key(p) for p in plain]
     assert [key(m) for m in matcher.match(queries, 2.0, plain=True)] == [key(p) for p in plain]  # offsets ignored
+
+
+def test_one_reference_far_from_every_store_photo_does_not_deepen_every_search():
+    """A vector with an unusually low offset is in the low set: searches stay at the first depth
+    (without it they widen to the whole index), with the same answers; an index that cannot
+    give its vectors back (IVF without a direct map) keeps the plain bound."""
+    rng = np.random.default_rng(2)
+    n, dim = 2000, 16
+    gallery = unit(rng.normal(size=(n, dim)))
+    offsets = np.full(n, 0.6, np.float32) + 0.01 * rng.random(n).astype(np.float32)
+    offsets[7] = 0.0  # far from every store photo
+    # queries a little way from it: it wins for some, beyond the first search depth
+    queries = unit(np.concatenate([rng.normal(size=(20, dim)), gallery[7] + 1.0 * rng.normal(size=(20, dim))]))
+    index = VectorIndex(dim)
+    index.add(np.arange(n, dtype=np.int64), gallery)
+    sku_of = {i: f"s{i // 2}" for i in range(n)}
+    off = dict(enumerate(offsets.tolist()))
+    want = brute_force(queries, gallery, [sku_of[i] for i in range(n)], offsets)
+    plain_rank = index.search(queries, n)[1].tolist()
+    beyond = [w[0] == "s3" and r.index(7) >= CSLS_FIRST_K for w, r in zip(want, plain_rank)]
+    assert 0 < sum(beyond) < len(queries)
+    depths = {}
+    for low_set in (0, CSLS_LOW_SET):
+        probe = DeepestSearch(index)
+        got = SKUMatcher(probe, sku_of, offsets=off, low_set=low_set).match(queries, 2.0)
+        assert [(m.nearest.sku, m.runner_up.sku) for m in got] == [(w[0], w[2]) for w in want]
+        depths[low_set] = probe.deepest
+    assert depths[CSLS_LOW_SET] == CSLS_FIRST_K < depths[0]
+    ivf = VectorIndex(dim, "IVF4,Flat")
+    ivf.train(gallery)
+    ivf.add(np.arange(n, dtype=np.int64), gallery)
+    ivf.set_search_params(nprobe=4)  # every list: exact
+    got = SKUMatcher(ivf, sku_of, offsets=off).match(queries, 2.0)
+    assert [(m.nearest.sku, m.runner_up.sku) for m in got] == [(w[0], w[2]) for w in want]
 
 
 # ---------------------------------------------------------------------------- a real catalog
