@@ -53,7 +53,18 @@ photos themselves).  Rule fixed before the run: a score replaces ``outlier-ratio
 AUROC difference on the shipped recipe's fold encoders is positive with the interval excluding zero even at
 the Bonferroni level for the 7 new scores (99.3 %).  With several recipes, each later one is
 compared with the first on every score (paired: same experiments, same class resamples), e.g.
-Outlier Exposure in the finetune (docs/finetune.md, "Sixth round").  ``--feature-stage``: every
+Outlier Exposure in the finetune (docs/finetune.md, "Sixth round").
+
+``competitor-ratio`` (added 2026-12-07, rule fixed before its run): d(x, s) / min(d2(x),
+d_out(x)), d2 the runner-up SKU's distance -- the nearest-neighbour distance ratio of the
+open-set NNDR classifier (Mendes Junior et al., Machine Learning 106, 2017, §3) with the outlier
+products counted as classes: one score for both ways a photo is wrongly accepted (an unknown
+product near an outlier, a known one near another SKU).  One candidate; it replaces
+``outlier-ratio`` as ``catalog calibrate``'s default only if, on the shipped loop's encoders at the
+catalog's embedding (``--recipes iconic12-decay0.9-stage --feature-stage``: "iconic12-decay0.9-stage
++stage"), (1) its AUROC difference to ``outlier-ratio`` has a 95 % class-bootstrap lower bound of at
+least -0.01, (2) at the calibrated precision-0.9 threshold it accepts more known photos, the 95 %
+interval of the difference above zero, and (3) its realised precision is at most 0.02 lower.  ``--feature-stage``: every
 encoder also as "ENCODER +stage", its pooled embedding next to its last stage's (the encoder
 option ``feature_stage=["pooled", -1]``, each part centred and normalised on its own), compared
 with the pooled embedding alone (docs/finetune.md, "Seventh round"), and each later recipe's
@@ -84,7 +95,7 @@ from retailklip.open_set import outlier_ratio
 from retailklip.protocol import capture_groups, class_disjoint_folds, session_folds
 
 SCORES = ("distance", "outlier-ratio", "z-outliers", "t-outliers", "s-outliers", "scale-cal distance",
-          "scale-cal outlier-ratio", "z-cal distance", "z-cal outlier-ratio")
+          "scale-cal outlier-ratio", "z-cal distance", "z-cal outlier-ratio", "competitor-ratio")
 SHIPPED = "outlier-ratio"
 MIN_GENUINE = 3
 PRECISION = 0.9
@@ -129,12 +140,14 @@ def experiment(x: np.ndarray, labels: np.ndarray, known: list[str], gallery: np.
         s = d_all[idx].argmin(1)
         d1 = d_all[idx, s]
         r1 = ratio_all[idx, s]
+        d2 = np.partition(d_all[idx], 1, axis=1)[:, 1] if d_all.shape[1] > 1 else np.full(len(idx), 2.0)
         z = (d1 - pack_m[s]) / pack_sd[s]
         t = (d1 - t_m[idx]) / t_sd[idx]
         lab = labels[idx]
         k = np.array([c in kidx for c in lab])
         res = {"known": k, "right": k & (np.array(known)[s] == lab), "class": lab,
-               "distance": d1, "outlier-ratio": r1, "z-outliers": z, "t-outliers": t, "s-outliers": z + t}
+               "distance": d1, "outlier-ratio": r1, "z-outliers": z, "t-outliers": t, "s-outliers": z + t,
+               "competitor-ratio": outlier_ratio(d1, np.minimum(d2, d_out[idx]))}
         for name, v in (("distance", d1), ("outlier-ratio", r1)):
             scale, im, isd = stats[name]
             res[f"scale-cal {name}"] = v / scale[s]
@@ -152,6 +165,24 @@ def operating_point(cal: dict, ev: dict, score: str) -> tuple[float, float, floa
         return 0.0, float("nan"), oracle
     precision = float(ev["right"][accepted].mean()) if accepted.any() else float("nan")
     return float(accepted[ev["known"]].mean()), precision, oracle
+
+
+def calibrated_threshold(cal: dict, score: str) -> float:
+    """The threshold at known precision >= PRECISION on the calibration photos (-inf if none)."""
+    try:
+        return threshold_for_precision(cal[score], cal["right"], PRECISION)
+    except CalibrationError:
+        return -np.inf
+
+
+def weighted_point(ev: dict, score: str, t: float, w: np.ndarray) -> tuple[float, float]:
+    """(known photos accepted, precision of the accepted) at threshold ``t``, photo weights ``w``."""
+    acc = ev[score] <= t
+    known_w = w[ev["known"]].sum()
+    accepted = float((w * (acc & ev["known"])).sum() / known_w) if known_w else float("nan")
+    n_acc = (w * acc).sum()
+    precision = float((w * (acc & ev["right"])).sum() / n_acc) if n_acc else float("nan")
+    return accepted, precision
 
 
 def weighted_auroc(score: np.ndarray, known: np.ndarray, w: np.ndarray) -> float:
@@ -233,11 +264,18 @@ def main(argv: list[str] | None = None) -> int:
                 for sc in SCORES}
         boots = {sc: [] for sc in SCORES}
         class_ix = [np.searchsorted(cls, e["ev"]["class"]) for e in exps]  # cls is sorted
+        rule_scores = (SHIPPED, "competitor-ratio")
+        thresholds = {sc: [calibrated_threshold(e["cal"], sc) for e in exps] for sc in rule_scores}
+        point_boot = {sc: [] for sc in rule_scores}  # (accepted, precision) means per resample
         for _ in range(args.bootstrap):
             count = np.bincount(rng.integers(0, len(cls), len(cls)), minlength=len(cls))
             for sc in SCORES:
                 boots[sc].append(np.nanmean([weighted_auroc(e["ev"][sc], e["ev"]["known"], count[ci])
                                              for e, ci in zip(exps, class_ix)]))
+            for sc in rule_scores:
+                pts = np.array([weighted_point(e["ev"], sc, t, count[ci])
+                                for e, ci, t in zip(exps, class_ix, thresholds[sc])])
+                point_boot[sc].append(np.nanmean(pts, axis=0))
         table = {}
         for sc in SCORES:
             b = np.array(boots[sc])
@@ -253,6 +291,16 @@ def main(argv: list[str] | None = None) -> int:
                 "oracle_known_accepted": float(point[sc][:, 2].mean()),
                 "oracle_max": float(point[sc][:, 2].max()),
             }
+        pb = {sc: np.array(v) for sc, v in point_boot.items()}
+        d_acc = pb["competitor-ratio"][:, 0] - pb[SHIPPED][:, 0]
+        d_prec = pb["competitor-ratio"][:, 1] - pb[SHIPPED][:, 1]
+        c = table["competitor-ratio"]
+        c["accepted_minus_shipped"] = c["calibrated_known_accepted"] - table[SHIPPED]["calibrated_known_accepted"]
+        c["accepted_minus_shipped_ci"] = np.nanpercentile(d_acc, [2.5, 97.5]).tolist()
+        c["precision_minus_shipped"] = c["calibrated_known_precision"] - table[SHIPPED]["calibrated_known_precision"]
+        c["precision_minus_shipped_ci"] = np.nanpercentile(d_prec, [2.5, 97.5]).tolist()
+        c["rule_met"] = bool(c["minus_shipped_ci"][0] >= -0.01 and c["accepted_minus_shipped_ci"][0] > 0
+                             and c["precision_minus_shipped"] >= -0.02)
         res["encoders"][enc_name] = table
         boot_of[enc_name], full_of[enc_name] = {k: np.array(v) for k, v in boots.items()}, full
         print(f"\n{enc_name} encoder: {len(exps)} experiments, about {res['photos_per_experiment']:.0f} evaluation photos each; "
@@ -265,6 +313,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['minus_shipped']:+.3f} [{r['minus_shipped_ci'][0]:+.3f}, {r['minus_shipped_ci'][1]:+.3f}] | "
                   f"{r['experiments_above_shipped']}/{len(exps)} | {r['calibrated_known_accepted']:.3f} | "
                   f"{r['calibrated_known_precision']:.3f} | {r['oracle_known_accepted']:.3f}, {r['oracle_max']:.3f} |")
+        c = table["competitor-ratio"]
+        print(f"\ncompetitor-ratio minus outlier-ratio at precision {PRECISION} calibrated [95 % CI, class bootstrap]: "
+              f"known accepted {c['accepted_minus_shipped']:+.3f} [{c['accepted_minus_shipped_ci'][0]:+.3f}, "
+              f"{c['accepted_minus_shipped_ci'][1]:+.3f}], precision {c['precision_minus_shipped']:+.3f} "
+              f"[{c['precision_minus_shipped_ci'][0]:+.3f}, {c['precision_minus_shipped_ci'][1]:+.3f}]; rule "
+              f"{'met' if c['rule_met'] else 'not met'} (it counts on the shipped recipe's encoder at the catalog's "
+              f"embedding only)")
     pairs = [(r, recipes[0]) for r in recipes[1:]]
     if args.feature_stage:
         pairs += [(f"{e} +stage", e) for e in ("raw", *recipes)]
