@@ -81,6 +81,10 @@ class DepthProbe:
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         return self.index.reconstruct(ids)
 
+    @property
+    def stores_exact_vectors(self) -> bool:
+        return self.index.stores_exact_vectors
+
 
 def depth(index: VectorIndex, sku_of: dict, offsets: dict | None, queries: np.ndarray, low_set: int = CSLS_LOW_SET
           ) -> float:

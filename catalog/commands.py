@@ -68,6 +68,8 @@ def cmd_init(args) -> int:
 
 
 def cmd_add(args) -> int:
+    if args.force and not args.append:
+        raise RetailKlipError("--force applies to --append only (a new SKU is never refused as a hub, only warned about)")
     cat = Catalog.open(catalog_dir(args), db_url=args.db_url, device=args.device)
     info = cat.add(args.image, sku=args.sku, name=args.name, append=args.append, force=args.force)
     if args.json:

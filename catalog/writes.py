@@ -42,7 +42,7 @@ from .fileio import atomic_write
 from .imagestore import image_extension, image_relpath, prune_empty_dirs, unlink_all
 from .models import SKU, Embedding, OutlierReference, ReferenceImage
 from .reads import CatalogReader
-from .skus import HUB_SHARE, STORE_PHOTOS_CHECKED, AddedSKU, SKUInfo, StorePhotosTaken, find_sku, validate_name, validate_sku_id
+from .skus import STORE_PHOTOS_CHECKED, AddedSKU, SKUInfo, StorePhotosTaken, find_sku, hub_limit, validate_name, validate_sku_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from retailklip.encoders import Encoder
@@ -146,8 +146,8 @@ class CatalogWriter(CatalogReader):
 
         Where the catalog keeps unlabeled store photos (``init --center-photos``), the new
         reference image is first matched against them (:meth:`_store_photos_taken`): one that
-        would take more than :data:`HUB_SHARE` times an average SKU's share of them from other
-        SKUs is a hub, which other products' photos would be recognised as.  A new SKU is then
+        would take more than :func:`~catalog.skus.hub_limit` of them (twice an average SKU's
+        share, at least 1 % of them) from other SKUs is a hub, which other products' photos would be recognised as.  A new SKU is then
         added with a warning; an appended reference image (typically an in-store photo, the
         measured case: docs/evaluation.md, "More references per SKU") is refused unless
         ``force``.
@@ -186,7 +186,7 @@ class CatalogWriter(CatalogReader):
                 raise HubReferenceError(
                     f"not appended: this reference image would take {taken.taken} of the catalog's {taken.photos} "
                     f"unlabeled store photos from other SKUs (limit {taken.limit:.1f}), so other products' photos "
-                    f"would be recognised as {sku_id}; append a packshot instead, or --force")
+                    f"would be recognised as {sku_id}; append a packshot instead, or force it (--force)")
             return [p]
 
         prepared = self._embed_and_write(embed, append=append, what="add")[0]
@@ -209,7 +209,8 @@ class CatalogWriter(CatalogReader):
         The average share is the photos over the SKUs there will be (``append``: no new SKU)."""
         try:
             photos = self.encoders.unlabeled(prepared.encoder_id)
-        except RetailKlipError:
+        except RetailKlipError as e:
+            logger.warning("the store-photo check of the new reference image is skipped: %s", str(e).splitlines()[0])
             return None
         if photos is None or not len(photos):
             return None
@@ -219,7 +220,7 @@ class CatalogWriter(CatalogReader):
         if taken is None:
             return None
         skus = len(self.names()) + (0 if append else 1)
-        return StorePhotosTaken(int(taken.sum()), len(photos), HUB_SHARE * len(photos) / skus)
+        return StorePhotosTaken(int(taken.sum()), len(photos), hub_limit(len(photos), skus))
 
     def _shared_recognizer(self):
         """The recognizer ``add``'s checks search (built on first use, then kept in step)."""

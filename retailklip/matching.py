@@ -126,8 +126,8 @@ class SKUMatcher:
         low_set: with ``offsets``, the vectors of the ``low_set`` lowest offsets are kept in a
             small exact index (their vectors read back with :meth:`VectorIndex.reconstruct`)
             and searched exhaustively with every query, so an unseen vector's offset is at least
-            the next one's (:data:`CSLS_LOW_SET`; 0, or an index that cannot reconstruct
-            vectors, e.g. IVF: the lowest offset bounds them all).
+            the next one's (:data:`CSLS_LOW_SET`; 0, an index of lossy codes (PQ, SQ) or one that
+            cannot give vectors back (IVF without a direct map): the lowest offset bounds them all).
     """
 
     def __init__(self, index: VectorIndex, sku_of: dict[int, str], outliers: VectorIndex | None = None,
@@ -148,7 +148,8 @@ class SKUMatcher:
             return 0.0, None
         ids = np.fromiter(offsets.keys(), np.int64, len(offsets))
         values = np.fromiter(offsets.values(), np.float64, len(offsets))
-        if size <= 0 or len(values) <= size:
+        if size <= 0 or len(values) <= size or not getattr(self.index, "stores_exact_vectors", False):
+            # lossy codes (PQ, SQ) are ranked by the index's own approximate distances only
             return float(values.min()), None
         part = np.argpartition(values, size)
         low, floor = ids[part[:size]], float(values[part[size]])
@@ -158,14 +159,14 @@ class SKUMatcher:
             return float(values.min()), None
         side = VectorIndex(vectors.shape[1])
         side.add(np.arange(size, dtype=np.int64), vectors)  # ids: positions in _low_ids
-        self._low_ids, self._low_offsets = low, values[part[:size]].astype(np.float32)
+        self._low_ids, self._low_offsets = low, values[part[:size]]  # float64, as _match_row_adjusted adds
         return floor, side
 
     def _low_candidates(self, queries: np.ndarray) -> list[list[tuple[float, int]]]:
         """Per query, ``(cosine distance, vector id)`` of the low set's vectors of its two best
         live SKUs by adjusted distance (the only ones of the low set that can be a match's)."""
         dist, pos = self._low.search(queries, self._low.ntotal)
-        order = np.argsort(dist + self._low_offsets[pos], axis=1, kind="stable")
+        order = np.argsort(dist.astype(np.float64) + self._low_offsets[pos], axis=1, kind="stable")
         out = []
         for d_row, p_row, o_row in zip(dist, pos, order):
             picked, skus = [], set()
@@ -328,7 +329,8 @@ def switches_to(current: Sequence[Match], queries: np.ndarray, vectors: np.ndarr
 
     Exact for the matcher that made ``current``: a query's nearest SKU changes to ``sku`` iff
     one new vector ranks before its current nearest, i.e. its distance plus offset is smaller
-    than the current nearest's :func:`ranking_distance` (ties keep the current SKU).
+    than the current nearest's :func:`ranking_distance`.  An exact tie (a copy of another SKU's
+    reference) counts as taken: the index returns the newer vector first among equals.
 
     Args:
         current: the queries' M matches now (:meth:`SKUMatcher.match`).
@@ -355,4 +357,4 @@ def switches_to(current: Sequence[Match], queries: np.ndarray, vectors: np.ndarr
     best_new = new.min(axis=1) if len(vectors) else np.full(len(queries), np.inf, np.float32)
     now = np.array([ranking_distance(m.nearest) for m in current], np.float32)
     other = np.array([m.nearest.sku != sku for m in current], bool)
-    return other & (best_new < now)
+    return other & (best_new <= now)

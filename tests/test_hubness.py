@@ -14,6 +14,7 @@ from conftest import MOBILENET_OPTIONS, MOBILENET_SPEC
 from catalog import Catalog
 from catalog.check import check
 from catalog.errors import HubReferenceError
+from catalog.skus import hub_limit
 from catalog.cli import main
 from retailklip import Recognizer
 from retailklip.calibration import nearest_matches
@@ -74,6 +75,7 @@ class DeepestSearch:
     def __init__(self, index: VectorIndex) -> None:
         self.index, self.deepest = index, 0
         self.ntotal, self.check_vectors, self.reconstruct = index.ntotal, index.check_vectors, index.reconstruct
+        self.stores_exact_vectors = index.stores_exact_vectors
 
     def search(self, queries, k):
         self.deepest = max(self.deepest, k)
@@ -308,6 +310,9 @@ def test_unlabeled_photos_round_trip_and_damage_is_survived_and_repaired(tmp_pat
         r = rec.recognize(photo)[0]  # recognition goes on, by plain 1-NN
         assert rec.matcher.offsets is None and "plain 1-NN until it is repaired" in caplog.text
         assert r.distance <= with_csls.distance + 1e-6  # plain 1-NN: the smallest distance
+        # an add goes on too, saying its store-photo check was skipped
+        added = cat.add(iconic[list(iconic)[4]], sku=list(iconic)[4])
+        assert added.store_photos is None and "store-photo check of the new reference image is skipped" in caplog.text
         report = check(cat)
         assert not report.ok and [f.kind for f in report.findings] == ["bad_unlabeled"]
         assert check(cat, repair=True).findings[0].repaired == 1
@@ -366,6 +371,24 @@ def test_switches_to_is_what_the_matcher_says_after_the_vectors_are_added():
         switches_to(current[:3], queries, new, None, "s1")
 
 
+def test_an_exact_copy_of_another_skus_reference_counts_as_taken_and_the_limit_has_a_floor():
+    """switches_to counts a tie (a copy of another SKU's vector) as taken, as the index then
+    returns the newer vector; the hub limit is twice an SKU's share, at least 1 % of the photos."""
+    rng = np.random.default_rng(5)
+    gallery = unit(rng.normal(size=(6, 8)))
+    index = VectorIndex(8)
+    index.add(np.arange(6, dtype=np.int64), gallery)
+    matcher = SKUMatcher(index, {i: f"s{i}" for i in range(6)})
+    queries = gallery[:2]
+    current = matcher.match(queries, 2.0)
+    assert switches_to(current, queries, gallery[:1], None, "copy").tolist() == [True, False]
+    index.add(np.array([6]), gallery[:1])
+    after = SKUMatcher(index, {**{i: f"s{i}" for i in range(6)}, 6: "copy"}).match(queries, 2.0)
+    assert after[0].nearest.sku == "copy" and after[1].nearest.sku == "s1"
+    assert hub_limit(351, 81) == pytest.approx(2 * 351 / 81)
+    assert hub_limit(512, 2500) == pytest.approx(5.12)  # an SKU's share is under one photo here
+
+
 def test_add_counts_the_store_photos_it_takes_and_refuses_to_append_a_hub(tmp_path, grocery_store, mobilenet_weights,
                                                                           capsys):
     """catalog add reports how many of the catalog's unlabeled store photos a new reference image
@@ -394,7 +417,7 @@ def test_add_counts_the_store_photos_it_takes_and_refuses_to_append_a_hub(tmp_pa
     before = nearest()
     added = cat.add(iconic[classes[-1]], sku=classes[-1])  # a new SKU's packshot
     assert added.store_photos.photos == len(unlabeled)
-    assert added.store_photos.limit == pytest.approx(2.0 * len(unlabeled) / len(classes))
+    assert added.store_photos.limit == pytest.approx(hub_limit(len(unlabeled), len(classes)))
     assert added.store_photos.taken == taken_since(before, classes[-1])
     # in-store photos (not among the unlabeled ones) appended to their own SKU
     unlabeled_set = set(unlabeled)
@@ -419,13 +442,15 @@ def test_add_counts_the_store_photos_it_takes_and_refuses_to_append_a_hub(tmp_pa
             err = capsys.readouterr().err  # appended, with a warning naming what it takes
             n = taken_since(before, p.label)
             assert f"{p.label}'s new reference image takes {n} of the catalog's {len(unlabeled)} unlabeled" in err
-            assert n > 2.0 * len(unlabeled) / len(classes) and cat.get(p.label).references == refs + 1
+            assert n > hub_limit(len(unlabeled), len(classes)) and cat.get(p.label).references == refs + 1
         refused += 1
     assert refused, "no in-store photo was a hub on these photos"
+    assert main(["--catalog", str(root), "add", str(iconic[classes[0]]), "--sku", "x", "--force"]) == 1
+    assert capsys.readouterr().err.startswith("catalog: error: --force applies to --append only")
     # in-store photos as new SKUs are added, with a warning where they take more than the limit
     for i, c in enumerate(classes[1:6]):
         sku, before = f"shelf-photo-{i}", nearest()
         assert main(["--catalog", str(root), "add", str(others[c][0].path), "--sku", sku]) == 0
         err = capsys.readouterr().err
-        hub = taken_since(before, sku) > 2.0 * len(unlabeled) / len(cat.list_skus())
+        hub = taken_since(before, sku) > hub_limit(len(unlabeled), len(cat.list_skus()))
         assert (f"{sku}'s new reference image takes" in err) == hub and cat.get(sku).references == 1
