@@ -62,26 +62,38 @@ from retailklip.matching import score_of
 from retailklip.protocol import fold_roles, mcnemar
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The options of the main job's CSLS benchmarks (this one, bench_csls_store_fix.py)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--data", type=Path, default=SHARED / "data" / "grocery-store")
     p.add_argument("--cache", type=Path, default=Path("/tmp/cv-cache"))
     p.add_argument("--k", type=int, default=30, help="CSLS neighbourhood (the rule's candidate: 30)")
     p.add_argument("--bootstrap", type=int, default=4000)
     p.add_argument("--json", type=Path, default=None)
+    return p
+
+
+def main_job_train(data: Path, cache: Path):
+    """GroceryStore's train split as the main job embeds it: ``(store, labels (N,) array, classes
+    (81,) array, packshot raw features (81, D), photo raw features (N, D), the shipped option's
+    raw photo features (for capture sessions), the 5 capture-session folds)``; cached features."""
+    store = read_grocery_store(data)
+    photos = store.photos("train")
+    lab = np.array([ph.label for ph in photos])
+    classes = np.array([c.name for c in store.classes])
+    items = [(c.iconic, 0) for c in store.classes] + [(ph.path, 0) for ph in photos]
+    feats = cached_features(MAIN_JOB_CACHE, items, cache, options=MAIN_JOB).astype(np.float64)
+    raw = cached_features("bilinear", [(ph.path, 0) for ph in photos], cache)
+    return store, lab, classes, feats[: len(classes)], feats[len(classes):], raw, cv_folds("session", list(lab), raw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = arguments(__doc__)
     p.add_argument("--open-set", action="store_true", help="also the open-set report (module docstring)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    store = read_grocery_store(args.data)
-    photos = store.photos("train")
-    labels = [ph.label for ph in photos]
-    lab = np.array(labels)
-    classes = np.array([c.name for c in store.classes])
-    items = [(c.iconic, 0) for c in store.classes] + [(ph.path, 0) for ph in photos]
-    feats = cached_features(MAIN_JOB_CACHE, items, args.cache, options=MAIN_JOB).astype(np.float64)
-    gallery_raw, photo_raw = feats[: len(classes)], feats[len(classes):]
-    raw = cached_features("bilinear", [(ph.path, 0) for ph in photos], args.cache)
-    folds = cv_folds("session", labels, raw)
+    store, lab, classes, gallery_raw, photo_raw, _raw, folds = main_job_train(args.data, args.cache)
+    labels = lab.tolist()
     groups = len(MAIN_JOB["scales"])
     first = np.zeros(len(lab), bool)  # round 6's queries: the first QUERIES train photos of each class
     for c in classes:

@@ -44,7 +44,6 @@ lets through cost.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -55,8 +54,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_defaults_cv import SHARED, cached_features, cv_folds, normalise
-from bench_pseudo_references import MAIN_JOB, MAIN_JOB_CACHE
+from bench_csls_main_job import arguments, main_job_train
+from bench_defaults_cv import normalise
+from bench_finetuned_input import class_bootstrap
+from bench_pseudo_references import MAIN_JOB
 
 from retailklip.calibration import gallery_matches, nearest_matches
 from retailklip.hubness import HubnessReference
@@ -215,37 +216,12 @@ def product_check(photo_raw, gallery_raw, lab, classes, folds, groups_of, k: int
     return out
 
 
-def sku_bootstrap(net: np.ndarray, sku: np.ndarray, n_boot: int, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile interval of the mean net per fix, whole SKUs resampled."""
-    ids = np.unique(sku)
-    sums = np.array([net[sku == s].sum() for s in ids])
-    counts = np.array([(sku == s).sum() for s in ids])
-    draw = np.random.default_rng(seed).integers(0, len(ids), size=(n_boot, len(ids)))
-    lo, hi = np.percentile(sums[draw].sum(1) / counts[draw].sum(1), [2.5, 97.5])
-    return float(lo), float(hi)
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=SHARED / "data" / "grocery-store")
-    p.add_argument("--cache", type=Path, default=Path("/tmp/cv-cache"))
-    p.add_argument("--k", type=int, default=30, help="CSLS neighbourhood (the rule's candidate: 30)")
-    p.add_argument("--bootstrap", type=int, default=4000)
-    p.add_argument("--json", type=Path, default=None)
+    p = arguments(__doc__)
     p.add_argument("--product-check", action="store_true", help="also catalog add's hub check (module docstring)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    from retailklip.datasets import read_grocery_store
-
-    store = read_grocery_store(args.data)
-    photos = store.photos("train")
-    lab = np.array([ph.label for ph in photos])
-    classes = np.array([c.name for c in store.classes])
-    items = [(c.iconic, 0) for c in store.classes] + [(ph.path, 0) for ph in photos]
-    feats = cached_features(MAIN_JOB_CACHE, items, args.cache, options=MAIN_JOB).astype(np.float64)
-    gallery_raw, photo_raw = feats[: len(classes)], feats[len(classes):]
-    raw = cached_features("bilinear", [(ph.path, 0) for ph in photos], args.cache)
-    folds = cv_folds("session", list(lab), raw)
+    _store, lab, classes, gallery_raw, photo_raw, raw, folds = main_job_train(args.data, args.cache)
     groups_of = capture_groups(raw, list(lab), SESSION_COSINE)
 
     print(f"{len(lab)} train photos, 5 capture-session folds, main job embedding, CSLS k = {args.k}; "
@@ -259,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         for ranking in ("plain", "CSLS"):
             r = res[ranking]
             net = (r["own_after"] - r["own_before"]) - r["lost"] + r["gained"]
-            lo, hi = sku_bootstrap(net, r["sku"], args.bootstrap)
+            lo, hi = class_bootstrap(net.astype(float), r["sku"], args.bootstrap, 0.95)
             row = {"fixes": len(net), "recall_before": float(r["own_before"].sum() / r["own"].sum()),
                    "recall_after": float(r["own_after"].sum() / r["own"].sum()),
                    "lost": float(r["lost"].mean()), "gained": float(r["gained"].mean()),
