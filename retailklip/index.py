@@ -65,6 +65,13 @@ def _make_inner(dim: int, factory: str) -> faiss.Index:
             f"'Flat', 'HNSW32' or 'IVF1024,PQ64' is expected): {msg}"
         ) from None
     base = _base(index)
+    if base.metric_type != faiss.METRIC_INNER_PRODUCT:
+        # FAISS builds some types with L2 whatever metric is asked for (HNSW over PQ codes):
+        # their distances would not be cosine distances and their ranking not the cosine one
+        raise IndexTypeError(
+            f"index type {factory!r} cannot search by inner product in FAISS (it would rank by L2 distance); "
+            f"use e.g. 'HNSW32', 'HNSW32,SQ8' or 'IVF1024,PQ64'"
+        )
     if getattr(base, "do_polysemous_training", False):
         # index_factory turns on polysemous training for PQ types: a code reordering for
         # Hamming-distance filtering that this package never uses, and it makes training ~30x

@@ -65,7 +65,8 @@ def estimate_memory(factory: str, n: int, dim: int) -> int:
     transiently) and the search-time buffers.
 
     Supported: ``Flat``, ``HNSW{M}[,Flat|,SQ8|,SQ4|,SQfp16|,PQ{m}[x{b}]]``,
-    ``IVF{nlist}[_HNSW{M}],{Flat|SQ8|SQ4|SQfp16|PQ{m}[x{b}]}``.
+    ``IVF{nlist}[_HNSW{M}],{Flat|SQ8|SQ4|SQfp16|PQ{m}[x{b}]}`` (``HNSW{M},PQ{m}`` is estimated, but
+    :class:`~retailklip.index.VectorIndex` refuses it: FAISS searches it by L2 only).
 
     Raises:
         IndexTypeError (a ValueError): bad sizes or a factory string outside that list.

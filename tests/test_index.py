@@ -233,6 +233,13 @@ def test_build_rejects_bad_input(clustered):
         VectorIndex(64, "IVF,PQ")
     with pytest.raises(IndexTypeError, match="IDMap"):
         VectorIndex(64, "IDMap,Flat")
+    # FAISS builds HNSW over PQ codes with L2 whatever metric is asked for: its "cosine
+    # distances" were 1 - L2 and out of order (found in review)
+    for factory in ("HNSW32,PQ8", "HNSW16,PQ8x4"):
+        with pytest.raises(IndexTypeError, match="cannot search by inner product"):
+            VectorIndex(64, factory)
+    for factory in ("HNSW32,SQ8", "IVF16,PQ8", "IVF16_HNSW32,PQ8"):
+        assert VectorIndex(64, factory).dim == 64
     with pytest.raises(ValueError, match="target_recall"):
         build_index(ids[:100], v[:100], "HNSW32", target_recall=1.5)
     with pytest.raises(ValueError, match="ids"):
