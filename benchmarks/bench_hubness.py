@@ -6,7 +6,9 @@
 Per gallery size N (reference vectors, exact Flat index, D = 960: the main job's embedding):
 
 * load: computing the N offsets ``r(g) / 2`` against P = 440 unlabeled photos (the main job's
-  centring photos), what the recognizer does once when it loads a catalog version;
+  centring photos), what the recognizer did at every load of a catalog version, against reading
+  them from the version's directory, where ``catalog rebuild`` now stores them
+  (:func:`catalog.index_store.read_offsets`, into the id -> offset map the matcher takes);
 * match: :meth:`SKUMatcher.match` of a batch of 32 queries (a checkout tray's segments), plain
   1-NN (the baseline, measured interleaved in the same run) and CSLS; the ratio CSLS / plain of
   the minimum over ``--repeats`` runs, and the mean search depth CSLS needed (the plain matcher
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -40,6 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from catalog import index_store  # noqa: E402
 from retailklip.hubness import HubnessReference  # noqa: E402
 from retailklip.index import VectorIndex  # noqa: E402
 from retailklip.matching import CSLS_LOW_SET, SKUMatcher, switches_to  # noqa: E402
@@ -109,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="set one vector's offset this far below the lowest (module docstring)")
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
-    print(f"| N vectors | load: offsets (s) | match {BATCH} queries plain (ms) | CSLS (ms) | CSLS / plain | "
+    print(f"| N vectors | load: offsets (s) | load: stored offsets (s) | match {BATCH} queries plain (ms) | CSLS (ms) | CSLS / plain | "
           f"search depth plain / CSLS | offsets memory (bytes/vector) | offset spread (max - min) | "
           f"add check, {PHOTOS} photos (ms) | add check / plain tray | CSLS without low set (ms) | "
           f"without / with low set | search depth without low set |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in args.sizes:
         gallery, skus, photos, queries = synthetic(n, rng)
         index = VectorIndex(DIM)
@@ -127,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         mem = tracemalloc.get_traced_memory()[0]
         tracemalloc.stop()
         load = time.perf_counter() - t
+        with tempfile.TemporaryDirectory() as tmp:
+            index_store.write_version(Path(tmp), 1, VectorIndex(DIM), {}, offsets=(ids, o, hub.fingerprint))
+            t = time.perf_counter()
+            found = index_store.read_offsets(Path(tmp), index_store.version_relpath(1), hub.fingerprint)
+            dict(zip(found[0].tolist(), found[1].tolist()))
+            load_stored = time.perf_counter() - t
         simulated = float(np.ptp(o))
         if args.spread:
             offsets = dict(zip(ids.tolist(), (o.min() + (o - o.min()) * (args.spread / simulated)).tolist()))
@@ -151,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         tp, tc, ta, tn = (min(times[k]) for k in ("plain", "csls", "add", "no_low"))
         assert [m.nearest.sku for m in no_low.match(queries, 2.0)] == [m.nearest.sku for m in csls.match(queries, 2.0)]
         spread = f"{max(offsets.values()) - min(offsets.values()):.3f} (simulated {simulated:.3f})"
-        print(f"| {n:,} | {load:.2f} | {1e3 * tp:.1f} | {1e3 * tc:.1f} | {tc / tp:.2f} | "
+        print(f"| {n:,} | {load:.2f} | {load_stored:.3f} | {1e3 * tp:.1f} | {1e3 * tc:.1f} | {tc / tp:.2f} | "
               f"{depth(index, sku_of, None, queries):.0f} / {depth(index, sku_of, offsets, queries):.0f} | "
               f"{mem / n:.0f} | {spread} | {1e3 * ta:.0f} | {ta / tp:.1f} | {1e3 * tn:.1f} | {tn / tc:.2f} | "
               f"{depth(index, sku_of, offsets, queries, low_set=0):.0f} |")

@@ -5,6 +5,9 @@ Layout::
     DIR/indexes/v000007/index.faiss     the FAISS index (IndexIDMap2; ids = embeddings row ids)
     DIR/indexes/v000007/manifest.json   {"version", "encoder_key", "factory", "vectors", "dim",
                                          "index_sha256", "created", ...}
+    DIR/indexes/v000007/offsets.npz     with hubness reduction: each vector's CSLS offset
+                                         (``ids``, ``offsets``); the manifest adds
+                                         "offsets_sha256" and "hubness_fingerprint"
 
 A version directory is first written as ``DIR/indexes/.v000007.tmp-<pid>`` (files fsynced), then
 renamed to its final name (atomic on POSIX) and the parent directory fsynced.  Nothing ever
@@ -22,6 +25,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from retailklip.weights import file_sha256
 
 from .errors import IndexFileError
@@ -33,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover - FAISS is imported when an index is read 
 INDEXES_DIR = "indexes"
 INDEX_FILE = "index.faiss"
 MANIFEST_FILE = "manifest.json"
+OFFSETS_FILE = "offsets.npz"
 
 
 def version_relpath(version_id: int) -> str:
@@ -40,7 +46,8 @@ def version_relpath(version_id: int) -> str:
     return f"{INDEXES_DIR}/v{int(version_id):06d}"
 
 
-def write_version(root: Path, version_id: int, index: VectorIndex, manifest: dict) -> str:
+def write_version(root: Path, version_id: int, index: VectorIndex, manifest: dict,
+                  offsets: tuple[np.ndarray, np.ndarray, str] | None = None) -> str:
     """Write a version directory atomically.
 
     Args:
@@ -48,6 +55,10 @@ def write_version(root: Path, version_id: int, index: VectorIndex, manifest: dic
         version_id: the ``index_versions`` row id.
         index: the built index.
         manifest: extra JSON-serialisable fields (encoder key, factory, recall@1, ...).
+        offsets: with hubness reduction, ``(ids int64 (N,), offsets float32 (N,), fingerprint)``:
+            the CSLS offsets of the index's vectors and the
+            :attr:`~retailklip.hubness.HubnessReference.fingerprint` they were computed against
+            (:func:`read_offsets`), so the recognizer need not compute them at every load.
 
     Returns:
         The SHA-256 (hex) of the index file.
@@ -69,6 +80,13 @@ def write_version(root: Path, version_id: int, index: VectorIndex, manifest: dic
             os.fsync(f.fileno())
         digest = file_sha256(tmp / INDEX_FILE)
         body = dict(manifest, version=int(version_id), index_sha256=digest, vectors=index.ntotal, dim=index.dim)
+        if offsets is not None:
+            ids, values, fingerprint = offsets
+            with open(tmp / OFFSETS_FILE, "wb") as f:
+                np.savez(f, ids=np.asarray(ids, np.int64), offsets=np.asarray(values, np.float32))
+                f.flush()
+                os.fsync(f.fileno())
+            body.update(offsets_sha256=file_sha256(tmp / OFFSETS_FILE), hubness_fingerprint=fingerprint)
         with open(tmp / MANIFEST_FILE, "w") as f:
             json.dump(body, f, indent=1, sort_keys=True, default=str)
             f.flush()
@@ -113,6 +131,34 @@ def read_version(root: Path, relpath: str, *, expected_sha256: str | None = None
         return VectorIndex.load(f)
     except RuntimeError as e:
         raise IndexFileError(f"{f}: not a readable FAISS index ({str(e).splitlines()[0][:200]})") from None
+
+
+def read_offsets(root: Path, relpath: str, fingerprint: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The CSLS offsets stored with a version (:func:`write_version`) if they were computed
+    against the hubness reference of ``fingerprint``: ``(ids int64 (N,), offsets float32 (N,))``;
+    None when the version has none or they were computed against other photos or another k.
+
+    Raises:
+        IndexFileError: the offsets file is missing, unreadable or does not match the manifest.
+    """
+    d = root / relpath
+    try:
+        manifest = json.loads((d / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        raise IndexFileError(f"{d / MANIFEST_FILE} is missing or unreadable") from None
+    if manifest.get("hubness_fingerprint") != fingerprint or "offsets_sha256" not in manifest:
+        return None
+    f = d / OFFSETS_FILE
+    try:
+        if file_sha256(f) != manifest["offsets_sha256"]:
+            raise IndexFileError(f"{f} does not match its manifest")
+        with np.load(f, allow_pickle=False) as z:
+            ids, values = np.asarray(z["ids"], np.int64), np.asarray(z["offsets"], np.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise IndexFileError(f"{f} is missing or unreadable ({str(e).splitlines()[0][:120]})") from None
+    if ids.ndim != 1 or ids.shape != values.shape or not np.isfinite(values).all():
+        raise IndexFileError(f"{f} holds malformed offsets")
+    return ids, values
 
 
 def remove_version(root: Path, relpath: str) -> None:

@@ -160,6 +160,23 @@ class CatalogReader(CatalogConnection):
         photos = self.encoders.unlabeled(enc_id) if k else None
         return None if photos is None else HubnessReference(photos, k)
 
+    def version_offsets(self, version_id: int | None, hubness: HubnessReference) -> dict[int, float] | None:
+        """The CSLS offsets stored with index version ``version_id`` (vector id -> offset;
+        :func:`catalog.index_store.read_offsets`), if computed against ``hubness``; else None.
+
+        Raises:
+            IndexFileError: the version's offsets file is damaged; CatalogError: no such version.
+        """
+        if version_id is None:
+            return None
+        with self.sessions() as s:
+            v = s.get(IndexVersion, version_id)
+            if v is None:
+                raise CatalogError(f"no index version {version_id}")
+            path = v.path
+        found = index_store.read_offsets(self.root, path, hubness.fingerprint)
+        return None if found is None else dict(zip(found[0].tolist(), found[1].tolist()))
+
     def load_index(self, version_id: int | None, *, verify: bool = False) -> VectorIndex:
         """The index snapshot of an index version (see :mod:`catalog.index_store`).
 

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from retailklip.encoders import create_encoder
-from retailklip.hubness import DEFAULT_HUBNESS_K, check_hubness_k
+from retailklip.hubness import DEFAULT_HUBNESS_K, HubnessReference, check_hubness_k
 from retailklip.index import VectorIndex
 from retailklip.index_build import build_index
 from retailklip.index_types import choose_index_type
@@ -129,6 +129,22 @@ def _start_version(cat: CatalogConnection, enc: Encoder, spec: str, kw: dict, in
 
 
 # ---------------------------------------------------------------------------- stage 4: build + validate
+def _version_hubness(cat: CatalogReader, version_id: int, encoder_id: int) -> HubnessReference | None:
+    """The hubness reference the new version will rank with (its k, its encoder's photos), so
+    its CSLS offsets are computed once here and stored with it; None with k = 0, without photos,
+    or with damaged ones (the recognizer then computes or skips them, as it does without)."""
+    with cat.sessions() as s:
+        k = s.get(IndexVersion, version_id).hubness_k
+    if not k:
+        return None
+    try:
+        photos = cat.encoders.unlabeled(encoder_id)
+    except CatalogError as e:
+        logger.warning("rebuild: no CSLS offsets stored with version %d: %s", version_id, str(e).splitlines()[0])
+        return None
+    return None if photos is None else HubnessReference(photos, int(k))
+
+
 def _read_vectors(cat: CatalogReader, encoder_id: int, k: int, dim: int) -> tuple[VectorTable, np.ndarray]:
     """The table of the encoder's vectors and the float32 (N, dim) vectors themselves (rows of
     SKUs removed since the table was read are left out)."""
@@ -329,10 +345,12 @@ def rebuild(
                                      target_recall=target_recall, seed=seed)
             logger.info("rebuild: version %d: %s, %d vectors, recall@1 %.4f, %s (%.1f s)",
                         vid, factory, index.ntotal, recall, summary, time.perf_counter() - t1)
+            hub = _version_hubness(cat, vid, enc_id)
             sha = index_store.write_version(
                 cat.root, vid, index,
                 {"encoder_key": enc.identity.key, "encoder": spec, "factory": factory, "recall_at_1": recall,
                  "augmentations": k, "generation": gen},
+                offsets=None if hub is None else (table.ids, hub.offsets(vectors), hub.fingerprint),
             )
             crash_point("rebuild.written")
             del vectors

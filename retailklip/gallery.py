@@ -85,6 +85,12 @@ class Gallery(Protocol):
         reduction at the 1-NN (:mod:`retailklip.hubness`, CSLS), or None: plain 1-NN.  A gallery
         class without this method is treated as returning None."""
 
+    def version_offsets(self, version_id: int | None, hubness: HubnessReference) -> dict[int, float] | None:
+        """CSLS offsets stored with an index version (vector id -> offset) if they were computed
+        against ``hubness`` (its :attr:`~retailklip.hubness.HubnessReference.fingerprint`), else
+        None; raises a :class:`RetailKlipError` if they are damaged.  A gallery class without this
+        method is treated as returning None (the recognizer computes every offset)."""
+
     def names(self) -> dict[str, str | None]:
         """SKU id -> display name."""
 

@@ -24,6 +24,7 @@ significant (+1.4 [-1.2, +4.1]), so the RetailKLIP loop does not use it.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,6 +83,15 @@ class HubnessReference:
     def dim(self) -> int:
         """Embedding dimension D."""
         return int(self.photos.shape[1])
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of k and the photos' float32 bytes: offsets computed against one
+        reference are valid for another with the same fingerprint (e.g. stored with an index
+        version)."""
+        h = hashlib.sha256(f"csls k={self.k} shape={self.photos.shape}\n".encode())
+        h.update(self.photos.tobytes())
+        return h.hexdigest()
 
     def hubness(self, vectors: np.ndarray) -> np.ndarray:
         """``r(g)``: float32 (N,) mean cosine similarity in [-1, 1] of each reference vector (float

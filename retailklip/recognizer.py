@@ -312,7 +312,10 @@ class Recognizer:
         outliers = VectorIndex(index.dim)  # exact; outlier references are few (products not sold here)
         o_present = self._apply(outliers, np.zeros(0, np.int64), *self._outlier_changes(snap.encoder_id, np.zeros(0, np.int64), index.dim))
         hubness = self._hubness(snap.encoder_id, index.dim)
-        offsets = None if hubness is None else self._offsets(hubness, ids, index.dim, {}, new, vectors)
+        offsets = None
+        if hubness is not None:
+            stored = self._stored_offsets(snap.version_id, hubness)
+            offsets = self._offsets(hubness, ids, index.dim, stored, new, vectors)
         logger.debug("loaded index version %s (%d vectors, +%d since the snapshot; %d outlier vectors; hubness "
                      "reduction %s)", snap.version_id, index.ntotal, len(new), outliers.ntotal,
                      "off" if hubness is None else f"k={hubness.k} on {len(hubness.photos)} photos")
@@ -338,6 +341,18 @@ class Recognizer:
                          "`catalog rebuild --center-photos ...`)", str(e).splitlines()[0])
             return None
         return hub
+
+    def _stored_offsets(self, version_id: int | None, hubness) -> dict[int, float]:
+        """The offsets stored with the version (Gallery ``version_offsets``) for the vectors it
+        holds; {} when there are none for this hubness reference, or they are damaged (logged:
+        every offset is then computed, as for a version without them)."""
+        get = getattr(self.catalog, "version_offsets", None)
+        try:
+            stored = None if get is None else get(version_id, hubness)
+        except RetailKlipError as e:
+            logger.warning("%s; computing the CSLS offsets instead", str(e).splitlines()[0])
+            return {}
+        return stored or {}
 
     def _offsets(self, hubness, ids: np.ndarray, dim: int, known: dict[int, float],
                  new: np.ndarray | None = None, vectors: np.ndarray | None = None, chunk: int = 8192) -> dict[int, float]:

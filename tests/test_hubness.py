@@ -261,6 +261,48 @@ def test_rebuild_switches_hubness_reduction_off_and_on(hub_catalog, photos, mobi
     assert info["hubness_k"] == DEFAULT_HUBNESS_K and info["unlabeled_photos"] == 0
 
 
+def test_a_rebuilt_version_stores_its_offsets_and_the_recognizer_reads_them(tmp_path, grocery_store, caplog,
+                                                                            monkeypatch):
+    """`catalog rebuild` stores each vector's CSLS offset with the version; a recognizer loading
+    it computes only those of SKUs added since, and computes them all when the file is damaged
+    or was made against other photos or another k."""
+    from conftest import TINY_CLIP_OPTIONS, TINY_CLIP_SPEC
+
+    from catalog import index_store
+
+    train = grocery_store.photos("train")
+    cat = Catalog.init(tmp_path / "cat", encoder=TINY_CLIP_SPEC, random_init=True, encoder_options=TINY_CLIP_OPTIONS,
+                       center_photos=[p.path for p in train[::200]], hubness_k=3)
+    iconic = [c.iconic for c in grocery_store.classes]
+    for i, path in enumerate(iconic[:6]):
+        cat.add(path, sku=f"s{i}")
+    version = cat.rebuild()
+    files = {f.name for f in (cat.root / index_store.version_relpath(version.id)).iterdir()}
+    assert index_store.OFFSETS_FILE in files
+    hub = cat.hubness_reference()
+    ids, _ = cat.embedding_table()
+    want = dict(zip(ids.tolist(), hub.offsets(cat.vectors(ids, hub.dim)).tolist()))
+    computed = []
+    real = HubnessReference.offsets
+    monkeypatch.setattr(HubnessReference, "offsets", lambda self, v: computed.append(len(v)) or real(self, v))
+    rec = Recognizer(cat)
+    rec.recognize(train[3].path)
+    assert sum(computed) == 0 and rec.matcher.offsets.keys() == want.keys()
+    np.testing.assert_allclose([rec.matcher.offsets[i] for i in want], list(want.values()), atol=1e-6)
+    cat.add(iconic[6], sku="s6")  # after the version: only its vectors are computed
+    computed.clear()
+    Recognizer(cat).recognize(train[3].path)
+    assert sum(computed) == cat.get("s6").vectors
+    assert index_store.read_offsets(cat.root, index_store.version_relpath(version.id), "another") is None
+    (cat.root / index_store.version_relpath(version.id) / index_store.OFFSETS_FILE).write_bytes(b"damaged")
+    computed.clear()
+    rec = Recognizer(cat)
+    rec.recognize(train[3].path)
+    assert "computing the CSLS offsets instead" in caplog.text and sum(computed) == len(ids) + cat.get("s6").vectors
+    np.testing.assert_allclose([rec.matcher.offsets[i] for i in want], list(want.values()), atol=1e-6)
+    cat.close()
+
+
 def test_init_rejects_a_bad_hubness_k_in_one_line_and_creates_nothing(tmp_path, capsys, photos):
     root = tmp_path / "cat"
     assert main(["--catalog", str(root), "init", "--random-init", "--hubness-k", "-3"]) == 1
