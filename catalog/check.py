@@ -31,6 +31,9 @@ kind                        what                                             rep
                             (hubness reduction, :mod:`retailklip.hubness`)   ``catalog rebuild --center-photos``
                             of the wrong length, non-finite or not unit      stores new ones
                             norm
+``bad_offsets``             a ready version's stored CSLS offsets file       none: the recognizer computes the
+                            missing or not matching its manifest             offsets instead (logged at every load)
+                                                                             until ``catalog rebuild``
 ==========================  ===============================================  =========================================
 
 Outlier references (images of products not in the catalog, :mod:`catalog.outliers`) are
@@ -160,6 +163,7 @@ def check(
         findings += _check_missing_vectors(cat, snap, repair, progress)  # after the deletions above
         findings += _check_orphan_files(cat, refs, grace_s, repair)
         findings += _check_unlabeled(cat, snap, repair)
+        findings += _check_offsets(cat)
         version_findings, active_problem = _check_versions(cat, snap, excluded, repair)
         findings += version_findings
         # after the repairs above; vectors whose reference row is gone are orphan_vectors
@@ -366,6 +370,15 @@ def _check_versions(cat: CatalogReader, snap: StateSnapshot, excluded: Sequence[
                     index_store.remove_version(cat.root, f"{index_store.INDEXES_DIR}/{p.name}")
         f.repaired = len(stale)
     return [f], active_problem
+
+
+def _check_offsets(cat: CatalogReader) -> list[Finding]:
+    """``bad_offsets``: ready versions whose stored CSLS offsets are missing or damaged (report
+    only: a version's files are never rewritten, and the recognizer computes them instead)."""
+    with cat.sessions() as s:
+        paths = list(s.scalars(select(IndexVersion.path).where(IndexVersion.status == VersionStatus.READY)))
+    problems = [p for p in (index_store.offsets_problem(cat.root, path) for path in paths if path) if p]
+    return [Finding("bad_offsets", len(problems), problems[:5], repairable=False)] if problems else []
 
 
 def _check_unlabeled(cat: CatalogReader, snap: StateSnapshot, repair: bool) -> list[Finding]:

@@ -161,6 +161,22 @@ def read_offsets(root: Path, relpath: str, fingerprint: str) -> tuple[np.ndarray
     return ids, values
 
 
+def offsets_problem(root: Path, relpath: str) -> str | None:
+    """What is wrong with a version's stored offsets (``catalog check``), or None: the manifest
+    declares none, or the file matches its recorded SHA-256."""
+    d = root / relpath
+    try:
+        recorded = json.loads((d / MANIFEST_FILE).read_text()).get("offsets_sha256")
+    except (OSError, ValueError):
+        return None  # the index check reports an unreadable manifest
+    if recorded is None:
+        return None
+    f = d / OFFSETS_FILE
+    if not f.is_file():
+        return f"{relpath}/{OFFSETS_FILE} is missing"
+    return None if file_sha256(f) == recorded else f"{relpath}/{OFFSETS_FILE} does not match its manifest"
+
+
 def remove_version(root: Path, relpath: str) -> None:
     """Delete a version directory (retired or failed versions only; the caller checks)."""
     shutil.rmtree(root / relpath, ignore_errors=True)

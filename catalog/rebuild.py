@@ -331,6 +331,8 @@ def rebuild(
         k, seed = int(st["augmentations"]), int(st["seed"])
         spec, kw = _encoder_settings(cat, encoder, weights, encoder_options, random_init, center_photos)
         enc, unlabeled = _build_encoder(cat, spec, kw, center_photos, progress)
+        if index_type != "auto":  # a bad index type fails here, not after every reference is embedded
+            VectorIndex(enc.dim, index_type)
         vid, vpath, enc_id, gen = _start_version(cat, enc, spec, kw, index_type, k, unlabeled, hubness_k)
         logger.info("rebuild: version %d building with encoder %s", vid, enc.identity.key)
         crash_point("rebuild.started")

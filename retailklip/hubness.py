@@ -89,7 +89,7 @@ class HubnessReference:
         """SHA-256 (hex) of k and the photos' float32 bytes: offsets computed against one
         reference are valid for another with the same fingerprint (e.g. stored with an index
         version)."""
-        h = hashlib.sha256(f"csls k={self.k} shape={self.photos.shape}\n".encode())
+        h = hashlib.sha256(f"csls k={min(self.k, len(self.photos))} shape={self.photos.shape}\n".encode())
         h.update(self.photos.tobytes())
         return h.hexdigest()
 

@@ -344,7 +344,8 @@ class VectorIndex:
                 structure (:func:`describe_index`).
 
         Raises:
-            RuntimeError: FAISS cannot read the file.
+            RuntimeError: FAISS cannot read the file, or the index does not search by inner
+                product (e.g. ``HNSW32,PQ8``, which FAISS builds with L2).
         """
         p = Path(path)
         raw = faiss.read_index(str(p))
@@ -352,6 +353,10 @@ class VectorIndex:
             raw = faiss.downcast_index(raw)
         if not isinstance(raw, faiss.IndexIDMap2):
             raise RuntimeError(f"{p}: expected an IndexIDMap2, found {type(raw).__name__}")  # noqa: TRY004 (callers catch RuntimeError for unreadable files)
+        if _base(raw).metric_type != faiss.METRIC_INNER_PRODUCT:
+            # e.g. HNSW over PQ codes, built before such types were refused: its distances are not
+            # cosine distances; callers treat it like an unreadable file (rebuild it)
+            raise RuntimeError(f"{p}: this index type searches by L2 distance, not by inner product; rebuild it")
         meta: dict[str, Any] = {}
         side = _sidecar(p)
         if side.is_file():

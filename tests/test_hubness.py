@@ -294,7 +294,10 @@ def test_a_rebuilt_version_stores_its_offsets_and_the_recognizer_reads_them(tmp_
     Recognizer(cat).recognize(train[3].path)
     assert sum(computed) == cat.get("s6").vectors
     assert index_store.read_offsets(cat.root, index_store.version_relpath(version.id), "another") is None
+    assert check(cat).ok
     (cat.root / index_store.version_relpath(version.id) / index_store.OFFSETS_FILE).write_bytes(b"damaged")
+    report = check(cat)  # reported, not repairable: the recognizer computes them instead
+    assert [(f.kind, f.repairable) for f in report.findings] == [("bad_offsets", False)]
     computed.clear()
     rec = Recognizer(cat)
     rec.recognize(train[3].path)

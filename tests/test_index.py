@@ -240,6 +240,20 @@ def test_build_rejects_bad_input(clustered):
             VectorIndex(64, factory)
     for factory in ("HNSW32,SQ8", "IVF16,PQ8", "IVF16_HNSW32,PQ8"):
         assert VectorIndex(64, factory).dim == 64
+
+
+def test_an_index_of_a_refused_type_written_before_is_not_loaded(clustered, tmp_path):
+    """An HNSW-over-PQ index saved before such types were refused: loading it fails like an
+    unreadable file (the catalog then serves from the database and `check --repair` rebuilds)."""
+    import faiss
+
+    ids, v = clustered
+    raw = faiss.IndexIDMap2(faiss.index_factory(v.shape[1], "HNSW32,PQ8", faiss.METRIC_INNER_PRODUCT))
+    raw.train(v)
+    raw.add_with_ids(v, ids)
+    faiss.write_index(raw, str(tmp_path / "old.faiss"))
+    with pytest.raises(RuntimeError, match="searches by L2 distance"):
+        VectorIndex.load(tmp_path / "old.faiss")
     with pytest.raises(ValueError, match="target_recall"):
         build_index(ids[:100], v[:100], "HNSW32", target_recall=1.5)
     with pytest.raises(ValueError, match="ids"):

@@ -20,6 +20,7 @@ from catalog.index_store import INDEX_FILE, MANIFEST_FILE
 from catalog.vectors import VectorTable
 from catalog.versions import RebuildLock
 from retailklip import Recognizer
+from retailklip.index import IndexTypeError
 
 
 def _fill(cat: Catalog, iconic, n: int, start: int = 0) -> list[str]:
@@ -120,6 +121,10 @@ def test_remove_while_snapshot_holds_the_sku(tiny_catalog, iconic):
 def test_hnsw_snapshot_cannot_delete_but_removed_skus_never_match(tiny_catalog, iconic):
     cat = tiny_catalog
     skus = _fill(cat, iconic, 5)
+    before = [v.id for v in cat.versions()]
+    with pytest.raises(IndexTypeError, match="cannot search by inner product"):  # refused before any work
+        cat.rebuild(index_type="HNSW32,PQ8")
+    assert [v.id for v in cat.versions()] == before
     info = cat.rebuild(index_type="HNSW32")
     assert info.factory == "HNSW32" and info.recall_at_1 is not None and info.recall_at_1 >= 0.99
     rec = Recognizer(cat, threshold=2.0)
