@@ -118,10 +118,7 @@ def read_version(root: Path, relpath: str, *, expected_sha256: str | None = None
     if not f.is_file():
         raise IndexFileError(f"index file {f} is missing; run `catalog check --repair` or `catalog rebuild`")
     if expected_sha256 is not None:
-        try:
-            recorded = json.loads((d / MANIFEST_FILE).read_text()).get("index_sha256")
-        except (OSError, ValueError):
-            raise IndexFileError(f"{d / MANIFEST_FILE} is missing or unreadable") from None
+        recorded = _manifest(d).get("index_sha256")
         actual = file_sha256(f) if verify else recorded
         if actual != expected_sha256:
             raise IndexFileError(f"{f} does not match the database record (sha256 {str(actual)[:12]} != {expected_sha256[:12]})")
@@ -133,6 +130,26 @@ def read_version(root: Path, relpath: str, *, expected_sha256: str | None = None
         raise IndexFileError(f"{f}: not a readable FAISS index ({str(e).splitlines()[0][:200]})") from None
 
 
+def _manifest(d: Path) -> dict:
+    """A version directory's manifest.
+
+    Raises:
+        IndexFileError: missing or unreadable.
+    """
+    try:
+        return json.loads((d / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        raise IndexFileError(f"{d / MANIFEST_FILE} is missing or unreadable") from None
+
+
+def _offsets_file_problem(root: Path, relpath: str, recorded: str) -> str | None:
+    """Why a version's offsets file is not the one its manifest recorded (SHA-256 ``recorded``), or None."""
+    f = root / relpath / OFFSETS_FILE
+    if not f.is_file():
+        return f"{relpath}/{OFFSETS_FILE} is missing"
+    return None if file_sha256(f) == recorded else f"{relpath}/{OFFSETS_FILE} does not match its manifest"
+
+
 def read_offsets(root: Path, relpath: str, fingerprint: str) -> tuple[np.ndarray, np.ndarray] | None:
     """The CSLS offsets stored with a version (:func:`write_version`) if they were computed
     against the hubness reference of ``fingerprint``: ``(ids int64 (N,), offsets float32 (N,))``;
@@ -141,21 +158,18 @@ def read_offsets(root: Path, relpath: str, fingerprint: str) -> tuple[np.ndarray
     Raises:
         IndexFileError: the offsets file is missing, unreadable or does not match the manifest.
     """
-    d = root / relpath
-    try:
-        manifest = json.loads((d / MANIFEST_FILE).read_text())
-    except (OSError, ValueError):
-        raise IndexFileError(f"{d / MANIFEST_FILE} is missing or unreadable") from None
+    manifest = _manifest(root / relpath)
     if manifest.get("hubness_fingerprint") != fingerprint or "offsets_sha256" not in manifest:
         return None
-    f = d / OFFSETS_FILE
+    problem = _offsets_file_problem(root, relpath, manifest["offsets_sha256"])
+    if problem:
+        raise IndexFileError(problem)
+    f = root / relpath / OFFSETS_FILE
     try:
-        if file_sha256(f) != manifest["offsets_sha256"]:
-            raise IndexFileError(f"{f} does not match its manifest")
         with np.load(f, allow_pickle=False) as z:
             ids, values = np.asarray(z["ids"], np.int64), np.asarray(z["offsets"], np.float32)
     except (OSError, ValueError, KeyError) as e:
-        raise IndexFileError(f"{f} is missing or unreadable ({str(e).splitlines()[0][:120]})") from None
+        raise IndexFileError(f"{f} is unreadable ({str(e).splitlines()[0][:120]})") from None
     if ids.ndim != 1 or ids.shape != values.shape or not np.isfinite(values).all():
         raise IndexFileError(f"{f} holds malformed offsets")
     return ids, values
@@ -164,17 +178,11 @@ def read_offsets(root: Path, relpath: str, fingerprint: str) -> tuple[np.ndarray
 def offsets_problem(root: Path, relpath: str) -> str | None:
     """What is wrong with a version's stored offsets (``catalog check``), or None: the manifest
     declares none, or the file matches its recorded SHA-256."""
-    d = root / relpath
     try:
-        recorded = json.loads((d / MANIFEST_FILE).read_text()).get("offsets_sha256")
-    except (OSError, ValueError):
+        recorded = _manifest(root / relpath).get("offsets_sha256")
+    except IndexFileError:
         return None  # the index check reports an unreadable manifest
-    if recorded is None:
-        return None
-    f = d / OFFSETS_FILE
-    if not f.is_file():
-        return f"{relpath}/{OFFSETS_FILE} is missing"
-    return None if file_sha256(f) == recorded else f"{relpath}/{OFFSETS_FILE} does not match its manifest"
+    return None if recorded is None else _offsets_file_problem(root, relpath, recorded)
 
 
 def remove_version(root: Path, relpath: str) -> None:

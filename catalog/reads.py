@@ -145,18 +145,19 @@ class CatalogReader(CatalogConnection):
                     seen[pos[i]] = True
         return np.asarray(ids, np.int64)[seen], out[seen]
 
-    def hubness_reference(self, encoder_id: int | None = None) -> HubnessReference | None:
+    def hubness_reference(self, encoder_id: int | None = None, k: int | None = None) -> HubnessReference | None:
         """What hubness reduction at the 1-NN ranks against (:mod:`retailklip.hubness`, CSLS):
         the unlabeled photos' embeddings stored with encoder ``encoder_id`` (default: the active
-        one) and the catalog's k; None when k is 0 or that encoder has no photos (a catalog
-        made without ``--center-photos``, or from before migration 0005).
+        one) and ``k`` (default: the catalog's); None when k is 0 or that encoder has no photos
+        (a catalog made without ``--center-photos``, or from before migration 0005).
 
         Raises:
             CatalogError: no such encoder row, or damaged photo embeddings.
         """
         with self.sessions() as s:
             st = self.state(s)
-            k, enc_id = int(st.hubness_k), st.encoder_id if encoder_id is None else encoder_id
+            enc_id = st.encoder_id if encoder_id is None else encoder_id
+            k = int(st.hubness_k if k is None else k)
         photos = self.encoders.unlabeled(enc_id) if k else None
         return None if photos is None else HubnessReference(photos, k)
 

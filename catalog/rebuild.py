@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from retailklip.encoders import create_encoder
-from retailklip.hubness import DEFAULT_HUBNESS_K, HubnessReference, check_hubness_k
+from retailklip.hubness import DEFAULT_HUBNESS_K, check_hubness_k
 from retailklip.index import VectorIndex
 from retailklip.index_build import build_index
 from retailklip.index_types import choose_index_type
@@ -63,6 +63,7 @@ from .versions import RebuildLock, VersionInfo, fail_interrupted, list_versions,
 
 if TYPE_CHECKING:  # pragma: no cover
     from retailklip.encoders import Encoder
+    from retailklip.hubness import HubnessReference
 
 logger = logging.getLogger(__name__)
 
@@ -135,14 +136,11 @@ def _version_hubness(cat: CatalogReader, version_id: int, encoder_id: int) -> Hu
     or with damaged ones (the recognizer then computes or skips them, as it does without)."""
     with cat.sessions() as s:
         k = s.get(IndexVersion, version_id).hubness_k
-    if not k:
-        return None
     try:
-        photos = cat.encoders.unlabeled(encoder_id)
+        return cat.hubness_reference(encoder_id, k=k or 0)
     except CatalogError as e:
         logger.warning("rebuild: no CSLS offsets stored with version %d: %s", version_id, str(e).splitlines()[0])
         return None
-    return None if photos is None else HubnessReference(photos, int(k))
 
 
 def _read_vectors(cat: CatalogReader, encoder_id: int, k: int, dim: int) -> tuple[VectorTable, np.ndarray]:

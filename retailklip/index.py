@@ -65,9 +65,7 @@ def _make_inner(dim: int, factory: str) -> faiss.Index:
             f"'Flat', 'HNSW32' or 'IVF1024,PQ64' is expected): {msg}"
         ) from None
     base = _base(index)
-    if base.metric_type != faiss.METRIC_INNER_PRODUCT:
-        # FAISS builds some types with L2 whatever metric is asked for (HNSW over PQ codes):
-        # their distances would not be cosine distances and their ranking not the cosine one
+    if not _searches_by_inner_product(index):
         raise IndexTypeError(
             f"index type {factory!r} cannot search by inner product in FAISS (it would rank by L2 distance); "
             f"use e.g. 'HNSW32', 'HNSW32,SQ8' or 'IVF1024,PQ64'"
@@ -90,6 +88,12 @@ def _base(index: faiss.Index) -> faiss.Index:
             idx = faiss.downcast_index(idx.base_index)
         else:
             return idx
+
+
+def _searches_by_inner_product(index: faiss.Index) -> bool:
+    """Whether the index ranks by inner product, i.e. its distances are cosine distances: FAISS
+    builds some types with L2 whatever metric is asked for (HNSW over PQ codes)."""
+    return _base(index).metric_type == faiss.METRIC_INNER_PRODUCT
 
 
 def _is_hnsw(base: faiss.Index) -> bool:
@@ -353,9 +357,9 @@ class VectorIndex:
             raw = faiss.downcast_index(raw)
         if not isinstance(raw, faiss.IndexIDMap2):
             raise RuntimeError(f"{p}: expected an IndexIDMap2, found {type(raw).__name__}")  # noqa: TRY004 (callers catch RuntimeError for unreadable files)
-        if _base(raw).metric_type != faiss.METRIC_INNER_PRODUCT:
-            # e.g. HNSW over PQ codes, built before such types were refused: its distances are not
-            # cosine distances; callers treat it like an unreadable file (rebuild it)
+        if not _searches_by_inner_product(raw):
+            # e.g. HNSW over PQ codes, built before such types were refused: callers treat it
+            # like an unreadable file (rebuild it)
             raise RuntimeError(f"{p}: this index type searches by L2 distance, not by inner product; rebuild it")
         meta: dict[str, Any] = {}
         side = _sidecar(p)

@@ -137,30 +137,29 @@ class SKUMatcher:
         self.outliers = outliers
         self.offsets = offsets
         # the smallest offset among vectors not in the low set bounds what an unseen vector's
-        # adjusted distance can be
-        self._min_offset, self._low = 0.0, None
-        if offsets is not None:
-            self._min_offset, self._low = self._low_set(offsets, low_set)
+        # adjusted distance can be; the low set: its exact index (ids: positions in _low_ids),
+        # its vector ids and their offsets (float64, as _match_row_adjusted adds them)
+        self._min_offset, self._low, self._low_ids, self._low_offsets = 0.0, None, None, None
+        if offsets:
+            self._min_offset, self._low, self._low_ids, self._low_offsets = self._low_set(offsets, low_set)
 
-    def _low_set(self, offsets: dict[int, float], size: int) -> tuple[float, VectorIndex | None]:
-        """(smallest offset outside the low set, exact index of the low set's vectors or None)."""
-        if not offsets:
-            return 0.0, None
+    def _low_set(self, offsets: dict[int, float], size: int) -> tuple:
+        """``(smallest offset outside the low set, the low set's exact index, vector ids and
+        offsets)``; the last three None where there is no low set (the bound: the lowest offset)."""
         ids = np.fromiter(offsets.keys(), np.int64, len(offsets))
         values = np.fromiter(offsets.values(), np.float64, len(offsets))
+        none = (float(values.min()), None, None, None)
         if size <= 0 or len(values) <= size or not getattr(self.index, "stores_exact_vectors", False):
-            # lossy codes (PQ, SQ) are ranked by the index's own approximate distances only
-            return float(values.min()), None
+            return none  # lossy codes (PQ, SQ) are ranked by the index's own approximate distances only
         part = np.argpartition(values, size)
-        low, floor = ids[part[:size]], float(values[part[size]])
+        low = ids[part[:size]]
         try:
             vectors = self.index.reconstruct(low)
-        except (RuntimeError, AttributeError):  # e.g. IVF without a direct map: the plain bound
-            return float(values.min()), None
+        except (RuntimeError, AttributeError):  # e.g. IVF without a direct map
+            return none
         side = VectorIndex(vectors.shape[1])
-        side.add(np.arange(size, dtype=np.int64), vectors)  # ids: positions in _low_ids
-        self._low_ids, self._low_offsets = low, values[part[:size]]  # float64, as _match_row_adjusted adds
-        return floor, side
+        side.add(np.arange(size, dtype=np.int64), vectors)
+        return float(values[part[size]]), side, low, values[part[:size]]
 
     def _low_candidates(self, queries: np.ndarray) -> list[list[tuple[float, int]]]:
         """Per query, ``(cosine distance, vector id)`` of the low set's vectors of its two best

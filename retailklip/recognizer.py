@@ -458,6 +458,12 @@ class Recognizer:
         return view.threshold, view.open_set_score
 
     # ------------------------------------------------------------------ recognition
+    def _view_for(self, encoder_key: str) -> _View | None:
+        """The current view, if it serves vectors of ``encoder_key`` (embeddings of two encoders
+        are not comparable) and holds at least one SKU; else None."""
+        view = self._current()
+        return view if view.encoder.identity.key == encoder_key and view.matcher.sku_of else None
+
     def match_embeddings(self, embeddings: np.ndarray, encoder_key: str, threshold: float | None = None,
                          open_set_score: str = DEFAULT_OPEN_SET_SCORE, plain: bool = False) -> list | None:
         """1-NN matches (:class:`retailklip.matching.Match`: nearest SKU, runner-up, known) of
@@ -476,8 +482,8 @@ class Recognizer:
             One match per row, or None when the catalog's current encoder is not ``encoder_key``
             (embeddings of two encoders are not comparable) or the catalog holds no SKU.
         """
-        view = self._current()
-        if view.encoder.identity.key != encoder_key or not view.matcher.sku_of:
+        view = self._view_for(encoder_key)
+        if view is None:
             return None
         t, score = (threshold, open_set_score) if threshold is not None else self._operating_point(view)
         with self._lock:
@@ -499,8 +505,8 @@ class Recognizer:
             bool (M,), or None when the catalog's current encoder is not ``encoder_key`` or the
             catalog holds no SKU.
         """
-        view = self._current()
-        if view.encoder.identity.key != encoder_key or not view.matcher.sku_of:
+        view = self._view_for(encoder_key)
+        if view is None:
             return None
         queries = np.asarray(queries, np.float32)
         with self._lock:
