@@ -219,7 +219,7 @@ class CatalogWriter(CatalogReader):
             photos, prepared.vectors, self.encoder_for(prepared.encoder_id).identity.key, prepared.sku)
         if taken is None:
             return None
-        skus = len(self.names()) + (0 if append else 1)
+        skus = len(self) + (0 if append else 1)
         return StorePhotosTaken(int(taken.sum()), len(photos), hub_limit(len(photos), skus))
 
     def _shared_recognizer(self):
