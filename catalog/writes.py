@@ -181,7 +181,7 @@ class CatalogWriter(CatalogReader):
         def embed(enc_id: int, enc: Encoder) -> list[PreparedReference]:
             p = prepare_reference(image, sku_id, name, enc, st["augmentations"], st["seed"], enc_id)
             found["confusable"] = self._confusable(p, confusable_within)
-            found["taken"] = taken = self._store_photos_taken(p, append)
+            found["taken"] = taken = self._store_photos_taken([p], append)[0]
             if taken is not None and taken.hub and append and not force:
                 raise HubReferenceError(
                     f"not appended: this reference image would take {taken.taken} of the catalog's {taken.photos} "
@@ -201,26 +201,28 @@ class CatalogWriter(CatalogReader):
                         "other SKUs (limit %.1f): it may be a hub", info.sku, taken.taken, taken.photos, taken.limit)
         return AddedSKU(**vars(info), confusable_with=confusable, store_photos=taken)
 
-    def _store_photos_taken(self, prepared: PreparedReference, append: bool) -> StorePhotosTaken | None:
+    def _store_photos_taken(self, prepared: Sequence[PreparedReference], append: bool) -> list[StorePhotosTaken | None]:
         """How many of the catalog's unlabeled store photos (an even sample of at most
-        :data:`STORE_PHOTOS_CHECKED`) ``prepared``'s vectors would take from other SKUs, ranked as
-        recognition ranks (:meth:`Recognizer.switches_to`); None when the catalog keeps no
-        photos for the encoder (or damaged ones: ``catalog check`` reports those) or holds no SKU.
-        The average share is the photos over the SKUs there will be (``append``: no new SKU)."""
+        :data:`STORE_PHOTOS_CHECKED`) each of ``prepared``'s reference images would take from
+        other SKUs, ranked as recognition ranks (:meth:`Recognizer.switches_to_each`: each
+        against the catalog as it is, the photos matched once); None for each when the catalog
+        keeps no photos for the encoder (or damaged ones: ``catalog check`` reports those) or
+        holds no SKU.  The average share is the photos over the SKUs there will be (``append``:
+        no new SKU; else one per reference image)."""
         try:
-            photos = self.encoders.unlabeled(prepared.encoder_id)
+            photos = self.encoders.unlabeled(prepared[0].encoder_id) if prepared else None
         except RetailKlipError as e:
-            logger.warning("the store-photo check of the new reference image is skipped: %s", str(e).splitlines()[0])
-            return None
+            logger.warning("the store-photo check of the new reference image(s) is skipped: %s", str(e).splitlines()[0])
+            photos = None
         if photos is None or not len(photos):
-            return None
+            return [None] * len(prepared)
         photos = photos[even_sample(len(photos), STORE_PHOTOS_CHECKED)]
-        taken = self._shared_recognizer().switches_to(
-            photos, prepared.vectors, self.encoder_for(prepared.encoder_id).identity.key, prepared.sku)
+        taken = self._shared_recognizer().switches_to_each(
+            photos, [(p.sku, p.vectors) for p in prepared], self.encoder_for(prepared[0].encoder_id).identity.key)
         if taken is None:
-            return None
-        skus = len(self) + (0 if append else 1)
-        return StorePhotosTaken(int(taken.sum()), len(photos), hub_limit(len(photos), skus))
+            return [None] * len(prepared)
+        skus = len(self) + (0 if append else len(prepared))
+        return [StorePhotosTaken(int(t.sum()), len(photos), hub_limit(len(photos), skus)) for t in taken]
 
     def _shared_recognizer(self):
         """The recognizer ``add``'s checks search (built on first use, then kept in step)."""
@@ -249,7 +251,10 @@ class CatalogWriter(CatalogReader):
         """Bulk-add SKUs from a CSV with columns ``image,sku,name`` (image paths relative to the CSV).
 
         All-or-nothing: every row is validated and embedded first; then all rows are written in
-        one transaction.
+        one transaction.  Where the catalog keeps unlabeled store photos, each new reference
+        image is checked as :meth:`add` checks a new SKU's (against the catalog as it was before
+        the import, not against the other imported SKUs): a hub is imported, with a warning
+        logged.
 
         Returns:
             The number of SKUs added.
@@ -278,6 +283,8 @@ class CatalogWriter(CatalogReader):
         self._check_distinct_images(path, [img for _sku, _name, img in entries])
         st = self.settings()
 
+        taken: list[StorePhotosTaken | None] = []
+
         def embed(enc_id: int, enc: Encoder) -> list[PreparedReference]:
             prepared = []
             it: Iterable = enumerate(entries, start=2)
@@ -291,9 +298,18 @@ class CatalogWriter(CatalogReader):
                 except RetailKlipError as e:
                     raise type(e)(f"{path}:{n}: {e}") from None
                 crash_point("import.row")
+            taken[:] = self._store_photos_taken(prepared, append=False)
             return prepared
 
         prepared = self._embed_and_write(embed, append=False, what="import")
+        hubs = [(p.sku, t) for p, t in zip(prepared, taken) if t is not None and t.hub]
+        for sku, t in hubs:
+            logger.warning("SKU %r: its reference image takes %d of the catalog's %d unlabeled store photos from other "
+                           "SKUs (limit %.1f): photos of other products may be recognised as it", sku, t.taken, t.photos,
+                           t.limit)
+        if len(hubs) > 1:
+            logger.warning("%d of the %d imported SKUs may be hubs (above); check their reference images", len(hubs),
+                           len(prepared))
         return len(prepared)
 
     def _embed_and_write(self, embed: Callable[[int, Encoder], list[PreparedReference]], *, append: bool,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -505,6 +506,22 @@ class Recognizer:
             bool (M,), or None when the catalog's current encoder is not ``encoder_key`` or the
             catalog holds no SKU.
         """
+        each = self.switches_to_each(queries, [(sku, vectors)], encoder_key)
+        return None if each is None else each[0]
+
+    def switches_to_each(self, queries: np.ndarray, references: Sequence[tuple[str, np.ndarray]],
+                         encoder_key: str) -> list[np.ndarray] | None:
+        """:meth:`switches_to` for several new reference images, each judged on its own against
+        the catalog as it is now (not against the others): ``queries`` are matched once.
+
+        Args:
+            queries: float32 (M, D) unit embeddings.
+            references: (SKU id, float32 (V, D) unit embeddings of its new reference image) pairs.
+            encoder_key: :attr:`EncoderIdentity.key` of the encoder that made them.
+
+        Returns:
+            One bool (M,) per reference, or None as :meth:`switches_to`.
+        """
         view = self._view_for(encoder_key)
         if view is None:
             return None
@@ -512,8 +529,8 @@ class Recognizer:
         with self._lock:
             current = view.matcher.match(queries, np.inf)
         hub = view.hubness if view.matcher.offsets is not None else None
-        offsets = None if hub is None else hub.offsets(vectors)
-        return switches_to(current, queries, vectors, offsets, sku)
+        return [switches_to(current, queries, vectors, None if hub is None else hub.offsets(vectors), sku)
+                for sku, vectors in references]
 
     def recognize(
         self, image: ImageSource, *, boxes: object = None, points: object = None, masks: object = None,

@@ -499,3 +499,65 @@ def test_add_counts_the_store_photos_it_takes_and_refuses_to_append_a_hub(tmp_pa
         err = capsys.readouterr().err
         hub = taken_since(before, sku) > hub_limit(len(unlabeled), len(cat.list_skus()))
         assert (f"{sku}'s new reference image takes" in err) == hub and cat.get(sku).references == 1
+
+
+def test_import_warns_of_each_hub_as_importing_it_alone_would(tmp_path, grocery_store, mobilenet_weights, caplog):
+    """catalog import checks each new reference image against the catalog's unlabeled store
+    photos as add checks a new SKU's: each is counted against the catalog as it was before the
+    import (exactly what importing it alone does to the photos' recognition), an SKU over the
+    limit of the SKUs after the import is warned about, and every SKU is still written."""
+    import shutil
+
+    train = grocery_store.photos("train")
+    classes = sorted({p.label for p in train})[::8]
+    unlabeled = [p.path for p in train[::50]]
+    iconic = {c.name: c.iconic for c in grocery_store.classes}
+    base = tmp_path / "base"
+    cat = Catalog.init(base, encoder=MOBILENET_SPEC, weights=mobilenet_weights, encoder_options=MOBILENET_OPTIONS,
+                       center_photos=unlabeled)
+    packshots = tmp_path / "packshots.csv"
+    packshots.write_text("image,sku,name\n" + "".join(f"{iconic[c]},{c},\n" for c in classes))
+    cat.import_csv(packshots, progress=False)
+    unlabeled_set = set(unlabeled)
+    # in-store photos imported as new SKUs (the measured hub case) and one more packshot
+    rows = [(p.path, f"shelf-{i}") for i, c in enumerate(classes[:6])
+            for p in [[q for q in train if q.label == c and q.path not in unlabeled_set][0]]]
+    extra = sorted({c.name for c in grocery_store.classes} - set(classes))[0]
+    rows.append((iconic[extra], extra))
+
+    def warned(log: str) -> set[str]:
+        return {sku for _img, sku in rows if f"SKU {sku!r}: its reference image takes" in log}
+
+    taken = {}
+    for img, sku in rows:  # each row imported alone into a copy of the catalog: its real effect
+        root = tmp_path / f"alone-{sku}"
+        shutil.copytree(base, root)
+        one = Catalog.open(root)
+        photos, key = one.hubness_reference().photos, one.encoder().identity.key
+        before = [m.nearest.sku for m in Recognizer(one).match_embeddings(photos, key, 2.0)]
+        csv = tmp_path / f"{sku}.csv"
+        csv.write_text(f"image,sku,name\n{img},{sku},\n")
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="catalog"):
+            assert one.import_csv(csv, progress=False) == 1
+        after = [m.nearest.sku for m in Recognizer(one).match_embeddings(photos, key, 2.0)]
+        taken[sku] = sum(a == sku != b for a, b in zip(after, before))
+        hub = taken[sku] > hub_limit(len(unlabeled), len(classes) + 1)
+        assert warned(caplog.text) == ({sku} if hub else set())
+        if hub:
+            assert f"takes {taken[sku]} of the catalog's {len(unlabeled)} unlabeled store photos" in caplog.text
+    limit = hub_limit(len(unlabeled), len(classes) + len(rows))  # the SKUs there will be after the import
+    expected = {sku for sku, n in taken.items() if n > limit}
+    assert expected, "no imported photo was a hub on these photos"
+    assert expected != set(taken), "every imported reference image was a hub"
+    # all rows in one import: each counted against the catalog before it
+    together = tmp_path / "all.csv"
+    together.write_text("image,sku,name\n" + "".join(f"{img},{sku},\n" for img, sku in rows))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="catalog"):
+        assert cat.import_csv(together, progress=False) == len(rows)
+    assert warned(caplog.text) == expected
+    for sku in expected:
+        assert f"SKU {sku!r}: its reference image takes {taken[sku]} of the catalog's {len(unlabeled)} unlabeled " \
+               f"store photos from other SKUs (limit {limit:.1f})" in caplog.text
+    assert len(cat.list_skus()) == len(classes) + len(rows)
