@@ -19,7 +19,11 @@ Per gallery size N (reference vectors, exact Flat index, D = 960: the main job's
   DELTA below the lowest (a reference far from every store photo), the case the low set is for;
 * add check: what ``catalog add``'s hub check costs (``catalog.writes``: the P stored photos
   matched by CSLS, then :func:`retailklip.matching.switches_to` for a new reference's 4 views),
-  interleaved with the rest, and its ratio to the plain match of one tray.
+  interleaved with the rest, and its ratio to the plain match of one tray;
+* import check: ``catalog import``'s check of ``IMPORT_ROWS`` new SKUs
+  (:meth:`Recognizer.switches_to_each`: the photos matched once, then each row's offsets and
+  :func:`~retailklip.matching.switches_to`) against the same rows checked one by one as ``add``
+  checks them (the photos matched again per row), interleaved; the same counts asserted.
 
 The vectors are synthetic (honest simulation: no trained CLIP weights reach this workplace):
 N / 4 SKU prototypes, 4 noisy views each; photos and queries are noisy copies of random
@@ -48,7 +52,7 @@ from retailklip.hubness import HubnessReference  # noqa: E402
 from retailklip.index import VectorIndex  # noqa: E402
 from retailklip.matching import CSLS_LOW_SET, SKUMatcher, switches_to  # noqa: E402
 
-DIM, PHOTOS, BATCH, VIEWS = 960, 440, 32, 4
+DIM, PHOTOS, BATCH, VIEWS, IMPORT_ROWS = 960, 440, 32, 4, 20
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -116,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| N vectors | load: offsets (s) | load: stored offsets (s) | match {BATCH} queries plain (ms) | CSLS (ms) | CSLS / plain | "
           f"search depth plain / CSLS | offsets memory (bytes/vector) | offset spread (max - min) | "
           f"add check, {PHOTOS} photos (ms) | add check / plain tray | CSLS without low set (ms) | "
-          f"without / with low set | search depth without low set |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"without / with low set | search depth without low set | import check, {IMPORT_ROWS} rows (ms) | "
+          f"per row as add / import check |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in args.sizes:
         gallery, skus, photos, queries = synthetic(n, rng)
         index = VectorIndex(DIM)
@@ -151,20 +156,33 @@ def main(argv: list[str] | None = None) -> int:
         def add_check():
             return switches_to(csls.match(photos, np.inf), photos, new, new_offsets, "new-sku")
 
-        times = {"plain": [], "csls": [], "add": [], "no_low": []}
+        rows = [unit(gallery[VIEWS * (i + 1): VIEWS * (i + 2)] + 0.3 * rng.normal(size=(VIEWS, DIM)).astype(np.float32))
+                for i in range(IMPORT_ROWS)]  # new SKUs' views
+
+        def import_check():  # as Recognizer.switches_to_each: the photos matched once
+            current = csls.match(photos, np.inf)
+            return [switches_to(current, photos, v, hub.offsets(v), f"new-{i}").sum() for i, v in enumerate(rows)]
+
+        def per_row_check():  # as add checks each: matched again per row
+            return [switches_to(csls.match(photos, np.inf), photos, v, hub.offsets(v), f"new-{i}").sum()
+                    for i, v in enumerate(rows)]
+
+        assert import_check() == per_row_check()
+        times = {"plain": [], "csls": [], "add": [], "no_low": [], "import": [], "per_row": []}
         for _ in range(args.repeats):  # interleaved
             for name, run in (("plain", lambda: plain.match(queries, 2.0)), ("csls", lambda: csls.match(queries, 2.0)),
-                              ("add", add_check), ("no_low", lambda: no_low.match(queries, 2.0))):
+                              ("add", add_check), ("no_low", lambda: no_low.match(queries, 2.0)),
+                              ("import", import_check), ("per_row", per_row_check)):
                 t = time.perf_counter()
                 run()
                 times[name].append(time.perf_counter() - t)
-        tp, tc, ta, tn = (min(times[k]) for k in ("plain", "csls", "add", "no_low"))
+        tp, tc, ta, tn, ti, tr = (min(times[k]) for k in ("plain", "csls", "add", "no_low", "import", "per_row"))
         assert [m.nearest.sku for m in no_low.match(queries, 2.0)] == [m.nearest.sku for m in csls.match(queries, 2.0)]
         spread = f"{max(offsets.values()) - min(offsets.values()):.3f} (simulated {simulated:.3f})"
         print(f"| {n:,} | {load:.2f} | {load_stored:.3f} | {1e3 * tp:.1f} | {1e3 * tc:.1f} | {tc / tp:.2f} | "
               f"{depth(index, sku_of, None, queries):.0f} / {depth(index, sku_of, offsets, queries):.0f} | "
               f"{mem / n:.0f} | {spread} | {1e3 * ta:.0f} | {ta / tp:.1f} | {1e3 * tn:.1f} | {tn / tc:.2f} | "
-              f"{depth(index, sku_of, offsets, queries, low_set=0):.0f} |")
+              f"{depth(index, sku_of, offsets, queries, low_set=0):.0f} | {1e3 * ti:.0f} | {tr / ti:.1f} |")
     if args.catalog:
         from catalog import Catalog
 

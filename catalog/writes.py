@@ -212,7 +212,8 @@ class CatalogWriter(CatalogReader):
         try:
             photos = self.encoders.unlabeled(prepared[0].encoder_id) if prepared else None
         except RetailKlipError as e:
-            logger.warning("the store-photo check of the new reference image(s) is skipped: %s", str(e).splitlines()[0])
+            logger.warning("the store-photo check of the new reference image%s is skipped: %s",
+                           "s" if len(prepared) > 1 else "", str(e).splitlines()[0])
             photos = None
         if photos is None or not len(photos):
             return [None] * len(prepared)
