@@ -293,6 +293,10 @@ def cmd_calibrate(args) -> int:
                        ("unknown rejection", "unknown_rejection"), ("known rejection", "known_rejection"),
                        ("closed-set top-1", "closed_set_top1"), ("AUROC", "auroc")]:
         print(f"{label:20}{_fraction(getattr(nn, key)):>18}{_fraction(getattr(sm, key)):>18}")
+    if nn.known_precision_ci is not None:
+        low, high = nn.known_precision_ci
+        print(f"1-NN known precision, 95 % interval over the {nn.accepted} accepted photos: [{low:.3f}, {high:.3f}] "
+              f"(sampling only; more calibration photos, from more shopping sessions, narrow it)")
     return 0
 
 

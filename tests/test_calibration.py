@@ -17,6 +17,7 @@ from retailklip.calibration import (
     calibrate_catalog,
     default_score,
     open_set_metrics,
+    precision_interval,
     outlier_distances,
     threshold_for_precision,
     threshold_for_unknown_rejection,
@@ -170,6 +171,25 @@ def test_calibrate_target_precision_meets_target_and_reports_both_methods():
     assert 0.0 <= rep.softmax.auroc <= 1.0 and rep.head["train_accuracy"] == 1.0
     d = rep.to_dict()
     assert d["nearest_neighbour"]["known_precision"] >= 0.9 and d["softmax"]["cutoff"] == 0.78
+    # the precision's exact interval over the accepted photos, for both methods
+    right = round(nn.known_precision * nn.accepted)
+    assert nn.known_precision_ci == precision_interval(right, nn.accepted)
+    assert nn.known_precision_ci[0] < nn.known_precision <= nn.known_precision_ci[1]
+    assert d["nearest_neighbour"]["known_precision_ci"] == [round(x, 6) for x in nn.known_precision_ci]
+    assert rep.softmax.known_precision_ci is None or len(d["softmax"]["known_precision_ci"]) == 2
+
+
+def test_precision_interval_is_clopper_pearson():
+    """Exact binomial intervals (values from the closed forms: 0 of n -> [0, 1 - 0.025^(1/n)],
+    n of n -> [0.025^(1/n), 1]; 9 of 10 from the beta quantiles)."""
+    assert precision_interval(0, 5) == pytest.approx((0.0, 1 - 0.025 ** (1 / 5)))
+    assert precision_interval(5, 5) == pytest.approx((0.025 ** (1 / 5), 1.0))
+    assert precision_interval(9, 10) == pytest.approx((0.55498, 0.99747), abs=1e-5)
+    assert precision_interval(0, 0) is None
+    low, high = precision_interval(90, 100)
+    assert high - low < precision_interval(9, 10)[1] - precision_interval(9, 10)[0]  # more photos, narrower
+    with pytest.raises(ValueError, match="11 right of 10"):
+        precision_interval(11, 10)
 
 
 def test_calibrate_match_softmax_rejects_at_least_as_many_unknowns():
@@ -303,6 +323,7 @@ def test_cli_calibrate_stores_threshold_json_and_dry_run(cli_tiny_catalog, photo
     assert main(["--catalog", d, "calibrate", str(csv_path), "--target-precision", "0.5", "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "known precision" in text and "not stored" in text
+    assert "1-NN known precision, 95 % interval over the" in text
     # the default score is the ratio, stored with the threshold; --score distance as before
     assert stored["open_set_score"] == "ratio" and Catalog.open(d).open_set_score == "ratio"
     assert main(["--catalog", d, "calibrate", str(csv_path), "--target-precision", "0.5", "--score", "distance", "--json"]) == 0
