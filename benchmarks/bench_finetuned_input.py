@@ -77,6 +77,15 @@ Applied to the shipped recipe's encoders at the catalog's embedding (``finetuned
 candidate, shipped only if its gain over plain 1-NN on the same embedding has a 95 %
 class-bootstrap interval above zero.
 
+Round 7 (next stop, after round 6 left the recipe as it was): ``--recipe iconic12-decay0.9-stage
+--challenger iconic12-decay0.9-stage-epochs5``: the shipped recipe trained 5 epochs instead of 3
+(``bench_loop_recipe.py`` recipe of that name; the second round's "+ 5 epochs" was the one
+schedule change with p < 0.05 on the 46-class CV, +3.1 points, never re-tested on the 81-class
+CV or with 12 packshot copies; the loop's finetune goes from about 115 s to about 190 s, still
+under the loop's 10 minutes).  Its fold encoders at the catalog's embedding (pooled + last stage)
+against the shipped recipe's.  Rule fixed before the run: the same as rounds 3 to 6, one
+candidate: its pooled gain must have a 95 % class-bootstrap interval above zero.
+
 ``--speed R``: the embedding cost of pooled + last stage against the pooled output alone on this
 CPU (:func:`bench_multiscale_cv.speed`: 32 real train photos, R interleaved repeats, 2 torch
 threads, minimum and median ms per image) and the index vector size.
