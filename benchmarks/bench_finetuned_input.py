@@ -237,7 +237,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="round 5: the challenger is --recipe's fold encoders interpolated with the ImageNet weights (WiSE-FT)")
     p.add_argument("--csls", type=int, default=0, metavar="K",
                    help="round 6: also rank packshots by CSLS with K nearest centring photos (0: off)")
+    p.add_argument("--geometries", nargs="+", choices=list(GEOMETRIES), default=list(GEOMETRIES),
+                   help="embed only these geometries (rows that need another are left out; the rule of rounds 3-7 "
+                        "needs 224stage-1 only)")
+    p.add_argument("--main-job", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the raw encoder at the main job's embedding (3 scales over every train photo: minutes)")
     args = p.parse_args(argv)
+    if args.csls and not args.main_job:
+        p.error("--csls also ranks the raw main job: drop --no-main-job")
     if args.challenger_wise is not None:
         if not 0 <= args.challenger_wise <= 1:
             p.error(f"--challenger-wise must be in [0, 1], got {args.challenger_wise}")
@@ -274,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(run, int((run / "seed.txt").read_text()) if (run / "seed.txt").is_file() else 0) for run in args.runs]
     cache = args.cache / "finetuned-input"
     prepared: dict = {}
-    for g in GEOMETRIES:  # geometry outer: each geometry's inputs decoded once
+    for g in args.geometries:  # geometry outer: each geometry's inputs decoded once
         feats.setdefault(("raw", ""), {})[g] = embed(WEIGHTS, g, sub_paths, cache / f"raw-{g}.npy", prepared)
         for run, _ in runs:
             for f in range(3):
@@ -296,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     shipped_raw = cached_features("bilinear", [(q, 0) for q in items], args.cache,
                                   options={"interpolation": "bilinear"}).astype(np.float64)[need]
     main_job = cached_features(MAIN_JOB_CACHE, [(q, 0) for q in items], args.cache,
-                               options=MAIN_JOB).astype(np.float64)[need]
+                               options=MAIN_JOB).astype(np.float64)[need] if args.main_job else None
     mj_groups = len(MAIN_JOB["scales"])
 
     def unit(parts: list[np.ndarray], centre: np.ndarray) -> np.ndarray:
@@ -321,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                 geo = {**(feats[("raw", "")] if enc == "raw" else feats[(run.name, str(f.index))]), SHIPPED: shipped_feats}
                 methods[f"{enc} {SHIPPED}"] = unit([shipped_feats], centre)
                 for cand, gs in CANDIDATES.items():
-                    methods[f"{enc} {cand}"] = unit([geo[g] for g in gs], centre)
+                    if all(g in geo for g in gs):
+                        methods[f"{enc} {cand}"] = unit([geo[g] for g in gs], centre)
             if args.challenger:
                 x = feats[(run.name, str(f.index))][CHALLENGER]
                 parts = np.split(x, np.cumsum(widths)[:-1], axis=1)
@@ -329,9 +337,10 @@ def main(argv: list[str] | None = None) -> int:
                 methods[f"{CHALLENGER} embedding"] = unit(parts, centre)  # the rule's row: all its parts
                 if len(parts) > 2:  # also at the shipped embedding (for two parts it is the row above)
                     methods[f"{CHALLENGER} {SHIPPED} + stage -1"] = unit([parts[0], parts[-1]], centre)
-            methods["raw main job"] = normalise(main_job, main_job[centre].mean(0), mj_groups)
-            ens = np.concatenate([methods["finetuned shipped"], methods["raw main job"]], 1) / np.sqrt(2)
-            methods["finetuned shipped + raw main job"] = ens  # cosine = mean of the two cosines
+            if main_job is not None:
+                methods["raw main job"] = normalise(main_job, main_job[centre].mean(0), mj_groups)
+                ens = np.concatenate([methods["finetuned shipped"], methods["raw main job"]], 1) / np.sqrt(2)
+                methods["finetuned shipped + raw main job"] = ens  # cosine = mean of the two cosines
             for m, x in methods.items():
                 named, _ = nearest_skus(x[g_rows], test, x[q_rows])
                 correct.setdefault(m, np.zeros((len(runs), len(first)), bool))[r, q_pos] = np.array(named) == np.array(truth)
@@ -365,8 +374,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{dr.mean():+.3f} [{rlo:+.3f}, {rhi:+.3f}] |")
         out[m] = {"per_replicate": c.mean(1).tolist(), "pooled": float(v.mean()), "minus_shipped": [float(d.mean()), lo, hi],
                   "minus_shipped_bonferroni": [blo, bhi], "mcnemar": vars(mc), f"minus {raw_best}": [float(dr.mean()), rlo, rhi]}
-    winners = [c for c in CANDIDATES if out[f"finetuned {c}"]["minus_shipped_bonferroni"][0] > 0]
+    winners = [c for c in CANDIDATES if f"finetuned {c}" in out and out[f"finetuned {c}"]["minus_shipped_bonferroni"][0] > 0]
     for r, cands in ROUNDS.items():
+        if not all(f"finetuned {c}" in out for c in cands):
+            continue  # a round whose geometries were not embedded (--geometries)
         won = [c for c in cands if c in winners]
         print(f"\nround {r} rule (Bonferroni interval of the gain over shipped above zero): "
               f"{', '.join(won) if won else 'no candidate passes; shipped stays'}")
