@@ -169,17 +169,18 @@ def open_set_metrics(
         raise CalibrationError("no photo of an SKU in the catalog: nothing to measure")
     correct = known & (np.asarray(predicted, dtype=object) == np.asarray(truth, dtype=object))
     n_acc = int(accepted.sum())
+    n_right = int((correct & accepted).sum())  # accepted and named right
     return OpenSetMetrics(
         known_photos=n_known,
         unknown_photos=n_unknown,
         accepted=n_acc,
-        known_accuracy=float((correct & accepted).sum() / n_known),
+        known_accuracy=float(n_right / n_known),
         closed_set_top1=float(correct.sum() / n_known),
-        known_precision=float((correct & accepted).sum() / n_acc) if n_acc else None,
+        known_precision=float(n_right / n_acc) if n_acc else None,
         known_rejection=float((known & ~accepted).sum() / n_known),
         unknown_rejection=float((~known & ~accepted).sum() / n_unknown) if n_unknown else None,
         auroc=auroc(score[known], score[~known]) if n_unknown else None,
-        known_precision_ci=precision_interval(int((correct & accepted).sum()), n_acc),
+        known_precision_ci=precision_interval(n_right, n_acc),
     )
 
 

@@ -434,30 +434,51 @@ def test_an_exact_copy_of_another_skus_reference_counts_as_taken_and_the_limit_h
     assert hub_limit(512, 2500) == pytest.approx(5.12)  # an SKU's share is under one photo here
 
 
+def store_sample(grocery_store):
+    """(train photos, every 8th class, every 50th train photo as the unlabeled store photos,
+    class -> iconic packshot) of the add / import hub-check tests."""
+    train = grocery_store.photos("train")
+    return (train, sorted({p.label for p in train})[::8], [p.path for p in train[::50]],
+            {c.name: c.iconic for c in grocery_store.classes})
+
+
+def packshot_catalog(root, weights, unlabeled, packshots: dict) -> Catalog:
+    """A catalog keeping ``unlabeled`` as its store photos, with ``packshots`` (SKU -> image) imported."""
+    cat = Catalog.init(root, encoder=MOBILENET_SPEC, weights=weights, encoder_options=MOBILENET_OPTIONS,
+                       center_photos=unlabeled)
+    csv = root.parent / f"{root.name}-packshots.csv"
+    csv.write_text("image,sku,name\n" + "".join(f"{img},{sku},\n" for sku, img in packshots.items()))
+    cat.import_csv(csv, progress=False)
+    return cat
+
+
+def store_photo_skus(cat: Catalog, rec: Recognizer) -> list[str]:
+    """The nearest SKU recognition names now for each of ``cat``'s stored unlabeled photos."""
+    photos, key = cat.hubness_reference().photos, cat.encoder().identity.key
+    return [m.nearest.sku for m in rec.match_embeddings(photos, key, 2.0)]
+
+
+def taken_by(sku: str, before: list[str], after: list[str]) -> int:
+    """Photos whose nearest SKU became ``sku`` between ``before`` and ``after``."""
+    return sum(a == sku != b for a, b in zip(after, before))
+
+
 def test_add_counts_the_store_photos_it_takes_and_refuses_to_append_a_hub(tmp_path, grocery_store, mobilenet_weights,
                                                                           capsys):
     """catalog add reports how many of the catalog's unlabeled store photos a new reference image
     takes from other SKUs (exactly what recognition then does to them); an in-store photo
     appended to one SKU takes many (docs/evaluation.md, "More references per SKU") and is refused,
     nothing written, unless --force."""
-    train = grocery_store.photos("train")
-    classes = sorted({p.label for p in train})[::8]
-    unlabeled = [p.path for p in train[::50]]
-    iconic = {c.name: c.iconic for c in grocery_store.classes}
+    train, classes, unlabeled, iconic = store_sample(grocery_store)
     root = tmp_path / "cat"
-    cat = Catalog.init(root, encoder=MOBILENET_SPEC, weights=mobilenet_weights, encoder_options=MOBILENET_OPTIONS,
-                       center_photos=unlabeled)
-    csv = tmp_path / "skus.csv"
-    csv.write_text("image,sku,name\n" + "".join(f"{iconic[c]},{c},\n" for c in classes[:-1]))
-    cat.import_csv(csv, progress=False)
-    photos, key = cat.hubness_reference().photos, cat.encoder().identity.key
+    cat = packshot_catalog(root, mobilenet_weights, unlabeled, {c: iconic[c] for c in classes[:-1]})
     rec = Recognizer(cat)
 
     def nearest() -> list[str]:
-        return [m.nearest.sku for m in rec.match_embeddings(photos, key, 2.0)]
+        return store_photo_skus(cat, rec)
 
     def taken_since(before: list[str], sku: str) -> int:
-        return sum(a == sku != b for a, b in zip(nearest(), before))
+        return taken_by(sku, before, nearest())
 
     before = nearest()
     added = cat.add(iconic[classes[-1]], sku=classes[-1])  # a new SKU's packshot
@@ -508,16 +529,9 @@ def test_import_warns_of_each_hub_as_importing_it_alone_would(tmp_path, grocery_
     limit of the SKUs after the import is warned about, and every SKU is still written."""
     import shutil
 
-    train = grocery_store.photos("train")
-    classes = sorted({p.label for p in train})[::8]
-    unlabeled = [p.path for p in train[::50]]
-    iconic = {c.name: c.iconic for c in grocery_store.classes}
+    train, classes, unlabeled, iconic = store_sample(grocery_store)
     base = tmp_path / "base"
-    cat = Catalog.init(base, encoder=MOBILENET_SPEC, weights=mobilenet_weights, encoder_options=MOBILENET_OPTIONS,
-                       center_photos=unlabeled)
-    packshots = tmp_path / "packshots.csv"
-    packshots.write_text("image,sku,name\n" + "".join(f"{iconic[c]},{c},\n" for c in classes))
-    cat.import_csv(packshots, progress=False)
+    cat = packshot_catalog(base, mobilenet_weights, unlabeled, {c: iconic[c] for c in classes})
     unlabeled_set = set(unlabeled)
     # in-store photos imported as new SKUs (the measured hub case) and one more packshot
     rows = [(p.path, f"shelf-{i}") for i, c in enumerate(classes[:6])
@@ -533,15 +547,13 @@ def test_import_warns_of_each_hub_as_importing_it_alone_would(tmp_path, grocery_
         root = tmp_path / f"alone-{sku}"
         shutil.copytree(base, root)
         one = Catalog.open(root)
-        photos, key = one.hubness_reference().photos, one.encoder().identity.key
-        before = [m.nearest.sku for m in Recognizer(one).match_embeddings(photos, key, 2.0)]
+        before = store_photo_skus(one, Recognizer(one))
         csv = tmp_path / f"{sku}.csv"
         csv.write_text(f"image,sku,name\n{img},{sku},\n")
         caplog.clear()
         with caplog.at_level("WARNING", logger="catalog"):
             assert one.import_csv(csv, progress=False) == 1
-        after = [m.nearest.sku for m in Recognizer(one).match_embeddings(photos, key, 2.0)]
-        taken[sku] = sum(a == sku != b for a, b in zip(after, before))
+        taken[sku] = taken_by(sku, before, store_photo_skus(one, Recognizer(one)))
         hub = taken[sku] > hub_limit(len(unlabeled), len(classes) + 1)
         assert warned(caplog.text) == ({sku} if hub else set())
         if hub:
