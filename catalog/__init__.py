@@ -2,12 +2,13 @@
 
 from .errors import CatalogError, DuplicateSKUError, InvalidSKUError, NoSpaceError, ReadOnlyCatalogError, UnknownSKUError
 from .outliers import OutlierInfo, UnknownOutlierError
-from .skus import AddedSKU, SKUInfo, validate_name, validate_sku_id
+from .skus import AddedSKU, ImportedSKU, SKUInfo, validate_name, validate_sku_id
 from .store import DEFAULT_THRESHOLD, Catalog, default_catalog_dir
 
 __all__ = [
     "DEFAULT_THRESHOLD",
     "AddedSKU",
+    "ImportedSKU",
     "Catalog",
     "CatalogError",
     "DuplicateSKUError",

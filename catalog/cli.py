@@ -110,8 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --append: append even a reference image that would take many store photos from other SKUs")
     s.add_argument("--json", action="store_true", help="print the SKU as JSON, with the SKUs it could be confused with")
 
-    s = sub.add_parser("import", help="bulk-add SKUs from a CSV with columns image,sku,name")
+    s = sub.add_parser("import", help="bulk-add SKUs from a CSV with columns image,sku,name (or, --append, more "
+                                      "reference images of existing SKUs)")
     s.add_argument("csv", type=Path)
+    s.add_argument("--append", action="store_true",
+                   help="append each row's image to its existing SKU (several rows per SKU allowed); the store-photo "
+                        "hub check counts all rows together")
+    s.add_argument("--force", action="store_true",
+                   help="with --append: append even when some SKUs would take many store photos from other SKUs")
+    s.add_argument("--json", action="store_true", help="print one JSON object per SKU with the store photos it takes")
 
     sub.add_parser("upgrade", help="migrate the catalog's database to the schema this retailklip needs")
 

@@ -90,8 +90,15 @@ def cmd_add(args) -> int:
 
 def cmd_import(args) -> int:
     cat = Catalog.open(catalog_dir(args), db_url=args.db_url, device=args.device)
-    n = cat.import_csv(args.csv, progress=sys.stderr.isatty() or args.verbose > 0)
-    print(f"imported {n} SKUs")
+    if args.force and not args.append:
+        raise RetailKlipError("--force applies to --append only (a new SKU is never refused as a hub, only warned about)")
+    result = cat.import_csv(args.csv, append=args.append, force=args.force, progress=sys.stderr.isatty() or args.verbose > 0)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in result], ensure_ascii=False, indent=1))
+    elif args.append:
+        print(f"appended {sum(r.references for r in result)} reference images to {len(result)} SKUs")
+    else:
+        print(f"imported {len(result)} SKUs")
     return 0
 
 

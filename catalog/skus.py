@@ -171,6 +171,28 @@ class AddedSKU(SKUInfo):
                     store_photos=None if self.store_photos is None else self.store_photos.to_dict())
 
 
+@dataclass(frozen=True)
+class ImportedSKU:
+    """One SKU of what :meth:`Catalog.import_csv` wrote.
+
+    Attributes:
+        sku: the SKU id.
+        references: reference images imported for it (rows of the CSV).
+        store_photos: the :class:`StorePhotosTaken` by its new reference image(s), or None when
+            the catalog keeps no unlabeled store photos.  A new SKU is counted against the
+            catalog as it was before the import; with ``append``, every SKU's new images are
+            counted together, against the catalog the whole import makes.
+    """
+
+    sku: str
+    references: int
+    store_photos: StorePhotosTaken | None = None
+
+    def to_dict(self) -> dict:
+        return {"sku": self.sku, "references": self.references,
+                "store_photos": None if self.store_photos is None else self.store_photos.to_dict()}
+
+
 def id_forms(sku: str) -> list[str]:
     """The forms an SKU id given by a user may be stored in: NFC (how ids are stored since they
     are normalised) and, for catalogs from before that, the text as given."""

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,8 @@ from .fileio import atomic_write
 from .imagestore import image_extension, image_relpath, prune_empty_dirs, unlink_all
 from .models import SKU, Embedding, OutlierReference, ReferenceImage
 from .reads import CatalogReader
-from .skus import STORE_PHOTOS_CHECKED, AddedSKU, SKUInfo, StorePhotosTaken, find_sku, hub_limit, validate_name, validate_sku_id
+from .skus import (STORE_PHOTOS_CHECKED, AddedSKU, ImportedSKU, SKUInfo, StorePhotosTaken, find_sku, hub_limit, validate_name,
+                   validate_sku_id)
 
 if TYPE_CHECKING:  # pragma: no cover
     from retailklip.encoders import Encoder
@@ -209,6 +211,35 @@ class CatalogWriter(CatalogReader):
         keeps no photos for the encoder (or damaged ones: ``catalog check`` reports those) or
         holds no SKU.  The average share is the photos over the SKUs there will be (``append``:
         no new SKU; else one per reference image)."""
+        photos = self._checked_store_photos(prepared)
+        if photos is None:
+            return [None] * len(prepared)
+        taken = self._shared_recognizer().switches_to_each(
+            photos, [(p.sku, p.vectors) for p in prepared], self.encoder_for(prepared[0].encoder_id).identity.key)
+        if taken is None:
+            return [None] * len(prepared)
+        skus = len(self) + (0 if append else len(prepared))
+        return [StorePhotosTaken(int(t.sum()), len(photos), hub_limit(len(photos), skus)) for t in taken]
+
+    def _store_photos_taken_together(self, prepared: Sequence[PreparedReference]) -> dict[str, StorePhotosTaken] | None:
+        """For reference images appended to existing SKUs in one write: how many of the catalog's
+        unlabeled store photos each SKU would take from other SKUs once *all* of them are in the
+        catalog (:meth:`Recognizer.switched_to`), with the limit of the SKUs there are; None as
+        :meth:`_store_photos_taken`."""
+        photos = self._checked_store_photos(prepared)
+        if photos is None:
+            return None
+        to = self._shared_recognizer().switched_to(
+            photos, [(p.sku, p.vectors) for p in prepared], self.encoder_for(prepared[0].encoder_id).identity.key)
+        if to is None:
+            return None
+        limit = hub_limit(len(photos), len(self))
+        return {sku: StorePhotosTaken(int(sum(t == sku for t in to)), len(photos), limit) for sku in {p.sku for p in prepared}}
+
+    def _checked_store_photos(self, prepared: Sequence[PreparedReference]) -> np.ndarray | None:
+        """The even sample of the catalog's unlabeled store photos the hub checks match (float32
+        (M, D) unit rows), or None when there are none for ``prepared``'s encoder (or damaged
+        ones: logged, the check is skipped)."""
         try:
             photos = self.encoders.unlabeled(prepared[0].encoder_id) if prepared else None
         except RetailKlipError as e:
@@ -216,14 +247,8 @@ class CatalogWriter(CatalogReader):
                            "s" if len(prepared) > 1 else "", str(e).splitlines()[0])
             photos = None
         if photos is None or not len(photos):
-            return [None] * len(prepared)
-        photos = photos[even_sample(len(photos), STORE_PHOTOS_CHECKED)]
-        taken = self._shared_recognizer().switches_to_each(
-            photos, [(p.sku, p.vectors) for p in prepared], self.encoder_for(prepared[0].encoder_id).identity.key)
-        if taken is None:
-            return [None] * len(prepared)
-        skus = len(self) + (0 if append else len(prepared))
-        return [StorePhotosTaken(int(t.sum()), len(photos), hub_limit(len(photos), skus)) for t in taken]
+            return None
+        return photos[even_sample(len(photos), STORE_PHOTOS_CHECKED)]
 
     def _shared_recognizer(self):
         """The recognizer ``add``'s checks search (built on first use, then kept in step)."""
@@ -248,23 +273,36 @@ class CatalogWriter(CatalogReader):
         near = [n for n in (m.nearest, m.runner_up) if n is not None and n.sku != prepared.sku]
         return tuple(n for n in near if n.distance <= threshold)
 
-    def import_csv(self, csv_path: str | os.PathLike, *, progress: bool = True) -> int:
-        """Bulk-add SKUs from a CSV with columns ``image,sku,name`` (image paths relative to the CSV).
+    def import_csv(self, csv_path: str | os.PathLike, *, append: bool = False, force: bool = False,
+                   progress: bool = True) -> list[ImportedSKU]:
+        """Bulk-add SKUs from a CSV with columns ``image,sku,name`` (image paths relative to the
+        CSV), or with ``append`` further reference images to existing SKUs (an SKU may have
+        several rows).
 
         All-or-nothing: every row is validated and embedded first; then all rows are written in
-        one transaction.  Where the catalog keeps unlabeled store photos, each new reference
-        image is checked as :meth:`add` checks a new SKU's (against the catalog as it was before
-        the import, not against the other imported SKUs): a hub is imported, with a warning
-        logged.
+        one transaction.  Where the catalog keeps unlabeled store photos, the new reference
+        images are checked against them for hubs (:meth:`add`):
+
+        * new SKUs: each as :meth:`add` checks a new SKU's, against the catalog as it was before
+          the import (not against the other rows), with the limit of the SKUs after it; a hub is
+          imported, with a warning logged;
+        * ``append``: all rows together, against the catalog the import makes, since a store that
+          photographs every product in the store appends them all (one appended at a time, each
+          would look like a hub among packshot-only SKUs: docs/cli.md); an SKU that would take
+          more than the limit from other SKUs refuses the whole import unless ``force``.
 
         Returns:
-            The number of SKUs added.
+            One :class:`ImportedSKU` per SKU, in the order of their first row.
 
         Raises:
-            CatalogError: missing file or columns, empty CSV, duplicate ids within the CSV; any
-                error of :meth:`add` for a row (prefixed with the row number).
+            CatalogError: missing file or columns, empty CSV, an SKU id repeated in the CSV
+                (without ``append``); ``force`` without ``append``; HubReferenceError (``append``,
+                hubs, no ``force``; nothing written); any error of :meth:`add` for a row (prefixed
+                with the row number).
         """
-        self.require_writable("import SKUs")
+        self.require_writable("append reference images" if append else "import SKUs")
+        if force and not append:
+            raise CatalogError("force applies to append only (a new SKU is never refused as a hub, only warned about)")
         path = Path(csv_path)
         try:
             rows = read_csv_rows(path, ("image", "sku"), "image,sku,name")
@@ -276,15 +314,25 @@ class CatalogWriter(CatalogReader):
                 entries.append((validate_sku_id(r["sku"]), validate_name(r.get("name") or None), path.parent / r["image"]))
             except RetailKlipError as e:
                 raise type(e)(f"{path}:{n}: {e}") from None
-        ids = [e[0] for e in entries]
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
-        if dupes:
-            raise DuplicateSKUError(f"{path}: SKU id(s) repeated in the CSV: {', '.join(dupes[:5])}")
-        self._check_can_add([(i, None) for i in ids], append=False)
+        rows_of = Counter(e[0] for e in entries)
+        ids = list(rows_of)  # in the order of their first row
+        if append:
+            with self.sessions() as s:
+                existing = set(s.scalars(select(SKU.id).where(SKU.id.in_(ids))))
+            missing = [(n, e[0]) for n, e in enumerate(entries, start=2) if e[0] not in existing]
+            if missing:
+                raise UnknownSKUError(f"{path}:{missing[0][0]}: unknown SKU {missing[0][1]!r}: cannot append a reference "
+                                      f"image to it (import it without --append)")
+        else:
+            dupes = sorted(i for i, c in rows_of.items() if c > 1)
+            if dupes:
+                raise DuplicateSKUError(f"{path}: SKU id(s) repeated in the CSV: {', '.join(dupes[:5])} (several reference "
+                                        f"images of one SKU: import one row of it, then the others with --append)")
+            self._check_can_add([(i, None) for i in ids], append=False)
         self._check_distinct_images(path, [img for _sku, _name, img in entries])
         st = self.settings()
 
-        taken: list[StorePhotosTaken | None] = []
+        taken: dict[str, StorePhotosTaken | None] = {}
 
         def embed(enc_id: int, enc: Encoder) -> list[PreparedReference]:
             prepared = []
@@ -292,26 +340,43 @@ class CatalogWriter(CatalogReader):
             if progress:
                 from tqdm import tqdm
 
-                it = tqdm(list(it), desc="importing", unit="SKU")
+                it = tqdm(list(it), desc="appending" if append else "importing", unit="image" if append else "SKU")
             for n, (sku, name, img) in it:
                 try:
                     prepared.append(prepare_reference(img, sku, name, enc, st["augmentations"], st["seed"], enc_id))
                 except RetailKlipError as e:
                     raise type(e)(f"{path}:{n}: {e}") from None
                 crash_point("import.row")
-            taken[:] = self._store_photos_taken(prepared, append=False)
+            taken.clear()
+            if append:
+                taken.update(self._store_photos_taken_together(prepared) or {})
+                hubs = [(sku, t) for sku, t in taken.items() if t.hub]
+                if hubs and not force:
+                    hubs.sort(key=lambda h: -h[1].taken)
+                    t = hubs[0][1]
+                    listed = ", ".join(f"{sku!r} {h.taken}" for sku, h in hubs[:5]) + (", ..." if len(hubs) > 5 else "")
+                    raise HubReferenceError(
+                        f"{path}: not appended: with these reference images {len(hubs)} of the {len(ids)} SKUs would each "
+                        f"take more of the catalog's {t.photos} unlabeled store photos from other SKUs than the limit "
+                        f"({t.limit:.1f}): {listed}; other products' photos would be recognised as them; drop those rows, "
+                        f"or force it (--force)")
+            else:
+                taken.update(zip((p.sku for p in prepared), self._store_photos_taken(prepared, append=False)))
             return prepared
 
-        prepared = self._embed_and_write(embed, append=False, what="import")
-        hubs = [(p.sku, t) for p, t in zip(prepared, taken) if t is not None and t.hub]
-        for sku, t in hubs:
-            logger.warning("SKU %r: its reference image takes %d of the catalog's %d unlabeled store photos from other "
-                           "SKUs (limit %.1f): photos of other products may be recognised as it", sku, t.taken, t.photos,
-                           t.limit)
+        self._embed_and_write(embed, append=append, what="append" if append else "import")
+        result = [ImportedSKU(sku, rows_of[sku], taken.get(sku)) for sku in ids]
+        hubs = [r for r in result if r.store_photos is not None and r.store_photos.hub]
+        for r in hubs:
+            t = r.store_photos
+            logger.warning("SKU %r: its %s take%s %d of the catalog's %d unlabeled store photos from other SKUs (limit "
+                           "%.1f): photos of other products may be recognised as it", r.sku,
+                           "new reference images" if append else "reference image", "" if append else "s", t.taken,
+                           t.photos, t.limit)
         if len(hubs) > 1:
-            logger.warning("%d of the %d imported SKUs may be hubs (above); check their reference images", len(hubs),
-                           len(prepared))
-        return len(prepared)
+            logger.warning("%d of the %d %s SKUs may be hubs (above); check their reference images", len(hubs), len(result),
+                           "appended-to" if append else "imported")
+        return result
 
     def _embed_and_write(self, embed: Callable[[int, Encoder], list[PreparedReference]], *, append: bool,
                          what: str) -> list[PreparedReference]:

@@ -324,12 +324,8 @@ def ranking_distance(neighbour: Neighbour) -> float:
 def switches_to(current: Sequence[Match], queries: np.ndarray, vectors: np.ndarray, offsets: np.ndarray | None,
                 sku: str) -> np.ndarray:
     """Which queries new vectors of SKU ``sku`` would take from another SKU: their nearest SKU
-    is another one now, and would be ``sku`` once the vectors are in the index.
-
-    Exact for the matcher that made ``current``: a query's nearest SKU changes to ``sku`` iff
-    one new vector ranks before its current nearest, i.e. its distance plus offset is smaller
-    than the current nearest's :func:`ranking_distance`.  An exact tie (a copy of another SKU's
-    reference) counts as taken: the index returns the newer vector first among equals.
+    is another one now, and would be ``sku`` once the vectors are in the index
+    (:func:`switched_to` with every vector ``sku``'s).
 
     Args:
         current: the queries' M matches now (:meth:`SKUMatcher.match`).
@@ -345,15 +341,52 @@ def switches_to(current: Sequence[Match], queries: np.ndarray, vectors: np.ndarr
     Raises:
         ValueError: shapes that do not match.
     """
+    return switched_to(current, queries, vectors, [sku] * len(vectors), offsets) == sku
+
+
+def switched_to(current: Sequence[Match], queries: np.ndarray, vectors: np.ndarray, skus: Sequence[str],
+                offsets: np.ndarray | None) -> np.ndarray:
+    """The SKU each query's nearest SKU would change to once all the new ``vectors`` (of several
+    SKUs, new or existing) are in the index together, or None where it stays.
+
+    Exact for the matcher that made ``current``: a query's nearest SKU changes iff a new vector
+    ranks before its current nearest, i.e. its distance plus offset is at most the current
+    nearest's :func:`ranking_distance` (an exact tie, a copy of another SKU's reference, counts
+    as a change: the index returns the newer vector first among equals), and the best-ranked
+    new vector belongs to another SKU than the current nearest.  Existing vectors keep their
+    offsets (a CSLS offset is measured against store photos, not against other references).
+
+    Args:
+        current: the queries' M matches now (:meth:`SKUMatcher.match`).
+        queries: float32 (M, D) unit rows, the embeddings ``current`` was matched for.
+        vectors: float32 (V, D) unit rows, the new vectors.
+        skus: the SKU of each new vector (V items).
+        offsets: float (V,) the new vectors' CSLS offsets when ``current`` was ranked with
+            hubness reduction; None for plain 1-NN.
+
+    Returns:
+        object (M,): an SKU id of ``skus`` or None per query.
+
+    Raises:
+        ValueError: shapes that do not match.
+    """
     queries, vectors = np.asarray(queries, np.float32), np.asarray(vectors, np.float32)
     if queries.ndim != 2 or vectors.ndim != 2 or queries.shape[1] != vectors.shape[1] or len(queries) != len(current):
-        raise ValueError(f"switches_to: {len(current)} matches, queries {queries.shape}, vectors {vectors.shape}")
+        raise ValueError(f"switched_to: {len(current)} matches, queries {queries.shape}, vectors {vectors.shape}")
+    if len(skus) != len(vectors):
+        raise ValueError(f"switched_to: {len(vectors)} vectors but {len(skus)} SKUs")
     if offsets is not None and np.shape(offsets) != (len(vectors),):
-        raise ValueError(f"switches_to: {len(vectors)} vectors but offsets of shape {np.shape(offsets)}")
+        raise ValueError(f"switched_to: {len(vectors)} vectors but offsets of shape {np.shape(offsets)}")
+    out = np.full(len(queries), None, object)
+    if not len(vectors) or not len(queries):
+        return out
     new = 1.0 - queries @ vectors.T  # cosine distances, as the index computes them
     if offsets is not None:
         new = new + np.asarray(offsets, np.float32)[None, :]
-    best_new = new.min(axis=1) if len(vectors) else np.full(len(queries), np.inf, np.float32)
+    best = new.argmin(axis=1)
+    best_new = new[np.arange(len(queries)), best]
     now = np.array([ranking_distance(m.nearest) for m in current], np.float32)
-    other = np.array([m.nearest.sku != sku for m in current], bool)
-    return other & (best_new <= now)
+    owner = np.asarray(list(skus), object)[best]
+    changed = (best_new <= now) & np.array([o != m.nearest.sku for o, m in zip(owner, current)], bool)
+    out[changed] = owner[changed]
+    return out

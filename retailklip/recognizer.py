@@ -31,7 +31,7 @@ from PIL import Image
 from .errors import EmptyCatalogError, RetailKlipError
 from .images import ImageSource, load_image
 from .index import VectorIndex
-from .matching import Match, Neighbour, SKUMatcher, score_of, switches_to
+from .matching import Match, Neighbour, SKUMatcher, score_of, switched_to, switches_to
 from .open_set import (
     DEFAULT_OPEN_SET_SCORE,
     OUTLIER_SCORE,
@@ -531,6 +531,36 @@ class Recognizer:
         hub = view.hubness if view.matcher.offsets is not None else None
         return [switches_to(current, queries, vectors, None if hub is None else hub.offsets(vectors), sku)
                 for sku, vectors in references]
+
+    def switched_to(self, queries: np.ndarray, references: Sequence[tuple[str, np.ndarray]],
+                    encoder_key: str) -> np.ndarray | None:
+        """The SKU each of ``queries`` would be recognised as instead of its current nearest SKU
+        once *all* the new reference images are in the catalog together (e.g. in-store photos
+        appended to every SKU at once), ranked as recognition ranks now;
+        :func:`retailklip.matching.switched_to`.
+
+        Args:
+            queries: float32 (M, D) unit embeddings.
+            references: (SKU id, float32 (V, D) unit embeddings of a new reference image) pairs;
+                an SKU may come more than once.
+            encoder_key: :attr:`EncoderIdentity.key` of the encoder that made them.
+
+        Returns:
+            object (M,): the new nearest SKU id or None (unchanged) per query, or None as
+            :meth:`switches_to`.
+        """
+        view = self._view_for(encoder_key)
+        if view is None:
+            return None
+        queries = np.asarray(queries, np.float32)
+        if not references:
+            return np.full(len(queries), None, object)
+        with self._lock:
+            current = view.matcher.match(queries, np.inf)
+        vectors = np.concatenate([np.asarray(v, np.float32) for _sku, v in references])
+        skus = [sku for sku, v in references for _ in range(len(v))]
+        hub = view.hubness if view.matcher.offsets is not None else None
+        return switched_to(current, queries, vectors, skus, None if hub is None else hub.offsets(vectors))
 
     def recognize(
         self, image: ImageSource, *, boxes: object = None, points: object = None, masks: object = None,

@@ -86,7 +86,7 @@ def test_import_csv_all_or_nothing(store_catalog, iconic, tmp_path):
     cat = store_catalog
     rows = [(os.path.relpath(p, tmp_path), f"sku{c}", name) for c, name, p in iconic[:4]]
     _write_csv(tmp_path / "ok.csv", rows)
-    assert cat.import_csv(tmp_path / "ok.csv", progress=False) == 4
+    assert [r.references for r in cat.import_csv(tmp_path / "ok.csv", progress=False)] == [1] * 4
     assert len(cat) == 4
     before = write_snapshot(cat)
     (tmp_path / "broken.jpg").write_bytes(b"not an image")

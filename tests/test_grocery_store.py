@@ -26,7 +26,7 @@ def grocery_catalog(tmp_path_factory, grocery_store, iconic, mobilenet_weights):
     )
     csv = tmp_path_factory.mktemp("csv") / "skus.csv"
     csv.write_text("image,sku,name\n" + "".join(f"{p},{name},{name.replace('-', ' ')}\n" for _, name, p in iconic))
-    assert cat.import_csv(csv, progress=False) == 81
+    assert len(cat.import_csv(csv, progress=False)) == 81
     return cat
 
 

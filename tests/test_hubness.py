@@ -6,6 +6,7 @@ CSLS, calibrates by the same ranking, and is switched off and on by rebuilds."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from retailklip.errors import RetailKlipError
 from retailklip.evaluation import score_zero_shot
 from retailklip.hubness import DEFAULT_HUBNESS_K, HubnessReference, even_sample
 from retailklip.index import VectorIndex
-from retailklip.matching import CSLS_FIRST_K, CSLS_LOW_SET, SKUMatcher, switches_to
+from retailklip.matching import CSLS_FIRST_K, CSLS_LOW_SET, SKUMatcher, switched_to, switches_to
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -387,26 +388,37 @@ def test_photos_given_later_need_a_k_and_the_rebuild_says_so(tmp_path, grocery_s
 
 
 # ------------------------------------------------------- store photos a new reference takes
-def test_switches_to_is_what_the_matcher_says_after_the_vectors_are_added():
-    """switches_to predicts, from the current matches only, exactly which queries a new
-    reference's vectors take from another SKU: plain and CSLS, new SKU and appended views."""
-    rng = np.random.default_rng(3)
+def synthetic_catalog(seed: int, n_queries: int):
+    """(rng, gallery (80, 12) of 40 SKUs x 2 views, their SKU ids, 60 store photos, ``n_queries``
+    queries near random gallery vectors), all unit rows, for the switches_to tests."""
+    rng = np.random.default_rng(seed)
     dim, views = 12, 2
     gallery = unit(rng.normal(size=(40 * views, dim)))
     skus = [f"s{i // views}" for i in range(len(gallery))]
     photos = unit(rng.normal(size=(60, dim)))
-    queries = unit(gallery[rng.choice(len(gallery), 80)] + 0.9 * rng.normal(size=(80, dim)))
+    queries = unit(gallery[rng.choice(len(gallery), n_queries)] + 0.9 * rng.normal(size=(n_queries, dim)))
+    return rng, gallery, skus, photos, queries
+
+
+def exact_matcher(vectors: np.ndarray, names: list[str], hub: HubnessReference | None) -> SKUMatcher:
+    """The recognizer's matcher over ``vectors`` (SKU ``names[i]`` each), CSLS-ranked against
+    ``hub`` (None: plain 1-NN)."""
+    index = VectorIndex(vectors.shape[1])
+    index.add(np.arange(len(vectors), dtype=np.int64), vectors)
+    offsets = None if hub is None else dict(enumerate(hub.offsets(vectors).tolist()))
+    return SKUMatcher(index, dict(enumerate(names)), offsets=offsets)
+
+
+def test_switches_to_is_what_the_matcher_says_after_the_vectors_are_added():
+    """switches_to predicts, from the current matches only, exactly which queries a new
+    reference's vectors take from another SKU: plain and CSLS, new SKU and appended views."""
+    rng, gallery, skus, photos, queries = synthetic_catalog(3, 80)
+    dim = gallery.shape[1]
     new = unit(queries[:3] + 0.2 * rng.normal(size=(3, dim)))  # near some queries: it takes a few
     for hub in (None, HubnessReference(photos, k=5)):
         for sku in ("s7", "new-sku"):
-            def matcher(vectors, names):
-                index = VectorIndex(dim)
-                index.add(np.arange(len(vectors), dtype=np.int64), vectors)
-                offsets = None if hub is None else dict(enumerate(hub.offsets(vectors).tolist()))
-                return SKUMatcher(index, dict(enumerate(names)), offsets=offsets)
-
-            current = matcher(gallery, skus).match(queries, 2.0)
-            after = matcher(np.concatenate([gallery, new]), skus + [sku] * len(new)).match(queries, 2.0)
+            current = exact_matcher(gallery, skus, hub).match(queries, 2.0)
+            after = exact_matcher(np.concatenate([gallery, new]), skus + [sku] * len(new), hub).match(queries, 2.0)
             want = [a.nearest.sku == sku != c.nearest.sku for a, c in zip(after, current)]
             got = switches_to(current, queries, new, None if hub is None else hub.offsets(new), sku)
             assert got.tolist() == want and 0 < sum(want) < len(queries)
@@ -414,6 +426,31 @@ def test_switches_to_is_what_the_matcher_says_after_the_vectors_are_added():
         switches_to(current, queries, new, np.zeros(2), "s1")
     with pytest.raises(ValueError, match="queries"):
         switches_to(current[:3], queries, new, None, "s1")
+
+
+def test_switched_to_is_what_the_matcher_says_after_all_new_vectors_are_added_together():
+    """switched_to predicts, from the current matches only, the SKU each query's nearest SKU
+    becomes once new vectors of several SKUs (appended to existing ones, and a new one) are in
+    the index together: plain and CSLS.  Judged together, not one SKU at a time: a query that
+    two new references would each take alone goes to the nearer one, and one whose own SKU
+    gains a nearer vector stays."""
+    rng, gallery, skus, photos, queries = synthetic_catalog(11, 120)
+    dim = gallery.shape[1]
+    new = unit(queries[:12] + 0.3 * rng.normal(size=(12, dim)))  # near some queries
+    new_skus = [f"s{i % 5}" for i in range(10)] + ["new-sku"] * 2
+    for hub in (None, HubnessReference(photos, k=5)):
+        current = exact_matcher(gallery, skus, hub).match(queries, 2.0)
+        after = exact_matcher(np.concatenate([gallery, new]), skus + new_skus, hub).match(queries, 2.0)
+        want = [a.nearest.sku if a.nearest.sku != c.nearest.sku else None for a, c in zip(after, current)]
+        got = switched_to(current, queries, new, new_skus, None if hub is None else hub.offsets(new))
+        assert got.tolist() == want and 0 < sum(w is not None for w in want) < len(queries)
+        alone = {sku: switches_to(current, queries, new[[i for i, n in enumerate(new_skus) if n == sku]],
+                                  None if hub is None else hub.offsets(new)[[i for i, n in enumerate(new_skus) if n == sku]],
+                                  sku) for sku in set(new_skus)}
+        # judged alone, the SKUs' takes overlap or include photos that stay: not the joint effect
+        assert sum(a.sum() for a in alone.values()) > sum(w is not None for w in want)
+    with pytest.raises(ValueError, match="SKUs"):
+        switched_to(current, queries, new, new_skus[:-1], None)
 
 
 def test_an_exact_copy_of_another_skus_reference_counts_as_taken_and_the_limit_has_a_floor():
@@ -552,7 +589,7 @@ def test_import_warns_of_each_hub_as_importing_it_alone_would(tmp_path, grocery_
         csv.write_text(f"image,sku,name\n{img},{sku},\n")
         caplog.clear()
         with caplog.at_level("WARNING", logger="catalog"):
-            assert one.import_csv(csv, progress=False) == 1
+            assert len(one.import_csv(csv, progress=False)) == 1
         taken[sku] = taken_by(sku, before, store_photo_skus(one, Recognizer(one)))
         hub = taken[sku] > hub_limit(len(unlabeled), len(classes) + 1)
         assert warned(caplog.text) == ({sku} if hub else set())
@@ -567,9 +604,90 @@ def test_import_warns_of_each_hub_as_importing_it_alone_would(tmp_path, grocery_
     together.write_text("image,sku,name\n" + "".join(f"{img},{sku},\n" for img, sku in rows))
     caplog.clear()
     with caplog.at_level("WARNING", logger="catalog"):
-        assert cat.import_csv(together, progress=False) == len(rows)
+        imported = cat.import_csv(together, progress=False)
+        assert [r.sku for r in imported] == [sku for _img, sku in rows]
+    assert {r.sku: r.store_photos.taken for r in imported} == taken  # the report: each row's own effect
     assert warned(caplog.text) == expected
     for sku in expected:
         assert f"SKU {sku!r}: its reference image takes {taken[sku]} of the catalog's {len(unlabeled)} unlabeled " \
                f"store photos from other SKUs (limit {limit:.1f})" in caplog.text
     assert len(cat.list_skus()) == len(classes) + len(rows)
+
+
+def test_import_append_counts_every_skus_new_images_together_and_refuses_hubs(tmp_path, grocery_store, mobilenet_weights,
+                                                                               capsys):
+    """catalog import --append counts what all its rows take together, against the catalog the
+    import makes (exactly what recognition then does to the stored photos): two in-store photos
+    appended to *every* SKU, the documented way to use in-store references, are judged as a
+    whole; the same two photos appended to one SKU alone can be a hub, and are then refused,
+    nothing written, unless --force."""
+    import shutil
+
+    train, classes, unlabeled, iconic = store_sample(grocery_store)
+    base = tmp_path / "base"
+    packshot_catalog(base, mobilenet_weights, unlabeled, {c: iconic[c] for c in classes}).close()
+    unlabeled_set = set(unlabeled)
+    others = {c: [p.path for p in train if p.label == c and p.path not in unlabeled_set] for c in classes}
+    rows = {c: [others[c][len(others[c]) // 3], others[c][2 * len(others[c]) // 3]] for c in classes}
+    limit = hub_limit(len(unlabeled), len(classes))
+
+    def csv_of(skus, name) -> Path:
+        path = tmp_path / f"{name}.csv"
+        path.write_text("image,sku,name\n" + "".join(f"{img},{c},\n" for c in skus for img in rows[c]))
+        return path
+
+    def appended(skus, name, *args) -> tuple[dict, dict, int]:
+        """Import --append the rows of ``skus`` into a copy of the catalog: (report, real takes, rc)."""
+        root = tmp_path / name
+        shutil.copytree(base, root)
+        cat = Catalog.open(root)
+        before = store_photo_skus(cat, Recognizer(cat))
+        capsys.readouterr()
+        rc = main(["--catalog", str(root), "import", str(csv_of(skus, name)), "--append", "--json", *args])
+        out = capsys.readouterr().out
+        cat = Catalog.open(root)
+        after = store_photo_skus(cat, Recognizer(cat))
+        report = {r["sku"]: r for r in json.loads(out)} if rc == 0 else {}
+        for c in report:
+            assert report[c]["references"] == 2 and cat.get(c).references == 3
+        return report, {c: taken_by(c, before, after) for c in skus}, rc
+
+    # every SKU at once: the report is the real joint effect
+    report, real, rc = appended(classes, "every", "--force")
+    assert rc == 0 and set(report) == set(classes)
+    assert {c: r["store_photos"]["taken"] for c, r in report.items()} == real
+    assert all(r["store_photos"]["limit"] == round(limit, 3) and r["store_photos"]["photos"] == len(unlabeled)
+               for r in report.values())
+    hubs_together = {c for c, n in real.items() if n > limit}
+    # one SKU at a time: a hub is refused, nothing written; --force appends it
+    refused = 0
+    for c in classes:
+        alone, real_alone, _ = appended([c], f"alone-{c}", "--force")
+        assert alone[c]["store_photos"]["taken"] == real_alone[c]
+        if real_alone[c] <= limit:
+            continue
+        refused += 1
+        root = tmp_path / f"refused-{c}"
+        shutil.copytree(base, root)
+        cat = Catalog.open(root)
+        before = store_photo_skus(cat, Recognizer(cat))
+        capsys.readouterr()
+        assert main(["--catalog", str(root), "import", str(csv_of([c], f"r-{c}")), "--append"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "not appended" in err and f"{c!r} {real_alone[c]}" in err and "--force" in err
+        cat = Catalog.open(root)
+        assert cat.get(c).references == 1 and store_photo_skus(cat, Recognizer(cat)) == before
+        with pytest.raises(HubReferenceError, match="--force"):
+            cat.import_csv(csv_of([c], f"r-{c}"), append=True, progress=False)
+    assert refused, "no SKU's in-store photos were a hub on these photos"
+    assert refused > len(hubs_together), "appending to every SKU at once flagged as many SKUs as one at a time"
+    # without --force the every-SKU import goes through exactly when no SKU is a hub together
+    rc = main(["--catalog", str(base), "import", str(csv_of(classes, "every-base")), "--append"])
+    assert rc == (1 if hubs_together else 0)
+    assert capsys.readouterr().out.startswith("appended 22 reference images to 11 SKUs") or hubs_together
+    # refused rows: an unknown SKU names its line; --force needs --append
+    (tmp_path / "unknown.csv").write_text(f"image,sku,name\n{rows[classes[0]][0]},{classes[0]},\n{iconic[classes[0]]},nope,\n")
+    assert main(["--catalog", str(base), "import", str(tmp_path / "unknown.csv"), "--append"]) == 1
+    assert "unknown.csv:3: unknown SKU 'nope'" in capsys.readouterr().err
+    assert main(["--catalog", str(base), "import", str(tmp_path / "unknown.csv"), "--force"]) == 1
+    assert capsys.readouterr().err.startswith("catalog: error: --force applies to --append only")
