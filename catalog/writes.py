@@ -188,7 +188,8 @@ class CatalogWriter(CatalogReader):
                 raise HubReferenceError(
                     f"not appended: this reference image would take {taken.taken} of the catalog's {taken.photos} "
                     f"unlabeled store photos from other SKUs (limit {taken.limit:.1f}), so other products' photos "
-                    f"would be recognised as {sku_id}; append a packshot instead, or force it (--force)")
+                    f"would be recognised as {sku_id}; append a packshot instead, append in-store photos of every SKU at once "
+                    f"(`catalog import --append`), or force it (--force)")
             return [p]
 
         prepared = self._embed_and_write(embed, append=append, what="add")[0]

@@ -321,6 +321,10 @@ def ranking_distance(neighbour: Neighbour) -> float:
     return neighbour.distance if neighbour.adjusted is None else neighbour.adjusted
 
 
+#: New vectors compared with the queries at a time in :func:`switched_to`.
+SWITCH_CHUNK = 4096
+
+
 def switches_to(current: Sequence[Match], queries: np.ndarray, vectors: np.ndarray, offsets: np.ndarray | None,
                 sku: str) -> np.ndarray:
     """Which queries new vectors of SKU ``sku`` would take from another SKU: their nearest SKU
@@ -380,11 +384,17 @@ def switched_to(current: Sequence[Match], queries: np.ndarray, vectors: np.ndarr
     out = np.full(len(queries), None, object)
     if not len(vectors) or not len(queries):
         return out
-    new = 1.0 - queries @ vectors.T  # cosine distances, as the index computes them
-    if offsets is not None:
-        new = new + np.asarray(offsets, np.float32)[None, :]
-    best = new.argmin(axis=1)
-    best_new = new[np.arange(len(queries)), best]
+    best_new = np.full(len(queries), np.inf, np.float32)
+    best = np.zeros(len(queries), np.int64)
+    rows = np.arange(len(queries))
+    for start in range(0, len(vectors), SWITCH_CHUNK):  # memory bounded by M x SWITCH_CHUNK distances
+        new = 1.0 - queries @ vectors[start: start + SWITCH_CHUNK].T  # cosine distances, as the index computes them
+        if offsets is not None:
+            new += np.asarray(offsets, np.float32)[None, start: start + SWITCH_CHUNK]
+        j = new.argmin(axis=1)
+        d = new[rows, j]
+        better = d < best_new  # the first of equal ones, as argmin over all of them
+        best_new[better], best[better] = d[better], j[better] + start
     now = np.array([ranking_distance(m.nearest) for m in current], np.float32)
     owner = np.asarray(list(skus), object)[best]
     changed = (best_new <= now) & np.array([o != m.nearest.sku for o, m in zip(owner, current)], bool)

@@ -23,6 +23,7 @@ from retailklip.errors import RetailKlipError
 from retailklip.evaluation import score_zero_shot
 from retailklip.hubness import DEFAULT_HUBNESS_K, HubnessReference, even_sample
 from retailklip.index import VectorIndex
+from retailklip import matching
 from retailklip.matching import CSLS_FIRST_K, CSLS_LOW_SET, SKUMatcher, switched_to, switches_to
 
 
@@ -428,7 +429,7 @@ def test_switches_to_is_what_the_matcher_says_after_the_vectors_are_added():
         switches_to(current[:3], queries, new, None, "s1")
 
 
-def test_switched_to_is_what_the_matcher_says_after_all_new_vectors_are_added_together():
+def test_switched_to_is_what_the_matcher_says_after_all_new_vectors_are_added_together(monkeypatch):
     """switched_to predicts, from the current matches only, the SKU each query's nearest SKU
     becomes once new vectors of several SKUs (appended to existing ones, and a new one) are in
     the index together: plain and CSLS.  Judged together, not one SKU at a time: a query that
@@ -444,6 +445,9 @@ def test_switched_to_is_what_the_matcher_says_after_all_new_vectors_are_added_to
         want = [a.nearest.sku if a.nearest.sku != c.nearest.sku else None for a, c in zip(after, current)]
         got = switched_to(current, queries, new, new_skus, None if hub is None else hub.offsets(new))
         assert got.tolist() == want and 0 < sum(w is not None for w in want) < len(queries)
+        with monkeypatch.context() as mp:  # the new vectors compared in chunks: the same answer
+            mp.setattr(matching, "SWITCH_CHUNK", 5)
+            assert switched_to(current, queries, new, new_skus, None if hub is None else hub.offsets(new)).tolist() == want
         alone = {sku: switches_to(current, queries, new[[i for i, n in enumerate(new_skus) if n == sku]],
                                   None if hub is None else hub.offsets(new)[[i for i, n in enumerate(new_skus) if n == sku]],
                                   sku) for sku in set(new_skus)}
