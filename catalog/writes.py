@@ -324,6 +324,11 @@ class CatalogWriter(CatalogReader):
             if missing:
                 raise UnknownSKUError(f"{path}:{missing[0][0]}: unknown SKU {missing[0][1]!r}: cannot append a reference "
                                       f"image to it (import it without --append)")
+            named: dict[str, tuple[int, str]] = {}
+            for n, (sku, name, _img) in enumerate(entries, start=2):
+                if name is not None and named.setdefault(sku, (n, name))[1] != name:
+                    raise CatalogError(f"{path}:{n}: SKU {sku!r} is renamed to {name!r} here and to "
+                                       f"{named[sku][1]!r} on line {named[sku][0]}; give one name (or none)")
         else:
             dupes = sorted(i for i, c in rows_of.items() if c > 1)
             if dupes:

@@ -695,3 +695,8 @@ def test_import_append_counts_every_skus_new_images_together_and_refuses_hubs(tm
     assert "unknown.csv:3: unknown SKU 'nope'" in capsys.readouterr().err
     assert main(["--catalog", str(base), "import", str(tmp_path / "unknown.csv"), "--force"]) == 1
     assert capsys.readouterr().err.startswith("catalog: error: --force applies to --append only")
+    # two names for one SKU: refused, naming the line
+    (tmp_path / "names.csv").write_text(f"image,sku,name\n{rows[classes[0]][0]},{classes[0]},A\n"
+                                        f"{rows[classes[0]][1]},{classes[0]},B\n")
+    assert main(["--catalog", str(base), "import", str(tmp_path / "names.csv"), "--append"]) == 1
+    assert "names.csv:3: SKU" in capsys.readouterr().err
