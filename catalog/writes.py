@@ -234,8 +234,8 @@ class CatalogWriter(CatalogReader):
             photos, [(p.sku, p.vectors) for p in prepared], self.encoder_for(prepared[0].encoder_id).identity.key)
         if to is None:
             return None
-        limit = hub_limit(len(photos), len(self))
-        return {sku: StorePhotosTaken(int(sum(t == sku for t in to)), len(photos), limit) for sku in {p.sku for p in prepared}}
+        limit, taken = hub_limit(len(photos), len(self)), Counter(t for t in to if t is not None)
+        return {p.sku: StorePhotosTaken(taken[p.sku], len(photos), limit) for p in prepared}
 
     def _checked_store_photos(self, prepared: Sequence[PreparedReference]) -> np.ndarray | None:
         """The even sample of the catalog's unlabeled store photos the hub checks match (float32
