@@ -170,15 +170,9 @@ def photos(grocery_store):
 @pytest.fixture(scope="module")
 def hub_catalog(tmp_path_factory, photos, grocery_store, mobilenet_weights):
     unlabeled, queries = photos
-    root = tmp_path_factory.mktemp("hub") / "cat"
-    cat = Catalog.init(root, encoder=MOBILENET_SPEC, weights=mobilenet_weights, encoder_options=MOBILENET_OPTIONS,
-                       center_photos=unlabeled)
-    csv = root.parent / "skus.csv"
-    classes = sorted({p.label for p in queries})
     iconic = {c.name: c.iconic for c in grocery_store.classes}
-    csv.write_text("image,sku,name\n" + "".join(f"{iconic[c]},{c},{c}\n" for c in classes))
-    cat.import_csv(csv, progress=False)
-    return cat
+    return packshot_catalog(tmp_path_factory.mktemp("hub") / "cat", mobilenet_weights, unlabeled,
+                            {c: iconic[c] for c in sorted({p.label for p in queries})})
 
 
 def test_catalog_keeps_its_unlabeled_photos_and_recognises_by_csls(hub_catalog, photos):
