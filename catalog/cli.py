@@ -125,8 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("list", help="list the SKUs")
     s.add_argument("--json", action="store_true", help="print JSON")
 
-    s = sub.add_parser("remove", help="remove an SKU")
+    s = sub.add_parser("remove", help="remove an SKU (or, --reference, one of its reference images)")
     s.add_argument("sku")
+    s.add_argument("--reference", type=Path, default=None, metavar="IMAGE",
+                   help="remove only this reference image of the SKU (the file that was added: its content identifies it)")
 
     s = sub.add_parser("info", help="show the catalog's settings")
     s.add_argument("--json", action="store_true", help="print JSON")

@@ -122,6 +122,10 @@ def cmd_upgrade(args) -> int:
 
 def cmd_remove(args) -> int:
     cat = Catalog.open(catalog_dir(args), db_url=args.db_url)
+    if args.reference is not None:
+        info = cat.remove_reference(args.sku, args.reference)
+        print(f"removed a reference image of {field(info.sku)} ({info.references} left)")
+        return 0
     cat.remove(args.sku)
     print(f"removed {args.sku}")
     return 0

@@ -534,6 +534,44 @@ class CatalogWriter(CatalogReader):
         self._delete_unreferenced(files)
         logger.info("removed SKU %s", sku)
 
+    def remove_reference(self, sku: str, image: str | os.PathLike) -> SKUInfo:
+        """Remove one reference image of an SKU and its vectors (e.g. an in-store photo appended
+        with ``--force`` that turned out to be a hub); recognition stops matching them at once.
+
+        Args:
+            sku: the SKU id.
+            image: the image file that was added (identified by its content, SHA-256), or the
+                catalog's stored copy of it.
+
+        Returns:
+            The SKU's :class:`SKUInfo` after the removal.
+
+        Raises:
+            UnknownSKUError: no such SKU.
+            InvalidImageError: the file cannot be read.
+            CatalogError: the image is not a reference image of this SKU, or it is the SKU's only
+                one (remove the SKU instead).  Nothing is changed on any error.
+            ReadOnlyCatalogError: the catalog is read-only.
+        """
+        self.require_writable("remove a reference image")
+        digest = hashlib.sha256(read_image_bytes(image)).hexdigest()
+        with self.sessions.begin() as s:
+            self.lock_writers(s)
+            row = find_sku(s, sku)
+            ref = next((r for r in row.references if r.sha256 == digest), None)
+            if ref is None:
+                raise CatalogError(f"{image} is not a reference image of SKU {row.id!r}")
+            if len(row.references) == 1:
+                raise CatalogError(f"{image} is the only reference image of SKU {row.id!r}; remove the SKU instead "
+                                   f"(catalog remove {row.id})")
+            files = [ref.filename]
+            s.execute(delete(Embedding).where(Embedding.reference_id == ref.id))
+            s.delete(ref)
+            s.flush()
+        self._delete_unreferenced(files)
+        logger.info("removed a reference image of SKU %s", sku)
+        return self.get(sku)
+
     def _failed_write(self, e: BaseException, created: Sequence[Path], duplicate: str) -> BaseException:
         """After a write that raised ``e``: remove the files it ``created``; return the error to
         raise: a :class:`DuplicateSKUError` (``duplicate``: what was already there) for a

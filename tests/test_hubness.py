@@ -694,3 +694,34 @@ def test_import_append_counts_every_skus_new_images_together_and_refuses_hubs(tm
                                         f"{rows[classes[0]][1]},{classes[0]},B\n")
     assert main(["--catalog", str(base), "import", str(tmp_path / "names.csv"), "--append"]) == 1
     assert "names.csv:3: SKU" in capsys.readouterr().err
+
+
+def test_remove_reference_undoes_a_forced_append(tmp_path, grocery_store, mobilenet_weights, capsys):
+    """catalog remove SKU --reference IMAGE takes one appended reference image back out: the
+    stored photos are recognised as before the append, its file leaves the image store; the
+    SKU's only reference image, an image that is not its reference and an unknown SKU are
+    refused with one line, nothing changed."""
+    train, classes, unlabeled, iconic = store_sample(grocery_store)
+    root = tmp_path / "cat"
+    cat = packshot_catalog(root, mobilenet_weights, unlabeled, {c: iconic[c] for c in classes})
+    rec = Recognizer(cat)
+    before = store_photo_skus(cat, rec)
+    files_before = {p for p in (root / "images").rglob("*") if p.is_file()}
+    unlabeled_set = set(unlabeled)
+    c = classes[0]
+    photo = next(p.path for p in train if p.label == c and p.path not in unlabeled_set)
+    assert main(["--catalog", str(root), "add", str(photo), "--sku", c, "--append", "--force"]) == 0
+    assert cat.get(c).references == 2 and store_photo_skus(cat, rec) != before
+    capsys.readouterr()
+    for args, message in (([c, "--reference", str(iconic[classes[1]])], "is not a reference image of SKU"),
+                          (["nope", "--reference", str(photo)], "unknown SKU 'nope'")):
+        assert main(["--catalog", str(root), "remove", *args]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+        assert cat.get(c).references == 2
+    assert main(["--catalog", str(root), "remove", c, "--reference", str(photo)]) == 0
+    assert capsys.readouterr().out.startswith(f"removed a reference image of {c} (1 left)")
+    assert cat.get(c).references == 1 and store_photo_skus(cat, rec) == before
+    assert {p for p in (root / "images").rglob("*") if p.is_file()} == files_before
+    assert main(["--catalog", str(root), "remove", c, "--reference", str(iconic[c])]) == 1
+    assert "the only reference image of SKU" in capsys.readouterr().err and cat.get(c).references == 1
