@@ -2,7 +2,7 @@
 
 from .errors import CatalogError, DuplicateSKUError, InvalidSKUError, NoSpaceError, ReadOnlyCatalogError, UnknownSKUError
 from .outliers import OutlierInfo, UnknownOutlierError
-from .skus import AddedSKU, ImportedSKU, SKUInfo, validate_name, validate_sku_id
+from .skus import AddedSKU, ImportedSKU, ReferenceImageInfo, SKUInfo, validate_name, validate_sku_id
 from .store import DEFAULT_THRESHOLD, Catalog, default_catalog_dir
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "NoSpaceError",
     "OutlierInfo",
     "ReadOnlyCatalogError",
+    "ReferenceImageInfo",
     "SKUInfo",
     "UnknownOutlierError",
     "UnknownSKUError",

@@ -122,8 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("upgrade", help="migrate the catalog's database to the schema this retailklip needs")
 
-    s = sub.add_parser("list", help="list the SKUs")
+    s = sub.add_parser("list", help="list the SKUs (or, --references, their stored reference images)")
     s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--references", nargs="?", const="", default=None, metavar="SKU",
+                   help="list the stored reference images (of every SKU, or of SKU): sha256, size, stored copy")
 
     s = sub.add_parser("remove", help="remove an SKU (or, --reference, one of its reference images)")
     s.add_argument("sku")

@@ -104,6 +104,15 @@ def cmd_import(args) -> int:
 
 def cmd_list(args) -> int:
     cat = Catalog.open(catalog_dir(args), db_url=args.db_url)
+    if args.references is not None:
+        refs = cat.reference_images(args.references or None)
+        if args.json:
+            print(json.dumps([r.to_dict() for r in refs], ensure_ascii=False, indent=1))
+        else:
+            for r in refs:
+                print(f"{field(r.sku)}\t{r.sha256[:12]}\t{r.width}x{r.height}\t{r.created:%Y-%m-%d %H:%M}\t{field(str(r.path))}")
+            print(f"{len(refs)} reference image(s)", file=sys.stderr)
+        return 0
     skus = cat.list_skus()
     if args.json:
         print(json.dumps([s.to_dict() for s in skus], ensure_ascii=False, indent=1))

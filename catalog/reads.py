@@ -21,7 +21,7 @@ from .codec import decode_vector
 from .connection import CatalogConnection
 from .errors import CatalogError, UnknownSKUError
 from .models import SKU, Embedding, IndexVersion, OutlierEmbedding, ReferenceImage
-from .skus import SKUInfo, find_sku, id_forms
+from .skus import ReferenceImageInfo, SKUInfo, find_sku, id_forms
 
 if TYPE_CHECKING:  # pragma: no cover
     from retailklip.index import VectorIndex
@@ -36,6 +36,16 @@ class CatalogReader(CatalogConnection):
         if not infos:
             raise UnknownSKUError(f"unknown SKU {sku!r}")
         return infos[0]
+
+    def reference_images(self, sku: str | None = None) -> list[ReferenceImageInfo]:
+        """The stored reference images of every SKU (or of ``sku``), by SKU id, oldest first.
+        Raises :class:`UnknownSKUError` for an ``sku`` that does not exist."""
+        with self.sessions() as s:
+            q = select(ReferenceImage).order_by(ReferenceImage.sku_id, ReferenceImage.id)
+            if sku is not None:
+                q = q.where(ReferenceImage.sku_id == find_sku(s, sku).id)
+            return [ReferenceImageInfo(r.sku_id, r.sha256, self.root / r.filename, r.width, r.height, r.created)
+                    for r in s.scalars(q)]
 
     def list_skus(self, only: Sequence[str] | None = None) -> list[SKUInfo]:
         """All SKUs (or those in ``only``), sorted by id, with reference and vector counts."""

@@ -7,6 +7,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy.orm import Session
 
@@ -191,6 +192,30 @@ class ImportedSKU:
     def to_dict(self) -> dict:
         return {"sku": self.sku, "references": self.references,
                 "store_photos": None if self.store_photos is None else self.store_photos.to_dict()}
+
+
+@dataclass(frozen=True)
+class ReferenceImageInfo:
+    """One stored reference image of an SKU, as listed by :meth:`Catalog.reference_images`.
+
+    Attributes:
+        sku: the SKU id.
+        sha256: SHA-256 (hex) of the image file's bytes: what identifies it (``remove --reference``).
+        path: the catalog's stored copy of the file (absolute).
+        width, height: pixels, as decoded (EXIF orientation applied).
+        created: when it was added.
+    """
+
+    sku: str
+    sha256: str
+    path: Path
+    width: int
+    height: int
+    created: datetime
+
+    def to_dict(self) -> dict:
+        return {"sku": self.sku, "sha256": self.sha256, "path": str(self.path), "width": self.width,
+                "height": self.height, "created": self.created.isoformat()}
 
 
 def id_forms(sku: str) -> list[str]:

@@ -5,6 +5,7 @@ CSLS, calibrates by the same ranking, and is switched off and on by rebuilds."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -697,10 +698,10 @@ def test_import_append_counts_every_skus_new_images_together_and_refuses_hubs(tm
 
 
 def test_remove_reference_undoes_a_forced_append(tmp_path, grocery_store, mobilenet_weights, capsys):
-    """catalog remove SKU --reference IMAGE takes one appended reference image back out: the
-    stored photos are recognised as before the append, its file leaves the image store; the
-    SKU's only reference image, an image that is not its reference and an unknown SKU are
-    refused with one line, nothing changed."""
+    """catalog remove SKU --reference IMAGE takes one appended reference image back out (found
+    by list --references, whose stored copy identifies it): the stored photos are recognised as
+    before the append, its file leaves the image store; the SKU's only reference image, an image
+    that is not its reference and an unknown SKU are refused with one line, nothing changed."""
     train, classes, unlabeled, iconic = store_sample(grocery_store)
     root = tmp_path / "cat"
     cat = packshot_catalog(root, mobilenet_weights, unlabeled, {c: iconic[c] for c in classes})
@@ -719,8 +720,21 @@ def test_remove_reference_undoes_a_forced_append(tmp_path, grocery_store, mobile
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err
         assert cat.get(c).references == 2
-    assert main(["--catalog", str(root), "remove", c, "--reference", str(photo)]) == 0
+    # the stored copy, as list --references shows it, identifies the appended photo too
+    assert main(["--catalog", str(root), "list", "--references", c, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    digest = hashlib.sha256(Path(photo).read_bytes()).hexdigest()
+    assert [r["sha256"] for r in listed] == [hashlib.sha256(Path(iconic[c]).read_bytes()).hexdigest(), digest]
+    assert len(cat.reference_images()) == len(classes) + 1
+    assert main(["--catalog", str(root), "list", "--references"]) == 0
+    out, err = capsys.readouterr()
+    assert f"{c}\t{digest[:12]}\t" in out and out.count("\n") == len(classes) + 1
+    assert err.startswith(f"{len(classes) + 1} reference image(s)")
+    stored = Path(listed[1]["path"])
+    assert stored.read_bytes() == Path(photo).read_bytes()
+    assert main(["--catalog", str(root), "remove", c, "--reference", str(stored)]) == 0
     assert capsys.readouterr().out.startswith(f"removed a reference image of {c} (1 left)")
+    assert not stored.exists()
     assert cat.get(c).references == 1 and store_photo_skus(cat, rec) == before
     assert {p for p in (root / "images").rglob("*") if p.is_file()} == files_before
     assert main(["--catalog", str(root), "remove", c, "--reference", str(iconic[c])]) == 1
