@@ -105,21 +105,21 @@ def cmd_import(args) -> int:
 def cmd_list(args) -> int:
     cat = Catalog.open(catalog_dir(args), db_url=args.db_url)
     if args.references is not None:
-        refs = cat.reference_images(args.references or None)
-        if args.json:
-            print(json.dumps([r.to_dict() for r in refs], ensure_ascii=False, indent=1))
-        else:
-            for r in refs:
-                print(f"{field(r.sku)}\t{r.sha256[:12]}\t{r.width}x{r.height}\t{r.created:%Y-%m-%d %H:%M}\t{field(str(r.path))}")
-            print(f"{len(refs)} reference image(s)", file=sys.stderr)
-        return 0
-    skus = cat.list_skus()
-    if args.json:
-        print(json.dumps([s.to_dict() for s in skus], ensure_ascii=False, indent=1))
+        return print_listing(cat.reference_images(args.references or None), args.json, "reference image(s)", lambda r: (
+            f"{field(r.sku)}\t{r.sha256[:12]}\t{r.width}x{r.height}\t{r.created:%Y-%m-%d %H:%M}\t{field(str(r.path))}"))
+    return print_listing(cat.list_skus(), args.json, "SKU(s)", lambda s: (
+        f"{field(s.sku)}\t{field(s.name or '')}\t{s.references} ref\t{s.vectors} vec\t{s.created:%Y-%m-%d %H:%M}"))
+
+
+def print_listing(items: list, as_json: bool, what: str, line) -> int:
+    """Print ``items`` as a JSON list of their ``to_dict()`` or one ``line(item)`` each, with the
+    count on stderr; returns exit code 0."""
+    if as_json:
+        print(json.dumps([i.to_dict() for i in items], ensure_ascii=False, indent=1))
     else:
-        for s in skus:
-            print(f"{field(s.sku)}\t{field(s.name or '')}\t{s.references} ref\t{s.vectors} vec\t{s.created:%Y-%m-%d %H:%M}")
-        print(f"{len(skus)} SKU(s)", file=sys.stderr)
+        for i in items:
+            print(line(i))
+        print(f"{len(items)} {what}", file=sys.stderr)
     return 0
 
 
