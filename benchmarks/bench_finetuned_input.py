@@ -111,6 +111,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_defaults_cv import ENCODER, SHARED, WEIGHTS, cached_features, normalise
+from bench_loop_recipe import run_seed
 from bench_pseudo_references import MAIN_JOB, MAIN_JOB_CACHE, fold_features
 
 from retailklip.calibration import nearest_skus
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(first)} queries, every {CENTER_STRIDE}th train photo for centring)")
 
     feats: dict[tuple[str, str], dict[str, np.ndarray]] = {}  # (run, fold) -> geometry -> (len(need), D)
-    runs = [(run, int((run / "seed.txt").read_text()) if (run / "seed.txt").is_file() else 0) for run in args.runs]
+    runs = [(run, run_seed(run) or 0) for run in args.runs]
     cache = args.cache / "finetuned-input"
     prepared: dict = {}
     for g in args.geometries:  # geometry outer: each geometry's inputs decoded once

@@ -99,10 +99,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_defaults_cv import SHARED, cached_features, normalise
-from bench_loop_recipe import oracle_known_accepted
+from bench_loop_recipe import oracle_known_accepted, run_seed
 from bench_pseudo_references import fold_features
 
-from retailklip.calibration import CalibrationError, auroc, threshold_for_precision
+from retailklip.calibration import CalibrationError, threshold_for_precision
 from retailklip.datasets import read_grocery_store
 from retailklip.open_set import outlier_ratio
 from retailklip.protocol import capture_groups, class_disjoint_folds, session_folds
@@ -204,38 +204,83 @@ def experiment(x: np.ndarray, labels: np.ndarray, known: list[str], gallery: np.
 def operating_point(cal: dict, ev: dict, score: str) -> tuple[float, float, float]:
     """(calibrated known accepted, calibrated known precision, oracle known accepted) at PRECISION."""
     oracle = oracle_known_accepted(ev[score], ev["right"], ev["known"], PRECISION)
-    try:
-        accepted = ev[score] <= threshold_for_precision(cal[score], cal["right"], PRECISION)
-    except CalibrationError:
-        return 0.0, float("nan"), oracle
+    accepted = ev[score] <= calibrated_threshold(cal, score)
     precision = float(ev["right"][accepted].mean()) if accepted.any() else float("nan")
     return float(accepted[ev["known"]].mean()), precision, oracle
 
 
-def calibrated_threshold(cal: dict, score: str) -> float:
-    """The threshold at known precision >= PRECISION on the calibration photos (-inf if none)."""
+def calibrated_threshold(cal: dict, score: str, target: float = PRECISION) -> float:
+    """The threshold at known precision >= ``target`` on the calibration photos (-inf if none)."""
     try:
-        return threshold_for_precision(cal[score], cal["right"], PRECISION)
+        return threshold_for_precision(cal[score], cal["right"], target)
     except CalibrationError:
         return -np.inf
 
 
-def weighted_point(ev: dict, score: str, t: float, w: np.ndarray) -> tuple[float, float]:
-    """(known photos accepted, precision of the accepted) at threshold ``t``, photo weights ``w``."""
+def weighted_point_rows(ev: dict, score: str, t: float, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(known photos accepted, precision of the accepted) at threshold ``t``, one of each per row
+    of photo weights ``w`` (B, n): float64 (B,) each, NaN where a row weights no known / no
+    accepted photo."""
     acc = ev[score] <= t
-    known_w = w[ev["known"]].sum()
-    accepted = float((w * (acc & ev["known"])).sum() / known_w) if known_w else float("nan")
-    n_acc = (w * acc).sum()
-    precision = float((w * (acc & ev["right"])).sum() / n_acc) if n_acc else float("nan")
-    return accepted, precision
+    w = np.asarray(w, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (w * (acc & ev["known"])).sum(1) / (w * ev["known"]).sum(1), (w * (acc & ev["right"])).sum(1) / (w * acc).sum(1)
+
+
+def weighted_point(ev: dict, score: str, t: float, w: np.ndarray) -> tuple[float, float]:
+    """:func:`weighted_point_rows` for one row of photo weights ``w`` (n,)."""
+    accepted, precision = weighted_point_rows(ev, score, t, np.asarray(w)[None])
+    return float(accepted[0]), float(precision[0])
+
+
+def weighted_auroc_rows(score: np.ndarray, known: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """AUROC known vs unknown (known = lower score; ties count 1/2) for each row of photo weights.
+
+    Args:
+        score: float (n,); known: bool (n,); w: (B, n) non-negative weights (class-bootstrap
+        counts; all ones = the plain AUROC).
+
+    Returns:
+        float64 (B,), NaN where a row weights no known or no unknown photo.
+    """
+    order = np.argsort(score, kind="stable")
+    s, k, w = score[order], known[order], np.asarray(w)[:, order].astype(np.float64)
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # tie groups of the sorted scores
+    gk = np.add.reduceat(w * k, starts, axis=1)
+    gu = np.add.reduceat(w * ~k, starts, axis=1)
+    below = np.cumsum(gk, axis=1) - gk  # known weight strictly below each group
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (gu * (below + 0.5 * gk)).sum(1) / (gk.sum(1) * gu.sum(1))
 
 
 def weighted_auroc(score: np.ndarray, known: np.ndarray, w: np.ndarray) -> float:
-    rows = np.repeat(np.arange(len(score)), w)
-    k = known[rows]
-    if k.all() or not k.any():
-        return float("nan")
-    return auroc(-score[rows][k], -score[rows][~k])
+    """:func:`weighted_auroc_rows` for one row of photo weights ``w`` (n,)."""
+    return float(weighted_auroc_rows(score, known, np.asarray(w)[None])[0])
+
+
+def train_split(data: Path, cache: Path):
+    """GroceryStore's train split as these benchmarks use it: (class names, class -> coarse class,
+    items = every packshot then every train photo by class (path, view 0), labels (N,) of the
+    photos, raw ImageNet MobileNetV2 features (81 + N, D) float64, capture groups (N,) of the
+    photos)."""
+    store = read_grocery_store(data)
+    names = [c.name for c in store.classes]
+    coarse = {c.name: c.coarse_name for c in store.classes}
+    photos = defaultdict(list)
+    for ph in store.photos("train"):
+        photos[ph.label].append(ph.path)
+    items = [(c.iconic, 0) for c in store.classes] + [(q, 0) for c in names for q in photos[c]]
+    labels = np.array([c for c in names for _ in photos[c]])
+    raw = cached_features("bilinear", items, cache, options={"interpolation": "bilinear"}).astype(np.float64)
+    return names, coarse, items, labels, raw, capture_groups(raw[len(names):], labels.tolist())
+
+
+def known_unknown(test: list[str], half, seed: int, coarse: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
+    """One half of a class fold's held-out classes as the catalog (known), the other split again
+    by coarse class into calibration and evaluation unknowns: (known, unknown_cal, unknown_ev)."""
+    known, unknown = [test[i] for i in half.train], [test[i] for i in half.test]
+    u = class_disjoint_folds(unknown, k=2, seed=seed, groups=[coarse[c] for c in unknown])[0]
+    return known, [unknown[i] for i in u.train], [unknown[i] for i in u.test]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,25 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     recipes = args.recipes.split(",")
     start = time.perf_counter()
-    store = read_grocery_store(args.data)
-    names = [c.name for c in store.classes]
-    coarse = {c.name: c.coarse_name for c in store.classes}
-    photos = defaultdict(list)
-    for ph in store.photos("train"):
-        photos[ph.label].append(ph.path)
-    items = [(c.iconic, 0) for c in store.classes] + [(q, 0) for c in names for q in photos[c]]
-    labels = np.array([c for c in names for _ in photos[c]])
-    raw = cached_features("bilinear", items, args.cache, options={"interpolation": "bilinear"}).astype(np.float64)
+    names, coarse, items, labels, raw, groups = train_split(args.data, args.cache)
     raw_stage = cached_features("bilinear-stage-1", items, args.cache, options={"interpolation": "bilinear", "feature_stage": -1}
                                 ).astype(np.float64) if args.feature_stage else None
-    groups = capture_groups(raw[len(names):], labels.tolist())
     sides = session_folds(labels.tolist(), groups, k=2, seed=0)[0]
     side_of = np.zeros(len(labels), int)
     side_of[sides.test] = 1
     rows: dict[str, list[dict]] = defaultdict(list)  # encoder -> experiments
     widths: dict[str, list[int]] = {}  # encoder -> part widths, for the "+stage" concatenations
     for run in args.runs:
-        seed = int((run / "seed.txt").read_text()) if (run / "seed.txt").is_file() else 0
+        seed = run_seed(run) or 0
         for f in class_disjoint_folds(names, k=3, seed=seed, groups=[coarse[c] for c in names]):
             test, train = [names[i] for i in f.test], [names[i] for i in f.train]
             encoders = {"raw": raw, **{r: fold_features(run, f.index, r, [q for q, _ in items], args.cache) for r in recipes}}
@@ -287,14 +323,12 @@ def main(argv: list[str] | None = None) -> int:
                 pack, x = x_all[: len(names)], x_all[len(names):]
                 outliers = pack[[names.index(c) for c in train]]
                 for h in halves:
-                    known, unknown = [test[i] for i in h.train], [test[i] for i in h.test]
-                    u = class_disjoint_folds(unknown, k=2, seed=seed, groups=[coarse[c] for c in unknown])[0]
-                    u_cal, u_ev = {unknown[i] for i in u.train}, {unknown[i] for i in u.test}
+                    known, u_cal, u_ev = known_unknown(test, h, seed, coarse)
                     gallery = pack[[names.index(c) for c in known]]
                     kn = np.isin(labels, known)
                     for cal_side in (0, 1):
-                        cal = np.flatnonzero((side_of == cal_side) & (kn | np.isin(labels, list(u_cal))))
-                        ev = np.flatnonzero((side_of != cal_side) & (kn | np.isin(labels, list(u_ev))))
+                        cal = np.flatnonzero((side_of == cal_side) & (kn | np.isin(labels, u_cal)))
+                        ev = np.flatnonzero((side_of != cal_side) & (kn | np.isin(labels, u_ev)))
                         rows[enc_name].append(experiment(x, labels, known, gallery, outliers, cal, ev))
         print(f"{run}: done, {time.perf_counter() - start:.0f} s", flush=True)
 

@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_defaults_cv import ENCODER, SHARED, WEIGHTS, cached_features, cv_folds, normalise
+from bench_loop_recipe import run_seed
 
 from retailklip.calibration import nearest_skus
 from retailklip.datasets import read_grocery_store
@@ -202,7 +203,7 @@ def finetuned(store, runs: list[Path], recipe: str, queries_per_class: int, cach
     pool_sizes: list[tuple[int, int, int]] = []
     out: dict[tuple, list[np.ndarray]] = defaultdict(list)
     for run in runs:
-        seed = int((run / "seed.txt").read_text()) if (run / "seed.txt").is_file() else 0
+        seed = run_seed(run) or 0
         folds = class_disjoint_folds(names, k=3, seed=seed, groups=groups)
         rows: dict[tuple, list[np.ndarray]] = defaultdict(list)
         for f in folds:

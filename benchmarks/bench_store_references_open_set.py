@@ -96,16 +96,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_defaults_cv import SHARED, cached_features, normalise
-from bench_loop_recipe import oracle_known_accepted
-from bench_per_sku_scores import calibrated_threshold
+from bench_defaults_cv import SHARED, normalise
+from bench_loop_recipe import oracle_known_accepted, run_seed
+from bench_per_sku_scores import (calibrated_threshold, known_unknown, train_split, weighted_auroc_rows,
+                                  weighted_point_rows)
 from bench_pseudo_references import fold_features
 
-from retailklip.calibration import CalibrationError, threshold_for_precision
-from retailklip.datasets import read_grocery_store
 from retailklip.hubness import DEFAULT_HUBNESS_K, HubnessReference
 from retailklip.open_set import outlier_ratio
-from retailklip.protocol import capture_groups, class_disjoint_folds, session_folds
+from retailklip.protocol import class_disjoint_folds, session_folds
 
 RECIPE = "iconic12-decay0.9-stage"
 PER_SKU = (0, 1, 2)
@@ -166,26 +165,6 @@ def experiment(x: np.ndarray, labels: np.ndarray, pack: dict[str, np.ndarray], k
     return res
 
 
-def weighted_auroc_rows(score: np.ndarray, known: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """AUROC known vs unknown (known = lower score; ties count 1/2) for each row of photo weights.
-
-    Args:
-        score: float (n,); known: bool (n,); w: (B, n) non-negative weights (class-bootstrap
-        counts; all ones = the plain AUROC).
-
-    Returns:
-        float64 (B,), NaN where a row weights no known or no unknown photo.
-    """
-    order = np.argsort(score, kind="stable")
-    s, k, w = score[order], known[order], w[:, order].astype(np.float64)
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # tie groups of the sorted scores
-    gk = np.add.reduceat(w * k, starts, axis=1)
-    gu = np.add.reduceat(w * ~k, starts, axis=1)
-    below = np.cumsum(gk, axis=1) - gk  # known weight strictly below each group
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (gu * (below + 0.5 * gk)).sum(1) / (gk.sum(1) * gu.sum(1))
-
-
 def confident_threshold(score: np.ndarray, right: np.ndarray, target: float, confidence: float) -> float:
     """The largest threshold (lower score = accepted) whose accepted photos' known precision has an
     exact one-sided ``confidence`` lower bound (Clopper-Pearson: the beta quantile) >= ``target``;
@@ -204,17 +183,15 @@ def confident_threshold(score: np.ndarray, right: np.ndarray, target: float, con
     i = int(ok[-1])
     return float(d[i]) if i + 1 == len(d) else (float(d[i]) + float(d[i + 1])) / 2.0
 
+
 def experiment_metrics(ev: dict, w: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
     """Per weight row (B, n): top-1 of the known photos, AUROC of each score, and the known photos
     accepted and the known precision at the ``outlier-ratio`` threshold."""
-    k, right = ev["known"], ev["right"]
-    acc = ev["outlier-ratio"] <= threshold
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = {"top1": (w * right).sum(1) / (w * k).sum(1),
-               "accepted": (w * (acc & k)).sum(1) / (w * k).sum(1),
-               "precision": (w * (acc & right)).sum(1) / (w * acc).sum(1)}
+        out = {"top1": (w * ev["right"]).sum(1) / (w * ev["known"]).sum(1)}
+    out["accepted"], out["precision"] = weighted_point_rows(ev, "outlier-ratio", threshold, w)
     for sc in SCORES:
-        out[f"auroc {sc}"] = weighted_auroc_rows(ev[sc], k, w)
+        out[f"auroc {sc}"] = weighted_auroc_rows(ev[sc], ev["known"], w)
     return out
 
 
@@ -227,22 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     start = time.perf_counter()
-    store = read_grocery_store(args.data)
-    names = [c.name for c in store.classes]
-    coarse = {c.name: c.coarse_name for c in store.classes}
-    photos = defaultdict(list)
-    for ph in store.photos("train"):
-        photos[ph.label].append(ph.path)
-    items = [(c.iconic, 0) for c in store.classes] + [(q, 0) for c in names for q in photos[c]]
-    labels = np.array([c for c in names for _ in photos[c]])
-    raw = cached_features("bilinear", items, args.cache, options={"interpolation": "bilinear"}).astype(np.float64)
-    groups = capture_groups(raw[len(names):], labels.tolist())
+    names, coarse, items, labels, raw, groups = train_split(args.data, args.cache)
     side_of = np.zeros(len(labels), int)
     for i, f in enumerate(session_folds(labels.tolist(), groups, k=3, seed=0)):
         side_of[f.test] = i
     rows: dict[tuple, list[dict]] = defaultdict(list)  # (encoder, r, variant) -> experiments
     for run in args.runs:
-        seed = int((run / "seed.txt").read_text()) if (run / "seed.txt").is_file() else 0
+        seed = run_seed(run) or 0
         for f in class_disjoint_folds(names, k=3, seed=seed, groups=[coarse[c] for c in names]):
             test, train = [names[i] for i in f.test], [names[i] for i in f.train]
             paths = [q for q, _ in items]
@@ -257,9 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 x = x_all[len(names):]
                 store_photos = HubnessReference(x[centre_rows], k=DEFAULT_HUBNESS_K)  # the catalog's stored photos
                 for h in halves:
-                    known, unknown = [test[i] for i in h.train], [test[i] for i in h.test]
-                    u = class_disjoint_folds(unknown, k=2, seed=seed, groups=[coarse[c] for c in unknown])[0]
-                    u_cal, u_ev = [unknown[i] for i in u.train], [unknown[i] for i in u.test]
+                    known, u_cal, u_ev = known_unknown(test, h, seed, coarse)
                     kn = np.isin(labels, known)
                     for rot in range(3):
                         ref_side, cal_side, ev_side = rot, (rot + 1) % 3, (rot + 2) % 3
@@ -290,17 +256,13 @@ def main(argv: list[str] | None = None) -> int:
             for m, v in experiment_metrics(ev, w, calibrated_threshold(e["cal"], "outlier-ratio")).items():
                 per[m].append(v)
             confident = confident_threshold(e["cal"]["outlier-ratio"], e["cal"]["right"], PRECISION, CONFIDENCE)
-            for m, v in experiment_metrics(ev, w, confident).items():
-                if m in ("accepted", "precision"):
-                    per[f"{m} confident"].append(v)
+            a, pr = weighted_point_rows(ev, "outlier-ratio", confident, w)
+            per["accepted confident"].append(a)
+            per["precision confident"].append(pr)
             for target in HIGHER_TARGETS:  # descriptive: what a store calibrating for more than 0.9 gets
-                try:
-                    t = threshold_for_precision(e["cal"]["outlier-ratio"], e["cal"]["right"], target)
-                except CalibrationError:
-                    t = -np.inf
-                for m, v in experiment_metrics(ev, w, t).items():
-                    if m in ("accepted", "precision"):
-                        per[f"{m} target {target:g}"].append(v)
+                a, pr = weighted_point_rows(ev, "outlier-ratio", calibrated_threshold(e["cal"], "outlier-ratio", target), w)
+                per[f"accepted target {target:g}"].append(a)
+                per[f"precision target {target:g}"].append(pr)
             per["oracle"].append(np.full(len(w), oracle_known_accepted(ev["outlier-ratio"], ev["right"], ev["known"],
                                                                        PRECISION)))
         with np.errstate(all="ignore"):
@@ -373,12 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         for target in (PRECISION, HIGHER_TARGETS[-1]):
             n = np.zeros(6, int)
             for e in rows[("finetuned", r, "a")]:
-                try:
-                    t = threshold_for_precision(e["cal"]["outlier-ratio"], e["cal"]["right"], target)
-                except CalibrationError:
-                    continue
                 ev = e["ev"]
-                acc, wrong = ev["outlier-ratio"] <= t, ~ev["right"]
+                acc = ev["outlier-ratio"] <= calibrated_threshold(e["cal"], "outlier-ratio", target)
+                wrong = ~ev["right"]
                 n += [acc.sum(), (acc & ev["known"] & wrong).sum(), (acc & ~ev["known"]).sum(), (acc & wrong & ev["in-store"]).sum(),
                       (acc & ~wrong & ev["in-store"]).sum(), (acc & ~wrong).sum()]
             res["errors"][f"R={r} target {target:g}"] = n.tolist()

@@ -67,9 +67,14 @@ def cmd_init(args) -> int:
     return 0
 
 
-def cmd_add(args) -> int:
+def require_append_for_force(args) -> None:
+    """``add`` and ``import``: --force only overrides the hub refusal of --append."""
     if args.force and not args.append:
         raise RetailKlipError("--force applies to --append only (a new SKU is never refused as a hub, only warned about)")
+
+
+def cmd_add(args) -> int:
+    require_append_for_force(args)
     cat = Catalog.open(catalog_dir(args), db_url=args.db_url, device=args.device)
     info = cat.add(args.image, sku=args.sku, name=args.name, append=args.append, force=args.force)
     if args.json:
@@ -89,9 +94,8 @@ def cmd_add(args) -> int:
 
 
 def cmd_import(args) -> int:
+    require_append_for_force(args)
     cat = Catalog.open(catalog_dir(args), db_url=args.db_url, device=args.device)
-    if args.force and not args.append:
-        raise RetailKlipError("--force applies to --append only (a new SKU is never refused as a hub, only warned about)")
     result = cat.import_csv(args.csv, append=args.append, force=args.force, progress=sys.stderr.isatty() or args.verbose > 0)
     if args.json:
         print(json.dumps([r.to_dict() for r in result], ensure_ascii=False, indent=1))

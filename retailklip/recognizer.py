@@ -522,15 +522,11 @@ class Recognizer:
         Returns:
             One bool (M,) per reference, or None as :meth:`switches_to`.
         """
-        view = self._view_for(encoder_key)
-        if view is None:
+        now = self._ranked_now(queries, encoder_key)
+        if now is None:
             return None
-        queries = np.asarray(queries, np.float32)
-        with self._lock:
-            current = view.matcher.match(queries, np.inf)
-        hub = view.hubness if view.matcher.offsets is not None else None
-        return [switches_to(current, queries, vectors, None if hub is None else hub.offsets(vectors), sku)
-                for sku, vectors in references]
+        queries, current, offsets = now
+        return [switches_to(current, queries, vectors, offsets(vectors), sku) for sku, vectors in references]
 
     def switched_to(self, queries: np.ndarray, references: Sequence[tuple[str, np.ndarray]],
                     encoder_key: str) -> np.ndarray | None:
@@ -549,18 +545,29 @@ class Recognizer:
             object (M,): the new nearest SKU id or None (unchanged) per query, or None as
             :meth:`switches_to`.
         """
+        now = self._ranked_now(queries, encoder_key)
+        if now is None:
+            return None
+        queries, current, offsets = now
+        if not references:
+            return np.full(len(queries), None, object)
+        vectors = np.concatenate([np.asarray(v, np.float32) for _sku, v in references])
+        skus = [sku for sku, v in references for _ in range(len(v))]
+        return switched_to(current, queries, vectors, skus, offsets(vectors))
+
+    def _ranked_now(self, queries: np.ndarray, encoder_key: str):
+        """What the switch predictions start from: (float32 queries, their matches now, the CSLS
+        offsets of new vectors under the current ranking: a function of float32 (V, D) returning
+        float (V,), or None for plain 1-NN), or None when the current encoder is not
+        ``encoder_key`` or the catalog holds no SKU."""
         view = self._view_for(encoder_key)
         if view is None:
             return None
         queries = np.asarray(queries, np.float32)
-        if not references:
-            return np.full(len(queries), None, object)
         with self._lock:
             current = view.matcher.match(queries, np.inf)
-        vectors = np.concatenate([np.asarray(v, np.float32) for _sku, v in references])
-        skus = [sku for sku, v in references for _ in range(len(v))]
         hub = view.hubness if view.matcher.offsets is not None else None
-        return switched_to(current, queries, vectors, skus, None if hub is None else hub.offsets(vectors))
+        return queries, current, (lambda vectors: None) if hub is None else hub.offsets
 
     def recognize(
         self, image: ImageSource, *, boxes: object = None, points: object = None, masks: object = None,
