@@ -40,6 +40,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -52,6 +53,26 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class UTCDateTime(TypeDecorator):
+    """``DateTime(timezone=True)`` that reads back as an aware UTC datetime on every backend.
+
+    SQLite keeps no time zone: it returns the stored UTC time naive, PostgreSQL an aware one, so
+    a listing's ``created`` read ``2026-12-08T03:34:39`` on one and ``...+00:00`` on the other.
+    Aware values are stored converted to UTC; naive values read back are UTC.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        return value.astimezone(timezone.utc) if value is not None and value.tzinfo is not None else value
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -61,7 +82,7 @@ class SKU(Base):
 
     id: Mapped[str] = mapped_column(String(SKU_ID_MAX), primary_key=True)
     name: Mapped[str | None] = mapped_column(String(NAME_MAX))
-    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     references: Mapped[list[ReferenceImage]] = relationship(
         back_populates="sku", cascade="all, delete-orphan", passive_deletes=True, order_by="ReferenceImage.id"
     )
@@ -77,7 +98,7 @@ class ReferenceImage(Base):
     size_bytes: Mapped[int] = mapped_column(Integer)
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
-    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     sku: Mapped[SKU] = relationship(back_populates="references")
     embeddings: Mapped[list[Embedding]] = relationship(
         back_populates="reference", cascade="all, delete-orphan", passive_deletes=True
@@ -100,7 +121,7 @@ class EncoderRow(Base):
     center: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32 (dim,) feature-centering vector
     # float32 (P, dim) unit embeddings of unlabeled store photos, for hubness reduction (migration 0005)
     unlabeled: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)  # up to ~8 MB: read when used
-    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Embedding(Base):
@@ -134,7 +155,7 @@ class IndexVersion(Base):
     __tablename__ = "index_versions"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     encoder_id: Mapped[int] = mapped_column(ForeignKey("encoders.id"), index=True)
     factory: Mapped[str] = mapped_column(String(200))
     vectors: Mapped[int] = mapped_column(Integer, default=0)
@@ -181,7 +202,7 @@ class OutlierReference(Base):
     size_bytes: Mapped[int] = mapped_column(Integer)
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
-    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class OutlierEmbedding(Base):

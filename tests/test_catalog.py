@@ -192,3 +192,20 @@ def test_concurrent_writers_lose_no_update(store_catalog, iconic):
     assert not errors, errors
     assert store_catalog.generation == start + len(writers) * (n + 1)
     assert [s.sku for s in store_catalog.list_skus()] == ["w0", "w1"]
+
+
+def test_listed_times_are_aware_utc_on_every_backend(store_catalog, iconic):
+    """SQLite keeps no time zone; every listing still reports when, in UTC, on both backends."""
+    from datetime import datetime, timedelta, timezone
+
+    cat = store_catalog
+    before = datetime.now(timezone.utc) - timedelta(seconds=1)
+    cat.add(iconic[0][2], sku="golden")
+    cat.add_outliers([iconic[1][2]], ["not sold here"])
+    after = datetime.now(timezone.utc) + timedelta(seconds=1)
+    listed = [*cat.list_skus(), *cat.reference_images(), *cat.list_outliers(), *cat.versions()]
+    assert len(listed) >= 4
+    for item in listed:
+        assert item.created.utcoffset() == timedelta(0), item
+        assert item.to_dict()["created"].endswith("+00:00")
+    assert all(before <= item.created <= after for item in listed[:3])  # the version may predate the SKU
