@@ -15,6 +15,7 @@ import os
 import torch
 
 from ..errors import RetailKlipError, WeightsError, WeightsUnavailableError
+from ..hub import hub_or_cache
 from ..rng import seeded
 from ..weights import file_sha256, load_state_dict, load_state_dict_strict
 from .base import Encoder, EncoderIdentity, infer_dim, preprocess_description
@@ -78,14 +79,16 @@ def create_open_clip_encoder(
             raise RetailKlipError(
                 f"open_clip model {model_name} has no pretrained tag {pretrained!r}; known tags: {', '.join(tags) or 'none'}"
             )
-        try:
-            model = _create(model_name, overrides, pretrained=pretrained, cache_dir=cache_dir)
-        except Exception as e:  # noqa: BLE001 - hub errors come in many types
-            raise WeightsUnavailableError(
-                f"cannot load pretrained weights open_clip:{model_name}/{pretrained} (no network or hub cache?: "
-                f"{_first_line(e)}); download them elsewhere and pass the local file, "
-                f"e.g. `catalog init --encoder open_clip:{model_name} --weights open_clip_model.safetensors`"
-            ) from None
+        with hub_or_cache(f"open_clip:{model_name}/{pretrained}") as offline:
+            try:
+                model = _create(model_name, overrides, pretrained=pretrained, cache_dir=cache_dir)
+            except Exception as e:  # noqa: BLE001 - hub errors come in many types
+                why = f"{offline}, and not in the cache" if offline else f"no network or hub cache?: {_first_line(e)}"
+                raise WeightsUnavailableError(
+                    f"cannot load pretrained weights open_clip:{model_name}/{pretrained} ({why}); download them "
+                    f"elsewhere and pass the local file, "
+                    f"e.g. `catalog init --encoder open_clip:{model_name} --weights open_clip_model.safetensors`"
+                ) from None
         weights_id = f"tag:{pretrained}"
     elif random_init:
         model = _create(model_name, overrides, seed=seed)

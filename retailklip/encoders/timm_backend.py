@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import RetailKlipError, WeightsUnavailableError
+from ..hub import hub_or_cache
 from ..rng import seeded
 from ..weights import file_sha256, load_state_dict, load_state_dict_strict
 from .base import Encoder, EncoderIdentity, infer_dim, preprocess_description
@@ -93,13 +94,15 @@ def create_timm_encoder(
         model.reset_classifier(0)
         weights_id = f"random:{seed}"
     else:
-        try:
-            model = timm.create_model(model_name, pretrained=True, num_classes=0)
-        except Exception as e:  # noqa: BLE001 - hub errors come in many types
-            raise WeightsUnavailableError(
-                f"cannot load pretrained weights for timm:{model_name} (no network or hub cache?: "
-                f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); pass a local file with --weights FILE"
-            ) from None
+        with hub_or_cache(f"timm:{model_name}") as offline:
+            try:
+                model = timm.create_model(model_name, pretrained=True, num_classes=0)
+            except Exception as e:  # noqa: BLE001 - hub errors come in many types
+                why = (f"{offline}, and not in the Hugging Face cache" if offline else
+                       f"no network or hub cache?: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
+                raise WeightsUnavailableError(
+                    f"cannot load pretrained weights for timm:{model_name} ({why}); pass a local file with --weights FILE"
+                ) from None
         weights_id = f"tag:{getattr(model, 'pretrained_cfg', {}).get('tag') or 'default'}"
     if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 32):
         raise RetailKlipError(f"input_size must be an integer >= 32 (pixels), got {input_size!r}")

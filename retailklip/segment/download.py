@@ -32,6 +32,7 @@ import torch.hub
 from huggingface_hub import constants as hf_constants
 
 from ..errors import WeightsUnavailableError
+from ..hub import hub_unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,9 @@ def hub_checkpoint(repo_id: str, filename: str, *, name: str) -> Path:
         The cached file (a path inside :func:`hub_cache_dir`).
 
     Raises:
-        WeightsUnavailableError: not cached and the download failed (offline, no network,
-            missing repo/file); one line naming the file, the cache and ``--checkpoint``.
+        WeightsUnavailableError: not cached and the download failed (offline, the hub
+            unreachable: at once, :func:`retailklip.hub.hub_unreachable`; missing repo/file); one
+            line naming the file, the cache and ``--checkpoint``.
     """
     cached = huggingface_hub.try_to_load_from_cache(repo_id, filename)
     if isinstance(cached, str):
@@ -75,8 +77,9 @@ def hub_checkpoint(repo_id: str, filename: str, *, name: str) -> Path:
         return Path(cached)
     where = f"the Hugging Face cache {hub_cache_dir()}"
     source = f"https://huggingface.co/{repo_id}"
-    if hf_constants.HF_HUB_OFFLINE:
-        raise _unavailable(name, filename, where, source, "offline: HF_HUB_OFFLINE is set")
+    reason = hub_unreachable()  # one probe instead of huggingface_hub's retries (retailklip.hub)
+    if reason is not None:
+        raise _unavailable(name, filename, where, source, reason)
     logger.warning("%s: downloading %s from %s into %s", name, filename, source, hub_cache_dir())
     try:
         return Path(huggingface_hub.hf_hub_download(repo_id, filename))
