@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("ids", type=int, nargs="+", metavar="ID")
 
     s = sub.add_parser("recognize", help="recognise the products in photos")
-    s.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
+    s.add_argument("images", type=Path, nargs="+", metavar="IMAGE",
+                   help="photo files, or directories (every image under them, sorted)")
     s.add_argument("--json", action="store_true", help="print JSON: one object per image")
     s.add_argument("--threshold", type=_threshold, default=None, metavar="T",
                    help="override the catalog's threshold (and its score): T on --score, a cosine distance by default")

@@ -53,6 +53,16 @@ def image_list(path: Path) -> list[Path]:
     return files
 
 
+def expand_images(paths: list[Path]) -> list[Path]:
+    """Command-line IMAGE arguments -> image files: a directory stands for the images under it
+    (:func:`image_list`: recursive, sorted), anything else is kept as given (checked when read).
+
+    Raises:
+        RetailKlipError: a directory with no images in it.
+    """
+    return [f for p in paths for f in (image_list(p) if p.is_dir() else [p])]
+
+
 def cmd_init(args) -> int:
     cat = Catalog.init(
         catalog_dir(args), encoder=args.encoder, weights=args.weights, augmentations=args.augmentations,
@@ -162,7 +172,7 @@ def cmd_outliers(args) -> int:
     progress = sys.stderr.isatty() or args.verbose > 0
     if action in ("add", "import"):
         if action == "add":
-            images = [f for p in args.images for f in (image_list(p) if p.is_dir() else [p])]
+            images = expand_images(args.images)
             labels = None if args.label is None else [args.label] * len(images)
             added = cat.add_outliers(images, labels, progress=progress)
         else:
@@ -215,6 +225,7 @@ def cmd_recognize(args) -> int:
     from retailklip.recognizer import Recognizer
 
     seg_options = segmenter_options(args)
+    images = expand_images(args.images)  # an empty directory: one error before any model is built
     if args.boxes is not None:
         from retailklip.coco import read_boxes
 
@@ -230,9 +241,9 @@ def cmd_recognize(args) -> int:
     if args.overlay is not None:
         from retailklip.overlay import check_overlay_path, overlay_paths
 
-        overlays = overlay_paths(check_overlay_path(args.overlay), len(args.images))
+        overlays = overlay_paths(check_overlay_path(args.overlay), len(images))
     results, failed = [], 0
-    for n, path in enumerate(args.images):
+    for n, path in enumerate(images):
         try:
             im = load_image(path)
             boxes = box_file.boxes_for(path) if args.boxes is not None else None

@@ -120,3 +120,27 @@ def test_malformed_key_value_option_is_a_usage_error(tmp_path, capsys):
         parse_key_value("=1")
     assert issubclass(KeyValueError, ValueError)
     assert parse_key_value("crop_pct=1.0") == ("crop_pct", 1.0) and parse_key_value("m=bilinear") == ("m", "bilinear")
+
+
+def test_cli_recognize_a_directory(cli_catalog, iconic, tmp_path, capsys):
+    """A directory stands for the images under it (recursive, sorted; other files skipped), as
+    for ``outliers add``; an empty one is one error line."""
+    import shutil
+
+    d = str(cli_catalog)
+    assert main(["--catalog", d, "add", str(iconic[0][2]), "--sku", "golden"]) == 0
+    assert main(["--catalog", d, "add", str(iconic[10][2]), "--sku", "other"]) == 0
+    photos = tmp_path / "photos"
+    (photos / "shelf 2").mkdir(parents=True)
+    shutil.copy(iconic[10][2], photos / "b.jpg")
+    shutil.copy(iconic[0][2], photos / "shelf 2" / "a.jpg")
+    (photos / "notes.txt").write_text("not a photo")
+    capsys.readouterr()
+    assert main(["--catalog", d, "recognize", str(photos), str(iconic[0][2]), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [o["image"] for o in out] == [str(photos / "b.jpg"), str(photos / "shelf 2" / "a.jpg"), str(iconic[0][2])]
+    assert [o["recognitions"][0]["sku"] for o in out] == ["other", "golden", "golden"]
+    (tmp_path / "empty").mkdir()
+    assert main(["--catalog", d, "recognize", str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"catalog: error: {tmp_path / 'empty'}: no images found"
