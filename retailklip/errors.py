@@ -32,3 +32,10 @@ class EncoderMismatchError(RetailKlipError):
 
 class EmptyCatalogError(RetailKlipError):
     """Recognition was asked of a gallery (catalog) that holds no SKU."""
+
+
+def exception_line(exc: BaseException, limit: int = 200) -> str:
+    """``"TypeName: message"`` of an exception on one line (whitespace runs collapsed, the
+    message cut at ``limit`` characters), to quote a library's error inside one of ours."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__

@@ -22,17 +22,14 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from .errors import exception_line
+
 logger = logging.getLogger(__name__)
 
 #: Seconds the probe waits for the hub to answer (connect and response).
 PROBE_TIMEOUT_S = 5.0
 
 _OFFLINE_LOCK = threading.Lock()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
 def hub_unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
@@ -54,7 +51,7 @@ def hub_unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
     try:
         get_session().head(constants.ENDPOINT, timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - DNS, connection, TLS and timeout errors come in many types
-        return f"cannot reach {constants.ENDPOINT} ({_one_line(exc)})"
+        return f"cannot reach {constants.ENDPOINT} ({exception_line(exc)})"
     return None
 
 

@@ -31,15 +31,10 @@ import huggingface_hub
 import torch.hub
 from huggingface_hub import constants as hf_constants
 
-from ..errors import WeightsUnavailableError
+from ..errors import WeightsUnavailableError, exception_line
 from ..hub import hub_unreachable
 
 logger = logging.getLogger(__name__)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
 def _unavailable(name: str, filename: str, where: str, source: str, reason: str) -> WeightsUnavailableError:
@@ -84,7 +79,7 @@ def hub_checkpoint(repo_id: str, filename: str, *, name: str) -> Path:
     try:
         return Path(huggingface_hub.hf_hub_download(repo_id, filename))
     except Exception as exc:  # any hub/network failure becomes the one-line message
-        raise _unavailable(name, filename, where, source, f"download failed: {_one_line(exc)}") from exc
+        raise _unavailable(name, filename, where, source, f"download failed: {exception_line(exc)}") from exc
 
 
 def torch_hub_checkpoint_dir() -> Path:
@@ -122,5 +117,5 @@ def url_checkpoint(url: str, *, name: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(url, str(path), progress=True)
     except Exception as exc:  # URLError, HTTPError, OSError (disk full, read-only cache)
-        raise _unavailable(name, filename, where, url, f"download failed: {_one_line(exc)}") from exc
+        raise _unavailable(name, filename, where, url, f"download failed: {exception_line(exc)}") from exc
     return path
