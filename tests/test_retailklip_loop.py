@@ -159,6 +159,9 @@ def test_printed_table_matches_json(loop):
     per_class = res["after"]["closed_set"]["per_class"]
     assert sum(r["photos"] for r in per_class.values()) == n
     assert sum(r["top1"] * r["photos"] for r in per_class.values()) == pytest.approx(top1["after"] * n, abs=n * 1e-6)  # loop.json rounds to 6 decimals
+    avg = res["after"]["closed_set"]["per_class_average"]  # a bootstrap interval over classes
+    assert avg["mean"] == pytest.approx(np.mean([r["top1"] for r in per_class.values()]), abs=1e-6)
+    assert avg["low"] <= avg["mean"] <= avg["high"] and avg["low"] < avg["high"]
 
 
 def test_oracle_operating_point_on_a_hand_made_example():
