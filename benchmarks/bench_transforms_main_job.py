@@ -63,15 +63,17 @@ from retailklip.matching import score_of
 from retailklip.protocol import fold_roles, mcnemar
 
 
-def whitening(unlabeled: np.ndarray, groups: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """``(mean (D,), per part the (d, d) matrix C^(-1/2))`` of raw features ``unlabeled`` (N, D),
-    C each part's Ledoit–Wolf covariance."""
+def whitening(unlabeled: np.ndarray, groups: int) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
+    """``(mean (D,), per part the (d, d) matrix C^(-1/2), per part the shrinkage)`` of raw
+    features ``unlabeled`` (N, D), C each part's Ledoit–Wolf covariance."""
     mu = unlabeled.mean(0)
-    mats = []
+    mats, shrinkage = [], []
     for part in np.split(unlabeled - mu, groups, axis=1):
-        vals, vecs = np.linalg.eigh(LedoitWolf(assume_centered=True).fit(part).covariance_)
+        lw = LedoitWolf(assume_centered=True).fit(part)
+        vals, vecs = np.linalg.eigh(lw.covariance_)
         mats.append((vecs / np.sqrt(vals)) @ vecs.T)
-    return mu, mats
+        shrinkage.append(lw.shrinkage_)
+    return mu, mats, shrinkage
 
 
 def whiten(raw: np.ndarray, mu: np.ndarray, mats: list[np.ndarray]) -> np.ndarray:
@@ -89,9 +91,8 @@ def candidate_embedding(name: str, unlabeled: np.ndarray, groups: int, notes: li
     """The round's candidate as a function raw (N, D) -> unit rows, fitted on the fold's
     unlabeled photos' raw features; appends what it fitted to ``notes``."""
     if name == "whitened":
-        mu, mats = whitening(unlabeled, groups)
-        notes.append([LedoitWolf(assume_centered=True).fit(p).shrinkage_
-                      for p in np.split(unlabeled - mu, groups, axis=1)])
+        mu, mats, shrinkage = whitening(unlabeled, groups)
+        notes.append(shrinkage)
         return lambda x: whiten(x, mu, mats)
     mu = signed_sqrt(unlabeled).mean(0)
     return lambda x: normalise(signed_sqrt(x), mu, groups)

@@ -384,13 +384,14 @@ def switched_to(current: Sequence[Match], queries: np.ndarray, vectors: np.ndarr
     out = np.full(len(queries), None, object)
     if not len(vectors) or not len(queries):
         return out
+    offsets = None if offsets is None else np.asarray(offsets, np.float32)
     best_new = np.full(len(queries), np.inf, np.float32)
     best = np.zeros(len(queries), np.int64)
     rows = np.arange(len(queries))
     for start in range(0, len(vectors), SWITCH_CHUNK):  # memory bounded by M x SWITCH_CHUNK distances
         new = 1.0 - queries @ vectors[start: start + SWITCH_CHUNK].T  # cosine distances, as the index computes them
         if offsets is not None:
-            new += np.asarray(offsets, np.float32)[None, start: start + SWITCH_CHUNK]
+            new += offsets[None, start: start + SWITCH_CHUNK]
         j = new.argmin(axis=1)
         d = new[rows, j]
         better = d < best_new  # the first of equal ones, as argmin over all of them
